@@ -252,6 +252,24 @@ class LoraLayer(nn.Module):
         return self._base[0]
 
     # -- adapters -------------------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters on this layer."""
+        return list(self.slots)
+
+    def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        """A and B of adapter ``name`` (or of every adapter)."""
+        names = self.adapter_names() if name is None else [n for n in [name] if n in self.slots]
+        return [p for n in names for p in (self.lora_A[n], self.lora_B[n])]
+
+    def restore(self) -> nn.Module:
+        """The original module, carrying this wrapper's current parameters and buffers."""
+        base = self.base_module
+        for name in base._parameters:
+            base._parameters[name] = self._parameters[name]
+        for name in base._buffers:
+            base._buffers[name] = self._buffers[name]
+        return base
+
     def add(self, name: str, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
             init: str = "kaiming", dtype: torch.dtype | None = None) -> None:
         """Add adapter ``name`` (rank, alpha, dropout) initialised by ``init``; raises if present."""
