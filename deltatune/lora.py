@@ -229,9 +229,9 @@ class LoraLayer(nn.Module):
         super().__init__()
         self.kind = kind
         self._base = (base,)  # a tuple hides it from the module tree; remove_adapter restores it
-        for name, p in base.named_parameters(recurse=False):
+        for name, p in base._parameters.items():  # includes entries set to None (Linear(bias=False))
             self.register_parameter(name, p)
-        for name, buf in base.named_buffers(recurse=False):
+        for name, buf in base._buffers.items():
             self.register_buffer(name, buf, persistent=name not in base._non_persistent_buffers_set)
         for attr in kind.attributes:
             setattr(self, attr, getattr(base, attr))
@@ -241,7 +241,7 @@ class LoraLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.enabled = True
-        self.pissa_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pissa: list[str] = []  # adapters whose initial B0 @ A0 was taken out of W (PiSSA)
         # Optional replacement of ``forward`` (the fused training path, per-row routing): a callable
         # ``impl(layer, x) -> y`` that must compute the same function as ``LoraLayer.forward``.
         self.forward_impl = None
@@ -303,15 +303,25 @@ class LoraLayer(nn.Module):
         A.copy_((root[:, None] * Vh[:rank]).reshape(A.shape))
         B.copy_((U[:, :rank] * root[None, :]).reshape(B.shape))
         self.kind.add_to_weight(self, -scale * self.kind.delta_weight(self.base_module, A, B))
-        self.pissa_init[name] = (A.clone(), B.clone())
+        # kept (outside the state dict) so that the base behaviour can be given back exactly
+        self.register_buffer(f"pissa_A0_{name}", A.clone(), persistent=False)
+        self.register_buffer(f"pissa_B0_{name}", B.clone(), persistent=False)
+        self.pissa.append(name)
+
+    def _pissa_init(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"pissa_A0_{name}"), getattr(self, f"pissa_B0_{name}")
 
     def remove(self, name: str) -> None:
         """Drop adapter ``name`` (unmerging it first; a PiSSA adapter gives its part of W back)."""
         if name in self.merged:
             self.unmerge(name)
-        if name in self.pissa_init:
-            A0, B0 = self.pissa_init.pop(name)
-            self.kind.add_to_weight(self, self.slots[name].scale * self.kind.delta_weight(self.base_module, A0, B0))
+        if name in self.pissa:
+            A0, B0 = self._pissa_init(name)
+            with torch.no_grad():
+                self.kind.add_to_weight(self, self.slots[name].scale * self.kind.delta_weight(self.base_module, A0, B0))
+            delattr(self, f"pissa_A0_{name}")
+            delattr(self, f"pissa_B0_{name}")
+            self.pissa.remove(name)
         del self.lora_A[name], self.lora_B[name], self.slots[name]
         if name in self.active:
             self.active.remove(name)
@@ -340,12 +350,15 @@ class LoraLayer(nn.Module):
         if self.forward_impl is not None:
             return self.forward_impl(self, x)
         y = self.kind.base_forward(self, x)
-        if not self.enabled:
-            return y
-        for name in self.active:
-            if name in self.merged or name not in self.slots:
+        for name in self.slots:
+            if name in self.merged:
                 continue
-            A, B = self.lora_A[name], self.lora_B[name]
+            if self.enabled and name in self.active:
+                A, B = self.lora_A[name], self.lora_B[name]
+            elif name in self.pissa:  # not applied: give back the part PiSSA took out of W
+                A, B = self._pissa_init(name)
+            else:
+                continue
             slot = self.slots[name]
             h = x if not x.is_floating_point() else x.to(A.dtype)
             if slot.dropout and self.training and x.is_floating_point():

@@ -121,6 +121,8 @@ def add_adapter(model: nn.Module, cfg: LoraConfig, name: str = "default", activa
     Freezes every base parameter; the adapter's parameters (and ``modules_to_save`` copies) train.
     With ``activate`` the new adapter becomes the only active one. Raises if ``name`` exists.
     """
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
     reg = _registry(model)
     if name in reg["configs"]:
         raise ValueError(f"adapter {name!r} already exists on this model; remove_adapter() it first or pick another name")
@@ -136,8 +138,10 @@ def add_adapter(model: nn.Module, cfg: LoraConfig, name: str = "default", activa
             raise ValueError(f"modules {overlap} are both LoRA targets and inside modules_to_save")
     if reg["requires_grad"] is None:
         reg["requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}
+    adapters = {id(p) for p in adapter_params(model)}
     for p in model.parameters():
-        p.requires_grad_(False)
+        if id(p) not in adapters:  # the base freezes; adapters already present keep their flags
+            p.requires_grad_(False)
 
     dtype = _DTYPES[cfg.dtype]
     for target in targets:
@@ -155,7 +159,6 @@ def add_adapter(model: nn.Module, cfg: LoraConfig, name: str = "default", activa
             _set_module(model, target, module)
         module.add(name)
     reg["configs"][name] = cfg
-    # adapters already present keep requires_grad; the new one trains
     for p in adapter_params(model, name):
         p.requires_grad_(True)
     if activate:

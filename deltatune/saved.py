@@ -22,9 +22,9 @@ class SavedCopies(nn.Module):
         self._base = (base,)  # outside the module tree; restore() puts it back
         for name, child in base.named_children():
             self.add_module(name, child)
-        for name, p in base.named_parameters(recurse=False):
+        for name, p in base._parameters.items():  # includes entries set to None (Linear(bias=False))
             self.register_parameter(name, p)
-        for name, buf in base.named_buffers(recurse=False):
+        for name, buf in base._buffers.items():
             self.register_buffer(name, buf, persistent=name not in base._non_persistent_buffers_set)
         self.copies = nn.ModuleDict()
         self.active: list[str] = []

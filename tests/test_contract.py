@@ -1,0 +1,260 @@
+"""The LoRA contract, as one matrix over (initialisation method x layer type)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+import deltatune as dt
+from deltatune.lora import LoraLayer, kind_for
+
+
+def _linear():
+    return nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 5)), lambda g: torch.randn(4, 3, 12, generator=g)
+
+
+def _conv1d():
+    return nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 4, 2, stride=2)), \
+        lambda g: torch.randn(2, 3, 10, generator=g)
+
+
+def _conv2d():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Conv2d(8, 4, 1)), \
+        lambda g: torch.randn(2, 3, 6, 6, generator=g)
+
+
+class _Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(20, 12, padding_idx=0)
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, ids):
+        return self.out(self.tok(ids))
+
+
+def _embedding():
+    return _Embed(), lambda g: torch.randint(0, 20, (3, 7), generator=g)
+
+
+def _gpt2_conv1d():
+    return nn.Sequential(Conv1D(16, 12), nn.Tanh(), Conv1D(5, 16)), lambda g: torch.randn(4, 3, 12, generator=g)
+
+
+LAYERS = {"linear": _linear, "conv1d": _conv1d, "conv2d": _conv2d, "embedding": _embedding, "gpt2_conv1d": _gpt2_conv1d}
+METHODS = {
+    "kaiming": dict(init="kaiming"),
+    "gaussian": dict(init="gaussian"),
+    "rslora": dict(init="kaiming", use_rslora=True),
+    "pissa": dict(init="pissa"),
+}
+
+
+def _build(layer, method, seed=0):
+    torch.manual_seed(seed)
+    model, make_input = LAYERS[layer]()
+    adaptable = [n for n, m in model.named_modules() if n and kind_for(m) is not None]
+    cfg = dt.LoraConfig(r=2, alpha=4, targets=adaptable, **METHODS[method])
+    return model, make_input, cfg
+
+
+def _perturb(model):
+    """Give every adapter parameter random values, so B @ A != 0."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in dt.adapter_params(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("layer", LAYERS)
+def test_contract(layer, method):
+    model, make_input, cfg = _build(layer, method)
+    g = torch.Generator().manual_seed(1)
+    x = make_input(g)
+    base = copy.deepcopy(model)
+    base_keys = list(model.state_dict().keys())
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    y_base = base(x)
+
+    dt.add_adapter(model, cfg)
+    assert any(isinstance(m, LoraLayer) for m in model.modules())
+    # the base weights keep their names; only adapter keys are new
+    assert all(k in model.state_dict() for k in base_keys)
+    # at init the output equals the base model's (PiSSA moves the top-r part of W into B @ A)
+    tol = 1e-5 if method != "pissa" else 1e-4
+    torch.testing.assert_close(model(x), y_base, atol=tol, rtol=tol)
+
+    # only adapter parameters are trainable and get gradients
+    trainable = {id(p) for p in dt.adapter_params(model)}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == trainable
+    _perturb(model)
+    model(x).float().pow(2).sum().backward()
+    for n, p in model.named_parameters():
+        if id(p) in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+    model.zero_grad(set_to_none=True)
+
+    with torch.no_grad():
+        y_adapted = model(x)
+        assert not torch.allclose(y_adapted, y_base, atol=1e-4)
+        with dt.disabled(model):
+            torch.testing.assert_close(model(x), y_base, atol=tol, rtol=tol)
+        weights_before = {k: v.clone() for k, v in model.state_dict().items()}
+        for _ in range(3):  # merge is idempotent
+            dt.merge(model)
+        torch.testing.assert_close(model(x), y_adapted, atol=1e-4, rtol=1e-4)
+        with dt.disabled(model):  # disabled() takes merged adapters out meanwhile
+            torch.testing.assert_close(model(x), y_base, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(x), y_adapted, atol=1e-4, rtol=1e-4)
+        dt.unmerge(model)
+        dt.unmerge(model)
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(v, weights_before[k], atol=1e-5, rtol=1e-5)
+
+    dt.remove_adapter(model, "default")
+    assert [type(m) for m in model.modules()] == [type(m) for m in base.modules()]
+    assert list(model.state_dict().keys()) == base_keys
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, base_state[k], atol=1e-5, rtol=1e-5)
+    assert all(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(model(x), y_base, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_short_training_lowers_loss(layer):
+    model, make_input, cfg = _build(layer, "kaiming")
+    g = torch.Generator().manual_seed(3)
+    x = make_input(g)
+    with torch.no_grad():
+        target = torch.randn(model(x).shape, generator=g)
+    dt.add_adapter(model, cfg.replace(r=4))
+    opt = torch.optim.AdamW(dt.adapter_params(model), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = (model(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_adding_the_same_name_twice_raises():
+    model, _, cfg = _build("linear", "kaiming")
+    dt.add_adapter(model, cfg)
+    with pytest.raises(ValueError, match="already exists"):
+        dt.add_adapter(model, cfg)
+
+
+def test_many_adapters_switch_sum_and_remove():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 5))  # one linear layer: adapter outputs add up exactly
+    cfg = dt.LoraConfig(r=2, alpha=4, targets=["0"])
+    x = torch.randn(4, 3, 12)
+    base_out = model(x)
+    dt.add_adapter(model, cfg, name="a")
+    dt.add_adapter(model, cfg.replace(r=3, alpha=3), name="b")
+    _perturb(model)
+    assert dt.list_adapters(model).keys() == {"a", "b"}
+    with torch.no_grad():
+        dt.set_active(model, "a")
+        ya = model(x) - base_out
+        dt.set_active(model, "b")
+        yb = model(x) - base_out
+        dt.set_active(model, ["a", "b"])
+        torch.testing.assert_close(model(x) - base_out, ya + yb, atol=1e-5, rtol=1e-5)
+    with pytest.raises(KeyError):
+        dt.set_active(model, "nope")
+    # adding "b" froze nothing of "a": both adapters stay trainable
+    assert all(p.requires_grad for p in dt.adapter_params(model, "a"))
+    dt.remove_adapter(model, "a")
+    dt.set_active(model, "b")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x) - base_out, yb, atol=1e-5, rtol=1e-5)
+    dt.remove_adapter(model, "b")
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("layer", ["conv1d", "conv2d", "embedding", "gpt2_conv1d", "linear"])
+def test_combine_is_exact_and_truncation_reports_error(layer):
+    model, make_input, cfg = _build(layer, "kaiming")
+    model = nn.Sequential(model[0] if isinstance(model, nn.Sequential) else model.tok)  # one layer: deltas add
+    cfg = cfg.replace(targets=["0"])
+    x = make_input(torch.Generator().manual_seed(0))
+    dt.add_adapter(model, cfg, name="a")
+    dt.add_adapter(model, cfg.replace(r=3, alpha=6, use_rslora=True), name="b")
+    _perturb(model)
+    with torch.no_grad():
+        with dt.disabled(model):
+            base_out = model(x)
+        dt.set_active(model, "a")
+        da = model(x) - base_out
+        dt.set_active(model, "b")
+        db = model(x) - base_out
+        report = dt.combine(model, {"a": 0.7, "b": 0.3}, name="ab")
+        assert all(err == 0.0 for err in report.values())
+        dt.set_active(model, "ab")
+        torch.testing.assert_close(model(x) - base_out, 0.7 * da + 0.3 * db, atol=1e-5, rtol=1e-4)
+        report = dt.combine(model, {"a": 0.7, "b": 0.3}, name="ab1", rank=1)
+        assert all(0.0 < err < 1.0 for err in report.values()), report
+        layer0 = next(m for m in model.modules() if isinstance(m, LoraLayer))
+        assert layer0.slots["ab1"].rank == 1
+
+
+def test_targeting_suffix_regex_exclude_patterns_and_all_linear():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    names = dt.model.select_targets(model, dt.LoraConfig(targets="all-linear"))
+    assert len(names) == 2 * 7 and not any("lm_head" in n for n in names)
+    names = dt.model.select_targets(model, dt.LoraConfig(targets=["q_proj", "v_proj"], exclude=r".*\.1\..*"))
+    assert names == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    names = dt.model.select_targets(model, dt.LoraConfig(targets=r".*layers\.1\.mlp\.(up|down)_proj"))
+    assert names == ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+    dt.add_adapter(model, dt.LoraConfig(r=4, targets=["q_proj", "down_proj"], rank_pattern={"down_proj": 2},
+                                        alpha_pattern={r"layers\.0\.self_attn\.q_proj": 16}))
+    q0, q1 = model.model.layers[0].self_attn.q_proj, model.model.layers[1].self_attn.q_proj
+    assert q0.slots["default"].rank == 4 and q0.slots["default"].alpha == 16 and q1.slots["default"].alpha == 8
+    assert model.model.layers[1].mlp.down_proj.slots["default"].rank == 2
+    with pytest.raises(ValueError, match="no module"):
+        dt.add_adapter(model, dt.LoraConfig(targets=["nonexistent_proj"]), name="x")
+    with pytest.raises(ValueError, match="cannot wrap"):
+        dt.add_adapter(model, dt.LoraConfig(targets=["input_layernorm"]), name="y")
+
+
+def test_modules_to_save_trains_a_copy_and_keeps_names():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(5, 6)
+    keys = list(model.state_dict())
+    head_before = model[2].weight.clone()
+    dt.add_adapter(model, dt.LoraConfig(r=2, targets=["0"], modules_to_save=["2"]))
+    assert "2.weight" in model.state_dict() and "2.copies.default.weight" in model.state_dict()
+    opt = torch.optim.SGD(dt.adapter_params(model), lr=0.1)
+    model(x).sum().backward()
+    opt.step()
+    assert torch.equal(model[2].weight, head_before)  # the original head is untouched
+    assert not torch.equal(model[2].copies["default"].weight, head_before)
+    with torch.no_grad(), dt.disabled(model):
+        y_disabled = model(x)
+    dt.remove_adapter(model, "default")
+    assert list(model.state_dict()) == keys and isinstance(model[2], nn.Linear)
+    torch.testing.assert_close(model(x), y_disabled)
+
+
+def test_module_moves_with_to_and_restores_after():
+    model = nn.Sequential(nn.Linear(4, 4))
+    dt.add_adapter(model, dt.LoraConfig(r=2, targets=["0"]))
+    model.to(torch.float64)
+    assert model[0].weight.dtype == torch.float64 and model[0].lora_A["default"].dtype == torch.float64
+    assert model(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64
+    dt.remove_adapter(model, "default")
+    assert model[0].weight.dtype == torch.float64

@@ -1,0 +1,170 @@
+"""Adapters made by PEFT load into deltatune with the same outputs, and the other way round.
+
+The oracle is the real ``peft`` package; models are real transformers architectures (random small
+configs, and the pretrained SmolLM2-135M-Instruct).
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import deltatune as dt
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-5
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg), "all-linear", None
+
+
+def _qwen2():  # q/k/v projections carry a bias
+    cfg = transformers.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.Qwen2ForCausalLM(cfg), ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"], None
+
+
+def _gpt2():  # Conv1D layers (transposed weights) and the token embedding
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(cfg), ["c_attn", "c_proj", "c_fc", "wte"], None
+
+
+def _bert():  # encoder with a classification head trained in full
+    cfg = transformers.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg), ["query", "value", "dense"], ["classifier"]
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2)
+        self.fc = nn.Linear(8 * 3 * 3, 10)
+
+    def forward(self, pixel_values):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(pixel_values))))
+        return self.fc(h.flatten(1))
+
+
+def _convnet():
+    return ConvNet(), ["conv1", "conv2", "fc"], None
+
+
+MODELS = {"llama": _llama, "qwen2": _qwen2, "gpt2": _gpt2, "bert": _bert, "convnet": _convnet}
+
+
+def _inputs(name):
+    g = torch.Generator().manual_seed(0)
+    if name == "convnet":
+        return {"pixel_values": torch.randn(2, 3, 8, 8, generator=g)}
+    return {"input_ids": torch.randint(0, 96, (2, 9), generator=g)}
+
+
+def _output(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _peft_adapter(base, targets, saved, r=4):
+    cfg = peft.LoraConfig(r=r, lora_alpha=8, target_modules=targets, modules_to_save=saved,
+                          init_lora_weights=False, rank_pattern={"value": 2} if saved else {}, use_rslora=bool(saved))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(copy.deepcopy(base), cfg)
+    if saved:  # make the saved copy differ from the original head
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "modules_to_save" in n:
+                    p.add_(0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_peft_made_adapter_loads_into_deltatune(name, tmp_path):
+    torch.manual_seed(0)
+    base, targets, saved = MODELS[name]()
+    base.eval()
+    inputs = _inputs(name)
+    reference = _peft_adapter(base, targets, saved)
+    reference.save_pretrained(tmp_path)
+    expected = _output(reference, inputs)
+
+    ours = dt.load_adapter(copy.deepcopy(base), tmp_path)
+    got = _output(ours, inputs)
+    assert (got - _output(base, inputs)).abs().max() > 1e-3  # the adapter does something
+    assert (got - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_deltatune_adapter_loads_into_peft(name, tmp_path):
+    torch.manual_seed(0)
+    base, targets, saved = MODELS[name]()
+    base.eval()
+    inputs = _inputs(name)
+    ours = copy.deepcopy(base)
+    cfg = dt.LoraConfig(r=4, alpha=8, targets=targets, modules_to_save=saved, init="random",
+                        rank_pattern={"value": 2} if saved else {}, use_rslora=bool(saved))
+    dt.add_adapter(ours, cfg)
+    if saved:
+        with torch.no_grad():
+            for p in dt.adapter_params(ours):
+                p.add_(0.05)
+    ours.eval()
+    expected = _output(ours, inputs)
+    dt.save_adapter(ours, tmp_path)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    got = _output(loaded, inputs)
+    assert (expected - _output(base, inputs)).abs().max() > 1e-3
+    assert (got - expected).abs().max().item() <= TOL
+    # PEFT resolved exactly the modules we adapted
+    ours_targets = {n for n, _ in dt.model.lora_layers(ours)}
+    peft_targets = {n.removeprefix("base_model.model.") for n, m in loaded.named_modules()
+                    if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert ours_targets == peft_targets
+
+
+def test_all_linear_selects_what_peft_selects():
+    torch.manual_seed(0)
+    base, _, _ = _llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules="all-linear"))
+    peft_targets = {n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+                    if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert set(dt.model.select_targets(base, dt.LoraConfig(targets="all-linear"))) == peft_targets
+
+
+@pytest.mark.slow
+def test_smollm2_both_directions(smollm2, tmp_path):
+    base, tok = smollm2
+    inputs = tok(["The capital of France is", "LoRA adds a low-rank"], return_tensors="pt", padding=True)
+    inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    targets = ["q_proj", "v_proj", "down_proj"]
+    torch.manual_seed(0)
+    reference = _peft_adapter(base, targets, None, r=8)
+    reference.save_pretrained(tmp_path / "peft")
+    expected = _output(reference, inputs)
+    del reference
+
+    ours = dt.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    got = _output(ours, inputs)
+    assert (got - expected).abs().max().item() <= TOL
+
+    dt.save_adapter(ours, tmp_path / "ours")
+    del ours
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert (_output(back, inputs) - expected).abs().max().item() <= TOL
