@@ -1,0 +1,258 @@
+"""QLoRA training speed and memory on one GPU: deltatune NF4 vs deltatune bf16 LoRA vs PEFT + bitsandbytes.
+
+Llama-3.2-1B and Llama-3-8B shapes (transformers ``LlamaConfig``, random bf16 weights built on the
+GPU), LoRA r=16 on all seven linear projections, fp32 adapters and ``torch.optim.AdamW`` for every
+method, ``model(input_ids, labels=...).loss`` (transformers' own loss), random tokens:
+
+* ``dt-qlora``: ``deltatune.quantize_model(nf4, blocksize 64, double quant, bf16 compute)`` then
+  ``deltatune.add_adapter``; the base dequantizes with deltatune's Triton kernel, then cuBLAS.
+* ``dt-bf16``: ``deltatune.add_adapter`` on the bf16 model.
+* ``dt-qlora-fast`` / ``dt-bf16-fast``: the same plus ``deltatune.fast.enable_fast_path`` (fused LoRA
+  linears, attention, MLP and RMSNorm where they apply, its own lean checkpointing on 8B) and
+  ``fused_causal_lm_loss`` (head + cross-entropy chunked, no full logits). The fused blocks do not
+  cover quantized projections yet, so ``dt-qlora-fast`` gains only the checkpointing and the loss.
+* ``peft-bnb``: every projection replaced by ``bitsandbytes.nn.Linear4bit`` (nf4, double quant, bf16
+  compute; the module ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` builds, made
+  here from the same random weights without a round trip through disk), ``model.is_loaded_in_4bit``
+  set, then ``peft.get_peft_model`` (PEFT's defaults). No ``prepare_model_for_kbit_training``.
+
+The 8B shape uses transformers' gradient checkpointing (non-reentrant) for all three. Before the
+timing, the script checks on the GPU that the Triton dequantizer equals the PyTorch reference and
+compares deltatune's quantizer with bitsandbytes' CUDA one. Prints a table, writes JSON:
+
+    python bench/bench_qlora.py --shapes 1b,8b --json bench_qlora.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, batch=4, seq=2048, checkpointing=False),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, batch=2, seq=2048, checkpointing=True),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ("dt-qlora", "dt-bf16", "peft-bnb", "dt-qlora-fast", "dt-bf16-fast")
+GIB = 2 ** 30
+
+
+def build(shape: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = {k: v for k, v in SHAPES[shape].items() if k not in ("batch", "seq", "checkpointing")}
+    cfg = LlamaConfig(**spec, max_position_embeddings=4096, rope_theta=500000.0, attn_implementation="sdpa")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model
+
+
+def to_bnb(model):
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if type(module) is torch.nn.Linear and name.rpartition(".")[2] in TARGETS:
+            new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                    compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                    device="meta")
+            new.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=True,
+                                           quant_type="nf4", blocksize=64).to(module.weight.device)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+            del module
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def prepare(method: str, shape: str, rank: int):
+    """(model to call, trainable params) for ``method`` on a fresh random model of ``shape``."""
+    import deltatune as dt
+
+    model = build(shape)
+    if method == "peft-bnb":
+        import peft
+
+        to_bnb(model)
+        cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, cfg)
+    else:
+        if method.startswith("dt-qlora"):
+            dt.quantize_model(model, kind="nf4", blocksize=64, double_quant=True, compute_dtype=torch.bfloat16)
+        dt.add_adapter(model, dt.LoraConfig(r=rank, alpha=2 * rank, targets=TARGETS))
+    if method.endswith("-fast"):  # deltatune's fast path: fused blocks where they apply, lean checkpointing
+        from deltatune.fast import enable_fast_path
+
+        enable_fast_path(model, checkpoint=SHAPES[shape]["checkpointing"])
+    elif SHAPES[shape]["checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params
+
+
+def run(method: str, shape: str, steps: int, warmup: int, rank: int) -> dict:
+    spec = SHAPES[shape]
+    row = {"method": method, "shape": shape, "tokens_per_step": spec["batch"] * spec["seq"]}
+    from deltatune.fast import fused_causal_lm_loss
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        t0 = time.perf_counter()
+        model, params = prepare(method, shape, rank)
+        torch.cuda.synchronize()
+        row["setup_s"] = round(time.perf_counter() - t0, 1)
+        row["weights_gib"] = round(torch.cuda.memory_allocated() / GIB, 2)
+        row["trainable_params"] = sum(p.numel() for p in params)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        torch.cuda.reset_peak_memory_stats()
+        times, losses = [], []
+        for i in range(warmup + steps):
+            ids = torch.randint(0, 128000, (spec["batch"], spec["seq"]), device="cuda", generator=gen)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            loss = fused_causal_lm_loss(model, ids, ids) if method.endswith("-fast") else model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+            losses.append(loss.item())
+        row["step_s"] = round(sorted(times)[len(times) // 2], 4)
+        row["tokens_per_s"] = round(row["tokens_per_step"] / row["step_s"])
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+        row["loss_first_last"] = [round(losses[0], 3), round(losses[-1], 3)]
+        del model, params, opt
+    except torch.cuda.OutOfMemoryError as e:
+        row["error"] = "OOM: " + str(e).split("\n")[0][:160]
+    except Exception as e:  # keep the other rows
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def kernel_checks() -> dict:
+    """Triton dequantizer vs the PyTorch reference, its bandwidth, and deltatune vs bitsandbytes' CUDA quantizer."""
+    from deltatune.quant import nf4, triton_dequant
+
+    out = {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    mismatches = 0
+    for kind in ("nf4", "fp4"):
+        for dq in (False, True):
+            for shape, bs in (((37, 29), 32), ((9, 130), 64), ((300, 700), 256), ((2, 4100), 4096)):
+                x = torch.randn(shape, device="cuda", generator=g) * 0.1
+                q = nf4.quantize_4bit(x, kind, bs, dq)
+                for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                    mismatches += not torch.equal(triton_dequant.dequantize_4bit(q, dtype), nf4.dequantize_4bit(q, dtype))
+    out["triton_vs_reference_mismatching_cases"] = mismatches
+
+    w = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    q = nf4.quantize_4bit(w, "nf4", 64, True)
+
+    def timed(fn, n=20):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / n
+
+    buf = torch.empty_like(w)
+    t_triton = timed(lambda: triton_dequant.dequantize_4bit(q, torch.bfloat16, out=buf))
+    t_ref = timed(lambda: nf4.dequantize_4bit(q, torch.bfloat16))
+    moved = w.numel() * 2 + q.nbytes
+    out["dequant_14336x4096_us"] = {"triton": round(t_triton * 1e6, 1), "torch_reference": round(t_ref * 1e6, 1)}
+    out["dequant_triton_GBps"] = round(moved / t_triton / 1e9)
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    out["matmul_4096tok_x_14336x4096_us"] = round(timed(lambda: torch.nn.functional.linear(x, buf)) * 1e6, 1)
+    try:
+        import bitsandbytes.functional as F
+
+        for kind in ("nf4", "fp4"):
+            packed, state = F.quantize_4bit(w, blocksize=64, quant_type=kind, compress_statistics=True)
+            ours = nf4.quantize_4bit(w, kind, 64, True)
+            out[f"bnb_cuda_{kind}_packed_bytes_equal_fraction"] = (packed == ours.packed).float().mean().item()
+            out[f"bnb_cuda_{kind}_absmax_codes_equal_fraction"] = (state.absmax == ours.absmax).float().mean().item()
+            theirs = F.dequantize_4bit(packed, state)
+            mine = ours.dequantize(torch.bfloat16)
+            out[f"bnb_cuda_{kind}_dequant_equal_fraction"] = (theirs == mine).float().mean().item()
+            out[f"bnb_cuda_{kind}_dequant_max_rel_diff"] = ((theirs.float() - mine.float()).abs().max() / w.abs().max()).item()
+            out[f"bnb_cuda_{kind}_dequant_own_packed_equal"] = torch.equal(
+                F.dequantize_4bit(ours.packed, state), nf4.QuantizedTensor(
+                    ours.packed, state.absmax, w.shape, w.dtype, kind, 64, state.state2.absmax, state.offset).dequantize())
+            bnb_t = timed(lambda: F.dequantize_4bit(packed, state))
+            out[f"bnb_cuda_dequant_{kind}_us"] = round(bnb_t * 1e6, 1)
+    except ImportError as e:
+        out["bitsandbytes"] = f"not importable: {e}"
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="1b,8b")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--json", default="bench_qlora.json")
+    ap.add_argument("--skip-checks", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_qlora.py needs a CUDA GPU")
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args), "rows": []}
+    for mod in ("transformers", "peft", "bitsandbytes", "triton"):
+        try:
+            result[mod] = __import__(mod).__version__
+        except Exception as e:
+            result[mod] = f"missing ({type(e).__name__})"
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
+    if not args.skip_checks:
+        result["checks"] = kernel_checks()
+        print(json.dumps(result["checks"], indent=1), flush=True)
+    for shape in args.shapes.split(","):
+        for method in args.methods.split(","):
+            row = run(method, shape, args.steps, args.warmup, args.rank)
+            print(json.dumps(row), flush=True)
+            result["rows"].append(row)
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+    print(table(result["rows"]))
+
+
+def table(rows) -> str:
+    lines = ["| shape | tokens/step | method | tokens/s | peak GiB | weights GiB | vs dt-bf16 (same path) speed | vs peft-bnb speed | vs peft-bnb memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["shape"], r["method"]): r for r in rows}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['tokens_per_step']} | {r['method']} | {r['error'][:60]} | | | | | |")
+            continue
+        same_path = "dt-bf16-fast" if r["method"].endswith("-fast") else "dt-bf16"  # QLoRA vs bf16 on one path
+        bf16, peft = by.get((r["shape"], same_path), {}), by.get((r["shape"], "peft-bnb"), {})
+        ratio = lambda a, b, k: f"{a[k] / b[k]:.2f}x" if k in a and k in b else "-"
+        lines.append(f"| {r['shape']} | {r['tokens_per_step']} | {r['method']} | {r['tokens_per_s']} | {r['peak_gib']} | "
+                     f"{r['weights_gib']} | {ratio(r, bf16, 'tokens_per_s')} | {ratio(r, peft, 'tokens_per_s')} | "
+                     f"{ratio(r, peft, 'peak_gib')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

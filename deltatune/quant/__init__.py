@@ -1,0 +1,41 @@
+"""QLoRA quantization: NF4/FP4 in bitsandbytes' format (with double quantization), int8, the
+quantized linear layer that LoRA wraps, and loading of transformers' bitsandbytes checkpoints.
+
+```python
+q = dt.quant.quantize(w, kind="nf4", blocksize=64, double_quant=True)   # QuantizedTensor
+q.packed                     # uint8 codes, bitsandbytes' byte layout
+w2 = q.dequantize(dtype=torch.bfloat16)
+dt.quantize_model(model, kind="nf4")                                     # nn.Linear -> QuantLinear
+```
+Everything here needs torch only; Triton is imported on the first dequantization of a CUDA tensor.
+"""
+
+from deltatune.quant.int8 import Int8Tensor, dequantize_int8, quantize_int8
+from deltatune.quant.nf4 import (
+    BLOCKSIZES,
+    FP4_CODE,
+    NF4_CODE,
+    QuantizedTensor,
+    code_table,
+    dequantize_4bit,
+    dequantize_blockwise_8bit,
+    dynamic_map,
+    quantize_4bit,
+    quantize_blockwise_8bit,
+)
+from deltatune.quant.qlinear import (
+    QuantLinear,
+    QuantLinearKind,
+    export_merged,
+    merge_errors,
+    quantize,
+    quantize_model,
+)
+from deltatune.quant.hf_bnb import load_bnb_4bit, quant_state_from_keys
+
+__all__ = [
+    "quantize", "QuantizedTensor", "Int8Tensor", "quantize_model", "QuantLinear", "QuantLinearKind",
+    "export_merged", "merge_errors", "load_bnb_4bit", "quant_state_from_keys", "quantize_4bit",
+    "dequantize_4bit", "quantize_int8", "dequantize_int8", "quantize_blockwise_8bit",
+    "dequantize_blockwise_8bit", "code_table", "dynamic_map", "NF4_CODE", "FP4_CODE", "BLOCKSIZES",
+]
