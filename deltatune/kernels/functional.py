@@ -1,0 +1,251 @@
+"""Autograd functions for RMSNorm, RoPE, SwiGLU and linear + cross-entropy, with Triton on CUDA.
+
+Every function computes in fp32 and rounds once to the input dtype; the PyTorch branch is the same math
+and is what runs on CPU. What each saves for backward is stated in its docstring.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+__all__ = ["apply_rope", "linear_cross_entropy", "rms_norm", "swiglu", "triton_enabled"]
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_enabled(t: torch.Tensor) -> bool:
+    """True when ops on ``t`` should run the Triton kernels: a CUDA tensor and triton importable.
+
+    ``DELTATUNE_TRITON=0`` turns the kernels off; ``DELTATUNE_TRITON=interpret`` together with
+    ``TRITON_INTERPRET=1`` runs them on CPU tensors too (slowly; for tests).
+    """
+    mode = os.environ.get("DELTATUNE_TRITON", "1")
+    if mode == "0":
+        return False
+    if not t.is_cuda and not (mode == "interpret" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    return _triton_importable()
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32, or kept in fp64: the PyTorch branch's compute dtype."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _k(name: str):
+    """The Triton kernel module ``deltatune.kernels.<name>`` (imports triton on first use)."""
+    return importlib.import_module(f"deltatune.kernels.{name}")
+
+
+# -- RMSNorm --------------------------------------------------------------------------------------------
+def _rms_ref(x2, weight, eps):
+    xf = _wide(x2)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
+    return (xf * rstd[:, None] * _wide(weight)).to(x2.dtype), rstd
+
+
+class _RMSNorm(torch.autograd.Function):
+    """Saves x (N, d) (the caller's residual stream, no copy) and rstd (N,) fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x2 = x.reshape(-1, x.shape[-1])
+        if triton_enabled(x2):
+            x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+            y, rstd = _k("triton_rmsnorm").rmsnorm_forward(x2, weight, eps)
+        else:
+            y, rstd = _rms_ref(x2, weight, eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        dy2 = dy.reshape(x2.shape)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            if triton_enabled(x2):
+                dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
+                dx = _k("triton_rmsnorm").rmsnorm_backward(dy2, x2, weight, rstd)
+            else:
+                xhat = _wide(x2) * rstd[:, None]
+                g = _wide(dy2) * _wide(weight)
+                dx = ((g - xhat * (g * xhat).mean(-1, keepdim=True)) * rstd[:, None]).to(x2.dtype)
+            dx = dx.view(dy.shape)
+        if ctx.needs_input_grad[1]:  # a trained norm weight (frozen in LoRA; computed only if asked)
+            dw = (_wide(dy2) * _wide(x2) * rstd[:, None]).sum(0).to(weight.dtype)
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of ``x`` (..., d) with ``weight`` (d,): ``x / sqrt(mean(x^2) + eps) * weight``."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+# -- RoPE -----------------------------------------------------------------------------------------------
+def _rope_ref(x, cos, sin, backward=False):
+    # x (B, T, H, D); cos, sin (B or 1, T, D)
+    half = x.shape[-1] // 2
+    xf, c, s = _wide(x), _wide(cos)[:, :, None], _wide(sin)[:, :, None]
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c1, c2, s1, s2 = c[..., :half], c[..., half:], s[..., :half], s[..., half:]
+    if backward:
+        y = torch.cat((x1 * c1 + x2 * s2, x2 * c2 - x1 * s1), -1)
+    else:
+        y = torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), -1)
+    return y.to(x.dtype)
+
+
+def _rope(x, cos, sin, backward):
+    if triton_enabled(x):
+        return _k("triton_rope").rope_apply(x, cos, sin, backward)
+    return _rope_ref(x, cos, sin, backward)
+
+
+class _Rope(torch.autograd.Function):
+    """q (B, T, Hq, D), k (B, T, Hk, D), cos/sin (B or 1, T, D). Saves only cos and sin (shared by layers)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        cos, sin = (cos, sin) if cos.stride(-1) == 1 and sin.stride() == cos.stride() else (cos.contiguous(), sin.contiguous())
+        ctx.save_for_backward(cos, sin)
+        return _rope(q, cos, sin, False), _rope(k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        return _rope(dq, cos, sin, True), _rope(dk, cos, sin, True), None, None
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotary embedding of ``q`` (B, T, Hq, D) and ``k`` (B, T, Hk, D), token-major layout, with
+    Hugging Face's ``rotate_half`` convention; ``cos``/``sin`` (B or 1, T, D). Returns contiguous
+    (B, T, H, D) tensors."""
+    return _Rope.apply(q, k, cos, sin)
+
+
+# -- SwiGLU ---------------------------------------------------------------------------------------------
+def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u`` without autograd (fp32 math, one rounding)."""
+    if triton_enabled(g):
+        return _k("triton_swiglu").swiglu_forward(g, u)
+    gf = _wide(g)
+    return (gf * torch.sigmoid(gf) * _wide(u)).to(g.dtype)
+
+
+def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
+    """``(h, dg, du)`` given ``dh``: the recomputed ``silu(g) * u`` and the gradients (dg over dh's memory)."""
+    if triton_enabled(g):
+        return _k("triton_swiglu").swiglu_backward(dh, g, u)
+    gf, uf, dhf = _wide(g), _wide(u), _wide(dh)
+    sig = torch.sigmoid(gf)
+    silu = gf * sig
+    du = (dhf * silu).to(u.dtype)
+    dh.copy_(dhf * uf * sig * (1 + gf * (1 - sig)))
+    return (silu * uf).to(g.dtype), dh, du
+
+
+class _SwiGLU(torch.autograd.Function):
+    """Saves g and u; recomputes ``h`` in backward rather than storing it."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        g, u = g.contiguous(), u.contiguous()
+        ctx.save_for_backward(g, u)
+        return swiglu_forward(g, u)
+
+    @staticmethod
+    def backward(ctx, dh):
+        g, u = ctx.saved_tensors
+        _, dg, du = swiglu_backward(dh.contiguous().clone(), g, u)  # clone: dg is written over it
+        return dg, du
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u`` (SwiGLU's gate) with a recomputing backward."""
+    return _SwiGLU.apply(g, u)
+
+
+# -- linear + cross-entropy ----------------------------------------------------------------------------
+def _ce_rows_ref_(z, labels, scale, ignore_index):
+    zf = _wide(z)
+    lse = torch.logsumexp(zf, -1)
+    ignored = labels == ignore_index
+    safe = labels.masked_fill(ignored, 0)
+    loss = (lse - zf.gather(1, safe[:, None])[:, 0]).masked_fill(ignored, 0.0)
+    p = torch.exp(zf - lse[:, None])
+    p[torch.arange(z.shape[0], device=z.device), safe] -= 1.0
+    z.copy_(p * (scale * (~ignored)[:, None]))
+    return loss
+
+
+def _rows_per_chunk(n, vocab, element_size, budget_bytes=1 << 30):
+    rows = max(1, budget_bytes // max(1, vocab * element_size))
+    return min(n, 1 << (rows.bit_length() - 1)) if rows < n else n
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels``, chunk by chunk over tokens.
+
+    The forward also computes d(loss)/d(hidden) (N, d) (and d/d(weight) only if the head is trained)
+    and saves just that; the logits live one chunk at a time, in the hidden dtype, never in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        valid = (labels != ignore_index).sum()
+        scale = (1.0 / valid.clamp(min=1).float()).reshape(1)
+        dhidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        rows = chunk_rows or _rows_per_chunk(n, vocab, hidden.element_size())
+        w = weight.to(hidden.dtype)
+        use_triton = triton_enabled(hidden)
+        for i in range(0, n, rows):
+            h = hidden[i:i + rows]
+            z = h @ w.T  # (C, V) in the compute dtype
+            if use_triton:
+                loss = _k("triton_cross_entropy").cross_entropy_rows_(z, labels[i:i + rows], scale, ignore_index)
+            else:
+                loss = _ce_rows_ref_(z, labels[i:i + rows], scale, ignore_index)
+            total += loss.sum()
+            if dhidden is not None:
+                torch.mm(z, w, out=dhidden[i:i + rows])
+            if dweight is not None:
+                dweight.addmm_(z.T.float(), h.float())
+        ctx.save_for_backward(dhidden, dweight)
+        return total * scale[0]
+
+    @staticmethod
+    def backward(ctx, dloss):
+        dhidden, dweight = ctx.saved_tensors
+        dh = dhidden * dloss.to(dhidden.dtype) if dhidden is not None else None
+        dw = dweight * dloss if dweight is not None else None
+        return dh, dw, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         ignore_index: int = -100, chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the logits ``hidden @ weight.T`` (never materialised whole) vs ``labels``.
+
+    Args:
+        hidden: (N, d) final hidden states, contiguous rows.
+        weight: (V, d) output head weight; gets a gradient only if it requires one.
+        labels: (N,) int64 targets; ``ignore_index`` rows are not counted.
+        chunk_rows: tokens per chunk; default keeps a chunk's logits under 1 GiB.
+    Returns:
+        the scalar mean loss (fp32).
+    """
+    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_rows)

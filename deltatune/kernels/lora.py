@@ -1,0 +1,286 @@
+"""LoRA linear layers as custom autograd functions: bf16 compute, fp32 master adapters, minimal saves.
+
+A *projection* is ``y = x @ W.T + b + sum_k s_k * (x @ A_k.T) @ B_k.T`` with a frozen base ``W`` (out, in)
+and adapters ``A_k`` (r_k, in), ``B_k`` (out, r_k) kept in fp32 (what the optimizer updates). Several
+adapters on one layer are one adapter of the concatenated rank: ``[s_1 B_1 | s_2 B_2] @ [A_1; A_2]``.
+
+``lora_group`` runs projections that share one input (q/k/v, gate/up) in one autograd node:
+
+* forward: ``h = x @ A_cat.T`` once for every adapter of every projection (N, R); ``y = h_p @ (s B_p).T``,
+  then ``y += x @ W.T`` by the base matmul itself (beta = 1; the scale is folded into the small (out, r)
+  factor). A and B are cast to the activation dtype here (r x in elements; negligible), so no
+  activation is ever cast to fp32.
+* saved: x (shared with whatever else saved it: no copy; dropout is not applied on this path, so there is
+  no dropped-input copy), h (N, R) and the bf16 factors. The frozen base weights get no gradient.
+* backward: ``g_p = dy_p @ (s B_p)`` (N, r), ``dx = g @ A_cat + sum_p dy_p @ W_p`` accumulated in place
+  (no separate per-projection dx tensors summed by autograd), ``dA = g.T @ x``, ``dB_k = s_k dy.T @ h_k``.
+
+``lora_mlp`` is the gated MLP ``down(silu(gate(x)) * up(x))`` in one node: it saves x, gate and up
+outputs and the small ``h`` factors, not the (N, intermediate) SwiGLU output: the backward recomputes it
+in the same pass that computes the gate/up gradients (``kernels/triton_swiglu.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from deltatune.kernels.functional import swiglu_backward, swiglu_forward
+
+__all__ = ["lora_group", "lora_mlp", "recomputing"]
+
+
+class _Recompute:
+    """Set while a checkpointed decoder layer is recomputed for its backward (``deltatune.fast``).
+
+    Then nothing reads the MLP's output (only the residual add after it, whose backward needs no values),
+    so ``lora_mlp`` skips the down projection's base matmul and returns uninitialised memory of the
+    right shape: about a quarter of a Llama layer's weights, a sixth of a checkpointed step's matmuls.
+    """
+
+    skip_mlp_output = False
+
+
+recomputing = _Recompute()
+
+
+def _flatten(projections):
+    """Projections ``[(W, bias, [(A, B, scale), ...]), ...]`` -> (spec, flat tensor list)."""
+    spec, tensors = [], []
+    for weight, bias, adapters in projections:
+        spec.append((bias is not None, tuple(float(s) for _, _, s in adapters)))
+        tensors.append(weight)
+        if bias is not None:
+            tensors.append(bias)
+        tensors += [a for a, _, _ in adapters] + [b for _, b, _ in adapters]
+    return tuple(spec), tensors
+
+
+def _unflatten(spec, tensors):
+    """Inverse of ``_flatten``: per projection (W, bias, [A...], [B...], scales), and each one's offsets."""
+    out, i = [], 0
+    for has_bias, scales in spec:
+        weight = tensors[i]
+        bias = tensors[i + 1] if has_bias else None
+        i += 2 if has_bias else 1
+        k = len(scales)
+        out.append((weight, bias, list(tensors[i:i + k]), list(tensors[i + k:i + 2 * k]), scales))
+        i += 2 * k
+    return out
+
+
+def _factors(projs, dtype):
+    """A_cat (R, in) in ``dtype`` and per projection ``(s B)`` (out, r_p) in ``dtype`` (None if no adapter).
+
+    Built on every call (r x (in + out) elements per adapter) with as few launches as the layout allows:
+    a cache keyed on the tensors' versions would miss writes through ``.data``, which don't bump it.
+    """
+    a_all = [a for _, _, As, _, _ in projs for a in As]
+    a_cat = (torch.cat(a_all, 0) if len(a_all) > 1 else a_all[0]).to(dtype) if a_all else None
+    sbs = []
+    for _, _, _, Bs, scales in projs:
+        if not Bs:
+            sbs.append(None)
+        elif len(Bs) == 1:
+            sbs.append((Bs[0] * scales[0]).to(dtype))
+        else:
+            sbs.append(torch.cat([b * s for b, s in zip(Bs, scales)], 1).to(dtype))
+    return a_cat, sbs
+
+
+def _group_forward(x2, projs, a_cat, sbs):
+    """Outputs (N, out_p) of projections sharing the input rows x2 (N, in), and h = x2 @ A_cat.T.
+
+    The low-rank term is written first and the base matmul accumulates onto it (beta = 1): the big
+    matmul is compute-bound, so reading C in its epilogue is nearly free, where adding the low-rank
+    term afterwards would cost a separate read and write of y (N, out).
+    """
+    h = x2 @ a_cat.T if a_cat is not None else None  # (N, R)
+    ys, off = [], 0
+    for (weight, bias, As, _, _), sb in zip(projs, sbs):
+        w = weight.to(x2.dtype)
+        if sb is None:
+            ys.append(F.linear(x2, w, None if bias is None else bias.to(x2.dtype)))
+            continue
+        r = sb.shape[1]
+        hp = h[:, off:off + r]
+        y = hp @ sb.T if bias is None else torch.addmm(bias.to(x2.dtype), hp, sb.T)  # (N, out)
+        ys.append(y.addmm_(x2, w.T))  # y += x W.T
+        off += r
+    return ys, h
+
+
+def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need):
+    """Gradients of ``_group_forward``: dx (N, in) or None, and per projection (dbias, [dA_k], [dB_k]).
+
+    ``need`` lists, per projection, (bias needs grad, [A_k needs grad], [B_k needs grad]). As in the
+    forward, the low-rank part of dx (``g @ A_cat``) is written first and the base matmuls accumulate.
+    """
+    n = x2.shape[0]
+    dy2s, gs, grads, off = [], [], [], 0
+    for (weight, bias, As, Bs, scales), sb, dy, (need_bias, need_a, need_b) in zip(projs, sbs, dys, need):
+        r = sb.shape[1] if sb is not None else 0
+        d_as, d_bs = [None] * len(As), [None] * len(Bs)
+        if dy is None:
+            dy2s.append(None)
+            if r:
+                gs.append(torch.zeros((n, r), dtype=x2.dtype, device=x2.device))
+            grads.append((None, d_as, d_bs))
+            off += r
+            continue
+        dy2 = dy.reshape(n, -1)
+        dy2 = dy2 if dy2.is_contiguous() else dy2.contiguous()
+        dy2s.append(dy2)
+        if r:
+            gs.append(dy2 @ sb)  # (N, r_p)
+            if any(need_b):
+                db = dy2.T @ h[:, off:off + r]  # (out, r_p), unscaled
+                o = 0
+                for k, (b, s) in enumerate(zip(Bs, scales)):
+                    rk = b.shape[1]
+                    if need_b[k]:
+                        d_bs[k] = db[:, o:o + rk].to(b.dtype) * s
+                    o += rk
+        dbias = dy2.sum(0).to(bias.dtype) if need_bias else None
+        grads.append((dbias, d_as, d_bs))
+        off += r
+    g = (torch.cat(gs, 1) if len(gs) > 1 else gs[0]) if gs else None  # (N, R)
+    dx = g @ a_cat if (g is not None and need_dx) else None
+    if need_dx:
+        for (weight, *_), dy2 in zip(projs, dy2s):
+            if dy2 is not None:
+                w = weight.to(dy2.dtype)
+                dx = dy2 @ w if dx is None else dx.addmm_(dy2, w)
+    if g is not None and any(any(a) for _, a, _ in need):
+        da = g.T @ x2  # (R, in)
+        o = 0
+        for (_, _, As, _, _), (_, need_a, _), (_, d_as, _) in zip(projs, need, grads):
+            for k, a in enumerate(As):
+                if need_a[k]:
+                    d_as[k] = da[o:o + a.shape[0]].to(a.dtype)
+                o += a.shape[0]
+    return dx, grads
+
+
+def _needs(ctx, spec, offset):
+    """Per projection (bias, [A], [B]) needs-grad flags from ``ctx.needs_input_grad`` starting at ``offset``."""
+    flags, i = [], offset
+    for has_bias, scales in spec:
+        i += 1  # W (frozen; never differentiated here)
+        nb = has_bias and ctx.needs_input_grad[i]
+        i += 1 if has_bias else 0
+        k = len(scales)
+        flags.append((nb, list(ctx.needs_input_grad[i:i + k]), list(ctx.needs_input_grad[i + k:i + 2 * k])))
+        i += 2 * k
+    return flags
+
+
+def _grad_list(spec, grads):
+    """Flatten per-projection grads back into the order of ``_flatten``'s tensors (None for W)."""
+    out = []
+    for (has_bias, _), (dbias, d_as, d_bs) in zip(spec, grads):
+        out.append(None)
+        if has_bias:
+            out.append(dbias)
+        out += d_as + d_bs
+    return out
+
+
+class _LoraGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec, *tensors):
+        projs = _unflatten(spec, tensors)
+        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x2 if x2.is_contiguous() else x2.contiguous()
+        a_cat, sbs = _factors(projs, x.dtype)
+        ys, h = _group_forward(x2, projs, a_cat, sbs)
+        ctx.spec, ctx.x_shape = spec, x.shape
+        ctx.save_for_backward(x2, h, a_cat, *sbs, *tensors)
+        return tuple(y.view(*x.shape[:-1], -1) for y in ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        spec = ctx.spec
+        x2, h, a_cat, *rest = ctx.saved_tensors
+        sbs, tensors = rest[:len(spec)], rest[len(spec):]
+        projs = _unflatten(spec, tensors)
+        dx, grads = _group_backward(dys, x2, h, projs, a_cat, sbs, ctx.needs_input_grad[0], _needs(ctx, spec, 2))
+        return (dx.view(ctx.x_shape) if dx is not None else None, None, *_grad_list(spec, grads))
+
+
+def lora_group(x: torch.Tensor, projections) -> tuple[torch.Tensor, ...]:
+    """Apply LoRA projections that share the input ``x`` (..., in) in one autograd node.
+
+    Args:
+        x: activations in the compute dtype (bf16 in training).
+        projections: ``[(W (out, in), bias or None, [(A (r, in), B (out, r), scale), ...]), ...]``;
+            W and bias frozen, A and B in any dtype (fp32 master weights), cast to x's dtype here.
+    Returns:
+        one output (..., out_p) per projection, in x's dtype.
+    """
+    spec, tensors = _flatten(projections)
+    return _LoraGroup.apply(x, spec, *tensors)
+
+
+class _LoraMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec, *tensors):
+        projs = _unflatten(spec, tensors)  # gate, up, down
+        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x2 if x2.is_contiguous() else x2.contiguous()
+        a_gu, sb_gu = _factors(projs[:2], x.dtype)
+        (g, u), h_gu = _group_forward(x2, projs[:2], a_gu, sb_gu)
+        act = swiglu_forward(g, u)  # (N, I): used here, not saved
+        a_d, sb_d = _factors(projs[2:], x.dtype)
+        if recomputing.skip_mlp_output and not torch.compiler.is_compiling():
+            y = torch.empty((x2.shape[0], projs[2][0].shape[0]), dtype=x.dtype, device=x.device)
+            h_d = act @ a_d.T if a_d is not None else None
+        else:
+            (y,), h_d = _group_forward(act, projs[2:], a_d, sb_d)
+        ctx.spec, ctx.x_shape = spec, x.shape
+        ctx.save_for_backward(x2, g, u, h_gu, h_d, a_gu, a_d, *sb_gu, *sb_d, *tensors)
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        spec = ctx.spec
+        x2, g, u, h_gu, h_d, a_gu, a_d, sg, su, sd, *tensors = ctx.saved_tensors
+        projs = _unflatten(spec, tensors)
+        need = _needs(ctx, spec, 2)
+        # down projection: its input (the SwiGLU output) is recomputed by the SwiGLU backward below
+        proj_d = [projs[2]]
+        w_d = proj_d[0][0].to(dy.dtype)
+        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+        gd = dy2 @ sd if sd is not None else None  # (N, r_d)
+        dact = (gd @ a_d).addmm_(dy2, w_d) if gd is not None else dy2 @ w_d  # (N, I), low-rank part first
+        act, dg, du = swiglu_backward(dact, g, u)  # dg is written over dact
+        del dact
+        nbias_d, na_d, nb_d = need[2]
+        d_as, d_bs = [None] * len(proj_d[0][2]), [None] * len(proj_d[0][3])
+        if gd is not None:
+            da = gd.T @ act if any(na_d) else None
+            db = dy2.T @ h_d if any(nb_d) else None
+            o = 0
+            for k, (a, b, s) in enumerate(zip(proj_d[0][2], proj_d[0][3], proj_d[0][4])):
+                rk = a.shape[0]
+                if na_d[k]:
+                    d_as[k] = da[o:o + rk].to(a.dtype)
+                if nb_d[k]:
+                    d_bs[k] = db[:, o:o + rk].to(b.dtype) * s
+                o += rk
+        del act
+        dbias_d = dy2.sum(0).to(proj_d[0][1].dtype) if nbias_d else None
+        dx, grads_gu = _group_backward((dg, du), x2, h_gu, projs[:2], a_gu, [sg, su], ctx.needs_input_grad[0], need[:2])
+        grads = grads_gu + [(dbias_d, d_as, d_bs)]
+        return (dx.view(ctx.x_shape) if dx is not None else None, None, *_grad_list(spec, grads))
+
+
+def lora_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor:
+    """The gated MLP ``down(silu(gate(x)) * up(x))`` with LoRA projections, in one autograd node.
+
+    Each of ``gate``, ``up``, ``down`` is ``(W, bias or None, [(A, B, scale), ...])`` as in
+    ``lora_group``. Saves x, the gate and up outputs and the rank-sized factors, not the SwiGLU output.
+    Returns (..., hidden) in x's dtype.
+    """
+    spec, tensors = _flatten([gate, up, down])
+    return _LoraMLP.apply(x, spec, *tensors)

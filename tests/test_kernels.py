@@ -1,0 +1,260 @@
+"""The Triton kernels against float64 references, on fresh random inputs at small sizes.
+
+On CPU the kernels run under ``TRITON_INTERPRET=1`` in one subprocess (the interpreter must be chosen
+before triton is first imported, which another test may already have done in this process); on a GPU
+the same checks run compiled, in process. Each check returns ||out - ref|| / ||ref|| per output.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+# Tolerances for one bf16 rounding of the output (fp32 arithmetic inside), and for fp32 throughout.
+TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+def _rel(out, ref):
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def _poisoned_like(t):
+    return torch.full_like(t, float("nan"))
+
+
+def check_rmsnorm(device, dtype):
+    from deltatune.kernels import triton_rmsnorm as k
+
+    n, d, eps = 37, 200, 1e-6  # d not a power of two: masked columns
+    x = torch.randn(n, 2 * d, device=device, dtype=dtype)[:, :d]  # row stride != d
+    w = (1 + 0.1 * torch.randn(d, device=device)).to(dtype)
+    dy = torch.randn(n, d, device=device, dtype=dtype)
+    y, rstd = k.rmsnorm_forward(x, w, eps)
+    dx = k.rmsnorm_backward(dy, x, w, rstd)
+    x64 = x.double().requires_grad_()
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+    ref.backward(dy.double())
+    return {"y": _rel(y, ref.detach()), "dx": _rel(dx, x64.grad)}
+
+
+def check_rope(device, dtype):
+    from deltatune.kernels import triton_rope as k
+
+    b, t, h, d = 2, 7, 3, 16
+    base = torch.randn(b, h + 2, t, d, device=device, dtype=dtype)
+    x = base[:, 1:h + 1].transpose(1, 2)  # (B, T, H, D) view of a head-major tensor: SDPA's grad layout
+    out = {}
+    for cs_batch in (1, b):  # a shared (broadcast) cos/sin and one per sequence
+        theta = torch.randn(cs_batch, t, d // 2, device=device, dtype=torch.float64)
+        cos = torch.cat([theta.cos(), theta.cos()], -1).to(dtype)
+        sin = torch.cat([theta.sin(), theta.sin()], -1).to(dtype)
+        dy = torch.randn(b, t, h, d, device=device, dtype=dtype)
+        y = k.rope_apply(x, cos, sin)
+        dx = k.rope_apply(dy, cos, sin, backward=True)
+
+        def rotate_half(v):
+            return torch.cat((-v[..., d // 2:], v[..., :d // 2]), -1)
+
+        x64 = x.double().requires_grad_()
+        ref = x64 * cos.double()[:, :, None] + rotate_half(x64) * sin.double()[:, :, None]
+        ref.backward(dy.double())
+        out[f"y_cs{cs_batch}"] = _rel(y, ref.detach())
+        out[f"dx_cs{cs_batch}"] = _rel(dx, x64.grad)
+    return out
+
+
+def check_swiglu(device, dtype):
+    from deltatune.kernels import triton_swiglu as k
+
+    n = 3001  # not a multiple of the block
+    g = torch.randn(n, device=device, dtype=dtype) * 3
+    u = torch.randn(n, device=device, dtype=dtype)
+    dh = torch.randn(n, device=device, dtype=dtype)
+    h = k.swiglu_forward(g, u)
+    g0, u0 = g.clone(), u.clone()
+    h2, dg, du = k.swiglu_backward(dh.clone(), g, u)
+    assert torch.equal(g, g0) and torch.equal(u, u0)  # inputs untouched
+    g64, u64 = g.double().requires_grad_(), u.double().requires_grad_()
+    ref = torch.nn.functional.silu(g64) * u64
+    ref.backward(dh.double())
+    return {"h": _rel(h, ref.detach()), "h_recomputed": _rel(h2, ref.detach()),
+            "dg": _rel(dg, g64.grad), "du": _rel(du, u64.grad)}
+
+
+def check_cross_entropy(device, dtype):
+    from deltatune.kernels import triton_cross_entropy as k
+
+    c, v = 9, 5000  # vocab over one 4096 block: exercises the online max/sum
+    z = torch.randn(c, v, device=device, dtype=dtype) * 4
+    labels = torch.randint(0, v, (c,), device=device)
+    labels[[2, 5]] = -100
+    scale = torch.tensor([1.0 / 7], device=device)
+    buf = z.clone()
+    loss = k.cross_entropy_rows_(buf, labels, scale, -100)
+    z64 = z.double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(z64, labels, ignore_index=-100, reduction="none")
+    ref.sum().mul(1.0 / 7).backward()
+    return {"loss": _rel(loss, ref.detach()), "dz": _rel(buf, z64.grad)}
+
+
+def check_linear_cross_entropy(device, dtype):
+    """The chunked head + loss through the autograd function (the Triton rows kernel on this device)."""
+    from deltatune.kernels import linear_cross_entropy
+
+    n, d, v = 23, 32, 4500
+    hid = torch.randn(n, d, device=device, dtype=dtype)
+    w = (torch.randn(v, d, device=device) / d ** 0.5).to(dtype)
+    labels = torch.randint(0, v, (n,), device=device)
+    labels[:3] = -100
+    h = hid.clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, labels, chunk_rows=8)
+    loss.backward()
+    h64 = hid.double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(h64 @ w.double().T, labels, ignore_index=-100)
+    ref.backward()
+    return {"loss": _rel(loss.detach(), ref.detach()), "dh": _rel(h.grad, h64.grad)}
+
+
+def check_lora_mlp(device, dtype):
+    """``lora_mlp`` (SwiGLU kernel inside, recomputed in backward) vs float64 autograd."""
+    from deltatune.kernels import lora_mlp
+
+    n, d, i, r = 19, 24, 40, 4
+    x = torch.randn(n, d, device=device, dtype=dtype)
+    ws = [(torch.randn(o, k, device=device) / k ** 0.5).to(dtype) for o, k in ((i, d), (i, d), (d, i))]
+    ads = [(torch.randn(r, k, device=device, requires_grad=True), torch.randn(o, r, device=device, requires_grad=True))
+           for o, k in ((i, d), (i, d), (d, i))]
+    scale = 0.7
+    xg = x.clone().requires_grad_()
+    y = lora_mlp(xg, *[(w, None, [(a, b, scale)]) for w, (a, b) in zip(ws, ads)])
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    def lin64(t, w, a, b):
+        return t @ w.double().T + scale * (t @ a.double().T) @ b.double().T
+
+    x64 = x.double().requires_grad_()
+    a64 = [(a.detach().double().requires_grad_(), b.detach().double().requires_grad_()) for a, b in ads]
+    g = lin64(x64, ws[0], *a64[0])
+    u = lin64(x64, ws[1], *a64[1])
+    ref = lin64(torch.nn.functional.silu(g) * u, ws[2], *a64[2])
+    ref.backward(dy.double())
+    out = {"y": _rel(y.detach(), ref.detach()), "dx": _rel(xg.grad, x64.grad)}
+    for j, ((a, b), (a2, b2)) in enumerate(zip(ads, a64)):
+        out[f"dA{j}"] = _rel(a.grad, a2.grad)
+        out[f"dB{j}"] = _rel(b.grad, b2.grad)
+    return out
+
+
+def check_fast_path(device, dtype):
+    """A tiny Llama trained one step on the fast path (every kernel on this device) vs float64.
+
+    Returns the loss error and the mean adapter-gradient error, and the plain path's for scale.
+    """
+    import copy
+
+    import transformers
+
+    import deltatune as dt
+    from deltatune.fast import disable_fast_path, enable_fast_path, fused_causal_lm_loss
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=300, attn_implementation="sdpa", use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    dt.add_adapter(model, dt.LoraConfig(r=4, alpha=8, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                "up_proj", "down_proj"], init="random"))
+    ids = torch.randint(0, 300, (2, 16), device=device)
+
+    def run(m, fast):
+        for p in dt.adapter_params(m):
+            p.grad = None
+        if fast:
+            enable_fast_path(m, checkpoint=True)
+        loss = fused_causal_lm_loss(m, ids, ids) if fast else m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if fast:
+            disable_fast_path(m)
+        return loss.detach(), [p.grad for p in dt.adapter_params(m)]
+
+    ref_loss, ref_grads = run(copy.deepcopy(model).double(), False)
+    out = {}
+    for name, fast in (("plain", False), ("fast", True)):
+        loss, grads = run(model, fast)
+        out[f"{name}_loss"] = _rel(loss, ref_loss)
+        out[f"{name}_grads"] = sum(_rel(g, r) for g, r in zip(grads, ref_grads)) / len(grads)
+    return out
+
+
+CHECKS = {f.__name__[len("check_"):]: f for f in (check_rmsnorm, check_rope, check_swiglu, check_cross_entropy,
+                                                   check_linear_cross_entropy, check_lora_mlp, check_fast_path)}
+# bf16 operands in several chained matmuls: a looser bound than one rounding
+EXTRA_TOL = {"lora_mlp": 3e-2, "linear_cross_entropy": 2e-2, "fast_path": 0.15}
+
+
+def run_checks(device):
+    """Every check at fp32 and bf16 on ``device``: {"name/dtype": {output: rel error}}."""
+    results = {}
+    for name, fn in CHECKS.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            results[f"{name}/{str(dtype)[6:]}"] = fn(device, dtype)
+    return results
+
+
+def _assert_within(name, errs):
+    kernel, dtype = name.split("/")
+    tol = TOL[getattr(torch, dtype)]
+    if dtype == "bfloat16":
+        tol = EXTRA_TOL.get(kernel, tol)
+    elif kernel in ("linear_cross_entropy", "lora_mlp", "fast_path"):
+        tol = 1e-3  # fp32 without tf32, but several accumulated matmuls
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"{name}: relative error over {tol}: {bad} (all: {errs})"
+    if kernel == "fast_path":  # and about as accurate as the plain path (whose adapters compute in fp32;
+        # the fast path's in bf16 measured 0.8-2.1x the plain path's error over seeds)
+        assert errs["fast_grads"] <= 3 * errs["plain_grads"] + 1e-2, errs
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """All checks, run once under TRITON_INTERPRET=1 on CPU tensors in a fresh interpreter."""
+    env = dict(os.environ, TRITON_INTERPRET="1", DELTATUNE_TRITON="interpret")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", [f"{k}/{d}" for k in CHECKS for d in ("float32", "bfloat16")])
+def test_kernel_interpreted_cpu(interpreted, name):
+    _assert_within(name, interpreted[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU runs these interpreted)")
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_kernel_gpu(name):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 in this process; the GPU check needs compiled kernels")
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        _assert_within(f"{name}/{str(dtype)[6:]}", CHECKS[name]("cuda", dtype))
+
+
+def test_interpreter_catches_a_wrong_kernel(interpreted):
+    """The harness itself fails on a wrong answer: the reference of a wrong eps differs measurably."""
+    from deltatune.kernels.functional import _rms_ref
+
+    x = torch.randn(5, 64, dtype=torch.float64)
+    w = torch.ones(64, dtype=torch.float64)
+    assert _rel(_rms_ref(x, w, 1e-6)[0], _rms_ref(x, w, 1.0)[0]) > 1e-2
+
+
+if __name__ == "__main__":  # the subprocess: TRITON_INTERPRET=1 is set before triton is imported
+    print(json.dumps(run_checks("cpu")))
