@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 def __getattr__(name):  # lazy subpackages keep `import deltatune` light
     import importlib
 
-    if name in ("quant", "train", "kernels", "data"):
+    if name in ("quant", "train", "kernels", "data", "fast", "benchmark", "optim"):
         return importlib.import_module(f"deltatune.{name}")
     if name == "quantize_model":
         return importlib.import_module("deltatune.quant").quantize_model

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from deltatune.kernels import apply_rope, linear_cross_entropy, lora_group, lora_mlp, rms_norm
 from deltatune.kernels.lora import recomputing
-from deltatune.lora import LayerKind, LoraLayer
+from deltatune.lora import LoraLayer
 
 __all__ = ["enable_fast_path", "disable_fast_path", "fast_path_enabled", "fused_causal_lm_loss"]
 
@@ -48,8 +48,11 @@ _DECODER = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
 def _projection(module: nn.Module):
     """``(W, bias, [(A, B, scale), ...])`` for the fused functions, or None where they don't apply."""
     if isinstance(module, LoraLayer):
-        if type(module.kind) is not LayerKind or module.weight.requires_grad:
+        weight = module.kind.fused_weight(module)
+        if weight is None or getattr(weight, "requires_grad", False):
             return None
+        if module.pissa and (not module.enabled or any(n not in module.active for n in module.pissa)):
+            return None  # an inactive PiSSA adapter gives its part of W back: the plain forward does that
         adapters = []
         if module.enabled:
             for name in module.active:
@@ -59,32 +62,16 @@ def _projection(module: nn.Module):
                 if slot.dropout and module.training:
                     return None
                 adapters.append((module.lora_A[name], module.lora_B[name], slot.scale))
-        return module.weight, module.bias, adapters
+        return weight, getattr(module, "bias", None), adapters
     if type(module) is nn.Linear and not module.weight.requires_grad:
         return module.weight, module.bias, []
     return None
 
 
-def _plain_lora_forward(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
-    """``LoraLayer.forward`` without the ``forward_impl`` hook (dropout > 0 and other uncovered cases)."""
-    y = layer.kind.base_forward(layer, x)
-    if not layer.enabled:
-        return y
-    for name in layer.active:
-        if name in layer.merged or name not in layer.slots:
-            continue
-        A, B, slot = layer.lora_A[name], layer.lora_B[name], layer.slots[name]
-        h = x.to(A.dtype)
-        if slot.dropout and layer.training:
-            h = F.dropout(h, slot.dropout, training=True)
-        y = y + (slot.scale * layer.kind.delta(layer, h, A, B)).to(y.dtype)
-    return y
-
-
 def _fast_lora_forward(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
     proj = _projection(layer)
     if proj is None or not x.is_floating_point():
-        return _plain_lora_forward(layer, x)
+        return layer.plain_forward(x)
     if not proj[2]:
         return F.linear(x, proj[0], proj[1])
     return lora_group(x, [proj])[0]
@@ -252,7 +239,7 @@ def enable_fast_path(model: nn.Module, kernels: bool = True, checkpoint: bool = 
         raise ValueError("the fast path is already enabled on this model; disable_fast_path() it first")
     patched = []
     for m in model.modules():
-        if isinstance(m, LoraLayer) and type(m.kind) is LayerKind:
+        if isinstance(m, LoraLayer) and m.kind.fused_weight(m) is not None:
             m.forward_impl = _fast_lora_forward
             patched.append(("impl", m))
         if not kernels:

@@ -66,6 +66,12 @@ class LayerKind:
         """The base weight as a dense tensor in its stored layout (for PiSSA's SVD and merges)."""
         return layer.weight
 
+    def fused_weight(self, layer: "LoraLayer"):
+        """The (out, in) weight the fused linear kernels use: a tensor, an object with ``.shape`` and
+        ``.dequantize(dtype)`` (a quantized weight, dequantized inside the fused node's forward and
+        backward), or None where the fused path does not apply to this kind."""
+        return layer.weight if type(self) is LayerKind else None
+
     def add_to_weight(self, layer: "LoraLayer", delta: torch.Tensor) -> None:
         """``W += delta`` in place. Quantized kinds dequantize, add and requantize here."""
         w = layer.weight
@@ -349,6 +355,10 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.forward_impl is not None:
             return self.forward_impl(self, x)
+        return self.plain_forward(x)
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference forward in plain PyTorch, whatever ``forward_impl`` is set."""
         y = self.kind.base_forward(self, x)
         for name in self.slots:
             if name in self.merged:

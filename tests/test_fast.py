@@ -67,6 +67,26 @@ def test_fast_path_matches_plain_path_and_float64(checkpoint):
     assert max(fast_err) < 0.25, fast_err
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_fast_path_on_a_quantized_base_matches_plain_path(kind):
+    """QLoRA: the fused nodes dequantize the frozen weight in forward and backward themselves."""
+    from deltatune.quant import quantize_model
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=257, max_position_embeddings=128,
+                                   attn_implementation="sdpa", use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).float()
+    quantize_model(model, kind=kind, blocksize=64 if kind == "nf4" else None, compute_dtype=torch.float32)
+    dt.add_adapter(model, dt.LoraConfig(r=4, alpha=8, targets=TARGETS, init="random"))
+    ids = torch.randint(0, 257, (2, 16))
+    plain_loss, plain_grads = loss_and_grads(model, ids, ids, fast=False)
+    fast_loss, fast_grads = loss_and_grads(model, ids, ids, fast=True)
+    assert any(m.forward_impl is None for m in model.modules() if isinstance(m, dt.LoraLayer))  # disabled again
+    assert abs(fast_loss - plain_loss) < 1e-4 * plain_loss
+    assert max(rel(f, p) for f, p in zip(fast_grads, plain_grads)) < 1e-3
+
+
 def test_fast_path_float32_is_exact():
     """In fp32 the fast path computes the same function as the plain path to rounding."""
     model = tiny_llama(torch.float32)

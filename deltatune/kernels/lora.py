@@ -44,12 +44,23 @@ class _Recompute:
 recomputing = _Recompute()
 
 
+def _dense(weight, dtype: torch.dtype) -> torch.Tensor:
+    """W as a dense tensor in ``dtype``: a cast, or a dequantization for a quantized weight."""
+    return weight.to(dtype) if isinstance(weight, torch.Tensor) else weight.dequantize(dtype)
+
+
 def _flatten(projections):
-    """Projections ``[(W, bias, [(A, B, scale), ...]), ...]`` -> (spec, flat tensor list)."""
+    """Projections ``[(W, bias, [(A, B, scale), ...]), ...]`` -> (spec, flat tensor list).
+
+    A quantized W (anything with ``.dequantize(dtype)``) rides in the spec instead of the tensor list:
+    it is frozen, and dequantizing it again in backward costs less memory than saving it dense.
+    """
     spec, tensors = [], []
     for weight, bias, adapters in projections:
-        spec.append((bias is not None, tuple(float(s) for _, _, s in adapters)))
-        tensors.append(weight)
+        packed = None if isinstance(weight, torch.Tensor) else weight
+        spec.append((bias is not None, tuple(float(s) for _, _, s in adapters), packed))
+        if packed is None:
+            tensors.append(weight)
         if bias is not None:
             tensors.append(bias)
         tensors += [a for a, _, _ in adapters] + [b for _, b, _ in adapters]
@@ -59,10 +70,13 @@ def _flatten(projections):
 def _unflatten(spec, tensors):
     """Inverse of ``_flatten``: per projection (W, bias, [A...], [B...], scales), and each one's offsets."""
     out, i = [], 0
-    for has_bias, scales in spec:
-        weight = tensors[i]
-        bias = tensors[i + 1] if has_bias else None
-        i += 2 if has_bias else 1
+    for has_bias, scales, packed in spec:
+        if packed is None:
+            weight, i = tensors[i], i + 1
+        else:
+            weight = packed
+        bias = tensors[i] if has_bias else None
+        i += 1 if has_bias else 0
         k = len(scales)
         out.append((weight, bias, list(tensors[i:i + k]), list(tensors[i + k:i + 2 * k]), scales))
         i += 2 * k
@@ -98,7 +112,7 @@ def _group_forward(x2, projs, a_cat, sbs):
     h = x2 @ a_cat.T if a_cat is not None else None  # (N, R)
     ys, off = [], 0
     for (weight, bias, As, _, _), sb in zip(projs, sbs):
-        w = weight.to(x2.dtype)
+        w = _dense(weight, x2.dtype)
         if sb is None:
             ys.append(F.linear(x2, w, None if bias is None else bias.to(x2.dtype)))
             continue
@@ -149,7 +163,7 @@ def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need):
     if need_dx:
         for (weight, *_), dy2 in zip(projs, dy2s):
             if dy2 is not None:
-                w = weight.to(dy2.dtype)
+                w = _dense(weight, dy2.dtype)
                 dx = dy2 @ w if dx is None else dx.addmm_(dy2, w)
     if g is not None and any(any(a) for _, a, _ in need):
         da = g.T @ x2  # (R, in)
@@ -165,8 +179,8 @@ def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need):
 def _needs(ctx, spec, offset):
     """Per projection (bias, [A], [B]) needs-grad flags from ``ctx.needs_input_grad`` starting at ``offset``."""
     flags, i = [], offset
-    for has_bias, scales in spec:
-        i += 1  # W (frozen; never differentiated here)
+    for has_bias, scales, packed in spec:
+        i += 1 if packed is None else 0  # W (frozen; never differentiated here)
         nb = has_bias and ctx.needs_input_grad[i]
         i += 1 if has_bias else 0
         k = len(scales)
@@ -178,8 +192,9 @@ def _needs(ctx, spec, offset):
 def _grad_list(spec, grads):
     """Flatten per-projection grads back into the order of ``_flatten``'s tensors (None for W)."""
     out = []
-    for (has_bias, _), (dbias, d_as, d_bs) in zip(spec, grads):
-        out.append(None)
+    for (has_bias, _, packed), (dbias, d_as, d_bs) in zip(spec, grads):
+        if packed is None:
+            out.append(None)
         if has_bias:
             out.append(dbias)
         out += d_as + d_bs
@@ -249,7 +264,7 @@ class _LoraMLP(torch.autograd.Function):
         need = _needs(ctx, spec, 2)
         # down projection: its input (the SwiGLU output) is recomputed by the SwiGLU backward below
         proj_d = [projs[2]]
-        w_d = proj_d[0][0].to(dy.dtype)
+        w_d = _dense(proj_d[0][0], dy.dtype)
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
         gd = dy2 @ sd if sd is not None else None  # (N, r_d)
         dact = (gd @ a_d).addmm_(dy2, w_d) if gd is not None else dy2 @ w_d  # (N, I), low-rank part first

@@ -135,6 +135,9 @@ class QuantLinearKind(LayerKind):
     def base_weight(self, layer):
         return _quantized(layer).dequantize(layer.weight_dtype)
 
+    def fused_weight(self, layer):
+        return _quantized(layer)  # the fused kernels dequantize it in forward and again in backward
+
     def add_to_weight(self, layer, delta):
         q = _quantized(layer)
         target = q.dequantize(torch.float32) + delta.float()
