@@ -182,12 +182,6 @@ def prepare_model(model: torch.nn.Module, args: TrainArgs, task: str = "causal-l
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if args.quant:
-        try:
-            from deltatune.quant import quantize_model
-        except ImportError as e:
-            raise TrainError(f"--quant {args.quant} needs deltatune.quant, which is not available here ({e})") from None
-        quantize_model(model, kind=args.quant)
     save = list(args.modules_to_save or [])
     if task == "classification":
         from deltatune.models import head_module_name
@@ -195,6 +189,12 @@ def prepare_model(model: torch.nn.Module, args: TrainArgs, task: str = "causal-l
         head = head_module_name(model)
         if head and head not in save:
             save.append(head)  # a fresh classification head must train in full
+    if args.quant:
+        try:
+            from deltatune.quant import quantize_model
+        except ImportError as e:
+            raise TrainError(f"--quant {args.quant} needs deltatune.quant, which is not available here ({e})") from None
+        quantize_model(model, kind=args.quant, skip=save or None)  # what trains in full stays unquantized
     cfg = dt.LoraConfig(r=args.r, alpha=args.alpha, dropout=args.lora_dropout, targets=args.targets,
                         exclude=args.exclude, rank_pattern=dict(args.rank_pattern),
                         alpha_pattern=dict(args.alpha_pattern), use_rslora=args.use_rslora, init=args.init,
@@ -213,11 +213,6 @@ def _enable_fast(model, args: TrainArgs, device: torch.device, log) -> bool:
     except ImportError as e:
         if args.fast:
             log(f"--fast: deltatune.fast is not available ({e}); using the plain path")
-        return False
-    if args.precision != "fp32" and any(p.dtype == torch.float32 for p in model.parameters() if not p.requires_grad):
-        # The fused grouped projections mix the autocast dtype with fp32 base weights (a dtype error).
-        log("--fast with autocast needs the base in the --precision dtype (--base-dtype auto or bfloat16/float16); "
-            "using the plain path")
         return False
     enable_fast_path(model, checkpoint=args.gradient_checkpointing)
     return True

@@ -87,6 +87,17 @@ def test_fast_path_on_a_quantized_base_matches_plain_path(kind):
     assert max(rel(f, p) for f, p in zip(fast_grads, plain_grads)) < 1e-3
 
 
+def test_fast_path_under_autocast_with_a_float32_base():
+    """fp32 weights, bf16 autocast: the fused nodes cast as autocast would, and match the plain path."""
+    model = tiny_llama(dtype=torch.float32)
+    ids = torch.randint(0, 257, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_loss, plain_grads = loss_and_grads(model, ids, ids, fast=False)
+        fast_loss, fast_grads = loss_and_grads(model, ids, ids, fast=True)
+    assert abs(fast_loss - plain_loss) < 1e-2 * plain_loss
+    assert max(rel(f, p) for f, p in zip(fast_grads, plain_grads)) < 0.1
+
+
 def test_fast_path_float32_is_exact():
     """In fp32 the fast path computes the same function as the plain path to rounding."""
     model = tiny_llama(torch.float32)

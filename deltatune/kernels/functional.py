@@ -248,4 +248,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     Returns:
         the scalar mean loss (fp32).
     """
-    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_rows)
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):  # the head matmul in autocast's dtype, as autocast would run it
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_rows)

@@ -49,6 +49,18 @@ def _dense(weight, dtype: torch.dtype) -> torch.Tensor:
     return weight.to(dtype) if isinstance(weight, torch.Tensor) else weight.dequantize(dtype)
 
 
+def _autocast_input(x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """x cast as autocast would cast a linear layer's input, and its device type.
+
+    The fused nodes then run with autocast off and every dtype explicit (all matmuls in x's dtype):
+    autocast would otherwise turn some products bf16 and leave the in-place accumulations fp32.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        x = x.to(torch.get_autocast_dtype(device))
+    return x, device
+
+
 def _flatten(projections):
     """Projections ``[(W, bias, [(A, B, scale), ...]), ...]`` -> (spec, flat tensor list).
 
@@ -234,7 +246,9 @@ def lora_group(x: torch.Tensor, projections) -> tuple[torch.Tensor, ...]:
         one output (..., out_p) per projection, in x's dtype.
     """
     spec, tensors = _flatten(projections)
-    return _LoraGroup.apply(x, spec, *tensors)
+    x, device = _autocast_input(x)
+    with torch.autocast(device, enabled=False):
+        return _LoraGroup.apply(x, spec, *tensors)
 
 
 class _LoraMLP(torch.autograd.Function):
@@ -298,4 +312,6 @@ def lora_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor:
     Returns (..., hidden) in x's dtype.
     """
     spec, tensors = _flatten([gate, up, down])
-    return _LoraMLP.apply(x, spec, *tensors)
+    x, device = _autocast_input(x)
+    with torch.autocast(device, enabled=False):
+        return _LoraMLP.apply(x, spec, *tensors)
