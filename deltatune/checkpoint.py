@@ -16,6 +16,8 @@ checkpoints are renamed away before they are deleted, for the same reason.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import random
@@ -131,6 +133,33 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     """The newest complete checkpoint under ``root``, or None."""
     found = list_checkpoints(root)
     return found[-1][1] if found else None
+
+
+@contextlib.contextmanager
+def run_lock(out: str | Path):
+    """Hold an exclusive lock on run directory ``out`` for the duration of the block.
+
+    Two trainings writing one directory would interleave their metrics and prune each other's
+    checkpoints; the second one raises ``CheckpointError`` instead, naming the holder's pid. The lock
+    is the kernel's (``flock``): it goes with the process, so a killed run never leaves it behind.
+    """
+    path = Path(out) / ".lock"
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise CheckpointError(f"{out} is in use by another training (pid {holder}); wait for it to end, "
+                                  f"or choose another --output") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def clean_stale(root: str | Path) -> list[Path]:

@@ -343,6 +343,16 @@ def load_data(args: TrainArgs, tokenizer, log=print) -> tuple[Dataset, Optional[
 def train(args: TrainArgs, model=None, tokenizer=None, train_data: Optional[Dataset] = None,
           val_data: Optional[Dataset] = None, on_step: Optional[Callable[[int, dict], None]] = None,
           log: Callable[[str], None] = print) -> TrainResult:
+    """Run (or resume) the training that ``args`` describe, holding the lock of its output directory;
+    see ``_train``. Raises ``CheckpointError`` if another training is writing that directory."""
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    with ckpt.run_lock(args.output):
+        return _train(args, model, tokenizer, train_data, val_data, on_step, log)
+
+
+def _train(args: TrainArgs, model=None, tokenizer=None, train_data: Optional[Dataset] = None,
+           val_data: Optional[Dataset] = None, on_step: Optional[Callable[[int, dict], None]] = None,
+           log: Callable[[str], None] = print) -> TrainResult:
     """Run (or resume) the training that ``args`` describe; returns a ``TrainResult``.
 
     ``model``/``tokenizer``/``train_data``/``val_data`` may be given directly (Python use); otherwise

@@ -157,3 +157,15 @@ def test_half_written_checkpoint_is_invisible(tmp_path):
     (tmp_path / ".tmp-step-00000009-123" / "trainable.safetensors").write_bytes(b"partial")
     assert ckpt.latest_checkpoint(tmp_path) is None
     assert len(ckpt.clean_stale(tmp_path)) == 1 and not any(tmp_path.iterdir())
+
+
+def test_a_second_training_on_the_same_output_is_refused(tmp_path):
+    """Two runs in one directory would interleave metrics and prune each other's checkpoints."""
+    from deltatune.train import TrainArgs, train
+
+    with ckpt.run_lock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+        with pytest.raises(ckpt.CheckpointError, match=rf"in use by another training \(pid {os.getpid()}\)"):
+            train(TrainArgs(model="unused", data="unused", output=str(tmp_path)))
+    with ckpt.run_lock(tmp_path):  # released when the holder is done
+        pass
