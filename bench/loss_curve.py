@@ -30,10 +30,13 @@ DATA = [ROOT / "shared" / "data" / "tinyshakespeare" / "input.txt", ROOT.parent 
 
 
 def load_model(path, device):
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    if path:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").to(device)
+    if path:  # a model directory, a .gguf file (e.g. deltatune.models.smollm2_path()) or "smollm2"
+        from deltatune.models import load_model as load, smollm2_path
+
+        model, _ = load(smollm2_path() if path == "smollm2" else path)
+        return model.to(device=device, dtype=torch.bfloat16)
     torch.manual_seed(0)
     cfg = LlamaConfig(**SMOLLM2_135M, attn_implementation="sdpa", use_cache=False)
     return LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)

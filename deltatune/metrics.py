@@ -81,9 +81,16 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Optional[Path]:
     if not train:
         return None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(*zip(*train), label="train loss", lw=1)
+    steps, losses = zip(*train)
+    ax.plot(steps, losses, lw=0.8, alpha=0.35, color="C0", label="train loss")
+    if len(losses) >= 10:  # per-step losses are noisy: an exponential moving average shows the trend
+        beta, avg, smooth = 1 - 1 / max(5, len(losses) // 20), 0.0, []
+        for i, value in enumerate(losses, 1):
+            avg = beta * avg + (1 - beta) * value
+            smooth.append(avg / (1 - beta ** i))  # bias-corrected, so the first points are not pulled to 0
+        ax.plot(steps, smooth, lw=1.8, color="C0", label="train loss (moving average)")
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.plot(*zip(*val), "o-", color="C1", label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
