@@ -30,31 +30,35 @@ DATA = [ROOT / "shared" / "data" / "tinyshakespeare" / "input.txt", ROOT.parent 
 
 
 def load_model(path, device):
+    """(model in bf16 on ``device``, its tokenizer or None for the random-weight stand-in)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if path:  # a model directory, a .gguf file (e.g. deltatune.models.smollm2_path()) or "smollm2"
         from deltatune.models import load_model as load, smollm2_path
 
-        model, _ = load(smollm2_path() if path == "smollm2" else path)
-        return model.to(device=device, dtype=torch.bfloat16)
+        model, tokenizer = load(smollm2_path() if path == "smollm2" else path)
+        return model.to(device=device, dtype=torch.bfloat16), tokenizer
     torch.manual_seed(0)
     cfg = LlamaConfig(**SMOLLM2_135M, attn_implementation="sdpa", use_cache=False)
-    return LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16), None
 
 
-def batches(steps, batch, seq, device, vocab):
+def batches(steps, batch, seq, device, vocab, tokenizer=None):
+    """Random windows of Tiny Shakespeare: real tokens with a real tokenizer, else bytes (random weights)."""
     found = [f for f in DATA if f.exists()]
     if not found:
         raise SystemExit(f"no tinyshakespeare input.txt at any of {[str(f) for f in DATA]}")
-    text = found[0].read_bytes()
-    data = torch.tensor(list(text), dtype=torch.long) % vocab
+    if tokenizer is not None:
+        data = torch.tensor(tokenizer(found[0].read_text()[:400_000])["input_ids"], dtype=torch.long)
+    else:
+        data = torch.tensor(list(found[0].read_bytes()), dtype=torch.long) % vocab
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
         yield torch.stack([data[s:s + seq] for s in starts]).to(device)
 
 
-def train(model, fast, args):
+def train(model, fast, args, tokenizer=None):
     dt.add_adapter(model, dt.LoraConfig(r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                   "up_proj", "down_proj"]), name="curve")
     torch.manual_seed(1)  # same initial A for both runs
@@ -65,7 +69,7 @@ def train(model, fast, args):
     if fast:
         enable_fast_path(model)
     losses = []
-    for ids in batches(args.steps, args.batch, args.seq, args.device, model.config.vocab_size):
+    for ids in batches(args.steps, args.batch, args.seq, args.device, model.config.vocab_size, tokenizer):
         loss = fused_causal_lm_loss(model, ids, ids) if fast else model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         opt.step()
@@ -87,10 +91,10 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default="loss_curve.json")
     args = p.parse_args(argv)
-    model = load_model(args.model, args.device)
+    model, tokenizer = load_model(args.model, args.device)
     model.requires_grad_(False)
-    plain = train(model, False, args)
-    fast = train(model, True, args)
+    plain = train(model, False, args, tokenizer)
+    fast = train(model, True, args, tokenizer)
     diff = [abs(a - b) for a, b in zip(plain, fast)]
     summary = dict(model=args.model or "SmolLM2-135M shape, random weights", steps=args.steps,
                    first=(plain[0], fast[0]), last=(plain[-1], fast[-1]), max_abs_diff=max(diff),

@@ -16,7 +16,8 @@ __all__ = ["apply_rope", "linear_cross_entropy", "rms_norm", "swiglu", "triton_e
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
+def triton_importable() -> bool:
+    """Whether Triton can be imported here (the GPU paths fall back to PyTorch otherwise)."""
     try:
         import triton  # noqa: F401
     except Exception:
@@ -35,7 +36,7 @@ def triton_enabled(t: torch.Tensor) -> bool:
         return False
     if not t.is_cuda and not (mode == "interpret" and os.environ.get("TRITON_INTERPRET") == "1"):
         return False
-    return _triton_importable()
+    return triton_importable()
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:

@@ -20,15 +20,11 @@ import torch
 __all__ = ["available", "dequantize_4bit"]
 
 
-@functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether Triton can be imported (the GPU path falls back to PyTorch otherwise)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    from deltatune.kernels.functional import triton_importable
+
+    return triton_importable()
 
 
 @functools.lru_cache(maxsize=None)
