@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from deltatune.lora import LayerKind, LoraLayer, register_layer_kind
 from deltatune.quant.int8 import Int8Tensor, quantize_int8
 from deltatune.quant.nf4 import QuantizedTensor, quantize_4bit
+from deltatune.quant.triton_matmul import quant_matmul
 
 __all__ = ["QuantLinear", "QuantLinearKind", "quantize", "quantize_model", "export_merged", "merge_errors"]
 
@@ -50,13 +51,19 @@ def _quantized(module: nn.Module):
                            module.blocksize, *nested)
 
 
+def _base_matmul(x: torch.Tensor, q) -> torch.Tensor:
+    """``F.linear(x, dequantize(q))`` for any leading shape; a fused kernel for few tokens on CUDA (``quant_matmul``)."""
+    y = quant_matmul(x.reshape(-1, x.shape[-1]), q)  # (tokens, out)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class _DequantLinear(torch.autograd.Function):
     """``x @ W.T`` with W dequantized on the fly; saves nothing dense for the backward."""
 
     @staticmethod
     def forward(ctx, x, q):
         ctx.q = q
-        return F.linear(x, q.dequantize(x.dtype))
+        return _base_matmul(x, q)
 
     @staticmethod
     def backward(ctx, grad):
@@ -68,7 +75,7 @@ class _DequantLinear(torch.autograd.Function):
 def quant_linear(x: torch.Tensor, q, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
     """``F.linear(x, dequantize(q), bias)`` computed in ``compute_dtype``, returned in ``x``'s dtype."""
     h = x.to(compute_dtype)
-    y = _DequantLinear.apply(h, q) if torch.is_grad_enabled() and h.requires_grad else F.linear(h, q.dequantize(compute_dtype))
+    y = _DequantLinear.apply(h, q) if torch.is_grad_enabled() and h.requires_grad else _base_matmul(h, q)
     if bias is not None:
         y = y + bias.to(compute_dtype)
     return y.to(x.dtype)

@@ -132,13 +132,16 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_config(M: int, N: int, K: int, device: torch.device) -> Config:
-    """Tile shape for an (M, K) x (N, K)^T product (chosen from the H100 sweep in bench/bench_quant_matmul.py)."""
-    if M <= 16:
-        bm, bn, bk, warps, stages = 16, 64, 256, 4, 3
+    """Tile shape for an (M, K) x (N, K)^T product: the fastest of the H100 sweep in
+    bench/bench_quant_matmul.py (docs/benchmarks.md, 2026-11-23) for each M bucket."""
+    if M <= 4:
+        bm, bn, bk, warps, stages = 16, 32, 256, 4, 3
+    elif M <= 16:
+        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
     elif M <= 64:
-        bm, bn, bk, warps, stages = 64, 64, 128, 4, 3
+        bm, bn, bk, warps, stages = 32, 64, 128, 4, 3
     else:
-        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+        bm, bn, bk, warps, stages = 128, 256, 64, 8, 3
     return Config(bm, bn, bk, auto_split(M, N, K, bm, bn, bk, device), warps, stages)
 
 
@@ -190,13 +193,16 @@ def fused_quant_matmul(x: torch.Tensor, q, config: Config | None = None) -> torc
     return out if split == 1 else out.to(x.dtype)
 
 
-# Crossover, measured on the H100 (bench/bench_quant_matmul.py, docs/benchmarks.md 2026-11-23): the fused
-# kernel wins while M <= FUSED_MAX_M; above, dequantize-then-cuBLAS does.
-FUSED_MAX_M = 16
+# Crossover, measured on the H100 (bench/bench_quant_matmul.py, docs/benchmarks.md 2026-11-23): this
+# kernel lost to dequantize-then-cuBLAS at every measured shape (4096x4096, 14336x4096, 4096x14336;
+# M = 1..4096), by 1.6x at best (4096x4096, M=8: 122 us vs 76 us) and 3-4x at M=1 on the 8B MLP
+# weights, so the dispatcher never picks it. Raise FUSED_MAX_M only with a faster kernel and a new
+# measurement.
+FUSED_MAX_M = 0
 
 
 def use_fused(M: int, N: int, K: int) -> bool:
-    """The crossover rule: fused while the token count ``M`` is at most ``FUSED_MAX_M``."""
+    """The crossover rule: fused while the token count ``M`` is at most ``FUSED_MAX_M`` (currently never)."""
     return M <= FUSED_MAX_M
 
 
@@ -206,7 +212,7 @@ def quant_matmul(x: torch.Tensor, q) -> torch.Tensor:
     The fused kernel runs on CUDA for bf16/fp16 and NF4/FP4 weights when ``use_fused`` says so;
     everything else (CPU, int8, fp32, large M) dequantizes and calls cuBLAS.
     """
-    if x.is_cuda and supported(x, q) and use_fused(x.shape[0], q.shape[0], x.shape[1]):
+    if x.is_cuda and supported(x, q) and x.shape[0] > 0 and use_fused(x.shape[0], q.shape[0], x.shape[1]):
         from deltatune.quant import triton_dequant
 
         if triton_dequant.available():
