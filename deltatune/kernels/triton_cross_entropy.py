@@ -15,7 +15,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _ce_rows(Z, stride, LABELS, LOSS, SCALE, n_cols, ignore_index, BLOCK: tl.constexpr):
+def _ce_rows(Z, stride, LABELS, LOSS, SCALE, n_cols: tl.constexpr, ignore_index, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride
     label = tl.load(LABELS + row).to(tl.int64)

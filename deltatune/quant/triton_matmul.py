@@ -46,7 +46,7 @@ def _kernel():
 
     @triton.jit
     def quant_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, out_ptr,
-                            M, N, K, stride_xm, stride_xk, stride_om, tiles_per_split,
+                            M, N, K, stride_xm, stride_xk, stride_om, tiles_per_split: tl.constexpr,
                             BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, PAIRED: tl.constexpr,
                             GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST: tl.constexpr):
@@ -62,8 +62,9 @@ def _kernel():
         # so each weight row of the tile needs GROUPS scales instead of one per element.
         GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for t in range(pid_k * tiles_per_split, (pid_k + 1) * tiles_per_split):
-            k0 = t * BLOCK_K
+        # constexpr trip count: Triton 3.6's interpreter cannot loop over run-time bounds
+        for i in range(0, tiles_per_split):
+            k0 = (pid_k * tiles_per_split + i) * BLOCK_K
             rk = k0 + tl.arange(0, BLOCK_K)  # (BK,)
             mask_k = rk < K
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
