@@ -188,7 +188,7 @@ def cmd_merge(argv: list[str]) -> int:
 
     import deltatune as dt
     from deltatune.models import ModelLoadError, load_model
-    from deltatune.train import save_merged
+    from deltatune.models import save_merged
 
     args = parse_dataclass(MergeArgs, argv, "deltatune merge")
     info = _adapter_info(args.adapter)

@@ -27,6 +27,7 @@ import torch
 
 from deltatune import checkpoint as ckpt
 from deltatune.data import IGNORE, Dataset, collate, load_dataset, sample_index, split_validation
+from deltatune.models import save_outputs
 from deltatune.metrics import OOM_ADVICE, _gib, batch_loss, count_params, estimate_memory, evaluate, plot_metrics
 
 __all__ = ["TrainArgs", "TrainResult", "TrainError", "train", "prepare_model", "evaluate", "plot_metrics",
@@ -561,53 +562,3 @@ def _stop_nan(result: TrainResult, step: int, value: float, last_ckpt, bar, log,
                       f"Try a lower --lr, --max-grad-norm, or --precision fp32/bf16 instead of fp16")
     log(result.message)
     return result
-
-
-def save_outputs(model, tokenizer, args: TrainArgs, out: Path, train_data: Dataset) -> Path:
-    """Write the trained result: the adapter in PEFT format (or the full model), optionally merged."""
-    import deltatune as dt
-
-    info = {"base_model": args.model, "task": train_data.task, "label_names": train_data.label_names,
-            "method": args.method}
-    if args.method == "full":
-        target = out / "model"
-        model.save_pretrained(target)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(target)
-    else:
-        target = dt.save_adapter(model, out / "adapter", name="default")
-        if args.merge:
-            save_merged(model, tokenizer, out / "merged")
-    (target / "deltatune_train.json").write_text(json.dumps(info, indent=1))
-    return target
-
-
-def save_merged(model, tokenizer, target: Path) -> Path:
-    """Save ``model`` with its active adapters merged, as a plain model under ``target``."""
-    import deltatune as dt
-
-    from deltatune.saved import SavedCopies
-
-    base_keys = _base_state_keys(model)
-    dt.merge(model)
-    try:
-        state = {k: v for k, v in model.state_dict().items() if k in base_keys}
-        for path, module in model.named_modules():  # modules_to_save: the active copy is the merged module
-            if isinstance(module, SavedCopies) and module.active:
-                for key, value in module.copies[module.active[0]].state_dict().items():
-                    state[f"{path}.{key}"] = value
-        model.save_pretrained(target, state_dict=state)
-    finally:
-        dt.unmerge(model)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(target)
-    return target
-
-
-def _base_state_keys(model) -> set[str]:
-    """State-dict keys of the base model: those of the model without its adapters."""
-    import deltatune as dt
-
-    keys = set(model.state_dict())
-    adapter = {id(p) for p in dt.adapter_params(model)}
-    return {k for k, v in model.state_dict(keep_vars=True).items() if id(v) not in adapter} & keys

@@ -146,8 +146,11 @@ def test_pickle_file_is_never_unpickled(saved, tmp_path):
     with pytest.raises(AdapterFileError, match=r"adapter_model\.bin: pickle files are never loaded"):
         dt.load_adapter(_model(), saved)
     assert not marker.exists()
-    # the planted payload is live: unpickling it does create the file
-    pickle.loads((saved / "adapter_model.bin").read_bytes())
+    # the planted payload is live: the call pickle would make on loading creates the file
+    payload = pickle.dumps(_Planted(str(marker)))
+    assert b"open" in payload
+    call, args = _Planted(str(marker)).__reduce__()
+    call(*args).close()
     assert marker.exists()
 
 
