@@ -19,7 +19,7 @@ import torch.nn as nn
 from deltatune.config import LoraConfig
 from deltatune.lora import LoraLayer, kind_for
 from deltatune.model import (
-    _matches, _registry, _saved_copies, adapter_params, add_adapter, lora_layers, pattern_value, remove_adapter,
+    _registry, _saved_copies, adapter_params, add_adapter, lora_layers, matches_name, pattern_value, remove_adapter,
     select_targets,
 )
 from deltatune.saved import SavedCopies
@@ -66,7 +66,7 @@ def _plain_module_names(model: nn.Module) -> list[str]:
 def _target_list(model: nn.Module, paths: list[str]) -> list[str]:
     """The shortest target list PEFT resolves to exactly ``paths``: leaf names if that is exact."""
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    hit = {n for n in _plain_module_names(model) if n and _matches(n, leaves)}
+    hit = {n for n in _plain_module_names(model) if n and matches_name(n, leaves)}
     return leaves if hit == set(paths) else sorted(paths)
 
 
@@ -211,8 +211,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     saved_paths = {}
     if cfg.modules_to_save:
         for n, m in model.named_modules():
-            if n and _matches(n, cfg.modules_to_save) and not isinstance(m, LoraLayer):
-                base = m.base_module if hasattr(m, "_base") else m
+            if n and matches_name(n, cfg.modules_to_save) and not isinstance(m, LoraLayer):
+                base = m.base_module if isinstance(m, SavedCopies) else m
                 for k, v in base.state_dict().items():
                     saved_paths[f"{PREFIX}{n}.{k}"] = (n, k, tuple(v.shape))
     for key, (module_path, _, value) in saved_keys.items():

@@ -19,15 +19,16 @@ from deltatune.saved import SavedCopies
 
 __all__ = [
     "add_adapter", "remove_adapter", "set_active", "disabled", "merge", "unmerge", "adapter_params",
-    "list_adapters", "combine", "select_targets", "lora_layers",
+    "list_adapters", "combine", "select_targets", "lora_layers", "matches_name", "output_head", "set_module",
 ]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
 
 
 # -- targeting ---------------------------------------------------------------------------------------
-def _matches(name: str, spec: list[str] | str) -> bool:
-    """PEFT's rule: a string is a regex on the full name; a list holds name suffixes."""
+def matches_name(name: str, spec: list[str] | str) -> bool:
+    """Whether module ``name`` matches ``spec`` by PEFT's rule: a string is a regex on the full name,
+    a list holds name suffixes."""
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == s or name.endswith("." + s) for s in spec)
@@ -41,7 +42,8 @@ def pattern_value(name: str, patterns: dict, default):
     return default
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head (``get_output_embeddings()``), or None."""
     get = getattr(model, "get_output_embeddings", None)
     try:
         return get() if callable(get) else None
@@ -55,20 +57,21 @@ def select_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
     Raises ValueError if nothing matches, naming the targets, or if a matched module's type has no
     registered ``LayerKind``.
     """
-    head = _output_head(model)
-    # whole modules trained as copies are never LoRA targets under "all-linear"
-    fenced = [n for n, m in model.named_modules() if isinstance(m, SavedCopies)
-              or (n and cfg.modules_to_save and _matches(n, cfg.modules_to_save))]
+    head = output_head(model)
+    # under "all-linear", modules trained in full as copies (and everything inside them) are no targets
+    fenced = [] if cfg.targets != "all-linear" else [
+        n for n, m in model.named_modules()
+        if isinstance(m, SavedCopies) or (n and cfg.modules_to_save and matches_name(n, cfg.modules_to_save))]
     names = []
     for name, module in model.named_modules():
-        if not name or any(name == f or name.startswith(f + ".") for f in fenced if cfg.targets == "all-linear"):
+        if not name or any(name == f or name.startswith(f + ".") for f in fenced):
             continue
         kind = module.kind if isinstance(module, LoraLayer) else kind_for(module)
         if cfg.targets == "all-linear":
             hit = kind is not None and kind.is_linear and module is not head and name != "lm_head"
         else:
-            hit = _matches(name, cfg.targets)
-        if not hit or (cfg.exclude and _matches(name, cfg.exclude)):
+            hit = matches_name(name, cfg.targets)
+        if not hit or (cfg.exclude and matches_name(name, cfg.exclude)):
             continue
         if kind is None:
             raise ValueError(f"target {name!r} is a {type(module).__name__}, which LoRA cannot wrap "
@@ -108,7 +111,8 @@ def _saved_copies(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SavedCopies)]
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where submodule ``name`` of ``model`` stands."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -129,7 +133,7 @@ def add_adapter(model: nn.Module, cfg: LoraConfig, name: str = "default", activa
     targets = select_targets(model, cfg)
     saved = []
     if cfg.modules_to_save:
-        saved = [n for n, m in model.named_modules() if n and _matches(n, cfg.modules_to_save)]
+        saved = [n for n, m in model.named_modules() if n and matches_name(n, cfg.modules_to_save)]
         missing = [s for s in cfg.modules_to_save if not any(n == s or n.endswith("." + s) for n in saved)]
         if missing:
             raise ValueError(f"modules_to_save {missing} match no module of {type(model).__name__}")
@@ -148,7 +152,7 @@ def add_adapter(model: nn.Module, cfg: LoraConfig, name: str = "default", activa
         module = model.get_submodule(target)
         if not isinstance(module, LoraLayer):
             module = LoraLayer(module, kind_for(module))
-            _set_module(model, target, module)
+            set_module(model, target, module)
         rank = int(pattern_value(target, cfg.rank_pattern, cfg.r))
         alpha = float(pattern_value(target, cfg.alpha_pattern, cfg.alpha))
         module.add(name, rank, alpha, cfg.dropout, cfg.use_rslora, cfg.init, dtype)
@@ -156,7 +160,7 @@ def add_adapter(model: nn.Module, cfg: LoraConfig, name: str = "default", activa
         module = model.get_submodule(target)
         if not isinstance(module, SavedCopies):
             module = SavedCopies(module)
-            _set_module(model, target, module)
+            set_module(model, target, module)
         module.add(name)
     reg["configs"][name] = cfg
     for p in adapter_params(model, name):
@@ -179,7 +183,7 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
         if name in layer.adapter_names():
             layer.remove(name)
         if not layer.adapter_names():
-            _set_module(model, path, layer.restore())
+            set_module(model, path, layer.restore())
     del reg["configs"][name]
     if not reg["configs"]:
         flags = reg["requires_grad"] or {}

@@ -31,6 +31,11 @@ class SavedCopies(nn.Module):
         self.merged: list[str] = []  # copies are never merged; present for the common layer protocol
         self.enabled = True
 
+    @property
+    def base_module(self) -> nn.Module:
+        """The original module, pointed at this wrapper's (possibly moved) direct tensors."""
+        return self._sync_base()
+
     def _sync_base(self) -> nn.Module:
         """Point the original module at this wrapper's (possibly moved) direct tensors."""
         base = self._base[0]

@@ -258,3 +258,16 @@ def test_module_moves_with_to_and_restores_after():
     assert model(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64
     dt.remove_adapter(model, "default")
     assert model[0].weight.dtype == torch.float64
+
+
+def test_second_adapter_with_modules_to_save_loads_beside_the_first(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    dt.add_adapter(model, dt.LoraConfig(r=2, targets=["0"], modules_to_save=["1"], init="random"), name="a")
+    dt.save_adapter(model, tmp_path / "a", name="a")
+    dt.load_adapter(model, tmp_path / "a", name="b")  # the head is already wrapped by "a"
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        y_b = model(x)
+        dt.set_active(model, "a")
+        torch.testing.assert_close(model(x), y_b)

@@ -11,13 +11,12 @@ so ``QuantLinearKind`` reads them from the wrapper (``.to(device)`` moves the wr
 
 from __future__ import annotations
 
-import re
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from deltatune.lora import LayerKind, LoraLayer, register_layer_kind
+from deltatune.model import matches_name, output_head, set_module
 from deltatune.quant.int8 import Int8Tensor, quantize_int8
 from deltatune.quant.nf4 import QuantizedTensor, quantize_4bit
 from deltatune.quant.triton_matmul import quant_matmul
@@ -162,22 +161,6 @@ class QuantLinearKind(LayerKind):
 register_layer_kind(QuantLinear, QuantLinearKind())
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        return get() if callable(get) else None
-    except Exception:
-        return None
-
-
-def _skipped(name: str, skip) -> bool:
-    if skip is None:
-        return False
-    if isinstance(skip, str):
-        return re.fullmatch(skip, name) is not None
-    return any(name == s or name.endswith("." + s) for s in skip)
-
-
 def quantize_model(model: nn.Module, kind: str = "nf4", blocksize: int | None = 64, double_quant: bool = True,
                    compute_dtype: torch.dtype | None = None, skip: list[str] | str | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` by a ``QuantLinear`` in place; returns ``model``.
@@ -190,14 +173,12 @@ def quantize_model(model: nn.Module, kind: str = "nf4", blocksize: int | None = 
             (``get_output_embeddings()`` / ``lm_head``) is always kept; norms and embeddings are not
             linear layers and stay as they are.
     """
-    head = _output_head(model)
+    head = output_head(model)
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) is nn.Linear and m is not head and name.rpartition(".")[2] != "lm_head"
-               and not _skipped(name, skip)]
+               and not (skip and matches_name(name, skip))]
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(linear, kind, blocksize, double_quant, compute_dtype))
+        set_module(model, name, QuantLinear.from_linear(linear, kind, blocksize, double_quant, compute_dtype))
         del linear
     return model
 
