@@ -9,12 +9,16 @@ method, ``model(input_ids, labels=...).loss`` (transformers' own loss), random t
 * ``dt-bf16``: ``deltatune.add_adapter`` on the bf16 model.
 * ``dt-qlora-fast`` / ``dt-bf16-fast``: the same plus ``deltatune.fast.enable_fast_path`` (fused LoRA
   linears, attention, MLP and RMSNorm where they apply, its own lean checkpointing on 8B) and
-  ``fused_causal_lm_loss`` (head + cross-entropy chunked, no full logits). The fused blocks do not
-  cover quantized projections yet, so ``dt-qlora-fast`` gains only the checkpointing and the loss.
+  ``fused_causal_lm_loss`` (head + cross-entropy chunked, no full logits). Quantized projections run
+  inside the fused nodes, dequantized by the Triton kernel in forward and backward.
 * ``peft-bnb``: every projection replaced by ``bitsandbytes.nn.Linear4bit`` (nf4, double quant, bf16
   compute; the module ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` builds, made
   here from the same random weights without a round trip through disk), ``model.is_loaded_in_4bit``
   set, then ``peft.get_peft_model`` (PEFT's defaults). No ``prepare_model_for_kbit_training``.
+* ``peft-bnb-prepare``: the same after ``peft.prepare_model_for_kbit_training`` (PEFT's documented QLoRA
+  recipe: non-quantized weights cast to fp32, its own reentrant checkpointing on every shape).
+* ``peft-bnb-nockpt``: ``peft-bnb`` without gradient checkpointing on any shape.
+* ``<dt method>-fast@F`` (8B): the fast path recomputing only the fraction F of the decoder layers.
 
 The 8B shape uses transformers' gradient checkpointing (non-reentrant) for all three. Before the
 timing, the script checks on the GPU that the Triton dequantizer equals the PyTorch reference and
@@ -40,6 +44,7 @@ SHAPES = {
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("dt-qlora", "dt-bf16", "peft-bnb", "dt-qlora-fast", "dt-bf16-fast")
+EXTRA_METHODS = ("peft-bnb-prepare", "peft-bnb-nockpt")  # PEFT's recipe; no checkpointing (the issue's baselines?)
 GIB = 2 ** 30
 
 
@@ -80,21 +85,24 @@ def prepare(method: str, shape: str, rank: int):
     import deltatune as dt
 
     model = build(shape)
-    if method == "peft-bnb":
+    if method.startswith("peft-bnb"):
         import peft
 
         to_bnb(model)
+        if method == "peft-bnb-prepare":  # PEFT's documented QLoRA recipe; it turns checkpointing on itself
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
         cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
         model = peft.get_peft_model(model, cfg)
     else:
         if method.startswith("dt-qlora"):
             dt.quantize_model(model, kind="nf4", blocksize=64, double_quant=True, compute_dtype=torch.bfloat16)
         dt.add_adapter(model, dt.LoraConfig(r=rank, alpha=2 * rank, targets=TARGETS))
-    if method.endswith("-fast"):  # deltatune's fast path: fused blocks where they apply, lean checkpointing
+    if "-fast" in method:  # deltatune's fast path: fused blocks where they apply, lean checkpointing
         from deltatune.fast import enable_fast_path
 
-        enable_fast_path(model, checkpoint=SHAPES[shape]["checkpointing"])
-    elif SHAPES[shape]["checkpointing"]:
+        fraction = float(method.partition("@")[2] or 1.0)  # "dt-qlora-fast@0.5": half the layers recomputed
+        enable_fast_path(model, checkpoint=fraction if SHAPES[shape]["checkpointing"] else False)
+    elif SHAPES[shape]["checkpointing"] and method not in ("peft-bnb-prepare", "peft-bnb-nockpt"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
@@ -102,7 +110,7 @@ def prepare(method: str, shape: str, rank: int):
     return model, params
 
 
-def run(method: str, shape: str, steps: int, warmup: int, rank: int) -> dict:
+def run(method: str, shape: str, steps: int, warmup: int, rank: int, profile: bool = False) -> dict:
     spec = SHAPES[shape]
     row = {"method": method, "shape": shape, "tokens_per_step": spec["batch"] * spec["seq"]}
     from deltatune.fast import fused_causal_lm_loss
@@ -125,7 +133,7 @@ def run(method: str, shape: str, steps: int, warmup: int, rank: int) -> dict:
             ids = torch.randint(0, 128000, (spec["batch"], spec["seq"]), device="cuda", generator=gen)
             torch.cuda.synchronize()
             t = time.perf_counter()
-            loss = fused_causal_lm_loss(model, ids, ids) if method.endswith("-fast") else model(input_ids=ids, labels=ids).loss
+            loss = fused_causal_lm_loss(model, ids, ids) if "-fast" in method else model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -137,6 +145,8 @@ def run(method: str, shape: str, steps: int, warmup: int, rank: int) -> dict:
         row["tokens_per_s"] = round(row["tokens_per_step"] / row["step_s"])
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
         row["loss_first_last"] = [round(losses[0], 3), round(losses[-1], 3)]
+        if profile:
+            row["profile"] = profile_steps(model, method, spec, opt)
         del model, params, opt
     except torch.cuda.OutOfMemoryError as e:
         row["error"] = "OOM: " + str(e).split("\n")[0][:160]
@@ -145,6 +155,34 @@ def run(method: str, shape: str, steps: int, warmup: int, rank: int) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def profile_steps(model, method: str, spec: dict, opt, steps: int = 2) -> dict:
+    """Host and GPU time of ``steps`` training steps under torch.profiler, and the top host-side ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from deltatune.fast import fused_causal_lm_loss
+
+    ids = torch.randint(0, 128000, (spec["batch"], spec["seq"]), device="cuda")
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            loss = fused_causal_lm_loss(model, ids, ids) if "-fast" in method else model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / steps
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / steps / 1e3
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                                          "cudaLaunchKernelExC")) / steps
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    return {"wall_ms_profiled": round(wall * 1e3, 1), "gpu_busy_ms": round(gpu, 1), "launches": launches,
+            "top_host_ops_ms": {e.key[:70]: round(e.self_cpu_time_total / steps / 1e3, 2) for e in top},
+            "top_gpu_ops_ms": {e.key[:70]: round(e.self_device_time_total / steps / 1e3, 2) for e in
+                               sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]}}
 
 
 def kernel_checks() -> dict:
@@ -214,6 +252,7 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--json", default="bench_qlora.json")
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also profile two steps per row (host/GPU time, top ops)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_qlora.py needs a CUDA GPU")
@@ -229,7 +268,7 @@ def main(argv=None):
         print(json.dumps(result["checks"], indent=1), flush=True)
     for shape in args.shapes.split(","):
         for method in args.methods.split(","):
-            row = run(method, shape, args.steps, args.warmup, args.rank)
+            row = run(method, shape, args.steps, args.warmup, args.rank, args.profile)
             print(json.dumps(row), flush=True)
             result["rows"].append(row)
             with open(args.json, "w") as f:
@@ -238,19 +277,25 @@ def main(argv=None):
 
 
 def table(rows) -> str:
-    lines = ["| shape | tokens/step | method | tokens/s | peak GiB | weights GiB | vs dt-bf16 (same path) speed | vs peft-bnb speed | vs peft-bnb memory |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """Markdown table; ratios against our bf16 LoRA on the same path and against each PEFT baseline run."""
     by = {(r["shape"], r["method"]): r for r in rows}
+    baselines = [m for m in ("peft-bnb", "peft-bnb-nockpt") if any(r["method"] == m for r in rows)]
+    head = ["shape", "tokens/step", "method", "tokens/s", "peak GiB", "weights GiB", "vs dt-bf16 (same path) speed"]
+    for m in baselines:
+        head += [f"vs {m} speed", f"vs {m} memory"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ratio = lambda a, b, k: f"{a[k] / b[k]:.2f}x" if k in a and k in b else "-"
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['tokens_per_step']} | {r['method']} | {r['error'][:60]} | | | | | |")
+            lines.append(f"| {r['shape']} | {r['tokens_per_step']} | {r['method']} | {r['error'][:60]} |" + " |" * (len(head) - 4))
             continue
-        same_path = "dt-bf16-fast" if r["method"].endswith("-fast") else "dt-bf16"  # QLoRA vs bf16 on one path
-        bf16, peft = by.get((r["shape"], same_path), {}), by.get((r["shape"], "peft-bnb"), {})
-        ratio = lambda a, b, k: f"{a[k] / b[k]:.2f}x" if k in a and k in b else "-"
-        lines.append(f"| {r['shape']} | {r['tokens_per_step']} | {r['method']} | {r['tokens_per_s']} | {r['peak_gib']} | "
-                     f"{r['weights_gib']} | {ratio(r, bf16, 'tokens_per_s')} | {ratio(r, peft, 'tokens_per_s')} | "
-                     f"{ratio(r, peft, 'peak_gib')} |")
+        cells = [r["shape"], r["tokens_per_step"], r["method"], r["tokens_per_s"], r["peak_gib"], r["weights_gib"],
+                 ratio(r, by.get((r["shape"], r["method"].replace("qlora", "bf16")), {}), "tokens_per_s")
+                 if r["method"].startswith("dt-") else "-"]
+        for m in baselines:
+            base = by.get((r["shape"], m), {})
+            cells += [ratio(r, base, "tokens_per_s"), ratio(r, base, "peak_gib")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ import torch
 from deltatune import checkpoint as ckpt
 from deltatune.data import IGNORE, Dataset, collate, load_dataset, sample_index, split_validation
 from deltatune.models import save_outputs
+from deltatune.optim import AdamW
 from deltatune.metrics import OOM_ADVICE, _gib, batch_loss, count_params, estimate_memory, evaluate, plot_metrics
 
 __all__ = ["TrainArgs", "TrainResult", "TrainError", "train", "prepare_model", "evaluate", "plot_metrics",
@@ -111,6 +112,10 @@ class TrainArgs:
     """Linear warmup steps."""
     weight_decay: float = 0.0
     """AdamW weight decay (matrices only, not biases or norms)."""
+    optimizer_states: Literal["param", "cpu", "paged"] = "param"
+    """Where AdamW keeps its moments: beside the parameters, pinned CPU memory, or CUDA managed memory (paged)."""
+    optimizer_bits: Literal[32, 8] = 32
+    """AdamW moments in fp32 or as blockwise 8-bit codes (deltatune.optim.AdamW)."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this value (0 disables)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -119,6 +124,8 @@ class TrainArgs:
     """Dtype of the frozen base weights (adapters stay float32); "auto": the --precision dtype for LoRA on CUDA, else float32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more time."""
+    checkpoint_fraction: float = 1.0
+    """With --gradient-checkpointing on the fast path: the fraction of decoder layers recomputed (less = faster, more memory)."""
     seed: int = 0
     """Seed of the adapter initialisation, the data order and dropout."""
     device: str = "auto"
@@ -215,7 +222,7 @@ def _enable_fast(model, args: TrainArgs, device: torch.device, log) -> bool:
         if args.fast:
             log(f"--fast: deltatune.fast is not available ({e}); using the plain path")
         return False
-    enable_fast_path(model, checkpoint=args.gradient_checkpointing)
+    enable_fast_path(model, checkpoint=args.checkpoint_fraction if args.gradient_checkpointing else False)
     return True
 
 
@@ -363,6 +370,8 @@ def _train(args: TrainArgs, model=None, tokenizer=None, train_data: Optional[Dat
     """
     import contextlib
 
+    if not 0.0 < args.checkpoint_fraction <= 1.0:
+        raise TrainError(f"--checkpoint-fraction must be in (0, 1], got {args.checkpoint_fraction}")
     out = Path(args.output)
     ckpt_dir = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
@@ -425,7 +434,13 @@ def _train(args: TrainArgs, model=None, tokenizer=None, train_data: Optional[Dat
         f"{_gib(mem['optimizer'])}, activations {_gib(mem['activations'])}, logits {_gib(mem['logits'])}) "
         f"at micro-batch {args.micro_batch} x {seq} tokens on {device}")
 
-    optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    if args.optimizer_states == "param" and args.optimizer_bits == 32:
+        optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    else:  # states off the GPU and/or in 8 bits
+        if args.optimizer_states == "paged" and device.type != "cuda":
+            raise TrainError("--optimizer-states paged needs a CUDA device (CUDA managed memory); use cpu")
+        optimizer = AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                          state_device=args.optimizer_states, state_bits=args.optimizer_bits)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, max_steps))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None

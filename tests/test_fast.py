@@ -67,9 +67,15 @@ def test_fast_path_matches_plain_path_and_float64(checkpoint):
     assert max(fast_err) < 0.25, fast_err
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_fast_path_on_a_quantized_base_matches_plain_path(kind):
+@pytest.mark.parametrize("kind,checkpoint", [("nf4", False), ("int8", False), ("nf4", True)])
+def test_fast_path_on_a_quantized_base_matches_plain_path(kind, checkpoint, monkeypatch):
     """QLoRA: the fused nodes dequantize the frozen weight in forward and backward themselves."""
+    import deltatune.kernels.lora as fused
+
+    dequantized = []
+    dense = fused._dense
+    monkeypatch.setattr(fused, "_dense", lambda w, dtype: (dequantized.append(1) if not torch.is_tensor(w) else None,
+                                                           dense(w, dtype))[1])
     from deltatune.quant import quantize_model
 
     torch.manual_seed(0)
@@ -81,10 +87,14 @@ def test_fast_path_on_a_quantized_base_matches_plain_path(kind):
     dt.add_adapter(model, dt.LoraConfig(r=4, alpha=8, targets=TARGETS, init="random"))
     ids = torch.randint(0, 257, (2, 16))
     plain_loss, plain_grads = loss_and_grads(model, ids, ids, fast=False)
-    fast_loss, fast_grads = loss_and_grads(model, ids, ids, fast=True)
+    fast_loss, fast_grads = loss_and_grads(model, ids, ids, fast=True, checkpoint=checkpoint)
     assert any(m.forward_impl is None for m in model.modules() if isinstance(m, dt.LoraLayer))  # disabled again
     assert abs(fast_loss - plain_loss) < 1e-4 * plain_loss
     assert max(rel(f, p) for f, p in zip(fast_grads, plain_grads)) < 1e-3
+    # per layer: 7 weights in forward and 7 in backward (less q/k/v of layer 0, whose input needs no
+    # gradient); with checkpointing the recomputation dequantizes 6 (the MLP's output is not needed) and
+    # keeps them for the backward, which then dequantizes only down
+    assert len(dequantized) == (2 * (7 + 6 + 1) if checkpoint else 2 * (7 + 7) - 3)
 
 
 def test_fast_path_under_autocast_with_a_float32_base():
@@ -125,6 +135,22 @@ def test_enable_disable_is_an_exact_inverse():
     assert all(m.forward.__func__ is forwards[n].__func__ for n, m in model.named_modules())
     assert all(getattr(m, "forward_impl", None) is None for m in model.modules())
     assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_partial_checkpointing_recomputes_only_the_first_layers():
+    model = tiny_llama(torch.float32)  # 2 decoder layers
+    ids = torch.randint(0, 257, (2, 16))
+    full_loss, full_grads = loss_and_grads(model, ids, ids, fast=True, checkpoint=True)
+    layers = model.model.layers
+    enable_fast_path(model, checkpoint=0.5)
+    assert "forward" in layers[0].__dict__ and "forward" not in layers[1].__dict__  # only layer 0 is checkpointed
+    disable_fast_path(model)
+    half_loss, half_grads = loss_and_grads(model, ids, ids, fast=True, checkpoint=0.5)
+    assert torch.equal(half_loss, full_loss)
+    assert all(torch.allclose(h, f, rtol=1e-5, atol=1e-7) for h, f in zip(half_grads, full_grads))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="fraction"):
+            enable_fast_path(model, checkpoint=bad)
 
 
 def test_dropout_layers_take_the_plain_path():

@@ -225,7 +225,9 @@ def _assert_within(name, errs):
 @pytest.fixture(scope="module")
 def interpreted():
     """All checks, run once under TRITON_INTERPRET=1 on CPU tensors in a fresh interpreter."""
-    env = dict(os.environ, TRITON_INTERPRET="1", DELTATUNE_TRITON="interpret")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, installed or not
+    env = dict(os.environ, TRITON_INTERPRET="1", DELTATUNE_TRITON="interpret",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -100,3 +100,91 @@ def test_pinned_host_states_on_gpu():
     opt = AdamW(model.parameters(), state_device="cpu")
     _train(model, opt, *_problem("cuda")[1:], steps=1)
     assert all(s["exp_avg"].device.type == "cpu" and s["exp_avg"].is_pinned() for s in opt.state.values())
+
+
+def test_paged_states_need_cuda_parameters():
+    model, x, y = _problem()
+    with pytest.raises(ValueError, match="paged.*CUDA"):
+        _train(model, AdamW(model.parameters(), state_device="paged"), x, y, steps=1)
+
+
+@pytest.mark.parametrize("state_device,state_bits", [("param", 32), ("cpu", 8)])
+def test_state_dict_round_trip_keeps_training_identical(state_device, state_bits):
+    """Save after 10 steps, load into a fresh optimizer, 10 more steps: identical to never stopping."""
+    kw = dict(lr=3e-3, state_device=state_device, state_bits=state_bits)
+    model, x, y = _problem()
+    opt = AdamW(model.parameters(), **kw)
+    _train(model, opt, x, y, steps=10)
+    resumed_model = copy.deepcopy(model)
+    resumed = AdamW(resumed_model.parameters(), **kw)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _train(model, opt, x, y, steps=10)
+    _train(resumed_model, resumed, x, y, steps=10)
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    for s in resumed.state.values():
+        assert s["exp_avg"].device.type == "cpu"
+        assert s["exp_avg"].dtype == (torch.uint8 if s["eightbit"] else torch.float32)
+
+
+def test_load_state_dict_keeps_fp32_states_of_bf16_params():
+    p = nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    opt = AdamW([p])
+    p.grad = torch.randn(8, dtype=torch.bfloat16)
+    opt.step()
+    other = AdamW([nn.Parameter(p.detach().clone())])
+    other.load_state_dict(opt.state_dict())  # torch would cast the moments to bf16
+    assert next(iter(other.state.values()))["exp_avg"].dtype == torch.float32
+    bad = opt.state_dict()
+    bad["state"][0]["exp_avg"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="shape"):
+        AdamW([nn.Parameter(p.detach().clone())]).load_state_dict(bad)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA managed memory)")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("state_bits", [32, 8])
+def test_paged_states_on_gpu(state_bits):
+    from deltatune.managed import is_managed, managed_bytes
+
+    params, ours, theirs, model = _compare("paged", state_bits, device="cuda")
+    assert params < (1e-5 if state_bits == 32 else 2e-2), params
+    before = managed_bytes("cuda")
+    opt = AdamW(model.parameters(), state_device="paged", state_bits=state_bits)
+    allocated = torch.cuda.memory_allocated()
+    _train(model, opt, *_problem("cuda")[1:], steps=2)
+    assert managed_bytes("cuda") > before
+    assert torch.cuda.memory_allocated() <= allocated  # the states are not in torch's GPU allocator
+    assert all(is_managed(s["exp_avg"]) for s in opt.state.values())
+    resumed = AdamW(model.parameters(), state_device="paged", state_bits=state_bits)
+    resumed.load_state_dict(opt.state_dict())
+    assert all(is_managed(s["exp_avg"]) for s in resumed.state.values())
+    del opt, resumed
+    import gc
+
+    gc.collect()
+    assert managed_bytes("cuda") == before  # the ranges were freed with their tensors
+
+
+@pytest.mark.gpu
+@gpu
+def test_paged_states_never_exceed_free_gpu_memory(monkeypatch):
+    model, x, y = _problem("cuda")
+    ref = copy.deepcopy(model)
+    total = torch.cuda.mem_get_info()[1]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 ** 20, total))
+    with pytest.raises(MemoryError, match="state_device='cpu'"):
+        _train(model, AdamW(model.parameters(), state_device="paged"), x, y, steps=1)
+    monkeypatch.undo()
+    # allocated while there is room; later the GPU is "full": no prefetch, the step reads host pages
+    opt = AdamW(model.parameters(), lr=3e-3, state_device="paged")
+    _train(model, opt, x, y, steps=1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, total))
+    _train(model, opt, x, y, steps=9)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=3e-3)
+    _train(ref, ref_opt, x, y, steps=1)  # the same batches: _train starts at batch 0 on each call
+    _train(ref, ref_opt, x, y, steps=9)
+    assert max(_rel(p, q) for p, q in zip(model.parameters(), ref.parameters())) < 1e-5

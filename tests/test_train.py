@@ -254,3 +254,36 @@ def test_cuda_bf16_fast_run_and_resume(tiny, tmp_path):
     a, b = adapter_tensors(res.adapter), adapter_tensors(resumed.adapter)
     for k in a:  # CUDA kernels need not be bitwise deterministic; the run must still continue the same way
         torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=1e-3)
+
+
+def test_optimizer_states_off_the_device_resume_exactly(tiny, tmp_path):
+    """--optimizer-states cpu --optimizer-bits 8: trains, and a crash + resume continues bit for bit."""
+    quiet = dict(log=lambda s: None)
+    opts = dict(optimizer_states="cpu", optimizer_bits=8, max_steps=6, seed=1)
+    full = train(args_for(tiny, tmp_path / "a", **opts), **quiet)
+    assert full.status == "done" and math.isfinite(full.final_loss)
+
+    def crash(step, metrics):
+        if step == 4:
+            raise RuntimeError("simulated crash after step 4 (checkpoint 3 is on disk)")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(args_for(tiny, tmp_path / "b", **opts), on_step=crash, **quiet)
+    resumed = train(args_for(tiny, tmp_path / "b", resume=True, **opts), **quiet)
+    a, b = adapter_tensors(full.adapter), adapter_tensors(resumed.adapter)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    plain = train(args_for(tiny, tmp_path / "c", max_steps=6, seed=1), **quiet)
+    c = adapter_tensors(plain.adapter)
+    for k in a:  # the tiny LoRA matrices stay under min_8bit_size: fp32 states, torch's AdamW to rounding
+        torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-6)
+    with pytest.raises(TrainError, match="paged needs a CUDA"):
+        train(args_for(tiny, tmp_path / "d", optimizer_states="paged"), **quiet)
+
+
+@pytest.mark.gpu
+def test_cuda_paged_optimizer_states(tiny, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    res = train(args_for(tiny, tmp_path / "p", device="cuda", precision="bf16", optimizer_states="paged",
+                         max_steps=6), log=lambda s: None)
+    assert res.status == "done" and math.isfinite(res.final_loss)

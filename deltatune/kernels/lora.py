@@ -33,12 +33,18 @@ __all__ = ["lora_group", "lora_mlp", "recomputing"]
 class _Recompute:
     """Set while a checkpointed decoder layer is recomputed for its backward (``deltatune.fast``).
 
-    Then nothing reads the MLP's output (only the residual add after it, whose backward needs no values),
-    so ``lora_mlp`` skips the down projection's base matmul and returns uninitialised memory of the
-    right shape: about a quarter of a Llama layer's weights, a sixth of a checkpointed step's matmuls.
+    ``skip_mlp_output``: nothing reads the MLP's output (only the residual add after it, whose backward
+    needs no values), so ``lora_mlp`` skips the down projection's base matmul and returns uninitialised
+    memory of the right shape: about a quarter of a Llama layer's weights, a sixth of a checkpointed
+    step's matmuls.
+
+    ``active``: the backward of this layer follows at once, so a quantized base weight dequantized for
+    the recomputation is kept for it instead of dequantized a third time (one layer's dense weights
+    live for that layer's backward only).
     """
 
     skip_mlp_output = False
+    active = False
 
 
 recomputing = _Recompute()
@@ -122,9 +128,10 @@ def _group_forward(x2, projs, a_cat, sbs):
     term afterwards would cost a separate read and write of y (N, out).
     """
     h = x2 @ a_cat.T if a_cat is not None else None  # (N, R)
-    ys, off = [], 0
+    ys, dense, off = [], [], 0
     for (weight, bias, As, _, _), sb in zip(projs, sbs):
         w = _dense(weight, x2.dtype)
+        dense.append(w)
         if sb is None:
             ys.append(F.linear(x2, w, None if bias is None else bias.to(x2.dtype)))
             continue
@@ -133,14 +140,22 @@ def _group_forward(x2, projs, a_cat, sbs):
         y = hp @ sb.T if bias is None else torch.addmm(bias.to(x2.dtype), hp, sb.T)  # (N, out)
         ys.append(y.addmm_(x2, w.T))  # y += x W.T
         off += r
-    return ys, h
+    return ys, h, dense
 
 
-def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need):
+def _keep_dense(spec, dense):
+    """The dense weights to keep for the backward: while recomputing, if any base weight is quantized."""
+    if recomputing.active and not torch.compiler.is_compiling() and any(packed is not None for *_, packed in spec):
+        return dense
+    return None
+
+
+def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need, dense=None):
     """Gradients of ``_group_forward``: dx (N, in) or None, and per projection (dbias, [dA_k], [dB_k]).
 
     ``need`` lists, per projection, (bias needs grad, [A_k needs grad], [B_k needs grad]). As in the
     forward, the low-rank part of dx (``g @ A_cat``) is written first and the base matmuls accumulate.
+    ``dense``: the forward's dense weights, if it kept them (else each W is cast/dequantized here).
     """
     n = x2.shape[0]
     dy2s, gs, grads, off = [], [], [], 0
@@ -173,9 +188,9 @@ def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need):
     g = (torch.cat(gs, 1) if len(gs) > 1 else gs[0]) if gs else None  # (N, R)
     dx = g @ a_cat if (g is not None and need_dx) else None
     if need_dx:
-        for (weight, *_), dy2 in zip(projs, dy2s):
+        for i, ((weight, *_), dy2) in enumerate(zip(projs, dy2s)):
             if dy2 is not None:
-                w = _dense(weight, dy2.dtype)
+                w = dense[i] if dense is not None else _dense(weight, dy2.dtype)
                 dx = dy2 @ w if dx is None else dx.addmm_(dy2, w)
     if g is not None and any(any(a) for _, a, _ in need):
         da = g.T @ x2  # (R, in)
@@ -220,8 +235,8 @@ class _LoraGroup(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
         a_cat, sbs = _factors(projs, x.dtype)
-        ys, h = _group_forward(x2, projs, a_cat, sbs)
-        ctx.spec, ctx.x_shape = spec, x.shape
+        ys, h, dense = _group_forward(x2, projs, a_cat, sbs)
+        ctx.spec, ctx.x_shape, ctx.dense = spec, x.shape, _keep_dense(spec, dense)
         ctx.save_for_backward(x2, h, a_cat, *sbs, *tensors)
         return tuple(y.view(*x.shape[:-1], -1) for y in ys)
 
@@ -231,7 +246,8 @@ class _LoraGroup(torch.autograd.Function):
         x2, h, a_cat, *rest = ctx.saved_tensors
         sbs, tensors = rest[:len(spec)], rest[len(spec):]
         projs = _unflatten(spec, tensors)
-        dx, grads = _group_backward(dys, x2, h, projs, a_cat, sbs, ctx.needs_input_grad[0], _needs(ctx, spec, 2))
+        dense, ctx.dense = ctx.dense, None
+        dx, grads = _group_backward(dys, x2, h, projs, a_cat, sbs, ctx.needs_input_grad[0], _needs(ctx, spec, 2), dense)
         return (dx.view(ctx.x_shape) if dx is not None else None, None, *_grad_list(spec, grads))
 
 
@@ -258,15 +274,17 @@ class _LoraMLP(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
         a_gu, sb_gu = _factors(projs[:2], x.dtype)
-        (g, u), h_gu = _group_forward(x2, projs[:2], a_gu, sb_gu)
+        (g, u), h_gu, dense = _group_forward(x2, projs[:2], a_gu, sb_gu)
         act = swiglu_forward(g, u)  # (N, I): used here, not saved
         a_d, sb_d = _factors(projs[2:], x.dtype)
         if recomputing.skip_mlp_output and not torch.compiler.is_compiling():
             y = torch.empty((x2.shape[0], projs[2][0].shape[0]), dtype=x.dtype, device=x.device)
             h_d = act @ a_d.T if a_d is not None else None
+            dense.append(None)
         else:
-            (y,), h_d = _group_forward(act, projs[2:], a_d, sb_d)
-        ctx.spec, ctx.x_shape = spec, x.shape
+            (y,), h_d, dense_d = _group_forward(act, projs[2:], a_d, sb_d)
+            dense += dense_d
+        ctx.spec, ctx.x_shape, ctx.dense = spec, x.shape, _keep_dense(spec, dense)
         ctx.save_for_backward(x2, g, u, h_gu, h_d, a_gu, a_d, *sb_gu, *sb_d, *tensors)
         return y.view(*x.shape[:-1], -1)
 
@@ -278,10 +296,13 @@ class _LoraMLP(torch.autograd.Function):
         need = _needs(ctx, spec, 2)
         # down projection: its input (the SwiGLU output) is recomputed by the SwiGLU backward below
         proj_d = [projs[2]]
-        w_d = _dense(proj_d[0][0], dy.dtype)
+        dense, ctx.dense = ctx.dense or [None] * 3, None
+        w_d = dense[2] if dense[2] is not None else _dense(proj_d[0][0], dy.dtype)
+        dense[2] = None
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
         gd = dy2 @ sd if sd is not None else None  # (N, r_d)
         dact = (gd @ a_d).addmm_(dy2, w_d) if gd is not None else dy2 @ w_d  # (N, I), low-rank part first
+        del w_d
         act, dg, du = swiglu_backward(dact, g, u)  # dg is written over dact
         del dact
         nbias_d, na_d, nb_d = need[2]
@@ -299,7 +320,10 @@ class _LoraMLP(torch.autograd.Function):
                 o += rk
         del act
         dbias_d = dy2.sum(0).to(proj_d[0][1].dtype) if nbias_d else None
-        dx, grads_gu = _group_backward((dg, du), x2, h_gu, projs[:2], a_gu, [sg, su], ctx.needs_input_grad[0], need[:2])
+        dense_gu = dense[:2] if dense[0] is not None else None
+        del dense
+        dx, grads_gu = _group_backward((dg, du), x2, h_gu, projs[:2], a_gu, [sg, su], ctx.needs_input_grad[0], need[:2],
+                                       dense_gu)
         grads = grads_gu + [(dbias_d, d_as, d_bs)]
         return (dx.view(ctx.x_shape) if dx is not None else None, None, *_grad_list(spec, grads))
 

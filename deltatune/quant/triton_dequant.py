@@ -6,6 +6,12 @@ blocksize]``, or with double quantization ``dynamic[qabsmax[b]] * nested_absmax[
 The arithmetic is the reference's (fp32 products, one rounding to the output dtype) and FMA
 contraction is off, so the result equals ``nf4.dequantize_4bit`` bit for bit.
 
+For 16-bit outputs (the training case) a second kernel works a byte per lane instead: it looks up
+both nibbles of byte ``j`` with the one scale they share (``blocksize`` is even), rounds each to 16
+bits and stores the pair as one 32-bit word (element ``2j`` in the low half: little-endian), so each
+program does half the index arithmetic and scale loads and its stores need no interleave.
+``dequantize_4bit`` picks it when the element count is even and the output is bf16/fp16.
+
 For training shapes (thousands of tokens) dequantize-then-cuBLAS is the fast path: dequantizing
 costs ``O(out * in)`` against the matmul's ``O(tokens * out * in)``. ``import triton`` happens on the
 first call, never at ``import deltatune``.
@@ -59,11 +65,54 @@ def _kernel():
     return dequant_4bit_kernel
 
 
+@functools.lru_cache(maxsize=None)
+def _pair_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dequant_4bit_pairs_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, out_ptr,
+                                  nbytes, HALF_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BF16: tl.constexpr,
+                                  BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) byte indices = output word indices
+        mask = offs < nbytes
+        byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
+        high = tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0)  # element 2j
+        low = tl.load(code_ptr + (byte & 15), mask=mask, other=0.0)  # element 2j + 1
+        block = offs // HALF_BLOCKSIZE
+        if NESTED:
+            qabs = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(code8_ptr + qabs, mask=mask, other=0.0) * tl.load(nested_ptr + block // 256, mask=mask, other=0.0)
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        high, low = high * scale, low * scale
+        if BF16:  # round to nearest even by hand (the interpreter's fp32 -> bf16 cast truncates)
+            hb, lb = high.to(tl.int32, bitcast=True), low.to(tl.int32, bitcast=True)
+            hb = ((hb + 0x7FFF + ((hb >> 16) & 1)) >> 16) & 0xFFFF
+            lb = ((lb + 0x7FFF + ((lb >> 16) & 1)) >> 16) & 0xFFFF
+        else:
+            hb = high.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            lb = low.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        word = hb | (lb << 16)
+        tl.store(out_ptr + offs, word, mask=mask)  # out_ptr is an int32 view of the 16-bit output
+
+    return dequant_4bit_pairs_kernel
+
+
 BLOCK = 1024
+PAIR_BLOCK = 2048  # bytes (= 4096 outputs) per program of the pair kernel
+PAIR_WARPS = 4
 
 
-def dequantize_4bit(q, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense ``q`` (a ``QuantizedTensor``) in ``dtype``, computed by the Triton kernel; ``out`` may be reused."""
+def dequantize_4bit(q, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+                    pairs: bool | None = None) -> torch.Tensor:
+    """Dense ``q`` (a ``QuantizedTensor``) in ``dtype``, computed by a Triton kernel; ``out`` (contiguous) may be reused.
+
+    ``pairs`` forces the byte-pair kernel (True) or the per-element one (False); by default the pair
+    kernel runs wherever it applies (16-bit output, even element count).
+    """
     from deltatune.quant.nf4 import code_table, dynamic_map
 
     dtype = dtype or q.dtype
@@ -75,8 +124,18 @@ def dequantize_4bit(q, dtype: torch.dtype | None = None, out: torch.Tensor | Non
         nested, offset, code8 = q.nested_absmax, q.offset.reshape(1).float(), dynamic_map(q.device)
     else:  # unused pointers; any fp32 tensor on the device
         nested = offset = code8 = code
-    grid = (triton_cdiv(n, BLOCK),)
     bf16 = dtype == torch.bfloat16
+    pairs_apply = dtype in (torch.bfloat16, torch.float16) and n % 2 == 0 and q.blocksize % 2 == 0
+    if pairs and not pairs_apply:
+        raise ValueError(f"the byte-pair kernel needs a 16-bit output and an even size, got {dtype}, {n} elements")
+    if pairs_apply and pairs is not False:
+        nbytes = n // 2
+        _pair_kernel()[(triton_cdiv(nbytes, PAIR_BLOCK),)](
+            q.packed, q.absmax, nested, offset, code, code8, out.view(-1).view(torch.int32), nbytes,
+            HALF_BLOCKSIZE=q.blocksize // 2, NESTED=q.double_quant, BF16=bf16, BLOCK=PAIR_BLOCK, num_warps=PAIR_WARPS,
+            **_launch_options())
+        return out
+    grid = (triton_cdiv(n, BLOCK),)
     _kernel()[grid](q.packed, q.absmax, nested, offset, code, code8, out.view(torch.int16) if bf16 else out, n,
                     BLOCKSIZE=q.blocksize, NESTED=q.double_quant, BF16=bf16, BLOCK=BLOCK, **_launch_options())
     return out
