@@ -19,6 +19,8 @@ method, ``model(input_ids, labels=...).loss`` (transformers' own loss), random t
   recipe: non-quantized weights cast to fp32, its own reentrant checkpointing on every shape).
 * ``peft-bnb-nockpt``: ``peft-bnb`` without gradient checkpointing on any shape.
 * ``<dt method>-fast@F`` (8B): the fast path recomputing only the fraction F of the decoder layers.
+* ``<dt method>+paged``: ``deltatune.optim.AdamW(state_device="paged")`` instead of torch's AdamW (its
+  states live in CUDA managed memory, outside torch's allocator, so outside ``peak GiB``).
 
 The 8B shape uses transformers' gradient checkpointing (non-reentrant) for all three. Before the
 timing, the script checks on the GPU that the Triton dequantizer equals the PyTorch reference and
@@ -125,7 +127,12 @@ def run(method: str, shape: str, steps: int, warmup: int, rank: int, profile: bo
         row["setup_s"] = round(time.perf_counter() - t0, 1)
         row["weights_gib"] = round(torch.cuda.memory_allocated() / GIB, 2)
         row["trainable_params"] = sum(p.numel() for p in params)
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        if "+paged" in method:  # deltatune's AdamW with its states in CUDA managed memory
+            from deltatune.optim import AdamW
+
+            opt = AdamW(params, lr=1e-4, weight_decay=0.01, state_device="paged")
+        else:
+            opt = torch.optim.AdamW(params, lr=1e-4)
         gen = torch.Generator(device="cuda").manual_seed(0)
         torch.cuda.reset_peak_memory_stats()
         times, losses = [], []
