@@ -18,7 +18,7 @@ method, ``model(input_ids, labels=...).loss`` (transformers' own loss), random t
 * ``peft-bnb-prepare``: the same after ``peft.prepare_model_for_kbit_training`` (PEFT's documented QLoRA
   recipe: non-quantized weights cast to fp32, its own reentrant checkpointing on every shape).
 * ``peft-bnb-nockpt``: ``peft-bnb`` without gradient checkpointing on any shape.
-* ``<dt method>-fast@F`` (8B): the fast path recomputing only the fraction F of the decoder layers.
+* ``<dt method>-fast@F`` (8B): the fast path recomputing only the fraction F of the decoder layers (0: none).
 * ``<dt method>+paged``: ``deltatune.optim.AdamW(state_device="paged")`` instead of torch's AdamW (its
   states live in CUDA managed memory, outside torch's allocator, so outside ``peak GiB``).
 
@@ -103,7 +103,7 @@ def prepare(method: str, shape: str, rank: int):
         from deltatune.fast import enable_fast_path
 
         fraction = float(method.partition("@")[2] or 1.0)  # "dt-qlora-fast@0.5": half the layers recomputed
-        enable_fast_path(model, checkpoint=fraction if SHAPES[shape]["checkpointing"] else False)
+        enable_fast_path(model, checkpoint=fraction if SHAPES[shape]["checkpointing"] and fraction > 0 else False)
     elif SHAPES[shape]["checkpointing"] and method not in ("peft-bnb-prepare", "peft-bnb-nockpt"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
