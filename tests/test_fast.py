@@ -153,6 +153,28 @@ def test_partial_checkpointing_recomputes_only_the_first_layers():
             enable_fast_path(model, checkpoint=bad)
 
 
+def test_fused_nodes_do_not_save_the_norm_outputs():
+    """The q/k/v and MLP nodes recompute their RMSNorm input in backward instead of keeping it."""
+    model = tiny_llama(torch.float32)
+    ids = torch.randint(0, 257, (2, 16))
+    norm_outputs, saved = [], set()
+    hooks = [m.register_forward_hook(lambda m, i, o: norm_outputs.append(o))  # kept alive: no address reuse
+             for n, m in model.named_modules() if n.endswith("layernorm")]
+    enable_fast_path(model)
+
+    def pack(t):
+        saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fused_causal_lm_loss(model, ids, ids)
+    assert len(norm_outputs) == 4 and not saved & {o.untyped_storage().data_ptr() for o in norm_outputs}
+    loss.backward()  # and the recomputation gives the same gradients as the plain path (tests above)
+    disable_fast_path(model)
+    for h in hooks:
+        h.remove()
+
+
 def test_dropout_layers_take_the_plain_path():
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,

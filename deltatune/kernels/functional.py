@@ -12,7 +12,7 @@ import os
 
 import torch
 
-__all__ = ["apply_rope", "linear_cross_entropy", "rms_norm", "swiglu", "triton_enabled"]
+__all__ = ["apply_rope", "linear_cross_entropy", "rms_norm", "rms_norm_values", "swiglu", "triton_enabled"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,8 +90,23 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of ``x`` (..., d) with ``weight`` (d,): ``x / sqrt(mean(x^2) + eps) * weight``."""
-    return _RMSNorm.apply(x, weight, eps)
+    """RMSNorm of ``x`` (..., d) with ``weight`` (d,): ``x / sqrt(mean(x^2) + eps) * weight``.
+
+    The output carries ``_deltatune_norm = (x, weight, eps)``: a fused LoRA node that takes it as input
+    saves x (which this node saves anyway) instead of the output, and recomputes the output in its
+    backward with ``rms_norm_values`` (one elementwise kernel instead of d * 2 bytes a token kept).
+    """
+    y = _RMSNorm.apply(x, weight, eps)
+    if not torch.compiler.is_compiling():
+        y._deltatune_norm = (x, weight, eps)
+    return y
+
+
+def rms_norm_values(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The forward of ``rms_norm`` without autograd, bit for bit (x (N, d) -> (N, d))."""
+    if triton_enabled(x):
+        return _k("triton_rmsnorm").rmsnorm_forward(x if x.stride(-1) == 1 else x.contiguous(), weight, eps)[0]
+    return _rms_ref(x, weight, eps)[0]
 
 
 # -- RoPE -----------------------------------------------------------------------------------------------
