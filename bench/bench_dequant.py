@@ -96,20 +96,7 @@ def host_cost(n: int = 2000) -> dict:
         torch.cuda.synchronize()
         return round(host * 1e6, 1)
 
-    from deltatune.kernels import launch
-
-    q = wrapped.kind.fused_weight(wrapped)
-    buf = torch.empty((512, 2048), dtype=torch.bfloat16, device="cuda")
-    timings = {}
-    for enabled in (False, True, False, True):  # Triton's own launch path vs deltatune.kernels.launch's cache
-        launch.ENABLED = enabled
-        timings.setdefault(f"dequantize_launch_cache_{enabled}_us", []).append(
-            per_call(lambda: q.dequantize(torch.bfloat16)))
-    launch.ENABLED = True
     return {
-        **timings,
-        "dequantize_into_buffer_us": per_call(lambda: __import__("deltatune.quant.triton_dequant", fromlist=["x"])
-                                              .dequantize_4bit(q, torch.bfloat16, out=buf)),
         "fused_weight_plus_dequantize_us": per_call(lambda: wrapped.kind.fused_weight(wrapped).dequantize(torch.bfloat16)),
         "fused_weight_only_us": per_call(lambda: wrapped.kind.fused_weight(wrapped)),
         "torch_linear_us (reference launch)": per_call(lambda: torch.nn.functional.linear(x, w)),

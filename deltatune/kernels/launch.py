@@ -20,7 +20,6 @@ import torch
 __all__ = ["launch"]
 
 _COMPILED: dict = {}  # (kernel, device, specialization, constexprs, options) -> CompiledKernel
-ENABLED = os.environ.get("DELTATUNE_FAST_LAUNCH", "1") != "0"  # 0: always Triton's own launch path
 
 
 def _specialization(arg) -> tuple:
@@ -35,7 +34,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` for a ``triton.jit`` kernel; ``kwargs`` hold its constexprs and
     launch options (``num_warps``, ...)."""
     first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    if not ENABLED or first is None or not first.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if first is None or not first.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         kernel[grid](*args, **kwargs)
         return
     names = kernel.arg_names[len(args):]
