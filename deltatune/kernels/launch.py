@@ -47,5 +47,4 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     if compiled is None:
         _COMPILED[key] = kernel[grid](*args, **kwargs)
         return
-    grid = tuple(grid) + (1,) * (3 - len(grid))  # the compiled kernel's runner reads three dimensions
     compiled[grid](*args, *constexprs, stream=torch.cuda.current_stream(first.device).cuda_stream)
