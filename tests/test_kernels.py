@@ -260,29 +260,3 @@ def test_interpreter_catches_a_wrong_kernel(interpreted):
 
 if __name__ == "__main__":  # the subprocess: TRITON_INTERPRET=1 is set before triton is imported
     print(json.dumps(run_checks("cpu")))
-
-
-def test_launch_cache_keys_on_what_triton_specializes():
-    from deltatune.kernels.launch import _specialization
-
-    a = torch.zeros(64)
-    assert _specialization(a) != _specialization(a.to(torch.float16))  # dtype
-    assert _specialization(a) != _specialization(a[1:])  # 16-byte alignment of the pointer
-    assert len({_specialization(n) for n in (1, 16, 17)}) == 3  # == 1, % 16
-    assert _specialization(17) != _specialization(2 ** 31 + 1)  # 32- vs 64-bit
-    assert _specialization(2.0) == _specialization(3.5)  # floats are not specialized
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_cached_launches_follow_constexpr_values():
-    """The cross-entropy kernel takes the vocabulary size as a positional constexpr: a second launch with
-    another vocabulary must compile anew, not reuse the first kernel through the launch cache."""
-    pytest.importorskip("triton")
-    from deltatune.kernels.triton_cross_entropy import cross_entropy_rows_
-
-    for v in (48, 64, 48, 80, 64):  # each size twice: the second launch takes the cached path
-        z = torch.randn(5, v, device="cuda")
-        labels = torch.randint(0, v, (5,), device="cuda")
-        loss = cross_entropy_rows_(z.clone(), labels, torch.ones((), device="cuda"), -100)
-        torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(z, labels, reduction="none"))

@@ -13,8 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from deltatune.kernels.launch import launch
-
 
 @triton.jit
 def _ce_rows(Z, stride, LABELS, LOSS, SCALE, n_cols: tl.constexpr, ignore_index, BLOCK: tl.constexpr):
@@ -49,5 +47,5 @@ def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, scale: torch
     c, v = logits.shape
     assert logits.stride(1) == 1
     loss = torch.empty(c, dtype=torch.float32, device=logits.device)
-    launch(_ce_rows, (c,), logits, logits.stride(0), labels, loss, scale, v, ignore_index, BLOCK=4096, num_warps=8)
+    _ce_rows[(c,)](logits, logits.stride(0), labels, loss, scale, v, ignore_index, BLOCK=4096, num_warps=8)
     return loss

@@ -10,8 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from deltatune.kernels.launch import launch
-
 
 @triton.jit
 def _rmsnorm_fwd(X, W, Y, RSTD, stride, n_cols, eps, BLOCK: tl.constexpr):
@@ -52,7 +50,7 @@ def rmsnorm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float):
     y = torch.empty((n, d), dtype=x2.dtype, device=x2.device)
     rstd = torch.empty(n, dtype=torch.float32, device=x2.device)
     block, warps = _launch_params(d)
-    launch(_rmsnorm_fwd, (n,), x2, weight, y, rstd, x2.stride(0), d, eps, BLOCK=block, num_warps=warps)
+    _rmsnorm_fwd[(n,)](x2, weight, y, rstd, x2.stride(0), d, eps, BLOCK=block, num_warps=warps)
     return y, rstd
 
 
@@ -61,5 +59,5 @@ def rmsnorm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, 
     n, d = x2.shape
     dx = torch.empty((n, d), dtype=x2.dtype, device=x2.device)
     block, warps = _launch_params(d)
-    launch(_rmsnorm_bwd, (n,), dy2, x2, weight, rstd, dx, dy2.stride(0), x2.stride(0), d, BLOCK=block, num_warps=warps)
+    _rmsnorm_bwd[(n,)](dy2, x2, weight, rstd, dx, dy2.stride(0), x2.stride(0), d, BLOCK=block, num_warps=warps)
     return dx

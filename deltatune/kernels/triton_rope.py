@@ -12,8 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from deltatune.kernels.launch import launch
-
 
 @triton.jit
 def _rope(X, COS, SIN, Y, n_heads, half, stride_b, stride_t, stride_head, seq_len, cs_stride_b, cs_stride_t,
@@ -52,6 +50,7 @@ def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: 
     y = torch.empty((b, t, h, dim), dtype=x.dtype, device=x.device)
     half = dim // 2
     cs_b = cos.stride(0) if cos.shape[0] > 1 else 0
-    launch(_rope, (b * t,), x, cos, sin, y, h, half, x.stride(0), x.stride(1), x.stride(2), t, cs_b, cos.stride(1),
-           BACKWARD=backward, BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(half), num_warps=4)
+    _rope[(b * t,)](x, cos, sin, y, h, half, x.stride(0), x.stride(1), x.stride(2), t, cs_b, cos.stride(1),
+                    BACKWARD=backward, BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(half),
+                    num_warps=4)
     return y

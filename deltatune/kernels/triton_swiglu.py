@@ -9,8 +9,6 @@ import torch
 import triton
 import triton.language as tl
 
-from deltatune.kernels.launch import launch
-
 BLOCK = 1024
 
 
@@ -43,7 +41,7 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``silu(g) * u`` for contiguous ``g``, ``u`` of one shape; returns a new tensor."""
     h = torch.empty_like(g)
     n = g.numel()
-    launch(_swiglu_fwd, (triton.cdiv(n, BLOCK),), g, u, h, n, BLOCK=BLOCK, num_warps=4)
+    _swiglu_fwd[(triton.cdiv(n, BLOCK),)](g, u, h, n, BLOCK=BLOCK, num_warps=4)
     return h
 
 
@@ -51,5 +49,5 @@ def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
     """Returns ``(h, dg, du)``: the recomputed ``silu(g) * u`` and the gradients; ``dg`` is ``dh``'s memory."""
     h, du = torch.empty_like(g), torch.empty_like(u)
     n = g.numel()
-    launch(_swiglu_bwd, (triton.cdiv(n, BLOCK),), dh, g, u, h, du, n, BLOCK=BLOCK, num_warps=4)
+    _swiglu_bwd[(triton.cdiv(n, BLOCK),)](dh, g, u, h, du, n, BLOCK=BLOCK, num_warps=4)
     return h, dh, du

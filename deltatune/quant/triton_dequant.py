@@ -23,8 +23,6 @@ import functools
 
 import torch
 
-from deltatune.kernels.launch import launch
-
 __all__ = ["available", "dequantize_4bit"]
 
 
@@ -123,8 +121,7 @@ def dequantize_4bit(q, dtype: torch.dtype | None = None, out: torch.Tensor | Non
         out = torch.empty(q.shape, dtype=dtype, device=q.device)
     code = code_table(q.kind, q.device)
     if q.double_quant:
-        offset = q.offset if q.offset.dtype == torch.float32 else q.offset.float()  # one element
-        nested, code8 = q.nested_absmax, dynamic_map(q.device)
+        nested, offset, code8 = q.nested_absmax, q.offset.reshape(1).float(), dynamic_map(q.device)
     else:  # unused pointers; any fp32 tensor on the device
         nested = offset = code8 = code
     bf16 = dtype == torch.bfloat16
@@ -133,17 +130,15 @@ def dequantize_4bit(q, dtype: torch.dtype | None = None, out: torch.Tensor | Non
         raise ValueError(f"the byte-pair kernel needs a 16-bit output and an even size, got {dtype}, {n} elements")
     if pairs_apply and pairs is not False:
         nbytes = n // 2
-        launch(_pair_kernel(), (triton_cdiv(nbytes, PAIR_BLOCK),),
-               q.packed, q.absmax, nested, offset, code, code8, out.view(-1).view(torch.int32), nbytes,
-               HALF_BLOCKSIZE=q.blocksize // 2, NESTED=q.double_quant, BF16=bf16, BLOCK=PAIR_BLOCK,
-               num_warps=PAIR_WARPS, **_launch_options())
+        _pair_kernel()[(triton_cdiv(nbytes, PAIR_BLOCK),)](
+            q.packed, q.absmax, nested, offset, code, code8, out.view(-1).view(torch.int32), nbytes,
+            HALF_BLOCKSIZE=q.blocksize // 2, NESTED=q.double_quant, BF16=bf16, BLOCK=PAIR_BLOCK, num_warps=PAIR_WARPS,
+            **_launch_options())
         return out
-    launch(_kernel(), (triton_cdiv(n, BLOCK),),
-           q.packed, q.absmax, nested, offset, code, code8, out.view(torch.int16) if bf16 else out, n,
-           BLOCKSIZE=q.blocksize, NESTED=q.double_quant, BF16=bf16, BLOCK=BLOCK, **_launch_options())
+    grid = (triton_cdiv(n, BLOCK),)
+    _kernel()[grid](q.packed, q.absmax, nested, offset, code, code8, out.view(torch.int16) if bf16 else out, n,
+                    BLOCKSIZE=q.blocksize, NESTED=q.double_quant, BF16=bf16, BLOCK=BLOCK, **_launch_options())
     return out
-
-
 
 
 def triton_cdiv(a: int, b: int) -> int:
