@@ -42,8 +42,8 @@ def estimate_memory(model: torch.nn.Module, args: TrainArgs, seq_len: int, task:
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    state_bytes = 8 if getattr(args, "optimizer_bits", 32) == 32 else 2  # exp_avg + exp_avg_sq
-    on_device = getattr(args, "optimizer_states", "param") == "param"  # else host or paged out of the GPU
+    state_bytes = 8 if args.optimizer_bits == 32 else 2  # exp_avg + exp_avg_sq
+    on_device = args.optimizer_states == "param"  # else host or paged out of the GPU
     optim = trainable * (4 + (state_bytes if on_device else 0))  # fp32 grad + the states held on the device
     cfg = getattr(model, "config", None)
     h = getattr(cfg, "hidden_size", 0) or 0

@@ -220,6 +220,8 @@ class AdamW(torch.optim.Optimizer):
 
     def _page(self, in_: bool) -> None:
         """Paged states: prefetch each range to its GPU if it fits in free memory now, or back to the host."""
+        if not self._pools:
+            return
         from deltatune.managed import RESERVE_BYTES, prefetch
 
         for pool in self._pools:

@@ -249,17 +249,23 @@ def test_lora_mlp_gradcheck():
     assert torch.autograd.gradcheck(lambda x, *_: lora_mlp(x, gate, up, down), tuple(leaves))
 
 
-def test_torch_compile_traces_the_fast_path():
-    model = tiny_llama(torch.float32)
-    ids = torch.randint(0, 257, (2, 8))
-    eager_loss, eager_grads = loss_and_grads(model, ids, ids, fast=True)
+def compiled_loss_backward(model, ids, **compile_kw):
+    """The fast path's fused loss under ``torch.compile(**compile_kw)``, backpropagated into fresh grads."""
     enable_fast_path(model)
-    compiled = torch.compile(lambda m, i: fused_causal_lm_loss(m, i, i), backend="aot_eager", fullgraph=False)
+    compiled = torch.compile(lambda m, i: fused_causal_lm_loss(m, i, i), **compile_kw)
     for p in dt.adapter_params(model):
         p.grad = None
     loss = compiled(model, ids)
     loss.backward()
     disable_fast_path(model)
+    return loss
+
+
+def test_torch_compile_traces_the_fast_path():
+    model = tiny_llama(torch.float32)
+    ids = torch.randint(0, 257, (2, 8))
+    eager_loss, eager_grads = loss_and_grads(model, ids, ids, fast=True)
+    loss = compiled_loss_backward(model, ids, backend="aot_eager", fullgraph=False)
     assert abs(loss.item() - eager_loss.item()) < 1e-5
     for p, g in zip(dt.adapter_params(model), eager_grads):
         assert rel(p.grad.double(), g) < 1e-4
@@ -290,12 +296,6 @@ def test_gpu_torch_compile_inductor():
     model = tiny_llama().cuda()
     ids = torch.randint(0, 257, (2, 64), device="cuda")
     eager_loss, eager_grads = loss_and_grads(model, ids, ids, fast=True)
-    enable_fast_path(model)
-    compiled = torch.compile(lambda m, i: fused_causal_lm_loss(m, i, i))
-    for p in dt.adapter_params(model):
-        p.grad = None
-    loss = compiled(model, ids)
-    loss.backward()
-    disable_fast_path(model)
+    loss = compiled_loss_backward(model, ids)
     assert abs(loss.item() - eager_loss.item()) < 2e-2
     assert sum(rel(p.grad.double(), g) for p, g in zip(dt.adapter_params(model), eager_grads)) / len(eager_grads) < 2e-2
