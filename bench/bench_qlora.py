@@ -21,6 +21,10 @@ method, ``model(input_ids, labels=...).loss`` (transformers' own loss), random t
 * ``<dt method>-fast@F`` (8B): the fast path recomputing only the fraction F of the decoder layers (0: none).
 * ``<dt method>+paged``: ``deltatune.optim.AdamW(state_device="paged")`` instead of torch's AdamW (its
   states live in CUDA managed memory, outside torch's allocator, so outside ``peak GiB``).
+* ``<dt method>-fast...+graphs``: the fast path with ``cuda_graphs=True`` (the layers that are not
+  checkpointed replay from CUDA graphs, ``deltatune.graphs``). Graph replays allocate nothing, so the
+  allocator's peak does not see them: ``peak reserved GiB`` (memory the process holds, including the
+  graphs' pool) is the column to compare for these rows.
 
 The 8B shape uses transformers' gradient checkpointing (non-reentrant) for all three. Before the
 timing, the script checks on the GPU that the Triton dequantizer equals the PyTorch reference and
@@ -48,6 +52,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 METHODS = ("dt-qlora", "dt-bf16", "peft-bnb", "dt-qlora-fast", "dt-bf16-fast")
 EXTRA_METHODS = ("peft-bnb-prepare", "peft-bnb-nockpt")  # PEFT's recipe; no checkpointing (the issue's baselines?)
 GIB = 2 ** 30
+FUSED_ADAM = False  # --fused-adam: torch's single-kernel AdamW for every method
 
 
 def build(shape: str):
@@ -102,8 +107,10 @@ def prepare(method: str, shape: str, rank: int):
     if "-fast" in method:  # deltatune's fast path: fused blocks where they apply, lean checkpointing
         from deltatune.fast import enable_fast_path
 
-        fraction = float(method.partition("@")[2] or 1.0)  # "dt-qlora-fast@0.5": half the layers recomputed
-        enable_fast_path(model, checkpoint=fraction if SHAPES[shape]["checkpointing"] and fraction > 0 else False)
+        base = method.split("+")[0]
+        fraction = float(base.partition("@")[2] or 1.0)  # "dt-qlora-fast@0.5": half the layers recomputed
+        enable_fast_path(model, checkpoint=fraction if SHAPES[shape]["checkpointing"] and fraction > 0 else False,
+                         cuda_graphs="+graphs" in method)
     elif SHAPES[shape]["checkpointing"] and method not in ("peft-bnb-prepare", "peft-bnb-nockpt"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -132,25 +139,41 @@ def run(method: str, shape: str, steps: int, warmup: int, rank: int, profile: bo
 
             opt = AdamW(params, lr=1e-4, weight_decay=0.01, state_device="paged")
         else:
-            opt = torch.optim.AdamW(params, lr=1e-4)
+            opt = torch.optim.AdamW(params, lr=1e-4, fused=FUSED_ADAM or None)
         gen = torch.Generator(device="cuda").manual_seed(0)
+        torch.cuda.empty_cache()  # the reserved peak starts from what the model holds
         torch.cuda.reset_peak_memory_stats()
-        times, losses = [], []
+        times, losses, phases = [], [], []
         for i in range(warmup + steps):
             ids = torch.randint(0, 128000, (spec["batch"], spec["seq"]), device="cuda", generator=gen)
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
             torch.cuda.synchronize()
             t = time.perf_counter()
+            events[0].record()
             loss = fused_causal_lm_loss(model, ids, ids) if "-fast" in method else model(input_ids=ids, labels=ids).loss
+            t_fwd = time.perf_counter()
+            events[1].record()
             loss.backward()
+            t_bwd = time.perf_counter()
+            events[2].record()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            t_opt = time.perf_counter()
+            events[3].record()
             torch.cuda.synchronize()
             if i >= warmup:
                 times.append(time.perf_counter() - t)
+                # host time to issue each phase vs GPU time from the previous mark (the GPU may lag the host)
+                phases.append([t_fwd - t, t_bwd - t_fwd, t_opt - t_bwd] + [events[j].elapsed_time(events[j + 1]) / 1e3
+                                                                          for j in range(3)])
             losses.append(loss.item())
         row["step_s"] = round(sorted(times)[len(times) // 2], 4)
+        mid = sorted(phases, key=lambda ph: sum(ph[3:]))[len(phases) // 2]
+        row["phases_ms"] = {name: round(v * 1e3, 1) for name, v in
+                            zip(("host fwd", "host bwd", "host opt", "gpu fwd", "gpu bwd", "gpu opt"), mid)}
         row["tokens_per_s"] = round(row["tokens_per_step"] / row["step_s"])
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
         row["loss_first_last"] = [round(losses[0], 3), round(losses[-1], 3)]
         if profile:
             row["profile"] = profile_steps(model, method, spec, opt)
@@ -166,6 +189,7 @@ def run(method: str, shape: str, steps: int, warmup: int, rank: int, profile: bo
 
 def profile_steps(model, method: str, spec: dict, opt, steps: int = 2) -> dict:
     """Host and GPU time of ``steps`` training steps under torch.profiler, and the top host-side ops."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from deltatune.fast import fused_causal_lm_loss
@@ -182,14 +206,36 @@ def profile_steps(model, method: str, spec: dict, opt, steps: int = 2) -> dict:
         torch.cuda.synchronize()
     wall = (time.perf_counter() - t) / steps
     events = prof.key_averages()
-    gpu = sum(e.self_device_time_total for e in events) / steps / 1e3
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # GPU-side events only (no double count)
+    gpu = sum(e.self_device_time_total for e in kernels) / steps / 1e3
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
-                                                          "cudaLaunchKernelExC")) / steps
+                                                          "cudaLaunchKernelExC", "cudaGraphLaunch")) / steps
+    categories: dict = {}
+    for e in kernels:
+        name = e.key.lower()
+        cat = next((c for c, pats in KERNEL_CATEGORIES if any(p in name for p in pats)), "other")
+        categories[cat] = categories.get(cat, 0.0) + e.self_device_time_total / steps / 1e3
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
-    return {"wall_ms_profiled": round(wall * 1e3, 1), "gpu_busy_ms": round(gpu, 1), "launches": launches,
+    return {"wall_ms_profiled": round(wall * 1e3, 1), "gpu_kernels_ms": round(gpu, 1), "launches": launches,
+            "gpu_ms_by_category": {k: round(v, 2) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
             "top_host_ops_ms": {e.key[:70]: round(e.self_cpu_time_total / steps / 1e3, 2) for e in top},
-            "top_gpu_ops_ms": {e.key[:70]: round(e.self_device_time_total / steps / 1e3, 2) for e in
-                               sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]}}
+            "top_kernels_ms": {f"{e.key[:90]} x{e.count // steps}": round(e.self_device_time_total / steps / 1e3, 2)
+                               for e in sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:40]}}
+
+
+# Kernel-name patterns per category, first match wins (profile_steps).
+KERNEL_CATEGORIES = (
+    ("attention", ("sdpa", "flash", "attention", "fmha")),
+    ("dequant", ("dequant",)),
+    ("swiglu", ("swiglu",)),
+    ("rmsnorm", ("rmsnorm",)),
+    ("rope", ("rope",)),
+    ("cross-entropy", ("_ce_", "cross_entropy", "log_softmax")),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "splitk", "reduce_kernel")),
+    ("copy/cast", ("copy", "cast")),
+    ("elementwise", ("elementwise", "vectorized")),
+)
 
 
 def kernel_checks() -> dict:
@@ -260,7 +306,10 @@ def main(argv=None):
     ap.add_argument("--json", default="bench_qlora.json")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also profile two steps per row (host/GPU time, top ops)")
+    ap.add_argument("--fused-adam", action="store_true", help="torch.optim.AdamW(fused=True) for every method")
     args = ap.parse_args(argv)
+    global FUSED_ADAM
+    FUSED_ADAM = args.fused_adam
     if not torch.cuda.is_available():
         raise SystemExit("bench_qlora.py needs a CUDA GPU")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args), "rows": []}
@@ -287,7 +336,8 @@ def table(rows) -> str:
     """Markdown table; ratios against our bf16 LoRA on the same path and against each PEFT baseline run."""
     by = {(r["shape"], r["method"]): r for r in rows}
     baselines = [m for m in ("peft-bnb", "peft-bnb-nockpt") if any(r["method"] == m for r in rows)]
-    head = ["shape", "tokens/step", "method", "tokens/s", "peak GiB", "weights GiB", "vs dt-bf16 (same path) speed"]
+    head = ["shape", "tokens/step", "method", "tokens/s", "peak GiB", "peak reserved GiB", "weights GiB",
+            "vs dt-bf16 (same path) speed"]
     for m in baselines:
         head += [f"vs {m} speed", f"vs {m} memory"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -296,7 +346,8 @@ def table(rows) -> str:
         if "error" in r:
             lines.append(f"| {r['shape']} | {r['tokens_per_step']} | {r['method']} | {r['error'][:60]} |" + " |" * (len(head) - 4))
             continue
-        cells = [r["shape"], r["tokens_per_step"], r["method"], r["tokens_per_s"], r["peak_gib"], r["weights_gib"],
+        cells = [r["shape"], r["tokens_per_step"], r["method"], r["tokens_per_s"], r["peak_gib"],
+                 r.get("peak_reserved_gib", "-"), r["weights_gib"],
                  ratio(r, by.get((r["shape"], r["method"].replace("qlora", "bf16")), {}), "tokens_per_s")
                  if r["method"].startswith("dt-") else "-"]
         for m in baselines:

@@ -132,6 +132,8 @@ class TrainArgs:
     """"auto" (CUDA if present), "cpu", "cuda", "cuda:1", ..."""
     fast: Optional[bool] = None
     """Fused LoRA kernels (deltatune.fast); default on with CUDA, off on CPU."""
+    cuda_graphs: bool = False
+    """With the fast path: replay the decoder layers that are not checkpointed from CUDA graphs (faster when the host limits the step; batches of one shape avoid recaptures)."""
 
     # -- checkpoints, evaluation, output ------------------------------------------------------------------
     save_every: int = 100
@@ -222,7 +224,11 @@ def _enable_fast(model, args: TrainArgs, device: torch.device, log) -> bool:
         if args.fast:
             log(f"--fast: deltatune.fast is not available ({e}); using the plain path")
         return False
-    enable_fast_path(model, checkpoint=args.checkpoint_fraction if args.gradient_checkpointing else False)
+    try:
+        enable_fast_path(model, checkpoint=args.checkpoint_fraction if args.gradient_checkpointing else False,
+                         cuda_graphs=args.cuda_graphs)
+    except ValueError as e:  # --cuda-graphs with every layer checkpointed, or no decoder layers
+        raise TrainError(f"--cuda-graphs: {e}") from None
     return True
 
 
@@ -410,6 +416,8 @@ def _train(args: TrainArgs, model=None, tokenizer=None, train_data: Optional[Dat
     model.to(device)
     _cast_frozen(model, frozen_dtype)
     fast = _enable_fast(model, args, device, log)
+    if args.cuda_graphs and not fast:
+        raise TrainError("--cuda-graphs needs the fast path (--fast, the default on CUDA)")
     if args.gradient_checkpointing and not fast:
         # Newer transformers call it activation_checkpointing_enable; older ones gradient_checkpointing_enable.
         if hasattr(model, "activation_checkpointing_enable"):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -254,6 +255,29 @@ def test_cuda_bf16_fast_run_and_resume(tiny, tmp_path):
     a, b = adapter_tensors(res.adapter), adapter_tensors(resumed.adapter)
     for k in a:  # CUDA kernels need not be bitwise deterministic; the run must still continue the same way
         torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=1e-3)
+
+
+def test_cuda_graphs_flag_needs_the_fast_path_and_uncheckpointed_layers(tiny, tmp_path):
+    quiet = dict(log=lambda s: None)
+    with pytest.raises(TrainError, match="needs the fast path"):
+        train(args_for(tiny, tmp_path / "a", cuda_graphs=True, fast=False), **quiet)
+    with pytest.raises(TrainError, match="checkpointed"):
+        train(args_for(tiny, tmp_path / "b", cuda_graphs=True, fast=True, gradient_checkpointing=True), **quiet)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_train_like_eager(tiny, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    quiet = dict(log=lambda s: None)
+    cuda = dict(device="cuda", precision="bf16", fast=True, max_steps=4)
+    eager = adapter_tensors(train(args_for(tiny, tmp_path / "a", **cuda), **quiet).adapter)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graphed = adapter_tensors(train(args_for(tiny, tmp_path / "b", cuda_graphs=True, **cuda), **quiet).adapter)
+    assert not [w for w in caught if "CUDA graphs off" in str(w.message)]  # the run replayed graphs
+    for k in eager:
+        torch.testing.assert_close(graphed[k], eager[k], rtol=1e-2, atol=1e-3)
 
 
 def test_optimizer_states_off_the_device_resume_exactly(tiny, tmp_path):

@@ -129,13 +129,18 @@ def _factors(projs, dtype):
     a cache keyed on the tensors' versions would miss writes through ``.data``, which don't bump it.
     """
     a_all = [a for _, _, As, _, _ in projs for a in As]
-    a_cat = (torch.cat(a_all, 0) if len(a_all) > 1 else a_all[0]).to(dtype) if a_all else None
+    a_cat = None
+    if len(a_all) == 1:
+        a_cat = a_all[0].to(dtype)
+    elif a_all:  # one launch: concatenated and cast into the output
+        a_cat = torch.cat(a_all, 0, out=a_all[0].new_empty((sum(a.shape[0] for a in a_all), a_all[0].shape[1]),
+                                                            dtype=dtype))
     sbs = []
     for _, _, _, Bs, scales in projs:
         if not Bs:
             sbs.append(None)
-        elif len(Bs) == 1:
-            sbs.append((Bs[0] * scales[0]).to(dtype))
+        elif len(Bs) == 1:  # one launch: the product in B's dtype, rounded once into the output
+            sbs.append(torch.mul(Bs[0], scales[0], out=Bs[0].new_empty(Bs[0].shape, dtype=dtype)))
         else:
             sbs.append(torch.cat([b * s for b, s in zip(Bs, scales)], 1).to(dtype))
     return a_cat, sbs

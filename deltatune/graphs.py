@@ -1,0 +1,357 @@
+"""CUDA graphs over a model's decoder layers for training: one graph launch per layer and direction.
+
+A training step of the fast path launches about a hundred kernels per decoder layer from Python
+autograd functions. On a fast GPU the host cannot keep up (docs/speed_notes.md): the 1B step was
+busy on the GPU for 95 ms of 113, and on a slower host even an 8B step waits for Python. A graphed
+stack records each layer's forward and backward once and replays them with one launch each.
+
+How (the scheme of ``torch.cuda.make_graphed_callables``, with the layers chained):
+
+* On the first call of the stack's first layer (and again whenever what it records would change:
+  shapes, dtypes, the adapters in use, a parameter moved or frozen) every layer is warmed up eagerly
+  on a side stream, then its forward is captured with the previous layer's static output as its
+  static input, then every backward in reverse order with the next layer's static input gradient as
+  its static output gradient. All graphs share one memory pool and replay in capture order, so the
+  pool holds what one eager step would.
+* A call replays the layer's forward graph inside a ``torch.autograd.Function`` whose backward
+  replays the backward graph. That graph adds the parameter gradients into buffers that serve as the
+  parameters' ``.grad`` (one launch per layer where AccumulateGrad would copy each gradient): a
+  ``.grad`` reset to None is zeroed first, so gradient accumulation and ``zero_grad`` work as in eager
+  mode. Gradient hooks on the parameters would be skipped, so a stack with them stays eager.
+* Inputs are copied into the static buffers only where they are not already them: the first layer's
+  hidden states and the shared tensor arguments (RoPE's cos/sin) once per step, the last layer's
+  output gradient once per step.
+
+A layer runs eagerly instead (same results, no graph) when grad is off, the model is in eval mode,
+the inputs are not on a CUDA device, a layer is called out of order or with other arguments than
+the first layer got, or a non-tensor argument is not a plain value (a KV cache). Hooks registered on
+the layers would run at capture only, so a stack with hooks stays eager.
+
+Contract: call ``backward`` of a step before the next graphed forward (the buffers are reused; a late
+backward raises), and the hidden states the layers return are overwritten by the next step.
+Parameters are read in place, so optimizers that update them in place (all of torch's) are fine;
+replacing a parameter's storage (``.to()``, ``.data =``) is noticed and triggers a recapture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+import torch.nn as nn
+
+__all__ = ["GraphedStack", "graph_layers", "ungraph_layers"]
+
+
+def _first(out):
+    """The hidden states of a decoder layer's output (transformers < 5 returned a tuple)."""
+    if isinstance(out, tuple):
+        if any(o is not None for o in out[1:]):
+            raise RuntimeError("graphed decoder layers must return only hidden states")
+        return out[0]
+    return out
+
+
+def _flat(kwargs: dict):
+    """(path, value) pairs of the keyword arguments, tuples and lists opened one level (RoPE's (cos, sin))."""
+    items = []
+    for name in sorted(kwargs):
+        value = kwargs[name]
+        if isinstance(value, (tuple, list)):
+            items += [((name, j), v) for j, v in enumerate(value)]
+        else:
+            items.append(((name,), value))
+    return items
+
+
+def _plain(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _signature(layer: nn.Module):
+    """What a capture of ``layer`` depends on besides its inputs: storages, grad flags, adapter settings."""
+    from deltatune.lora import LoraLayer
+
+    sig = [layer.training]
+    for p in layer.parameters():
+        sig.append((p.data_ptr(), p.dtype, p.requires_grad))
+    for b in layer.buffers():
+        sig.append((b.data_ptr(), b.dtype))
+    for m in layer.modules():
+        if isinstance(m, LoraLayer):
+            sig.append((m.enabled, m.training, tuple(m.merged), m.forward_impl,
+                        tuple((n, m.slots[n].scale, m.slots[n].dropout) for n in m.active if n in m.slots)))
+    return tuple(sig)
+
+
+def _has_hooks(layer: nn.Module) -> bool:
+    """Module hooks (they would run at capture only) or gradient hooks (the graphs write .grad themselves)."""
+    return (any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                for m in layer.modules())
+            or any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in layer.parameters()))
+
+
+class _Captured:
+    """One layer's graphs and static tensors."""
+
+    __slots__ = ("fwd", "bwd", "x", "out", "params", "grad_out", "grad_in", "used", "grads")
+
+    def __init__(self, fwd, x, out, params):
+        self.fwd, self.x, self.out, self.params = fwd, x, out, params
+        self.bwd = self.grad_out = self.grad_in = None
+        self.used, self.grads = [], []  # the parameters the layer uses, and their gradient buffers
+
+
+class GraphedStack:
+    """CUDA graphs over consecutive decoder layers (see the module docstring).
+
+    Args:
+        layers: the layers, in call order; each is called as ``layer(hidden_states, **kwargs)``.
+        forwards: the callables that run each layer (its forward without this wrapper).
+        max_recaptures: after this many captures for changed shapes or settings the stack stays
+            eager (each capture costs a warm-up step; inputs whose length changes every step would
+            recapture every step).
+    """
+
+    def __init__(self, layers, forwards, max_recaptures: int = 8):
+        self.layers, self.forwards = list(layers), list(forwards)
+        self.max_recaptures = max_recaptures
+        self.captures = 0
+        self.caps: list[_Captured] | None = None
+        self.key = None
+        self.kwargs = None  # the static keyword arguments the graphs read
+        self.sources = None  # the tensors the current step's first layer got, by path
+        self.generation = 0
+        self.next = -1  # the layer expected next in this step (-1: none; eager until the first layer)
+        self.off = None  # why the stack runs eagerly for good
+        self.anchor = torch.empty(0, requires_grad=True)
+
+    # -- calls ------------------------------------------------------------------------------------------
+    def call(self, i: int, hidden_states, *args, **kwargs):
+        """Layer ``i``'s output: replayed from its graph where that applies, else from its forward."""
+        if not self._applies(i, hidden_states, args, kwargs):
+            self.next = -1  # the rest of this step runs eagerly
+            return self.forwards[i](hidden_states, *args, **kwargs)
+        self.next = i + 1
+        # The anchor (a leaf that requires grad) makes the output require grad when only parameters do.
+        return _Replay.apply(self, i, hidden_states, *([self.anchor] if self.caps[i].used else []))
+
+    def _applies(self, i, x, args, kwargs) -> bool:
+        if (self.off or args or not torch.is_grad_enabled() or not x.is_cuda or torch.cuda.is_current_stream_capturing()
+                or torch.compiler.is_compiling() or not self.layers[i].training):
+            return False
+        flat = _flat(kwargs)
+        if any(not (isinstance(v, torch.Tensor) or _plain(v)) for _, v in flat):
+            return False
+        if i != 0:  # the rest of a step: the previous layer's static output and the first layer's arguments
+            same = dict(flat).keys() == self.sources.keys() if self.sources is not None else False
+            return (same and self.next == i and x.data_ptr() == self.caps[i - 1].out.data_ptr()
+                    and all((v is self.sources[p]) if isinstance(v, torch.Tensor) else (v == self.sources[p])
+                            for p, v in flat))
+        if any(isinstance(v, torch.Tensor) and v.requires_grad for _, v in flat):
+            return False
+        key = self._key(x, flat)
+        if key != self.key:
+            if any(_has_hooks(layer) for layer in self.layers):
+                return self._turn_off("a layer has hooks, which would run at capture only")
+            if self.captures >= self.max_recaptures:
+                return self._turn_off(f"{self.captures} captures: shapes or settings change between steps "
+                                      "(pad inputs to a fixed length to graph them)")
+            try:
+                self._capture(x, kwargs)
+            except Exception as e:  # an op that can't be captured: train eagerly, say why
+                self._release()
+                return self._turn_off(f"capture failed: {type(e).__name__}: {str(e)[:200]}")
+            self.key = key
+        self.generation += 1
+        self.sources = dict(flat)
+        return True
+
+    def _key(self, x, flat):
+        args = tuple((p, tuple(v.shape), v.dtype, v.device, v.stride()) if isinstance(v, torch.Tensor) else (p, v)
+                     for p, v in flat)
+        amp = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        return (tuple(x.shape), x.dtype, x.device, x.stride(), x.requires_grad, args, amp,
+                tuple(_signature(layer) for layer in self.layers))
+
+    def _turn_off(self, why: str) -> bool:
+        self.off = why
+        warnings.warn(f"deltatune: CUDA graphs off for this model ({why}); training continues without them",
+                      stacklevel=4)
+        return False
+
+    # -- capture ----------------------------------------------------------------------------------------
+    def _release(self):
+        self.caps = self.key = self.kwargs = self.sources = None
+        self.next = -1
+
+    def _static_kwargs(self, kwargs):
+        """Copies of the tensor arguments (the graphs' static inputs), in the structure of ``kwargs``."""
+        out = {}
+        for name, value in kwargs.items():
+            if isinstance(value, (tuple, list)):
+                out[name] = type(value)(v.detach().clone() if isinstance(v, torch.Tensor) else v for v in value)
+            else:
+                out[name] = value.detach().clone() if isinstance(value, torch.Tensor) else value
+        return out
+
+    def _capture(self, x, kwargs):
+        """Warm up, then capture every layer's forward (in order) and backward (in reverse)."""
+        self._release()
+        self.captures += 1
+        device = x.device
+        stream = torch.cuda.Stream(device)
+        pool = torch.cuda.graph_pool_handle()
+        static_x = torch.empty_like(x)
+        static_x.copy_(x)
+        self.kwargs = static = self._static_kwargs(kwargs)
+        # The captures differentiate fresh leaves over the parameters' storage: a parameter's own
+        # AccumulateGrad node may belong to an older step on another stream, which breaks a capture.
+        named = [[(n, p) for n, p in layer.named_parameters() if p.requires_grad] for layer in self.layers]
+        leaves = [[p.detach().requires_grad_(True) for _, p in ps] for ps in named]
+
+        def run(i, xi):
+            with _swapped(self.layers[i], [n for n, _ in named[i]], leaves[i]):
+                return _first(self.forwards[i](xi, **static))
+
+        amp = _amp_without_cache()
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), amp, torch.enable_grad():
+            for _ in range(2):  # lazy initialisation (cuBLAS handles, Triton compiles, cuDNN plans) happens here
+                for i in range(len(self.layers)):
+                    xi = static_x.detach().requires_grad_(i > 0 or x.requires_grad)
+                    out = run(i, xi)
+                    inputs = ([xi] if xi.requires_grad else []) + leaves[i]
+                    if out.requires_grad and inputs:
+                        torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
+                    del out
+        torch.cuda.current_stream(device).wait_stream(stream)
+        caps, h, needs = [], static_x, x.requires_grad
+        with amp, torch.enable_grad():
+            for i in range(len(self.layers)):
+                xi = h.detach().requires_grad_(needs)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    out = run(i, xi)
+                caps.append(_Captured(graph, xi, out, [p for _, p in named[i]]))
+                h, needs = out, out.requires_grad
+            for i in reversed(range(len(caps))):
+                cap = caps[i]
+                if not cap.out.requires_grad:  # no adapter up to here: nothing to differentiate
+                    cap.out = cap.out.detach()
+                    continue
+                grad_out = caps[i + 1].grad_in if i + 1 < len(caps) else torch.empty_like(cap.out)
+                inputs = ([cap.x] if cap.x.requires_grad else []) + leaves[i]
+                buffers = [torch.zeros_like(p) for p in cap.params]  # outside the pool: they outlive the step
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    grads = torch.autograd.grad(cap.out, inputs, grad_out, allow_unused=True)
+                    param_grads = grads[1:] if cap.x.requires_grad else grads
+                    used = [j for j, g in enumerate(param_grads) if g is not None]
+                    if used:  # accumulate in the graph: one launch, where AccumulateGrad would copy each
+                        torch._foreach_add_([buffers[j] for j in used], [param_grads[j] for j in used])
+                cap.bwd, cap.grad_out = graph, grad_out
+                cap.grad_in = grads[0] if cap.x.requires_grad else None
+                cap.used, cap.grads = [cap.params[j] for j in used], [buffers[j] for j in used]
+                cap.out = cap.out.detach()  # the autograd graph is spent; keep the static output only
+                del grads, param_grads
+        self.caps = caps
+
+    # -- replay -----------------------------------------------------------------------------------------
+    def forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        cap = self.caps[i]
+        if i == 0:
+            if x.data_ptr() != cap.x.data_ptr():
+                cap.x.copy_(x)
+            for path, value in _flat(self.kwargs):
+                if isinstance(value, torch.Tensor):
+                    value.copy_(self.sources[path])
+        cap.fwd.replay()
+        return cap.out
+
+    def backward(self, i: int, generation: int, grad: torch.Tensor):
+        if generation != self.generation or self.caps is None:
+            raise RuntimeError("a CUDA-graphed layer's backward ran after a later forward reused its buffers: "
+                               "call backward() before the next forward, or enable the fast path without cuda_graphs")
+        cap = self.caps[i]
+        if cap.bwd is None:  # only unused parameters needed a gradient
+            return None
+        if grad.data_ptr() != cap.grad_out.data_ptr():
+            cap.grad_out.copy_(grad)
+        # The graph adds into the buffers, which serve as .grad: zero one whose .grad was reset (set to
+        # None), take over one the caller assigned; zero_grad(set_to_none=False) zeroes them in place.
+        fresh = [(p, b) for p, b in zip(cap.used, cap.grads) if p.grad is not b]
+        if fresh:
+            reset = [b for p, b in fresh if p.grad is None]
+            if reset:
+                torch._foreach_zero_(reset)
+            for p, b in fresh:
+                if p.grad is not None:
+                    b.copy_(p.grad)
+                p.grad = b
+        cap.bwd.replay()
+        return cap.grad_in
+
+
+@contextlib.contextmanager
+def _swapped(layer: nn.Module, names, tensors):
+    """``layer`` with its parameters ``names`` (qualified) replaced by ``tensors`` for the duration."""
+    saved = []
+    try:
+        for name, tensor in zip(names, tensors):
+            owner, _, leaf = name.rpartition(".")
+            module = layer.get_submodule(owner) if owner else layer
+            saved.append((module, leaf, module._parameters[leaf]))
+            module._parameters[leaf] = tensor
+        yield
+    finally:
+        for module, leaf, param in reversed(saved):
+            module._parameters[leaf] = param
+
+
+def _amp_without_cache():
+    """The caller's CUDA autocast, with its cast cache off (a cached cast made in a capture would be stale)."""
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, stack, i, x, *anchor):
+        ctx.stack, ctx.i, ctx.generation, ctx.n_anchor = stack, i, stack.generation, len(anchor)
+        return stack.forward(i, x).detach()  # a fresh tensor object over the static output
+
+    @staticmethod
+    def backward(ctx, grad):
+        # The parameters' gradients are added to their .grad inside the backward graph (GraphedStack.backward).
+        grad_in = ctx.stack.backward(ctx.i, ctx.generation, grad)
+        return (None, None, grad_in if ctx.needs_input_grad[2] else None) + (None,) * ctx.n_anchor
+
+
+def graph_layers(layers) -> GraphedStack:
+    """Route calls of ``layers`` (consecutive decoder layers) through CUDA graphs; ``ungraph_layers`` undoes it."""
+    layers = list(layers)
+    stack = GraphedStack(layers, [layer.forward for layer in layers])
+    for i, layer in enumerate(layers):
+        layer._deltatune_graphed = layer.__dict__.get("forward")  # an instance forward (patched), or None
+        layer.forward = _bind(stack, i)
+    return stack
+
+
+def _bind(stack: GraphedStack, i: int):
+    def forward(hidden_states, *args, **kwargs):
+        return stack.call(i, hidden_states, *args, **kwargs)
+    return forward
+
+
+def ungraph_layers(stack: GraphedStack) -> None:
+    """Restore the layers' own forwards and free the graphs."""
+    for layer in stack.layers:
+        previous = layer.__dict__.pop("_deltatune_graphed")
+        if previous is None:
+            del layer.forward
+        else:
+            layer.forward = previous
+    stack._release()

@@ -1,0 +1,171 @@
+"""CUDA graphs over decoder layers (deltatune.graphs): same training as eager, recapture, misuse errors."""
+
+import copy
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.fast import disable_fast_path, enable_fast_path, fused_causal_lm_loss
+from deltatune.graphs import _signature
+
+transformers = pytest.importorskip("transformers")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
+
+
+def tiny_llama(layers=2, quant=None, seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=257, max_position_embeddings=128,
+                                   attn_implementation="sdpa", use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).to(device)
+    if quant:
+        dt.quantize_model(model, kind=quant, blocksize=64, double_quant=True, compute_dtype=torch.bfloat16)
+    dt.add_adapter(model, dt.LoraConfig(r=4, alpha=8, targets=TARGETS, init="random"))
+    return model.train()
+
+
+def graph_stack(model):
+    return next(m for how, m in model.__dict__["_deltatune_fast"] if how == "graphs")
+
+
+def train(model, batches, micro=1, set_to_none=True, **fast):
+    """Losses of AdamW steps on ``batches`` (each split into ``micro`` micro-batches), and the final adapters."""
+    enable_fast_path(model, **fast)
+    opt = torch.optim.AdamW(dt.adapter_params(model), lr=1e-2)
+    losses = []
+    for ids in batches:
+        for part in ids.chunk(micro):
+            loss = fused_causal_lm_loss(model, part, part) / micro
+            loss.backward()
+            losses.append(loss.item())
+        opt.step()
+        opt.zero_grad(set_to_none=set_to_none)
+    return losses, [p.detach().clone() for p in dt.adapter_params(model)]
+
+
+def test_graphs_off_cuda_run_the_layers_eagerly():
+    """On the CPU the graphed layers run their own forwards: results equal the fast path without graphs."""
+    batches = [torch.randint(0, 257, (2, 32)) for _ in range(2)]
+    model = tiny_llama()
+    plain = copy.deepcopy(model)
+    losses, params = train(model, batches, cuda_graphs=True)
+    ref_losses, ref_params = train(plain, batches)
+    assert losses == ref_losses
+    assert all(torch.equal(a, b) for a, b in zip(params, ref_params))
+    assert graph_stack(model).captures == 0
+    disable_fast_path(model)
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+
+
+def test_graphs_need_layers_without_checkpointing():
+    with pytest.raises(ValueError, match="all of them checkpointed"):
+        enable_fast_path(tiny_llama(), checkpoint=True, cuda_graphs=True)
+    with pytest.raises(ValueError, match="none"):
+        enable_fast_path(torch.nn.Sequential(torch.nn.Linear(4, 4)), cuda_graphs=True)
+    model = tiny_llama(layers=4)
+    enable_fast_path(model, checkpoint=0.5, cuda_graphs=True)
+    assert graph_stack(model).layers == list(model.model.layers[2:])
+
+
+def test_signature_sees_what_a_capture_depends_on():
+    """Switching adapters, freezing a parameter or moving its storage changes the signature (recapture)."""
+    model = tiny_llama()
+    layer = model.model.layers[0]
+    base = _signature(layer)
+    dt.add_adapter(model, dt.LoraConfig(r=2, targets=TARGETS), name="other", activate=False)
+    assert _signature(layer) != base  # new parameters
+    base = _signature(layer)
+    dt.set_active(model, "other")
+    assert _signature(layer) != base
+    base = _signature(layer)
+    layer.self_attn.q_proj.lora_A["other"].requires_grad_(False)
+    assert _signature(layer) != base
+    base = _signature(layer)
+    layer.self_attn.q_proj.lora_A["other"].data = layer.self_attn.q_proj.lora_A["other"].data.clone()
+    assert _signature(layer) != base
+    assert _signature(layer) == _signature(layer)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("quant", [None, "nf4"])
+@pytest.mark.parametrize("micro,set_to_none", [(1, True), (2, True), (2, False)])
+def test_gpu_graphed_training_matches_eager(quant, micro, set_to_none):
+    """Four AdamW steps (with gradient accumulation when micro=2) replayed from graphs equal eager steps."""
+    batches = [torch.randint(0, 257, (4, 64), device="cuda") for _ in range(4)]
+    model = tiny_llama(quant=quant, device="cuda")
+    eager = copy.deepcopy(model)
+    losses, params = train(model, batches, micro, set_to_none, cuda_graphs=True)
+    ref_losses, ref_params = train(eager, batches, micro, set_to_none)
+    stack = graph_stack(model)
+    assert stack.off is None and stack.captures == 1 and stack.generation == len(batches) * micro
+    assert losses == pytest.approx(ref_losses, rel=2e-3)
+    for a, b in zip(params, ref_params):
+        assert ((a - b).norm() / b.norm()).item() < 2e-3
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_graphs_recapture_on_new_shapes_and_adapters():
+    model = tiny_llama(layers=4, device="cuda")
+    eager = copy.deepcopy(model)
+    enable_fast_path(model, checkpoint=0.25, cuda_graphs=True)  # layer 0 checkpointed, layers 1-3 graphed
+    enable_fast_path(eager, checkpoint=0.25)
+    stack = graph_stack(model)
+
+    def step(m, ids):
+        for p in dt.adapter_params(m):
+            p.grad = None
+        loss = fused_causal_lm_loss(m, ids, ids)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in dt.adapter_params(m) if p.grad is not None]
+
+    def same(ids):
+        loss, grads = step(model, ids)
+        ref_loss, ref_grads = step(eager, ids)
+        assert loss == pytest.approx(ref_loss, rel=2e-3)
+        assert len(grads) == len(ref_grads)
+        for a, b in zip(grads, ref_grads):
+            assert ((a - b).norm() / b.norm()).item() < 2e-3
+
+    same(torch.randint(0, 257, (2, 64), device="cuda"))
+    same(torch.randint(0, 257, (2, 64), device="cuda"))
+    assert stack.captures == 1
+    same(torch.randint(0, 257, (2, 32), device="cuda"))
+    assert stack.captures == 2
+    disable_fast_path(model)
+    dt.add_adapter(model, dt.LoraConfig(r=2, targets=TARGETS, init="random"), name="other")
+    dt.set_active(model, "other")
+    eager = copy.deepcopy(model)
+    enable_fast_path(model, cuda_graphs=True)
+    enable_fast_path(eager)
+    stack = graph_stack(model)
+    same(torch.randint(0, 257, (2, 32), device="cuda"))
+    dt.set_active(model, "default")
+    dt.set_active(eager, "default")
+    same(torch.randint(0, 257, (2, 32), device="cuda"))
+    assert stack.captures == 2 and stack.off is None
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_graphs_refuse_a_late_backward_and_keep_no_grad_calls_eager():
+    model = tiny_llama(device="cuda")
+    enable_fast_path(model, cuda_graphs=True)
+    ids = torch.randint(0, 257, (2, 64), device="cuda")
+    first = fused_causal_lm_loss(model, ids, ids)
+    with torch.no_grad():  # eager: the graphs' buffers keep the first forward's activations
+        model(input_ids=ids)
+    first.backward()
+    grads = [p.grad.clone() for p in dt.adapter_params(model)]
+    model.zero_grad(set_to_none=True)
+    again = fused_causal_lm_loss(model, ids, ids)
+    again.backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, dt.adapter_params(model)))
+    stale = fused_causal_lm_loss(model, ids, ids)
+    fused_causal_lm_loss(model, ids, ids)
+    with pytest.raises(RuntimeError, match="reused its buffers"):
+        stale.backward()
