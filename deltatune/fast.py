@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deltatune.graphs import _first
 from deltatune.kernels import apply_rope, linear_cross_entropy, lora_group, lora_mlp, rms_norm
 from deltatune.kernels.lora import recomputing
 from deltatune.lora import LoraLayer
@@ -196,14 +197,6 @@ def _checkpointed(forward, offload: bool, skip_mlp_output: bool, anchor: torch.T
         return _Checkpoint.apply(lambda h: _first(forward(h, *args, **kwargs)), offload, skip_mlp_output, anchor,
                                  hidden_states)
     return run
-
-
-def _first(out):
-    if isinstance(out, tuple):  # transformers < 5 returned (hidden_states, ...) from decoder layers
-        if any(o is not None for o in out[1:]):
-            raise RuntimeError("the fast path's checkpoint needs decoder layers that return only hidden states")
-        return out[0]
-    return out
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -48,7 +48,8 @@ def _first(out):
     """The hidden states of a decoder layer's output (transformers < 5 returned a tuple)."""
     if isinstance(out, tuple):
         if any(o is not None for o in out[1:]):
-            raise RuntimeError("graphed decoder layers must return only hidden states")
+            raise RuntimeError("the fast path's checkpoint and CUDA graphs need decoder layers that return only "
+                               "hidden states")
         return out[0]
     return out
 
