@@ -152,10 +152,10 @@ class GraphedStack:
                             for p, v in flat))
         if any(isinstance(v, torch.Tensor) and v.requires_grad for _, v in flat):
             return False
+        if any(_has_hooks(layer) for layer in self.layers):  # checked every step: hooks may come after a capture
+            return self._turn_off("a layer has hooks, which would not run in the replays")
         key = self._key(x, flat)
         if key != self.key:
-            if any(_has_hooks(layer) for layer in self.layers):
-                return self._turn_off("a layer has hooks, which would run at capture only")
             if self.captures >= self.max_recaptures:
                 return self._turn_off(f"{self.captures} captures: shapes or settings change between steps "
                                       "(pad inputs to a fixed length to graph them)")
