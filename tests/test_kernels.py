@@ -13,17 +13,12 @@ import sys
 import pytest
 import torch
 
+from _util import rel_error
+
 triton = pytest.importorskip("triton")
 
 # Tolerances for one bf16 rounding of the output (fp32 arithmetic inside), and for fp32 throughout.
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
-
-
-def _rel(out, ref):
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item()
 
 
 def _poisoned_like(t):
@@ -42,7 +37,7 @@ def check_rmsnorm(device, dtype):
     x64 = x.double().requires_grad_()
     ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w.double()
     ref.backward(dy.double())
-    return {"y": _rel(y, ref.detach()), "dx": _rel(dx, x64.grad)}
+    return {"y": rel_error(y, ref.detach()), "dx": rel_error(dx, x64.grad)}
 
 
 def check_rope(device, dtype):
@@ -66,8 +61,8 @@ def check_rope(device, dtype):
         x64 = x.double().requires_grad_()
         ref = x64 * cos.double()[:, :, None] + rotate_half(x64) * sin.double()[:, :, None]
         ref.backward(dy.double())
-        out[f"y_cs{cs_batch}"] = _rel(y, ref.detach())
-        out[f"dx_cs{cs_batch}"] = _rel(dx, x64.grad)
+        out[f"y_cs{cs_batch}"] = rel_error(y, ref.detach())
+        out[f"dx_cs{cs_batch}"] = rel_error(dx, x64.grad)
     return out
 
 
@@ -85,8 +80,8 @@ def check_swiglu(device, dtype):
     g64, u64 = g.double().requires_grad_(), u.double().requires_grad_()
     ref = torch.nn.functional.silu(g64) * u64
     ref.backward(dh.double())
-    return {"h": _rel(h, ref.detach()), "h_recomputed": _rel(h2, ref.detach()),
-            "dg": _rel(dg, g64.grad), "du": _rel(du, u64.grad)}
+    return {"h": rel_error(h, ref.detach()), "h_recomputed": rel_error(h2, ref.detach()),
+            "dg": rel_error(dg, g64.grad), "du": rel_error(du, u64.grad)}
 
 
 def check_cross_entropy(device, dtype):
@@ -102,7 +97,7 @@ def check_cross_entropy(device, dtype):
     z64 = z.double().requires_grad_()
     ref = torch.nn.functional.cross_entropy(z64, labels, ignore_index=-100, reduction="none")
     ref.sum().mul(1.0 / 7).backward()
-    return {"loss": _rel(loss, ref.detach()), "dz": _rel(buf, z64.grad)}
+    return {"loss": rel_error(loss, ref.detach()), "dz": rel_error(buf, z64.grad)}
 
 
 def check_linear_cross_entropy(device, dtype):
@@ -120,7 +115,7 @@ def check_linear_cross_entropy(device, dtype):
     h64 = hid.double().requires_grad_()
     ref = torch.nn.functional.cross_entropy(h64 @ w.double().T, labels, ignore_index=-100)
     ref.backward()
-    return {"loss": _rel(loss.detach(), ref.detach()), "dh": _rel(h.grad, h64.grad)}
+    return {"loss": rel_error(loss.detach(), ref.detach()), "dh": rel_error(h.grad, h64.grad)}
 
 
 def check_lora_mlp(device, dtype):
@@ -147,10 +142,10 @@ def check_lora_mlp(device, dtype):
     u = lin64(x64, ws[1], *a64[1])
     ref = lin64(torch.nn.functional.silu(g) * u, ws[2], *a64[2])
     ref.backward(dy.double())
-    out = {"y": _rel(y.detach(), ref.detach()), "dx": _rel(xg.grad, x64.grad)}
+    out = {"y": rel_error(y.detach(), ref.detach()), "dx": rel_error(xg.grad, x64.grad)}
     for j, ((a, b), (a2, b2)) in enumerate(zip(ads, a64)):
-        out[f"dA{j}"] = _rel(a.grad, a2.grad)
-        out[f"dB{j}"] = _rel(b.grad, b2.grad)
+        out[f"dA{j}"] = rel_error(a.grad, a2.grad)
+        out[f"dB{j}"] = rel_error(b.grad, b2.grad)
     return out
 
 
@@ -188,8 +183,8 @@ def check_fast_path(device, dtype):
     out = {}
     for name, fast in (("plain", False), ("fast", True)):
         loss, grads = run(model, fast)
-        out[f"{name}_loss"] = _rel(loss, ref_loss)
-        out[f"{name}_grads"] = sum(_rel(g, r) for g, r in zip(grads, ref_grads)) / len(grads)
+        out[f"{name}_loss"] = rel_error(loss, ref_loss)
+        out[f"{name}_grads"] = sum(rel_error(g, r) for g, r in zip(grads, ref_grads)) / len(grads)
     return out
 
 
@@ -255,7 +250,7 @@ def test_interpreter_catches_a_wrong_kernel(interpreted):
 
     x = torch.randn(5, 64, dtype=torch.float64)
     w = torch.ones(64, dtype=torch.float64)
-    assert _rel(_rms_ref(x, w, 1e-6)[0], _rms_ref(x, w, 1.0)[0]) > 1e-2
+    assert rel_error(_rms_ref(x, w, 1e-6)[0], _rms_ref(x, w, 1.0)[0]) > 1e-2
 
 
 if __name__ == "__main__":  # the subprocess: TRITON_INTERPRET=1 is set before triton is imported

@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _util import rel_error
+
 # One bf16/fp16 rounding of the weight and of the output, fp32 accumulation.
 TOL = 1e-2
 
@@ -27,13 +29,6 @@ CASES = [
     (2, 24, 512, 256, (16, 16, 64, 3)),
     (4, 20, 96, 32, None),
 ]
-
-
-def _rel(out, ref):
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item()
 
 
 def run_checks(device):
@@ -54,7 +49,7 @@ def run_checks(device):
                     ref = x.double() @ nf4.dequantize_4bit(q, torch.float64).T
                     path = F.linear(x.float(), q.dequantize(dtype).float())  # what dequantize-then-cuBLAS computes
                     name = f"{kind}/dq={int(double_quant)}/{str(dtype)[6:]}/{M}x{N}x{K}/bs{bs}"
-                    results[name] = (_rel(y, ref), _rel(y, path))
+                    results[name] = (rel_error(y, ref), rel_error(y, path))
     return results
 
 
@@ -100,9 +95,9 @@ def test_quant_linear_dispatch_gpu(M):
     x = torch.randn(M, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     ref = F.linear(x.detach().double(), layer.dequantize(torch.float64), layer.bias.double())
     with torch.no_grad():
-        assert _rel(layer(x), ref) < TOL
+        assert rel_error(layer(x), ref) < TOL
     y = layer(x)
-    assert _rel(y, ref) < TOL
+    assert rel_error(y, ref) < TOL
     y.float().pow(2).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
