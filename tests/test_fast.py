@@ -76,6 +76,15 @@ def test_fast_path_on_a_quantized_base_matches_plain_path(kind, checkpoint, monk
     dense = fused._dense
     monkeypatch.setattr(fused, "_dense", lambda w, dtype: (dequantized.append(1) if not torch.is_tensor(w) else None,
                                                            dense(w, dtype))[1])
+    stacked = fused._stacked
+
+    def count_stacked(weights, dtype):  # gate and up, dequantized into one buffer (None: plain weights)
+        out = stacked(weights, dtype)
+        if out is not None:
+            dequantized.extend([1] * len(weights))
+        return out
+
+    monkeypatch.setattr(fused, "_stacked", count_stacked)
     from deltatune.quant import quantize_model
 
     torch.manual_seed(0)

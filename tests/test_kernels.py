@@ -84,6 +84,38 @@ def check_swiglu(device, dtype):
             "dg": rel_error(dg, g64.grad), "du": rel_error(du, u64.grad)}
 
 
+def check_swiglu_lora(device, dtype):
+    """The LoRA MLP's SwiGLU: low-rank terms added in the kernel, g/u column blocks of one tensor."""
+    from deltatune.kernels import triton_swiglu as k
+
+    n, i = 45, 300  # neither a multiple of the tile
+    out = {}
+    for rg, ru, rd in ((5, 20, 3), (0, 16, 0)):  # ranks padded to 16 / 32 for tl.dot; a projection without
+        gu = torch.randn(n, 2 * i, device=device, dtype=dtype) * 2  # an adapter
+        g, u = gu[:, :i], gu[:, i:]
+        h = torch.randn(n, rg + ru, device=device, dtype=dtype)
+        sbg, sbu = (torch.randn(i, r, device=device, dtype=dtype) / 3 for r in (rg, ru))
+        gd = torch.randn(n, rd, device=device, dtype=dtype)
+        ad = torch.randn(rd, i, device=device, dtype=dtype) / 3
+        lora_g = (h[:, :rg], sbg) if rg else None
+        lora_u = (h[:, rg:], sbu) if ru else None
+        lora_d = (gd, ad) if rd else None
+        dh = torch.randn(n, i, device=device, dtype=dtype)
+        act = k.swiglu_lora_forward(g, u, lora_g, lora_u)
+        gu0 = gu.clone()
+        act2, dgu = k.swiglu_lora_backward(dh.clone(), g, u, lora_g, lora_u, lora_d)
+        assert torch.equal(gu, gu0)  # inputs untouched
+        g64, u64 = g.double().requires_grad_(), u.double().requires_grad_()
+        gf = g64 + (h[:, :rg].double() @ sbg.double().T if rg else 0)
+        uf = u64 + (h[:, rg:].double() @ sbu.double().T if ru else 0)
+        ref = torch.nn.functional.silu(gf) * uf
+        ref.backward(dh.double() + (gd.double() @ ad.double() if rd else 0))
+        tag = f"_r{rg}_{ru}_{rd}"
+        out.update({"act" + tag: rel_error(act, ref.detach()), "act_recomputed" + tag: rel_error(act2, ref.detach()),
+                    "dg" + tag: rel_error(dgu[:, :i], g64.grad), "du" + tag: rel_error(dgu[:, i:], u64.grad)})
+    return out
+
+
 def check_cross_entropy(device, dtype):
     from deltatune.kernels import triton_cross_entropy as k
 
@@ -188,7 +220,7 @@ def check_fast_path(device, dtype):
     return out
 
 
-CHECKS = {f.__name__[len("check_"):]: f for f in (check_rmsnorm, check_rope, check_swiglu, check_cross_entropy,
+CHECKS = {f.__name__[len("check_"):]: f for f in (check_rmsnorm, check_rope, check_swiglu, check_swiglu_lora, check_cross_entropy,
                                                    check_linear_cross_entropy, check_lora_mlp, check_fast_path)}
 # bf16 operands in several chained matmuls: a looser bound than one rounding
 EXTRA_TOL = {"lora_mlp": 3e-2, "linear_cross_entropy": 2e-2, "fast_path": 0.15}

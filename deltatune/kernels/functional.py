@@ -172,6 +172,41 @@ def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
     return (silu * uf).to(g.dtype), dh, du
 
 
+def _plus_low_rank(t, lr, transposed=False):
+    """``t + h @ f.T`` (or ``h @ f`` if ``transposed``) in the wide dtype; ``lr = (h, f)`` or None."""
+    t = _wide(t)
+    if lr is None:
+        return t
+    h, f = _wide(lr[0]), _wide(lr[1])
+    return t + (h @ f if transposed else h @ f.T)
+
+
+def swiglu_lora_forward(g, u, lora_g=None, lora_u=None):
+    """``silu(g + h_g (sB_g)^T) * (u + h_u (sB_u)^T)`` without autograd; the low-rank terms are added in
+    the kernel, never written out. ``lora_*``: ``(h (N, r), sB (I, r))`` or None. g, u (N, I)."""
+    if triton_enabled(g):
+        return _k("triton_swiglu").swiglu_lora_forward(g, u, lora_g, lora_u)
+    gf, uf = _plus_low_rank(g, lora_g), _plus_low_rank(u, lora_u)
+    return (gf * torch.sigmoid(gf) * uf).to(g.dtype)
+
+
+def swiglu_lora_backward(dh, g, u, lora_g=None, lora_u=None, lora_d=None):
+    """``(act, dgu)`` for ``swiglu_lora_forward`` given ``dh`` (N, I) contiguous plus the down adapter's
+    part ``lora_d = (g_d (N, r_d), A_d (r_d, I))`` (added as ``g_d @ A_d``). ``act`` is written over
+    ``dh``; ``dgu`` (N, 2I) is ``[dg | du]``, new."""
+    if triton_enabled(g):
+        return _k("triton_swiglu").swiglu_lora_backward(dh, g, u, lora_g, lora_u, lora_d)
+    gf, uf, dhf = _plus_low_rank(g, lora_g), _plus_low_rank(u, lora_u), _plus_low_rank(dh, lora_d, True)
+    sig = torch.sigmoid(gf)
+    silu = gf * sig
+    i = g.shape[1]
+    dgu = torch.empty((g.shape[0], 2 * i), dtype=g.dtype, device=g.device)
+    dgu[:, :i] = dhf * uf * sig * (1 + gf * (1 - sig))
+    dgu[:, i:] = dhf * silu
+    dh.copy_(silu * uf)
+    return dh, dgu
+
+
 class _SwiGLU(torch.autograd.Function):
     """Saves g and u; recomputes ``h`` in backward rather than storing it."""
 

@@ -44,9 +44,10 @@ class Int8Tensor:
     def numel(self) -> int:
         return self.shape.numel()
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense tensor in ``dtype`` (default: the original dtype)."""
-        return dequantize_int8(self, dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense tensor in ``dtype`` (default: the original dtype), written into ``out`` if given."""
+        dense = dequantize_int8(self, dtype)
+        return dense if out is None else out.copy_(dense)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"packed": self.packed, "scale": self.scale, "zero": self.zero}

@@ -177,15 +177,22 @@ class QuantizedTensor:
             return self.absmax.float()
         return dequantize_blockwise_8bit(self.absmax, self.nested_absmax, NESTED_BLOCKSIZE) + self.offset
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense tensor in ``dtype`` (default: the original dtype); Triton on CUDA, PyTorch elsewhere."""
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense tensor in ``dtype`` (default: the original dtype); Triton on CUDA, PyTorch elsewhere.
+
+        ``out``: a contiguous tensor of this shape and dtype to write into (e.g. rows of a stacked weight).
+        """
         dtype = dtype or self.dtype
+        if out is not None and (out.shape != self.shape or out.dtype != dtype or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(self.shape)}, "
+                             f"got {out.dtype} {tuple(out.shape)} (contiguous: {out.is_contiguous()})")
         if self.packed.is_cuda:
             from deltatune.quant import triton_dequant
 
             if triton_dequant.available():
-                return triton_dequant.dequantize_4bit(self, dtype)
-        return dequantize_4bit(self, dtype)
+                return triton_dequant.dequantize_4bit(self, dtype, out=out)
+        dense = dequantize_4bit(self, dtype)
+        return dense if out is None else out.copy_(dense)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors to store (buffers of a module, entries of a state dict)."""
