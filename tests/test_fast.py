@@ -78,8 +78,8 @@ def test_fast_path_on_a_quantized_base_matches_plain_path(kind, checkpoint, monk
                                                            dense(w, dtype))[1])
     stacked = fused._stacked
 
-    def count_stacked(weights, dtype):  # gate and up, dequantized into one buffer (None: plain weights)
-        out = stacked(weights, dtype)
+    def count_stacked(weights, *args):  # gate and up, dequantized into one buffer (None: plain weights)
+        out = stacked(weights, *args)
         if out is not None:
             dequantized.extend([1] * len(weights))
         return out

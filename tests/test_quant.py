@@ -191,6 +191,12 @@ TRITON_CHECK = textwrap.dedent("""
                     got = triton_dequant.dequantize_4bit(q, dtype)
                     if not torch.equal(got, nf4.dequantize_4bit(q, dtype)):
                         bad.append((kind, dq, shape, bs, str(dtype)))
+                    if dtype != torch.float32 and shape[1] % 2 == 0:  # into the left columns of a wider matrix
+                        wide = torch.full((shape[0], shape[1] + 6), 7.0, dtype=dtype, device=DEVICE)
+                        triton_dequant.dequantize_4bit(q, dtype, out=wide[:, :shape[1]])
+                        if not (torch.equal(wide[:, :shape[1]], nf4.dequantize_4bit(q, dtype))
+                                and bool((wide[:, shape[1]:] == 7).all())):
+                            bad.append((kind, dq, shape, bs, str(dtype), "strided"))
     print("BAD", bad)
 """)
 

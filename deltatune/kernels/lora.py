@@ -58,17 +58,19 @@ def _dense(weight, dtype: torch.dtype) -> torch.Tensor:
     return weight.to(dtype) if isinstance(weight, torch.Tensor) else weight.dequantize(dtype)
 
 
-def _stacked(weights, dtype: torch.dtype) -> torch.Tensor | None:
-    """``[W_1; W_2; ...]`` (sum of outs, in) in ``dtype`` for quantized weights, dequantized straight into
-    row slices of one buffer (so projections sharing an input run as one matmul); None for plain
-    tensors (stacking those would copy them) or differing input sizes."""
+def _stacked(weights, dtype: torch.dtype, extra_cols: int = 0) -> torch.Tensor | None:
+    """``[W_1; W_2; ...]`` (sum of outs, in + extra_cols) in ``dtype`` for quantized weights, dequantized
+    straight into the left columns of one buffer (so projections sharing an input run as one matmul;
+    the extra columns are the caller's, uninitialised); None for plain tensors (stacking those would
+    copy them) or differing input sizes."""
     if any(isinstance(w, torch.Tensor) for w in weights) or len({w.shape[1] for w in weights}) != 1:
         return None
-    out = torch.empty((sum(w.shape[0] for w in weights), weights[0].shape[1]), dtype=dtype,
+    cols = weights[0].shape[1]
+    out = torch.empty((sum(w.shape[0] for w in weights), cols + extra_cols), dtype=dtype,
                       device=weights[0].packed.device)
     o = 0
     for w in weights:
-        w.dequantize(dtype, out=out[o:o + w.shape[0]])
+        w.dequantize(dtype, out=out[o:o + w.shape[0], :cols])
         o += w.shape[0]
     return out
 
@@ -230,7 +232,13 @@ def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need, dense=None, me
     ``dense``: the forward's dense weights, if it kept them (else each W is cast/dequantized here).
     ``merged``: ``(dy_cat (N, sum out), W_cat (sum out, in))`` when the output gradients are column
     blocks of one tensor and the weights row blocks of another: dx's base part is then one matmul.
+    ``W_cat`` may carry ``g``'s factors as R extra columns (``_augment``): that matmul then gives g too.
     """
+    cols = x2.shape[1]
+    g_given = None
+    if need_dx and merged is not None and merged[1].shape[1] > cols:
+        both = merged[0] @ merged[1]  # (N, in + R) = [dx_base | g]
+        dx_base, g_given = both[:, :cols], both[:, cols:]
     n = x2.shape[0]
     dy2s, gs, grads, off = [], [], [], 0
     for (weight, bias, As, Bs, scales), sb, dy, (need_bias, need_a, need_b) in zip(projs, sbs, dys, need):
@@ -238,7 +246,7 @@ def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need, dense=None, me
         d_as, d_bs = [None] * len(As), [None] * len(Bs)
         if dy is None:
             dy2s.append(None)
-            if r:
+            if r and g_given is None:
                 gs.append(torch.zeros((n, r), dtype=x2.dtype, device=x2.device))
             grads.append((None, d_as, d_bs))
             off += r
@@ -246,8 +254,9 @@ def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need, dense=None, me
         dy2 = dy.reshape(n, -1)
         dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()  # column blocks of a wider tensor are fine
         dy2s.append(dy2)
-        if r:
+        if r and g_given is None:
             gs.append(dy2 @ sb)  # (N, r_p)
+        if r:
             if any(need_b):
                 one = scales[0] if len(Bs) == 1 else 1.0  # one adapter: its scale rides in the product
                 db = _weight_grad(dy2.T, h[:, off:off + r], Bs[0].dtype, one)  # (out, r_p)
@@ -260,9 +269,11 @@ def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need, dense=None, me
         dbias = dy2.sum(0).to(bias.dtype) if need_bias else None
         grads.append((dbias, d_as, d_bs))
         off += r
-    g = (torch.cat(gs, 1) if len(gs) > 1 else gs[0]) if gs else None  # (N, R)
-    dx = g @ a_cat if (g is not None and need_dx) else None
-    if need_dx and merged is not None:
+    g = (torch.cat(gs, 1) if len(gs) > 1 else gs[0]) if gs else g_given  # (N, R)
+    dx = g @ a_cat if (g is not None and need_dx and g_given is None) else None
+    if g_given is not None:
+        dx = dx_base.addmm_(g, a_cat)  # dx_base and g are column blocks of one tensor: no overlap
+    elif need_dx and merged is not None:
         dx = merged[0] @ merged[1] if dx is None else dx.addmm_(*merged)
     elif need_dx:
         for i, ((weight, *_), dy2) in enumerate(zip(projs, dy2s)):
@@ -344,18 +355,34 @@ def lora_group(x: torch.Tensor, projections) -> tuple[torch.Tensor, ...]:
         return _LoraGroup.apply(x, spec, *tensors)
 
 
-def _gate_up(x2, projs):
+def _gate_up(x2, projs, rank):
     """Base (no adapter) gate and up outputs (N, I) each, and their dense weights for the backward:
     one matmul against the stacked ``[W_g; W_u]`` for quantized weights (g, u are then column blocks of
-    one (N, 2I) tensor), two plain ones otherwise."""
+    one (N, 2I) tensor; the stack has ``rank`` spare columns for ``_augment``), two plain ones otherwise."""
     (w_g, b_g, *_), (w_u, b_u, *_) = projs
-    stacked = _stacked([w_g, w_u], x2.dtype) if b_g is None and b_u is None else None
+    stacked = _stacked([w_g, w_u], x2.dtype, rank) if b_g is None and b_u is None else None
     if stacked is not None:
-        gu = x2 @ stacked.T  # (N, 2I)
+        gu = x2 @ stacked[:, :x2.shape[1]].T  # (N, 2I)
         return gu[:, :w_g.shape[0]], gu[:, w_g.shape[0]:], stacked
     dense = (_dense(w_g, x2.dtype), _dense(w_u, x2.dtype))
     g, u = (F.linear(x2, w, None if b is None else b.to(x2.dtype)) for w, b in zip(dense, (b_g, b_u)))
     return g, u, dense
+
+
+def _augment(stacked, cols, sbs, rows):
+    """Write the block-diagonal ``diag(s B_g, s B_u)`` into the spare columns of the stacked weight
+    ``[W_g; W_u]`` (2I, cols + R): then ``[dg | du] @ stacked`` gives ``[dx_base | g]`` in one matmul,
+    instead of a second pass over the (N, 2I) gradients for ``g = dg (s B_g) | du (s B_u)``.
+    ``sbs``: per stacked weight its (rows_p, r_p) factor or None; ``rows``: the weights' row counts."""
+    tail = stacked[:, cols:]
+    tail.zero_()
+    row = col = 0
+    for sb, n in zip(sbs, rows):
+        if sb is not None:
+            tail[row:row + n, col:col + sb.shape[1]].copy_(sb)
+            col += sb.shape[1]
+        row += n
+    return stacked
 
 
 class _LoraMLP(torch.autograd.Function):
@@ -375,7 +402,7 @@ class _LoraMLP(torch.autograd.Function):
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
         a_gu, sb_gu = _factors(projs[:2], x.dtype)
         h_gu = x2 @ a_gu.T if a_gu is not None else None  # (N, R_g + R_u)
-        g, u, dense_gu = _gate_up(x2, projs[:2])
+        g, u, dense_gu = _gate_up(x2, projs[:2], h_gu.shape[1] if h_gu is not None else 0)
         act = swiglu_lora_forward(g, u, *_split_low_rank(h_gu, sb_gu))  # (N, I): used here, not saved
         a_d, sb_d = _factors(projs[2:], x.dtype)
         if recomputing.skip_mlp_output and not torch.compiler.is_compiling():
@@ -426,7 +453,9 @@ class _LoraMLP(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             stacked = dense_gu if isinstance(dense_gu, torch.Tensor) else None
             if stacked is None and projs[0][1] is None and projs[1][1] is None:
-                stacked = _stacked([projs[0][0], projs[1][0]], dy.dtype)
+                stacked = _stacked([projs[0][0], projs[1][0]], dy.dtype, h_gu.shape[1] if h_gu is not None else 0)
+            if stacked is not None and h_gu is not None:
+                stacked = _augment(stacked, x2.shape[1], [sg, su], [i, i])
             merged = (dgu, stacked) if stacked is not None else None
         dx, grads_gu = _group_backward((dgu[:, :i], dgu[:, i:]), x2, h_gu, projs[:2], a_gu, [sg, su],
                                        ctx.needs_input_grad[0], need[:2],

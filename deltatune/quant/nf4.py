@@ -180,12 +180,13 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The dense tensor in ``dtype`` (default: the original dtype); Triton on CUDA, PyTorch elsewhere.
 
-        ``out``: a contiguous tensor of this shape and dtype to write into (e.g. rows of a stacked weight).
+        ``out``: a tensor of this shape and dtype to write into, with unit last stride (e.g. rows of a
+        stacked weight, or the left columns of a wider one).
         """
         dtype = dtype or self.dtype
-        if out is not None and (out.shape != self.shape or out.dtype != dtype or not out.is_contiguous()):
-            raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(self.shape)}, "
-                             f"got {out.dtype} {tuple(out.shape)} (contiguous: {out.is_contiguous()})")
+        if out is not None and (out.shape != self.shape or out.dtype != dtype or out.stride(-1) != 1):
+            raise ValueError(f"out must be a {dtype} tensor of shape {tuple(self.shape)} with unit last stride, "
+                             f"got {out.dtype} {tuple(out.shape)} with strides {out.stride()}")
         if self.packed.is_cuda:
             from deltatune.quant import triton_dequant
 

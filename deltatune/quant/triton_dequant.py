@@ -72,11 +72,19 @@ def _pair_kernel():
 
     @triton.jit
     def dequant_4bit_pairs_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, out_ptr,
-                                  nbytes, HALF_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BF16: tl.constexpr,
+                                  nbytes, row_words, stride_words, HALF_BLOCKSIZE: tl.constexpr,
+                                  NESTED: tl.constexpr, BF16: tl.constexpr, STRIDED: tl.constexpr,
                                   BLOCK: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) byte indices = output word indices
-        mask = offs < nbytes
+        if STRIDED:  # grid (rows, chunks of a row): rows of row_words words, stride_words apart in out
+            row = tl.program_id(0).to(tl.int64)
+            col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+            mask = col < row_words
+            offs = row * row_words + col  # (BLOCK,) byte indices
+            dest = row * stride_words + col  # and where their words go
+        else:
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # byte = output word indices
+            mask = offs < nbytes
+            dest = offs
         byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
         high = tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0)  # element 2j
         low = tl.load(code_ptr + (byte & 15), mask=mask, other=0.0)  # element 2j + 1
@@ -96,7 +104,7 @@ def _pair_kernel():
             hb = high.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
             lb = low.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         word = hb | (lb << 16)
-        tl.store(out_ptr + offs, word, mask=mask)  # out_ptr is an int32 view of the 16-bit output
+        tl.store(out_ptr + dest, word, mask=mask)  # out_ptr is an int32 view of the 16-bit output
 
     return dequant_4bit_pairs_kernel
 
@@ -108,8 +116,10 @@ PAIR_WARPS = 4
 
 def dequantize_4bit(q, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
                     pairs: bool | None = None) -> torch.Tensor:
-    """Dense ``q`` (a ``QuantizedTensor``) in ``dtype``, computed by a Triton kernel; ``out`` (contiguous) may be reused.
+    """Dense ``q`` (a ``QuantizedTensor``) in ``dtype``, computed by a Triton kernel, into ``out`` if given.
 
+    ``out`` is contiguous, or a 2-D view with unit column stride (the left columns of a wider matrix):
+    written in place by the byte-pair kernel when columns and row stride are even, else through a copy.
     ``pairs`` forces the byte-pair kernel (True) or the per-element one (False); by default the pair
     kernel runs wherever it applies (16-bit output, even element count).
     """
@@ -126,14 +136,26 @@ def dequantize_4bit(q, dtype: torch.dtype | None = None, out: torch.Tensor | Non
         nested = offset = code8 = code
     bf16 = dtype == torch.bfloat16
     pairs_apply = dtype in (torch.bfloat16, torch.float16) and n % 2 == 0 and q.blocksize % 2 == 0
+    strided = not out.is_contiguous()
+    if strided:
+        cols = q.shape[-1]
+        if not (pairs_apply and out.dim() == 2 and out.stride(1) == 1 and cols % 2 == 0 and out.stride(0) % 2 == 0
+                and out.storage_offset() % 2 == 0 and pairs is not False):
+            return out.copy_(dequantize_4bit(q, dtype, pairs=pairs))  # whole 32-bit words only: via a copy
     if pairs and not pairs_apply:
         raise ValueError(f"the byte-pair kernel needs a 16-bit output and an even size, got {dtype}, {n} elements")
     if pairs_apply and pairs is not False:
         nbytes = n // 2
-        _pair_kernel()[(triton_cdiv(nbytes, PAIR_BLOCK),)](
-            q.packed, q.absmax, nested, offset, code, code8, out.view(-1).view(torch.int32), nbytes,
-            HALF_BLOCKSIZE=q.blocksize // 2, NESTED=q.double_quant, BF16=bf16, BLOCK=PAIR_BLOCK, num_warps=PAIR_WARPS,
-            **_launch_options())
+        if strided:  # (rows, cols / 2) int32 words, word (r, c) at r * stride_words + c from the first
+            words = out.view(torch.int32)
+            row_words, stride_words = cols // 2, out.stride(0) // 2
+        else:
+            words, row_words, stride_words = out.view(-1).view(torch.int32), 1, 1
+        grid = (out.shape[0], triton_cdiv(row_words, PAIR_BLOCK)) if strided else (triton_cdiv(nbytes, PAIR_BLOCK),)
+        _pair_kernel()[grid](
+            q.packed, q.absmax, nested, offset, code, code8, words, nbytes, row_words, stride_words,
+            HALF_BLOCKSIZE=q.blocksize // 2, NESTED=q.double_quant, BF16=bf16, STRIDED=strided, BLOCK=PAIR_BLOCK,
+            num_warps=PAIR_WARPS, **_launch_options())
         return out
     grid = (triton_cdiv(n, BLOCK),)
     _kernel()[grid](q.packed, q.absmax, nested, offset, code, code8, out.view(torch.int16) if bf16 else out, n,
