@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deltatune.graphs import _first
-from deltatune.kernels import apply_rope, linear_cross_entropy, lora_group, lora_mlp, rms_norm
+from deltatune.kernels import add_rms_norm, apply_rope, linear_cross_entropy, lora_group, lora_mlp, rms_norm
 from deltatune.kernels.lora import recomputing
 from deltatune.lora import LoraLayer
 
@@ -122,6 +122,26 @@ def _fast_mlp(self, x):
 
 def _fast_rmsnorm(self, x):
     return rms_norm(x, self.weight, self.variance_epsilon)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook (the module's own or a global one) would run on a call of ``module``."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
+
+
+def _fast_decoder(self, hidden_states, *args, **kwargs):
+    """LlamaDecoderLayer.forward with the residual add before the second norm fused into it
+    (``add_rms_norm``): one pass over the residual stream instead of two, and one in backward."""
+    norm = self.post_attention_layernorm
+    if args or "_deltatune_forward" not in norm.__dict__ or _hooked(norm):  # positional extras, the norm
+        return self._deltatune_forward(hidden_states, *args, **kwargs)  # isn't ours, or a hook must see it
+    residual = hidden_states
+    hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    residual, hidden_states = add_rms_norm(residual, hidden_states, norm.weight, norm.variance_epsilon)
+    return residual + self.mlp(hidden_states)
 
 
 # -- checkpointing ----------------------------------------------------------------------------------------
@@ -265,6 +285,11 @@ def enable_fast_path(model: nn.Module, kernels: bool = True, checkpoint: bool | 
         else:
             continue
         patched.append(("forward", m))
+    for layer in layers[recomputed:] if kernels else []:  # (checkpointed layers keep their own forward)
+        if type(layer).__name__ in _DECODER and type(getattr(layer, "post_attention_layernorm", None)).__name__ \
+                in _RMSNORM:
+            _patch(layer, _fast_decoder)
+            patched.append(("forward", layer))
     if checkpoint:
         anchor = torch.empty(0, requires_grad=True)
         patched_mlps = {id(m) for how, m in patched if type(m).__name__ in _MLP}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import deltatune as dt
+from deltatune import fast
 from deltatune.fast import disable_fast_path, enable_fast_path, fast_path_enabled, fused_causal_lm_loss
 from deltatune.kernels import lora_group, lora_mlp
 
@@ -152,7 +153,8 @@ def test_partial_checkpointing_recomputes_only_the_first_layers():
     full_loss, full_grads = loss_and_grads(model, ids, ids, fast=True, checkpoint=True)
     layers = model.model.layers
     enable_fast_path(model, checkpoint=0.5)
-    assert "forward" in layers[0].__dict__ and "forward" not in layers[1].__dict__  # only layer 0 is checkpointed
+    # only layer 0 is checkpointed; layer 1 runs the fused decoder forward (residual add inside the norm)
+    assert hasattr(layers[0].forward, "__wrapped__") and layers[1].forward.__func__ is fast._fast_decoder
     disable_fast_path(model)
     half_loss, half_grads = loss_and_grads(model, ids, ids, fast=True, checkpoint=0.5)
     assert torch.equal(half_loss, full_loss)
@@ -162,13 +164,21 @@ def test_partial_checkpointing_recomputes_only_the_first_layers():
             enable_fast_path(model, checkpoint=bad)
 
 
-def test_fused_nodes_do_not_save_the_norm_outputs():
+def test_fused_nodes_do_not_save_the_norm_outputs(monkeypatch):
     """The q/k/v and MLP nodes recompute their RMSNorm input in backward instead of keeping it."""
     model = tiny_llama(torch.float32)
     ids = torch.randint(0, 257, (2, 16))
-    norm_outputs, saved = [], set()
-    hooks = [m.register_forward_hook(lambda m, i, o: norm_outputs.append(o))  # kept alive: no address reuse
-             for n, m in model.named_modules() if n.endswith("layernorm")]
+    norm_outputs, saved = [], set()  # kept alive: no address reuse
+    hooks = [m.register_forward_hook(lambda m, i, o: norm_outputs.append(o))
+             for n, m in model.named_modules() if n.endswith("input_layernorm")]
+    add_norm = fast.add_rms_norm
+
+    def recording_add_norm(*args):  # the second norm of each layer runs fused with the residual add
+        out = add_norm(*args)
+        norm_outputs.append(out[1])
+        return out
+
+    monkeypatch.setattr(fast, "add_rms_norm", recording_add_norm)
     enable_fast_path(model)
 
     def pack(t):
@@ -182,6 +192,19 @@ def test_fused_nodes_do_not_save_the_norm_outputs():
     disable_fast_path(model)
     for h in hooks:
         h.remove()
+
+
+def test_decoder_fusion_keeps_norm_hooks():
+    """A hook on the norm that the fused decoder forward would bypass sends the layer down its own forward."""
+    model = tiny_llama(torch.float32)
+    ids = torch.randint(0, 257, (2, 16))
+    calls = []
+    hook = model.model.layers[0].post_attention_layernorm.register_forward_hook(lambda m, i, o: calls.append(1))
+    enable_fast_path(model)
+    fused_causal_lm_loss(model, ids, ids)
+    assert calls == [1]
+    disable_fast_path(model)
+    hook.remove()
 
 
 def test_dropout_layers_take_the_plain_path():

@@ -37,7 +37,18 @@ def check_rmsnorm(device, dtype):
     x64 = x.double().requires_grad_()
     ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w.double()
     ref.backward(dy.double())
-    return {"y": rel_error(y, ref.detach()), "dx": rel_error(dx, x64.grad)}
+    out = {"y": rel_error(y, ref.detach()), "dx": rel_error(dx, x64.grad)}
+    # fused with the residual add before it: s = x + h, y = norm(s); backward adds the residual's gradient
+    h = torch.randn(n, d, device=device, dtype=dtype)
+    ds = torch.randn(n, d, device=device, dtype=dtype)
+    s, y, rstd = k.add_rmsnorm_forward(x, h, w, eps)
+    dx = k.rmsnorm_backward(dy, s, w, rstd, ds)
+    s64 = (x.double() + h.double()).requires_grad_()
+    ref = s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+    ref.backward(dy.double())
+    out.update({"add_s": rel_error(s, s64.detach()), "add_y": rel_error(y, ref.detach()),
+                "add_dx": rel_error(dx, s64.grad + ds.double())})
+    return out
 
 
 def check_rope(device, dtype):

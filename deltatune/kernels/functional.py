@@ -12,7 +12,8 @@ import os
 
 import torch
 
-__all__ = ["apply_rope", "linear_cross_entropy", "rms_norm", "rms_norm_values", "swiglu", "triton_enabled"]
+__all__ = ["add_rms_norm", "apply_rope", "linear_cross_entropy", "rms_norm", "rms_norm_values", "swiglu",
+           "triton_enabled"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,6 +101,60 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not torch.compiler.is_compiling():
         y._deltatune_norm = (x, weight, eps)
     return y
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    """``s = x + h``, ``y = rmsnorm(s)`` in one pass; saves s (the residual stream: returned anyway) and rstd.
+
+    Backward: both inputs get ``ds + d rmsnorm / ds (dy)``, the residual path's gradient added in the
+    norm's backward pass instead of by a separate kernel."""
+
+    @staticmethod
+    def forward(ctx, x, h, weight, eps):
+        x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
+        if triton_enabled(x2):
+            x2, h2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x2, h2))
+            s, y, rstd = _k("triton_rmsnorm").add_rmsnorm_forward(x2, h2, weight, eps)
+        else:
+            s = x2 + h2
+            y, rstd = _rms_ref(s, weight, eps)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.shape = x.shape
+        return s.view(x.shape), y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        s, weight, rstd = ctx.saved_tensors
+        ds2 = ds.reshape(s.shape) if ds is not None else None
+        dw = None
+        if dy is None:
+            dx = ds2
+        else:
+            dy2 = dy.reshape(s.shape)
+            if triton_enabled(s):
+                dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
+                ds2 = ds2 if ds2 is None or ds2.stride(-1) == 1 else ds2.contiguous()
+                dx = _k("triton_rmsnorm").rmsnorm_backward(dy2, s, weight, rstd, ds2)
+            else:
+                xhat = _wide(s) * rstd[:, None]
+                g = _wide(dy2) * _wide(weight)
+                dx = (g - xhat * (g * xhat).mean(-1, keepdim=True)) * rstd[:, None]
+                dx = (dx + _wide(ds2) if ds2 is not None else dx).to(s.dtype)
+            if ctx.needs_input_grad[2]:
+                dw = (_wide(dy2) * _wide(s) * rstd[:, None]).sum(0).to(weight.dtype)
+        dx = dx.view(ctx.shape) if dx is not None else None
+        return dx, dx, dw, None
+
+
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual add and the RMSNorm after it in one pass: returns ``(x + h, rms_norm(x + h))``.
+
+    The normalised output carries ``_deltatune_norm`` as ``rms_norm``'s does (a fused LoRA node taking
+    it saves the sum, which this node saves anyway, and recomputes the norm)."""
+    s, y = _AddRMSNorm.apply(x, h, weight, eps)
+    if not torch.compiler.is_compiling():
+        y._deltatune_norm = (s, weight, eps)
+    return s, y
 
 
 def rms_norm_values(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
