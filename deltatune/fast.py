@@ -97,7 +97,8 @@ def _fast_attention(self, hidden_states, position_embeddings=None, attention_mas
     d = self.head_dim
     cos, sin = position_embeddings
     q, k = apply_rope(q.view(b, t, -1, d), k.view(b, t, -1, d), cos, sin)  # (B, T, H, D)
-    v = v.view(b, t, -1, d)
+    v = v.view(b, t, -1, d).contiguous()  # (a copy only if v is a column block of a stacked q/k/v output,
+    # which SDPA would otherwise keep alive whole for its backward)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) views
     if self._deltatune_attention == "cudnn":  # cuDNN's fused attention; it takes no GQA, so repeat k, v
         from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -18,9 +18,14 @@ adapters on one layer are one adapter of the concatenated rank: ``[s_1 B_1 | s_2
 * backward: ``g_p = dy_p @ (s B_p)`` (N, r), ``dx = g @ A_cat + sum_p dy_p @ W_p`` accumulated in place
   (no separate per-projection dx tensors summed by autograd), ``dA = g.T @ x``, ``dB_k = s_k dy.T @ h_k``.
 
-``lora_mlp`` is the gated MLP ``down(silu(gate(x)) * up(x))`` in one node: it saves x, gate and up
-outputs and the small ``h`` factors, not the (N, intermediate) SwiGLU output: the backward recomputes it
-in the same pass that computes the gate/up gradients (``kernels/triton_swiglu.py``).
+``lora_mlp`` is the gated MLP ``down(silu(gate(x)) * up(x))`` in one node. The gate/up base matmuls
+write only ``x W^T``; the SwiGLU kernel adds the two adapters' low-rank terms tile by tile (forward, and
+again when the backward recomputes the SwiGLU output), and the backward kernel adds the down adapter's
+part of the SwiGLU gradient the same way, so no (N, intermediate) low-rank term is ever written and
+read back (``kernels/triton_swiglu.py``). It saves x, the base gate/up outputs and the small ``h``
+factors. With quantized weights, gate and up are dequantized into one stacked weight (one matmul each
+way) whose spare columns carry ``diag(s B_g, s B_u)`` in backward, so ``[dg | du] @ stacked`` gives the
+adapters' ``g`` together with dx.
 """
 
 from __future__ import annotations
@@ -180,9 +185,20 @@ def _group_forward(x2, projs, a_cat, sbs):
 
     The low-rank term is written first and the base matmul accumulates onto it (beta = 1): the big
     matmul is compute-bound, so reading C in its epilogue is nearly free, where adding the low-rank
-    term afterwards would cost a separate read and write of y (N, out).
+    term afterwards would cost a separate read and write of y (N, out). Quantized weights of several
+    projections are dequantized into one stacked weight and run as one matmul.
     """
     h = x2 @ a_cat.T if a_cat is not None else None  # (N, R)
+    stacked = _stacked([w for w, *_ in projs], x2.dtype) if len(projs) > 1 and all(
+        b is None for _, b, *_ in projs) else None
+    if stacked is not None:  # quantized q/k/v: one matmul against [W_q; W_k; W_v], better tiled than three
+        outs = [w.shape[0] for w, *_ in projs]  # (k and v alone fill about one wave of an H100)
+        if h is None:
+            y = x2 @ stacked.T
+        else:  # all low-rank terms first, through the block-diagonal (sum out, R) factor, then the base matmul
+            s_cat = torch.block_diag(*[sb if sb is not None else x2.new_zeros((o, 0)) for sb, o in zip(sbs, outs)])
+            y = (h @ s_cat.T).addmm_(x2, stacked.T)
+        return list(y.split(outs, 1)), h, list(stacked.split(outs, 0))  # outputs: column blocks of y
     ys, dense, off = [], [], 0
     for (weight, bias, As, _, _), sb in zip(projs, sbs):
         w = _dense(weight, x2.dtype)
