@@ -331,3 +331,23 @@ def test_gpu_torch_compile_inductor():
     loss = compiled_loss_backward(model, ids)
     assert abs(loss.item() - eager_loss.item()) < 2e-2
     assert sum(rel(p.grad.double(), g) for p, g in zip(dt.adapter_params(model), eager_grads)) / len(eager_grads) < 2e-2
+
+
+def test_quantized_group_stacks_weights_with_and_without_adapters():
+    """Quantized projections sharing an input run as one matmul (the low-rank factor block-diagonal, with
+    an empty block for a projection without adapter); outputs and gradients match the dense reference."""
+    from deltatune.quant import quantize
+
+    torch.manual_seed(0)
+    q1, q2 = quantize(torch.randn(8, 64), "nf4", 32), quantize(torch.randn(4, 64), "nf4", 32)
+    a, b = torch.randn(3, 64, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    x = torch.randn(5, 64, requires_grad=True)
+    y1, y2 = lora_group(x, [(q1, None, []), (q2, None, [(a, b, 0.5)])])
+    (y1.sum() + (2 * y2).sum()).backward()
+    grads = [x.grad, a.grad, b.grad]
+    x.grad = a.grad = b.grad = None
+    r1 = x @ q1.dequantize(torch.float32).T
+    r2 = x @ q2.dequantize(torch.float32).T + 0.5 * (x @ a.T) @ b.T
+    (r1.sum() + (2 * r2).sum()).backward()
+    assert torch.allclose(y1, r1, atol=1e-5) and torch.allclose(y2, r2, atol=1e-5)
+    assert all(torch.allclose(g, r, atol=1e-4) for g, r in zip(grads, [x.grad, a.grad, b.grad]))
