@@ -80,18 +80,27 @@ def _low_rank(acc, H, stride_h, SB, rows, cols, N, I, R: tl.constexpr, P: tl.con
 
 
 @triton.jit
-def _swiglu_lora_fwd(G, stride_g, U, stride_u, H, stride_hout, HG, HU, stride_h, SBG, SBU, N, I,
-                     RG: tl.constexpr, RU: tl.constexpr, PG: tl.constexpr, PU: tl.constexpr, IEEE: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask = (rows < N)[:, None] & (cols < I)[None, :]
+def _gate_up_tile(G, stride_g, U, stride_u, HG, HU, stride_h, SBG, SBU, rows, cols, mask, N, I, RG: tl.constexpr,
+                  RU: tl.constexpr, PG: tl.constexpr, PU: tl.constexpr, IEEE: tl.constexpr):
+    """The (BLOCK_N, BLOCK_I) tiles of g and u in fp32, each with its adapter's low-rank term added."""
     g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if RG > 0:
         g = _low_rank(g, HG, stride_h, SBG, rows, cols, N, I, RG, PG, False, IEEE)
     if RU > 0:
         u = _low_rank(u, HU, stride_h, SBU, rows, cols, N, I, RU, PU, False, IEEE)
+    return g, u
+
+
+@triton.jit
+def _swiglu_lora_fwd(G, stride_g, U, stride_u, H, stride_hout, HG, HU, stride_h, SBG, SBU, N, I,
+                     RG: tl.constexpr, RU: tl.constexpr, PG: tl.constexpr, PU: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (rows < N)[:, None] & (cols < I)[None, :]
+    g, u = _gate_up_tile(G, stride_g, U, stride_u, HG, HU, stride_h, SBG, SBU, rows, cols, mask, N, I, RG, RU, PG, PU,
+                         IEEE)
     h = g * tl.sigmoid(g) * u
     tl.store(H + rows[:, None] * stride_hout + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
 
@@ -106,14 +115,10 @@ def _swiglu_lora_bwd(DH, stride_dh, G, stride_g, U, stride_u, DG, DU, stride_dgu
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask = (rows < N)[:, None] & (cols < I)[None, :]
     dh = tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if RD > 0:
         dh = _low_rank(dh, GD, stride_gd, AD, rows, cols, N, I, RD, PD, True, IEEE)
-    if RG > 0:
-        g = _low_rank(g, HG, stride_h, SBG, rows, cols, N, I, RG, PG, False, IEEE)
-    if RU > 0:
-        u = _low_rank(u, HU, stride_h, SBU, rows, cols, N, I, RU, PU, False, IEEE)
+    g, u = _gate_up_tile(G, stride_g, U, stride_u, HG, HU, stride_h, SBG, SBU, rows, cols, mask, N, I, RG, RU, PG, PU,
+                         IEEE)
     sig = tl.sigmoid(g)
     silu = g * sig
     tl.store(DH + rows[:, None] * stride_dh + cols[None, :], (silu * u).to(DH.dtype.element_ty), mask=mask)
@@ -140,6 +145,18 @@ def _rank(lr):
     return h, f.contiguous(), r, max(16, triton.next_power_of_2(r))
 
 
+def _gate_up_args(g, lora_g, lora_u):
+    """Kernel arguments for the gate/up low-rank terms: ``(h_g, h_u, h row stride, sB_g, sB_u)`` (g itself
+    standing in for absent ones, never read) and the rank constexprs."""
+    hg, sbg, rg, pg = _rank(lora_g)
+    hu, sbu, ru, pu = _rank(lora_u)
+    base = hg if hg is not None else hu
+    stride_h = base.stride(0) if base is not None else 0
+    hg, sbg = (hg, sbg) if hg is not None else (g, g)
+    hu, sbu = (hu, sbu) if hu is not None else (g, g)
+    return (hg, hu, stride_h, sbg, sbu), {"RG": rg, "RU": ru, "PG": pg, "PU": pu}
+
+
 def swiglu_lora_forward(g, u, lora_g=None, lora_u=None):
     """``silu(g + h_g (sB_g)^T) * (u + h_u (sB_u)^T)`` (N, I); g, u with unit column stride.
 
@@ -148,16 +165,11 @@ def swiglu_lora_forward(g, u, lora_g=None, lora_u=None):
     """
     n, i = g.shape
     out = torch.empty((n, i), dtype=g.dtype, device=g.device)
-    hg, sbg, rg, pg = _rank(lora_g)
-    hu, sbu, ru, pu = _rank(lora_u)
-    base = hg if hg is not None else hu
-    stride_h = base.stride(0) if base is not None else 0
-    hg, sbg = (hg, sbg) if hg is not None else (g, g)
-    hu, sbu = (hu, sbu) if hu is not None else (g, g)
+    (hg, hu, stride_h, sbg, sbu), ranks = _gate_up_args(g, lora_g, lora_u)
     bn, bi, warps = LORA_FWD_TILE
     grid = (triton.cdiv(n, bn), triton.cdiv(i, bi))
     _swiglu_lora_fwd[grid](g, g.stride(0), u, u.stride(0), out, out.stride(0), hg, hu, stride_h, sbg, sbu, n, i,
-                           RG=rg, RU=ru, PG=pg, PU=pu, IEEE=_ieee(g), BLOCK_N=bn, BLOCK_I=bi, num_warps=warps)
+                           **ranks, IEEE=_ieee(g), BLOCK_N=bn, BLOCK_I=bi, num_warps=warps)
     return out
 
 
@@ -170,17 +182,12 @@ def swiglu_lora_backward(dh, g, u, lora_g=None, lora_u=None, lora_d=None):
     n, i = g.shape
     dgu = torch.empty((n, 2 * i), dtype=g.dtype, device=g.device)
     dg, du = dgu[:, :i], dgu[:, i:]
-    hg, sbg, rg, pg = _rank(lora_g)
-    hu, sbu, ru, pu = _rank(lora_u)
+    (hg, hu, stride_h, sbg, sbu), ranks = _gate_up_args(g, lora_g, lora_u)
     gd, ad, rd, pd = _rank(lora_d)
-    base = hg if hg is not None else hu
-    stride_h = base.stride(0) if base is not None else 0
-    hg, sbg = (hg, sbg) if hg is not None else (g, g)
-    hu, sbu = (hu, sbu) if hu is not None else (g, g)
     gd, ad = (gd, ad) if gd is not None else (g, g)
     bn, bi, warps = LORA_BWD_TILE
     grid = (triton.cdiv(n, bn), triton.cdiv(i, bi))
     _swiglu_lora_bwd[grid](dh, dh.stride(0), g, g.stride(0), u, u.stride(0), dg, du, dgu.stride(0), hg, hu, stride_h,
-                           sbg, sbu, gd, gd.stride(0), ad, n, i, RG=rg, RU=ru, RD=rd, PG=pg, PU=pu, PD=pd,
-                           IEEE=_ieee(g), BLOCK_N=bn, BLOCK_I=bi, num_warps=warps)
+                           sbg, sbu, gd, gd.stride(0), ad, n, i, **ranks, RD=rd, PD=pd, IEEE=_ieee(g), BLOCK_N=bn,
+                           BLOCK_I=bi, num_warps=warps)
     return dh, dgu
