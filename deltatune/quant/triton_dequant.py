@@ -13,8 +13,8 @@ program does half the index arithmetic and scale loads and its stores need no in
 ``dequantize_4bit`` picks it when the element count is even and the output is bf16/fp16.
 
 For training shapes (thousands of tokens) dequantize-then-cuBLAS is the fast path: dequantizing
-costs ``O(out * in)`` against the matmul's ``O(tokens * out * in)``. ``import triton`` happens on the
-first call, never at ``import deltatune``.
+costs ``O(out * in)`` against the matmul's ``O(tokens * out * in)``. The kernels live in
+``triton_dequant_kernels.py``, imported (with triton) on the first call, never at ``import deltatune``.
 """
 
 from __future__ import annotations
@@ -33,80 +33,11 @@ def available() -> bool:
     return triton_importable()
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel():
-    import triton
-    import triton.language as tl
+def _kernels():
+    """The kernel module (imports triton on first use)."""
+    import importlib
 
-    @triton.jit
-    def dequant_4bit_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, out_ptr, n,
-                            BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) element indices
-        mask = offs < n
-        byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
-        nibble = tl.where(offs % 2 == 0, byte >> 4, byte & 15)
-        value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-        block = offs // BLOCKSIZE
-        if NESTED:
-            qabs = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-            scale = tl.load(code8_ptr + qabs, mask=mask, other=0.0) * tl.load(nested_ptr + block // 256, mask=mask, other=0.0)
-            scale = scale + tl.load(offset_ptr)
-        else:
-            scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-        result = value * scale
-        if BF16:  # round to nearest even by hand: the interpreter's fp32 -> bf16 cast truncates
-            bits = result.to(tl.int32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            tl.store(out_ptr + offs, (bits >> 16).to(tl.int16), mask=mask)  # out_ptr is an int16 view
-        else:
-            tl.store(out_ptr + offs, result.to(out_ptr.dtype.element_ty), mask=mask)
-
-    return dequant_4bit_kernel
-
-
-@functools.lru_cache(maxsize=None)
-def _pair_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def dequant_4bit_pairs_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, out_ptr,
-                                  nbytes, row_words, stride_words, HALF_BLOCKSIZE: tl.constexpr,
-                                  NESTED: tl.constexpr, BF16: tl.constexpr, STRIDED: tl.constexpr,
-                                  BLOCK: tl.constexpr):
-        if STRIDED:  # grid (rows, chunks of a row): rows of row_words words, stride_words apart in out
-            row = tl.program_id(0).to(tl.int64)
-            col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-            mask = col < row_words
-            offs = row * row_words + col  # (BLOCK,) byte indices
-            dest = row * stride_words + col  # and where their words go
-        else:
-            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # byte = output word indices
-            mask = offs < nbytes
-            dest = offs
-        byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
-        high = tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0)  # element 2j
-        low = tl.load(code_ptr + (byte & 15), mask=mask, other=0.0)  # element 2j + 1
-        block = offs // HALF_BLOCKSIZE
-        if NESTED:
-            qabs = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-            scale = tl.load(code8_ptr + qabs, mask=mask, other=0.0) * tl.load(nested_ptr + block // 256, mask=mask, other=0.0)
-            scale = scale + tl.load(offset_ptr)
-        else:
-            scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-        high, low = high * scale, low * scale
-        if BF16:  # round to nearest even by hand (the interpreter's fp32 -> bf16 cast truncates)
-            hb, lb = high.to(tl.int32, bitcast=True), low.to(tl.int32, bitcast=True)
-            hb = ((hb + 0x7FFF + ((hb >> 16) & 1)) >> 16) & 0xFFFF
-            lb = ((lb + 0x7FFF + ((lb >> 16) & 1)) >> 16) & 0xFFFF
-        else:
-            hb = high.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            lb = low.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        word = hb | (lb << 16)
-        tl.store(out_ptr + dest, word, mask=mask)  # out_ptr is an int32 view of the 16-bit output
-
-    return dequant_4bit_pairs_kernel
+    return importlib.import_module("deltatune.quant.triton_dequant_kernels")
 
 
 BLOCK = 1024
@@ -152,14 +83,15 @@ def dequantize_4bit(q, dtype: torch.dtype | None = None, out: torch.Tensor | Non
         else:
             words, row_words, stride_words = out.view(-1).view(torch.int32), 1, 1
         grid = (out.shape[0], triton_cdiv(row_words, PAIR_BLOCK)) if strided else (triton_cdiv(nbytes, PAIR_BLOCK),)
-        _pair_kernel()[grid](
+        _kernels().dequant_4bit_pairs_kernel[grid](
             q.packed, q.absmax, nested, offset, code, code8, words, nbytes, row_words, stride_words,
             HALF_BLOCKSIZE=q.blocksize // 2, NESTED=q.double_quant, BF16=bf16, STRIDED=strided, BLOCK=PAIR_BLOCK,
             num_warps=PAIR_WARPS, **_launch_options())
         return out
     grid = (triton_cdiv(n, BLOCK),)
-    _kernel()[grid](q.packed, q.absmax, nested, offset, code, code8, out.view(torch.int16) if bf16 else out, n,
-                    BLOCKSIZE=q.blocksize, NESTED=q.double_quant, BF16=bf16, BLOCK=BLOCK, **_launch_options())
+    _kernels().dequant_4bit_kernel[grid](q.packed, q.absmax, nested, offset, code, code8,
+                                         out.view(torch.int16) if bf16 else out, n, BLOCKSIZE=q.blocksize,
+                                         NESTED=q.double_quant, BF16=bf16, BLOCK=BLOCK, **_launch_options())
     return out
 
 

@@ -1,0 +1,70 @@
+"""The NF4/FP4 dequantization kernels (launched by ``deltatune.quant.triton_dequant``, which says what
+they compute). Imports triton: load it only through ``triton_dequant`` (lazily)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _block_scale(absmax_ptr, nested_ptr, offset_ptr, code8_ptr, block, mask, NESTED: tl.constexpr):
+    """The fp32 absmax of blocks ``block``: stored, or with double quantization
+    ``dynamic[qabsmax[b]] * nested_absmax[b // 256] + offset``."""
+    if NESTED:
+        qabs = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code8_ptr + qabs, mask=mask, other=0.0) * tl.load(nested_ptr + block // 256, mask=mask, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def dequant_4bit_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, out_ptr, n,
+                        BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) element indices
+    mask = offs < n
+    byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
+    nibble = tl.where(offs % 2 == 0, byte >> 4, byte & 15)
+    value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
+    block = offs // BLOCKSIZE
+    scale = _block_scale(absmax_ptr, nested_ptr, offset_ptr, code8_ptr, block, mask, NESTED)
+    result = value * scale
+    if BF16:  # round to nearest even by hand: the interpreter's fp32 -> bf16 cast truncates
+        bits = result.to(tl.int32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        tl.store(out_ptr + offs, (bits >> 16).to(tl.int16), mask=mask)  # out_ptr is an int16 view
+    else:
+        tl.store(out_ptr + offs, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dequant_4bit_pairs_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, out_ptr,
+                              nbytes, row_words, stride_words, HALF_BLOCKSIZE: tl.constexpr,
+                              NESTED: tl.constexpr, BF16: tl.constexpr, STRIDED: tl.constexpr,
+                              BLOCK: tl.constexpr):
+    if STRIDED:  # grid (rows, chunks of a row): rows of row_words words, stride_words apart in out
+        row = tl.program_id(0).to(tl.int64)
+        col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = col < row_words
+        offs = row * row_words + col  # (BLOCK,) byte indices
+        dest = row * stride_words + col  # and where their words go
+    else:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # byte = output word indices
+        mask = offs < nbytes
+        dest = offs
+    byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
+    high = tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0)  # element 2j
+    low = tl.load(code_ptr + (byte & 15), mask=mask, other=0.0)  # element 2j + 1
+    block = offs // HALF_BLOCKSIZE
+    scale = _block_scale(absmax_ptr, nested_ptr, offset_ptr, code8_ptr, block, mask, NESTED)
+    high, low = high * scale, low * scale
+    if BF16:  # round to nearest even by hand (the interpreter's fp32 -> bf16 cast truncates)
+        hb, lb = high.to(tl.int32, bitcast=True), low.to(tl.int32, bitcast=True)
+        hb = ((hb + 0x7FFF + ((hb >> 16) & 1)) >> 16) & 0xFFFF
+        lb = ((lb + 0x7FFF + ((lb >> 16) & 1)) >> 16) & 0xFFFF
+    else:
+        hb = high.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        lb = low.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    word = hb | (lb << 16)
+    tl.store(out_ptr + dest, word, mask=mask)  # out_ptr is an int32 view of the 16-bit output
