@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import time
 
 import torch
@@ -119,7 +120,8 @@ def prepare(method: str, shape: str, rank: int):
     return model, params
 
 
-def run(method: str, shape: str, steps: int, warmup: int, rank: int, profile: bool = False) -> dict:
+def run(method: str, shape: str, steps: int, warmup: int, rank: int, profile: bool = False,
+        trace: str | None = None) -> dict:
     spec = SHAPES[shape]
     row = {"method": method, "shape": shape, "tokens_per_step": spec["batch"] * spec["seq"]}
     from deltatune.fast import fused_causal_lm_loss
@@ -176,7 +178,8 @@ def run(method: str, shape: str, steps: int, warmup: int, rank: int, profile: bo
         row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
         row["loss_first_last"] = [round(losses[0], 3), round(losses[-1], 3)]
         if profile:
-            row["profile"] = profile_steps(model, method, spec, opt)
+            safe = re.sub(r"[^\w.-]", "_", method)
+            row["profile"] = profile_steps(model, method, spec, opt, trace=trace and f"{trace}.{shape}.{safe}.json")
         del model, params, opt
     except torch.cuda.OutOfMemoryError as e:
         row["error"] = "OOM: " + str(e).split("\n")[0][:160]
@@ -187,8 +190,11 @@ def run(method: str, shape: str, steps: int, warmup: int, rank: int, profile: bo
     return row
 
 
-def profile_steps(model, method: str, spec: dict, opt, steps: int = 2) -> dict:
-    """Host and GPU time of ``steps`` training steps under torch.profiler, and the top host-side ops."""
+def profile_steps(model, method: str, spec: dict, opt, steps: int = 2, trace: str | None = None) -> dict:
+    """Host and GPU time of ``steps`` training steps under torch.profiler, and the top host-side ops.
+
+    ``trace``: also write the last step's kernels in launch order (name, start and duration in us) as JSON.
+    """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -215,6 +221,13 @@ def profile_steps(model, method: str, spec: dict, opt, steps: int = 2) -> dict:
         name = e.key.lower()
         cat = next((c for c, pats in KERNEL_CATEGORIES if any(p in name for p in pats)), "other")
         categories[cat] = categories.get(cat, 0.0) + e.self_device_time_total / steps / 1e3
+    if trace:
+        seq = sorted(((e.name, e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
+                      if e.device_type == DeviceType.CUDA), key=lambda k: k[1])
+        if seq:
+            last = seq[-(len(seq) // steps):]
+            with open(trace, "w") as f:
+                json.dump([(n, round(s - last[0][1], 2), round(d, 2)) for n, s, d in last], f)
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     return {"wall_ms_profiled": round(wall * 1e3, 1), "gpu_kernels_ms": round(gpu, 1), "launches": launches,
             "gpu_ms_by_category": {k: round(v, 2) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
@@ -306,6 +319,7 @@ def main(argv=None):
     ap.add_argument("--json", default="bench_qlora.json")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also profile two steps per row (host/GPU time, top ops)")
+    ap.add_argument("--trace", help="with --profile: write each row's kernel sequence to TRACE.<shape>.<method>.json")
     ap.add_argument("--fused-adam", action="store_true", help="torch.optim.AdamW(fused=True) for every method")
     args = ap.parse_args(argv)
     global FUSED_ADAM
@@ -324,7 +338,7 @@ def main(argv=None):
         print(json.dumps(result["checks"], indent=1), flush=True)
     for shape in args.shapes.split(","):
         for method in args.methods.split(","):
-            row = run(method, shape, args.steps, args.warmup, args.rank, args.profile)
+            row = run(method, shape, args.steps, args.warmup, args.rank, args.profile, args.trace)
             print(json.dumps(row), flush=True)
             result["rows"].append(row)
             with open(args.json, "w") as f:

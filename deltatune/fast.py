@@ -96,9 +96,9 @@ def _fast_attention(self, hidden_states, position_embeddings=None, attention_mas
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
     d = self.head_dim
     cos, sin = position_embeddings
-    q, k = apply_rope(q.view(b, t, -1, d), k.view(b, t, -1, d), cos, sin)  # (B, T, H, D)
-    v = v.view(b, t, -1, d).contiguous()  # (a copy only if v is a column block of a stacked q/k/v output,
-    # which SDPA would otherwise keep alive whole for its backward)
+    # (B, T, H, D) each; v is copied only if it is a column block of a stacked q/k/v output, which SDPA
+    # would otherwise keep alive whole for its backward. Their gradients come back as one tensor.
+    q, k, v = apply_rope(q.view(b, t, -1, d), k.view(b, t, -1, d), cos, sin, v.view(b, t, -1, d))
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) views
     if self._deltatune_attention == "cudnn":  # cuDNN's fused attention; it takes no GQA, so repeat k, v
         from torch.nn.attention import SDPBackend, sdpa_kernel

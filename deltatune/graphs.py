@@ -43,6 +43,10 @@ import torch.nn as nn
 
 __all__ = ["GraphedStack", "graph_layers", "ungraph_layers"]
 
+# The layer at whose call a step's state check runs (``GraphedStack._verify``): by then the GPU has
+# the first layers' replays to run while the host checks.
+VERIFY_AT = 2
+
 
 def _first(out):
     """The hidden states of a decoder layer's output (transformers < 5 returned a tuple)."""
@@ -70,27 +74,36 @@ def _plain(value) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def _signature(layer: nn.Module):
-    """What a capture of ``layer`` depends on besides its inputs: storages, grad flags, adapter settings."""
+def _state(layers) -> tuple[tuple, bool]:
+    """What captures of ``layers`` depend on besides their inputs (module identities, parameter and buffer
+    storages, grad flags, adapter settings), and whether any hook is set that a replay would skip
+    (module hooks would run at capture only; gradient hooks would not see the gradients the graphs write).
+
+    Runs before every graphed step, while the GPU waits for the first layer (transformers synchronises
+    just before it), so it is written for speed: one walk over ``_modules`` and flat comprehensions
+    (``nn.Module.modules()``/``parameters()`` build prefix strings and memo sets: ~4x the time).
+    """
     from deltatune.lora import LoraLayer
 
-    sig = [layer.training]
-    for p in layer.parameters():
-        sig.append((p.data_ptr(), p.dtype, p.requires_grad))
-    for b in layer.buffers():
-        sig.append((b.data_ptr(), b.dtype))
-    for m in layer.modules():
-        if isinstance(m, LoraLayer):
-            sig.append((m.enabled, m.training, tuple(m.merged), m.forward_impl,
-                        tuple((n, m.slots[n].scale, m.slots[n].dropout) for n in m.active if n in m.slots)))
-    return tuple(sig)
+    mods, stack = [], list(reversed(layers))
+    while stack:
+        m = stack.pop()
+        mods.append(m)
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    params = [p for m in mods for p in m._parameters.values() if p is not None]
+    hooked = (any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in mods)
+              or any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params))
+    sig = ([(id(m), m.training) for m in mods] + [(id(p), p.data_ptr(), p.dtype, p.requires_grad) for p in params]
+           + [(b.data_ptr(), b.dtype) for m in mods for b in m._buffers.values() if b is not None]
+           + [(m.enabled, tuple(m.merged), m.forward_impl,
+               tuple((n, m.slots[n].scale, m.slots[n].dropout) for n in m.active if n in m.slots))
+              for m in mods if isinstance(m, LoraLayer)])
+    return tuple(sig), hooked
 
 
-def _has_hooks(layer: nn.Module) -> bool:
-    """Module hooks (they would run at capture only) or gradient hooks (the graphs write .grad themselves)."""
-    return (any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                for m in layer.modules())
-            or any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in layer.parameters()))
+def _signature(layer: nn.Module) -> tuple:
+    """``_state`` of one layer: what a capture of it depends on."""
+    return _state([layer])[0]
 
 
 class _Captured:
@@ -120,7 +133,10 @@ class GraphedStack:
         self.max_recaptures = max_recaptures
         self.captures = 0
         self.caps: list[_Captured] | None = None
-        self.key = None
+        self.key = None  # the inputs' shapes and settings the graphs were captured for
+        self.signature = None  # and the layers' state (``_state``); None: check it before the next replay
+        self.pending = None  # (x, kwargs) of this step's first layer while its state check is pending
+        self.storages = []  # the captured parameters' and buffers' storages, kept for stale replays
         self.kwargs = None  # the static keyword arguments the graphs read
         self.sources = None  # the tensors the current step's first layer got, by path
         self.generation = 0
@@ -131,6 +147,8 @@ class GraphedStack:
     # -- calls ------------------------------------------------------------------------------------------
     def call(self, i: int, hidden_states, *args, **kwargs):
         """Layer ``i``'s output: replayed from its graph where that applies, else from its forward."""
+        if self.pending is not None and i > 0:
+            hidden_states = self._verify(i, hidden_states, args, kwargs)
         if not self._applies(i, hidden_states, args, kwargs):
             self.next = -1  # the rest of this step runs eagerly
             return self.forwards[i](hidden_states, *args, **kwargs)
@@ -152,29 +170,53 @@ class GraphedStack:
                             for p, v in flat))
         if any(isinstance(v, torch.Tensor) and v.requires_grad for _, v in flat):
             return False
-        if any(_has_hooks(layer) for layer in self.layers):  # checked every step: hooks may come after a capture
-            return self._turn_off("a layer has hooks, which would not run in the replays")
         key = self._key(x, flat)
-        if key != self.key:
-            if self.captures >= self.max_recaptures:
-                return self._turn_off(f"{self.captures} captures: shapes or settings change between steps "
-                                      "(pad inputs to a fixed length to graph them)")
-            try:
-                self._capture(x, kwargs)
-            except Exception as e:  # an op that can't be captured: train eagerly, say why
-                self._release()
-                return self._turn_off(f"capture failed: {type(e).__name__}: {str(e)[:200]}")
-            self.key = key
+        if key == self.key and self.signature is not None and len(self.layers) > VERIFY_AT:
+            # Replay at once and check the layers' state (``_state``, milliseconds of Python) when layer
+            # VERIFY_AT is called, while the GPU runs the first layers. A forward replay writes only the
+            # graphs' own buffers, so if the state changed, ``_verify`` discards those and redoes them.
+            self.pending = (x, kwargs)
+        else:
+            signature, hooked = _state(self.layers)
+            if hooked:  # checked every step: hooks may come after a capture
+                return self._turn_off("a layer has hooks, which would not run in the replays")
+            if key != self.key or signature != self.signature:
+                if self.captures >= self.max_recaptures:
+                    return self._turn_off(f"{self.captures} captures: shapes or settings change between steps "
+                                          "(pad inputs to a fixed length to graph them)")
+                try:
+                    self._capture(x, kwargs)
+                except Exception as e:  # an op that can't be captured: train eagerly, say why
+                    self._release()
+                    return self._turn_off(f"capture failed: {type(e).__name__}: {str(e)[:200]}")
+                self.key, self.signature = key, signature
         self.generation += 1
         self.sources = dict(flat)
         return True
+
+    def _verify(self, i: int, hidden_states, args, kwargs):
+        """The pending state check of this step, at the call of layer ``i`` (VERIFY_AT, or earlier if the
+        chain of replays breaks): ``hidden_states`` if the layers are as captured, else layers 0 to i - 1
+        run again (recaptured, or eagerly if hooks came) from the first layer's input, and their output."""
+        (x, first_kwargs), self.pending = self.pending, None
+        if i < VERIFY_AT and self._applies(i, hidden_states, args, kwargs):
+            self.pending = (x, first_kwargs)  # still replaying in order: check later
+            return hidden_states
+        signature, hooked = _state(self.layers)
+        if not hooked and signature == self.signature:
+            return hidden_states
+        self.signature = None  # the first layer's call below checks in full, then recaptures or turns off
+        self.next = -1
+        h = x
+        for j in range(i):
+            h = self.call(j, h, **first_kwargs)
+        return h
 
     def _key(self, x, flat):
         args = tuple((p, tuple(v.shape), v.dtype, v.device, v.stride()) if isinstance(v, torch.Tensor) else (p, v)
                      for p, v in flat)
         amp = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        return (tuple(x.shape), x.dtype, x.device, x.stride(), x.requires_grad, args, amp,
-                tuple(_signature(layer) for layer in self.layers))
+        return tuple(x.shape), x.dtype, x.device, x.stride(), x.requires_grad, args, amp
 
     def _turn_off(self, why: str) -> bool:
         self.off = why
@@ -184,7 +226,10 @@ class GraphedStack:
 
     # -- capture ----------------------------------------------------------------------------------------
     def _release(self):
-        self.caps = self.key = self.kwargs = self.sources = None
+        if self.caps is not None:  # a replay of the graphs may still run (``_verify``)
+            torch.cuda.synchronize(self.caps[0].x.device)
+        self.caps = self.key = self.signature = self.kwargs = self.sources = self.pending = None
+        self.storages = []
         self.next = -1
 
     def _static_kwargs(self, kwargs):
@@ -210,6 +255,10 @@ class GraphedStack:
         # The captures differentiate fresh leaves over the parameters' storage: a parameter's own
         # AccumulateGrad node may belong to an older step on another stream, which breaks a capture.
         named = [[(n, p) for n, p in layer.named_parameters() if p.requires_grad] for layer in self.layers]
+        # What the graphs read stays allocated while they exist: a replay before ``_verify`` notices a
+        # replaced storage reads the old one, never freed (or unmapped) memory.
+        self.storages = [t.untyped_storage() for layer in self.layers
+                         for t in (*layer.parameters(), *layer.buffers())]
         leaves = [[p.detach().requires_grad_(True) for _, p in ps] for ps in named]
 
         def run(i, xi):

@@ -333,21 +333,35 @@ def test_gpu_torch_compile_inductor():
     assert sum(rel(p.grad.double(), g) for p, g in zip(dt.adapter_params(model), eager_grads)) / len(eager_grads) < 2e-2
 
 
-def test_quantized_group_stacks_weights_with_and_without_adapters():
+@pytest.mark.parametrize("one_grad", [False, True])
+def test_quantized_group_stacks_weights_with_and_without_adapters(one_grad, monkeypatch):
     """Quantized projections sharing an input run as one matmul (the low-rank factor block-diagonal, with
-    an empty block for a projection without adapter); outputs and gradients match the dense reference."""
+    an empty block for a projection without adapter); outputs and gradients match the dense reference.
+    ``one_grad``: the output gradients are column blocks of one tensor (as RoPE's backward gives them for
+    q/k/v), so dx and g come from one matmul."""
+    import deltatune.kernels.lora as fused
     from deltatune.quant import quantize
 
+    merged = []
+    backward = fused._group_backward
+    monkeypatch.setattr(fused, "_group_backward", lambda *a: (merged.append(a[-1] is not None), backward(*a))[1])
     torch.manual_seed(0)
-    q1, q2 = quantize(torch.randn(8, 64), "nf4", 32), quantize(torch.randn(4, 64), "nf4", 32)
+    q1, q2, q3 = (quantize(torch.randn(o, 64), "nf4", 32) for o in (8, 4, 4))
     a, b = torch.randn(3, 64, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    a3, b3 = torch.randn(2, 64, requires_grad=True), torch.randn(4, 2, requires_grad=True)
     x = torch.randn(5, 64, requires_grad=True)
-    y1, y2 = lora_group(x, [(q1, None, []), (q2, None, [(a, b, 0.5)])])
-    (y1.sum() + (2 * y2).sum()).backward()
-    grads = [x.grad, a.grad, b.grad]
-    x.grad = a.grad = b.grad = None
+    y1, y2, y3 = lora_group(x, [(q1, None, []), (q2, None, [(a, b, 0.5)]), (q3, None, [(a3, b3, 0.5)])])
+    dy = torch.randn(5, 16)
+    if one_grad:
+        torch.autograd.backward([y1, y2, y3], [dy[:, :8], dy[:, 8:12], dy[:, 12:]])
+    else:
+        torch.autograd.backward([y1, y2, y3], [dy[:, :8].clone(), dy[:, 8:12].clone(), dy[:, 12:].clone()])
+    assert merged == [one_grad]
+    grads = [x.grad, a.grad, b.grad, a3.grad, b3.grad]
+    x.grad = a.grad = b.grad = a3.grad = b3.grad = None
     r1 = x @ q1.dequantize(torch.float32).T
     r2 = x @ q2.dequantize(torch.float32).T + 0.5 * (x @ a.T) @ b.T
-    (r1.sum() + (2 * r2).sum()).backward()
-    assert torch.allclose(y1, r1, atol=1e-5) and torch.allclose(y2, r2, atol=1e-5)
-    assert all(torch.allclose(g, r, atol=1e-4) for g, r in zip(grads, [x.grad, a.grad, b.grad]))
+    r3 = x @ q3.dequantize(torch.float32).T + 0.5 * (x @ a3.T) @ b3.T
+    torch.autograd.backward([r1, r2, r3], [dy[:, :8], dy[:, 8:12], dy[:, 12:]])
+    assert all(torch.allclose(y, r, atol=1e-5) for y, r in zip((y1, y2, y3), (r1, r2, r3)))
+    assert all(torch.allclose(g, r, atol=1e-4) for g, r in zip(grads, [x.grad, a.grad, b.grad, a3.grad, b3.grad]))

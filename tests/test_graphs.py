@@ -7,7 +7,7 @@ import torch
 
 import deltatune as dt
 from deltatune.fast import disable_fast_path, enable_fast_path, fused_causal_lm_loss
-from deltatune.graphs import _signature
+from deltatune.graphs import VERIFY_AT, _signature
 
 transformers = pytest.importorskip("transformers")
 
@@ -148,6 +148,61 @@ def test_gpu_graphs_recapture_on_new_shapes_and_adapters():
     dt.set_active(eager, "default")
     same(torch.randint(0, 257, (2, 32), device="cuda"))
     assert stack.captures == 2 and stack.off is None
+
+
+def _same_step(model, eager, ids):
+    """One step of each model: equal losses and adapter gradients (graphs vs eager)."""
+    def step(m):
+        for p in dt.adapter_params(m):
+            p.grad = None
+        loss = fused_causal_lm_loss(m, ids, ids)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in dt.adapter_params(m) if p.grad is not None]
+
+    (loss, grads), (ref_loss, ref_grads) = step(model), step(eager)
+    assert loss == pytest.approx(ref_loss, rel=2e-3)
+    assert len(grads) == len(ref_grads)
+    for a, b in zip(grads, ref_grads):
+        assert ((a - b).norm() / b.norm()).item() < 2e-3
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_graphs_check_the_layers_after_the_first_replays():
+    """A step replays the first layers before it checks the layers' state (at layer VERIFY_AT): a change
+    found then (adapter switched, parameter frozen or moved, a hook added) redoes those layers, recaptured
+    or eagerly, and the step still equals eager."""
+    model = tiny_llama(layers=4, device="cuda")
+    dt.add_adapter(model, dt.LoraConfig(r=2, targets=TARGETS, init="random"), name="other", activate=False)
+    eager = copy.deepcopy(model)
+    enable_fast_path(model, cuda_graphs=True)
+    enable_fast_path(eager)
+    stack = graph_stack(model)
+    assert len(stack.layers) > VERIFY_AT
+    ids = lambda: torch.randint(0, 257, (2, 64), device="cuda")  # noqa: E731
+    _same_step(model, eager, ids())
+    _same_step(model, eager, ids())
+    assert stack.captures == 1
+
+    def freeze(m):
+        m.model.layers[0].self_attn.q_proj.lora_A["other"].requires_grad_(False)
+
+    def move(m):
+        a = m.model.layers[1].mlp.up_proj.lora_B["other"]
+        a.data = a.data.clone()
+
+    for change in (lambda m: dt.set_active(m, "other"), freeze, move):
+        change(model)
+        change(eager)
+        _same_step(model, eager, ids())
+        _same_step(model, eager, ids())
+    assert stack.captures == 4 and stack.off is None
+    calls = []
+    for m in (model, eager):
+        m.model.layers[0].mlp.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.warns(UserWarning, match="hooks"):
+        _same_step(model, eager, ids())
+    assert stack.off and len(calls) == 2  # layer 0 ran again eagerly in the graphed model, so its hook ran
 
 
 @pytest.mark.gpu

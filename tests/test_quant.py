@@ -183,7 +183,9 @@ TRITON_CHECK = textwrap.dedent("""
     for kind in ("nf4", "fp4"):
         for dq in (False, True):
             # odd sizes take the per-element kernel, even ones with 16-bit output the byte-pair kernel
-            for shape, bs in (((37, 29), 32), ((6, 37), 32), ((9, 130), 64), ((3, 700), 256), ((2, 4100), 4096)):
+            # (8192 columns: two programs a row of the strided pair kernel)
+            for shape, bs in (((37, 29), 32), ((6, 37), 32), ((9, 130), 64), ((3, 700), 256), ((2, 4100), 4096),
+                              ((5, 128), 64), ((3, 96), 32), ((2, 8192), 64), ((3, 4096), 4096)):
                 x = (torch.randn(shape, generator=g) * 0.1).to(DEVICE)
                 x.view(-1)[:64] = 0
                 q = nf4.quantize_4bit(x, kind, bs, dq)

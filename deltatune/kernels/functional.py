@@ -178,32 +178,52 @@ def _rope_ref(x, cos, sin, backward=False):
     return y.to(x.dtype)
 
 
-def _rope(x, cos, sin, backward):
+def _rope(x, cos, sin, backward, out=None):
     if triton_enabled(x):
-        return _k("triton_rope").rope_apply(x, cos, sin, backward)
-    return _rope_ref(x, cos, sin, backward)
+        return _k("triton_rope").rope_apply(x, cos, sin, backward, out)
+    y = _rope_ref(x, cos, sin, backward)
+    return y if out is None else out.copy_(y)
 
 
 class _Rope(torch.autograd.Function):
-    """q (B, T, Hq, D), k (B, T, Hk, D), cos/sin (B or 1, T, D). Saves only cos and sin (shared by layers)."""
+    """q (B, T, Hq, D), k (B, T, Hk, D), cos/sin (B or 1, T, D); v (B, T, Hv, D) or None rides along.
+    Saves only cos and sin (shared by layers).
+
+    With v, the backward writes dq, dk and dv as adjacent head blocks of one (B, T, Hq + Hk + Hv, D)
+    tensor: when q, k, v are column blocks of one projection output (a stacked q/k/v matmul), the
+    projection's backward finds its output gradient in one piece and runs one matmul, with no copy.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
+    def forward(ctx, q, k, v, cos, sin):
         cos, sin = (cos, sin) if cos.stride(-1) == 1 and sin.stride() == cos.stride() else (cos.contiguous(), sin.contiguous())
         ctx.save_for_backward(cos, sin)
-        return _rope(q, cos, sin, False), _rope(k, cos, sin, False)
+        ctx.with_v = v is not None
+        out = (_rope(q, cos, sin, False), _rope(k, cos, sin, False))
+        return out + (v.contiguous(),) if v is not None else out
 
     @staticmethod
-    def backward(ctx, dq, dk):
+    def backward(ctx, dq, dk, dv=None):
         cos, sin = ctx.saved_tensors
-        return _rope(dq, cos, sin, True), _rope(dk, cos, sin, True), None, None
+        if not ctx.with_v:
+            return _rope(dq, cos, sin, True), _rope(dk, cos, sin, True), None, None, None
+        hq, hk = dq.shape[2], dk.shape[2]
+        grads = dq.new_empty((*dq.shape[:2], hq + hk + dv.shape[2], dq.shape[3]))
+        _rope(dq, cos, sin, True, grads[:, :, :hq])
+        _rope(dk, cos, sin, True, grads[:, :, hq:hq + hk])
+        grads[:, :, hq + hk:].copy_(dv)
+        return grads[:, :, :hq], grads[:, :, hq:hq + hk], grads[:, :, hq + hk:], None, None
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, v: torch.Tensor | None = None):
     """Rotary embedding of ``q`` (B, T, Hq, D) and ``k`` (B, T, Hk, D), token-major layout, with
     Hugging Face's ``rotate_half`` convention; ``cos``/``sin`` (B or 1, T, D). Returns contiguous
-    (B, T, H, D) tensors."""
-    return _Rope.apply(q, k, cos, sin)
+    (B, T, H, D) tensors.
+
+    ``v`` (B, T, Hv, D), optional, is returned contiguous as a third output, unrotated; its gradient and
+    q's and k's are then adjacent blocks of one tensor (see ``_Rope``).
+    """
+    return _Rope.apply(q, k, v, cos, sin)
 
 
 # -- SwiGLU ---------------------------------------------------------------------------------------------

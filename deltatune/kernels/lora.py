@@ -92,6 +92,24 @@ def _split_low_rank(h, sbs):
     return out
 
 
+def _adjacent(ts, dim: int) -> torch.Tensor | None:
+    """The 2-D tensor of which ``ts`` (2-D, unit column stride) are adjacent blocks along ``dim`` (0: row
+    blocks, 1: column blocks) in order, as a view of their shared memory; None if they are not."""
+    if not ts or any(t is None for t in ts):
+        return None
+    first = ts[0]
+    size = (sum(t.shape[0] for t in ts), first.shape[1]) if dim == 0 else (first.shape[0], sum(t.shape[1] for t in ts))
+    if first.stride(1) != 1 or first.stride(0) < (size[1] if dim == 1 else first.shape[1]):
+        return None
+    step, ptr, storage = first.element_size(), first.data_ptr(), first.untyped_storage().data_ptr()
+    for t in ts:
+        if (t.dim() != 2 or t.dtype != first.dtype or t.stride() != first.stride() or t.shape[1 - dim] != first.shape[1 - dim]
+                or t.data_ptr() != ptr or t.untyped_storage().data_ptr() != storage):
+            return None
+        ptr += step * (t.shape[0] * first.stride(0) if dim == 0 else t.shape[1])
+    return first.as_strided(size, first.stride())
+
+
 def _autocast_input(x: torch.Tensor) -> tuple[torch.Tensor, str]:
     """x cast as autocast would cast a linear layer's input, and its device type.
 
@@ -351,7 +369,21 @@ class _LoraGroup(torch.autograd.Function):
         sbs, tensors = rest[:len(spec)], rest[len(spec):]
         projs = _unflatten(spec, tensors)
         dense, ctx.dense = ctx.dense, None
-        dx, grads = _group_backward(dys, x2, h, projs, a_cat, sbs, ctx.needs_input_grad[0], _needs(ctx, spec, 2), dense)
+        n = x2.shape[0]
+        merged = None  # one matmul for dx when the gradients are one tensor and the weights quantized
+        dy_cat = _adjacent([None if d is None else d.reshape(n, -1) for d in dys], 1) if len(dys) > 1 else None
+        if dy_cat is not None and ctx.needs_input_grad[0]:
+            if dense is not None:  # kept by a recomputation: row blocks of the forward's stacked weight
+                w_cat = _adjacent(dense, 0)
+            elif all(b is None for _, b, *_ in projs):
+                w_cat = _stacked([w for w, *_ in projs], x2.dtype, h.shape[1] if h is not None else 0)
+                if w_cat is not None and h is not None:  # whose spare columns give g as well
+                    _augment(w_cat, x2.shape[1], sbs, [w.shape[0] for w, *_ in projs])
+            else:
+                w_cat = None
+            merged = (dy_cat, w_cat) if w_cat is not None else None
+        dx, grads = _group_backward(dys, x2, h, projs, a_cat, sbs, ctx.needs_input_grad[0], _needs(ctx, spec, 2),
+                                    dense, merged)
         return (dx.view(ctx.x_shape) if dx is not None else None, None, *_grad_list(spec, grads))
 
 

@@ -15,7 +15,8 @@ import triton.language as tl
 
 @triton.jit
 def _rope(X, COS, SIN, Y, n_heads, half, stride_b, stride_t, stride_head, seq_len, cs_stride_b, cs_stride_t,
-          BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+          out_stride_b, out_stride_t, out_stride_head, BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr,
+          BLOCK_D: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     cs = (tok // seq_len) * cs_stride_b + (tok % seq_len) * cs_stride_t  # this token's cos/sin row
     heads = tl.arange(0, BLOCK_H)[:, None]
@@ -34,23 +35,26 @@ def _rope(X, COS, SIN, Y, n_heads, half, stride_b, stride_t, stride_head, seq_le
     else:  # y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2
         y1 = x1 * c1 - x2 * s1
         y2 = x2 * c2 + x1 * s2
-    dst = Y + tok * n_heads * 2 * half + heads * 2 * half + d
+    dst = Y + (tok // seq_len) * out_stride_b + (tok % seq_len) * out_stride_t + heads * out_stride_head + d
     tl.store(dst, y1.to(Y.dtype.element_ty), mask=mask)
     tl.store(dst + half, y2.to(Y.dtype.element_ty), mask=mask)
 
 
-def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False) -> torch.Tensor:
+def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate ``x`` (B, T, H, D) (any strides with a unit last stride) by ``cos``/``sin`` (B or 1, T, D).
 
     A batch of one in cos/sin is broadcast (stride 0, no copy). Returns a new contiguous (B, T, H, D)
-    tensor; ``backward=True`` applies the transposed rotation.
+    tensor, or writes ``out`` (B, T, H, D, any strides with a unit last stride, not overlapping x);
+    ``backward=True`` applies the transposed rotation.
     """
     b, t, h, dim = x.shape
     assert x.stride(3) == 1 and cos.stride(-1) == 1 and sin.stride() == cos.stride()
-    y = torch.empty((b, t, h, dim), dtype=x.dtype, device=x.device)
+    y = torch.empty((b, t, h, dim), dtype=x.dtype, device=x.device) if out is None else out
+    assert y.shape == x.shape and y.stride(3) == 1 and y.dtype == x.dtype, (y.shape, y.stride(), y.dtype)
     half = dim // 2
     cs_b = cos.stride(0) if cos.shape[0] > 1 else 0
     _rope[(b * t,)](x, cos, sin, y, h, half, x.stride(0), x.stride(1), x.stride(2), t, cs_b, cos.stride(1),
-                    BACKWARD=backward, BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(half),
-                    num_warps=4)
+                    y.stride(0), y.stride(1), y.stride(2), BACKWARD=backward, BLOCK_H=triton.next_power_of_2(h),
+                    BLOCK_D=triton.next_power_of_2(half), num_warps=4)
     return y
