@@ -175,31 +175,50 @@ def _unflatten(spec, tensors):
 
 
 def _factors(projs, dtype):
-    """A_cat (R, in) in ``dtype`` and per projection ``(s B)`` (out, r_p) in ``dtype`` (None if no adapter).
+    """A_cat (R, in) in ``dtype`` and per projection ``(s B)`` (out, r_p) in ``dtype`` (None if no adapter)."""
+    return _factor_groups([projs], dtype)[0]
 
-    Built on every call (r x (in + out) elements per adapter) with as few launches as the layout allows:
-    a cache keyed on the tensors' versions would miss writes through ``.data``, which don't bump it.
+
+def _factor_groups(groups, dtype):
+    """``_factors`` of several groups of projections, cast together.
+
+    Built on every call (r x (in + out) elements per adapter): a cache keyed on the tensors' versions would
+    miss writes through ``.data``, which don't bump it. Two launches for all: one multiplies the B's by
+    their scales (in their own dtype), one casts every A and scaled B into its place (each rounded once;
+    ``torch._foreach_copy_`` casts a list in one kernel on CUDA). Several adapters on one projection
+    (rare) are concatenated on the side.
     """
-    a_all = [a for _, _, As, _, _ in projs for a in As]
-    a_cat = None
-    if len(a_all) == 1:
-        a_cat = a_all[0].to(dtype)
-    elif a_all:  # one launch: concatenated and cast into the output
-        a_cat = torch.cat(a_all, 0, out=a_all[0].new_empty((sum(a.shape[0] for a in a_all), a_all[0].shape[1]),
-                                                            dtype=dtype))
-    sbs = []
-    for _, _, _, Bs, scales in projs:
-        if not Bs:
-            sbs.append(None)
-        elif len(Bs) == 1:  # one launch: the product in B's dtype, rounded once into the output
-            sbs.append(torch.mul(Bs[0], scales[0], out=Bs[0].new_empty(Bs[0].shape, dtype=dtype)))
-        else:
-            sbs.append(torch.cat([b * s for b, s in zip(Bs, scales)], 1).to(dtype))
-    return a_cat, sbs
+    out, dst, src, b_dst, b_src, scales = [], [], [], [], [], []
+    for projs in groups:
+        a_all = [a for _, _, As, _, _ in projs for a in As]
+        a_cat = None
+        if a_all:
+            a_cat = a_all[0].new_empty((sum(a.shape[0] for a in a_all), a_all[0].shape[1]), dtype=dtype)
+            dst += a_cat.split([a.shape[0] for a in a_all], 0)
+            src += a_all
+        sbs = []
+        for _, _, _, Bs, ss in projs:
+            if not Bs:
+                sbs.append(None)
+            elif len(Bs) == 1:
+                sbs.append(Bs[0].new_empty(Bs[0].shape, dtype=dtype))
+                b_dst.append(sbs[-1])
+                b_src.append(Bs[0])
+                scales.append(ss[0])
+            else:
+                sbs.append(torch.cat([b * s for b, s in zip(Bs, ss)], 1).to(dtype))
+        out.append((a_cat, sbs))
+    if b_src:
+        src += torch._foreach_mul(b_src, scales) if any(s != 1.0 for s in scales) else b_src
+        dst += b_dst
+    if dst:
+        torch._foreach_copy_(dst, src)
+    return out
 
 
 def _group_forward(x2, projs, a_cat, sbs):
-    """Outputs (N, out_p) of projections sharing the input rows x2 (N, in), and h = x2 @ A_cat.T.
+    """Outputs (N, out_p) of projections sharing the input rows x2 (N, in), h = x2 @ A_cat.T, the dense
+    weights, and the block-diagonal factor ``diag(s B_p)`` where the weights were stacked (else None).
 
     The low-rank term is written first and the base matmul accumulates onto it (beta = 1): the big
     matmul is compute-bound, so reading C in its epilogue is nearly free, where adding the low-rank
@@ -211,12 +230,13 @@ def _group_forward(x2, projs, a_cat, sbs):
         b is None for _, b, *_ in projs) else None
     if stacked is not None:  # quantized q/k/v: one matmul against [W_q; W_k; W_v], better tiled than three
         outs = [w.shape[0] for w, *_ in projs]  # (k and v alone fill about one wave of an H100)
+        s_cat = None
         if h is None:
             y = x2 @ stacked.T
         else:  # all low-rank terms first, through the block-diagonal (sum out, R) factor, then the base matmul
             s_cat = torch.block_diag(*[sb if sb is not None else x2.new_zeros((o, 0)) for sb, o in zip(sbs, outs)])
             y = (h @ s_cat.T).addmm_(x2, stacked.T)
-        return list(y.split(outs, 1)), h, list(stacked.split(outs, 0))  # outputs: column blocks of y
+        return list(y.split(outs, 1)), h, list(stacked.split(outs, 0)), s_cat  # outputs: column blocks of y
     ys, dense, off = [], [], 0
     for (weight, bias, As, _, _), sb in zip(projs, sbs):
         w = _dense(weight, x2.dtype)
@@ -229,7 +249,7 @@ def _group_forward(x2, projs, a_cat, sbs):
         y = hp @ sb.T if bias is None else torch.addmm(bias.to(x2.dtype), hp, sb.T)  # (N, out)
         ys.append(y.addmm_(x2, w.T))  # y += x W.T
         off += r
-    return ys, h, dense
+    return ys, h, dense, None
 
 
 def _weight_grad(a, b, dtype, scale=1.0):
@@ -357,7 +377,8 @@ class _LoraGroup(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
         a_cat, sbs = _factors(projs, x.dtype)
-        ys, h, dense = _group_forward(x2, projs, a_cat, sbs)
+        ys, h, dense, s_cat = _group_forward(x2, projs, a_cat, sbs)
+        ctx.s_cat = None if torch.compiler.is_compiling() else s_cat  # for the backward's stacked weight
         ctx.spec, ctx.x_shape, ctx.dense = spec, x.shape, _keep_dense(spec, dense)
         ctx.save_for_backward(*_save_input(ctx, x, x2), h, a_cat, *sbs, *tensors)
         return tuple(y.view(*x.shape[:-1], -1) for y in ys)
@@ -369,6 +390,7 @@ class _LoraGroup(torch.autograd.Function):
         sbs, tensors = rest[:len(spec)], rest[len(spec):]
         projs = _unflatten(spec, tensors)
         dense, ctx.dense = ctx.dense, None
+        s_cat, ctx.s_cat = ctx.s_cat, None
         n = x2.shape[0]
         merged = None  # one matmul for dx when the gradients are one tensor and the weights quantized
         dy_cat = _adjacent([None if d is None else d.reshape(n, -1) for d in dys], 1) if len(dys) > 1 else None
@@ -377,7 +399,9 @@ class _LoraGroup(torch.autograd.Function):
                 w_cat = _adjacent(dense, 0)
             elif all(b is None for _, b, *_ in projs):
                 w_cat = _stacked([w for w, *_ in projs], x2.dtype, h.shape[1] if h is not None else 0)
-                if w_cat is not None and h is not None:  # whose spare columns give g as well
+                if w_cat is not None and s_cat is not None:  # whose spare columns give g as well
+                    w_cat[:, x2.shape[1]:].copy_(s_cat)
+                elif w_cat is not None and h is not None:
                     _augment(w_cat, x2.shape[1], sbs, [w.shape[0] for w, *_ in projs])
             else:
                 w_cat = None
@@ -448,17 +472,16 @@ class _LoraMLP(torch.autograd.Function):
         projs = _unflatten(spec, tensors)  # gate, up, down
         x2 = x.reshape(-1, x.shape[-1])
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
-        a_gu, sb_gu = _factors(projs[:2], x.dtype)
+        (a_gu, sb_gu), (a_d, sb_d) = _factor_groups([projs[:2], projs[2:]], x.dtype)
         h_gu = x2 @ a_gu.T if a_gu is not None else None  # (N, R_g + R_u)
         g, u, dense_gu = _gate_up(x2, projs[:2], h_gu.shape[1] if h_gu is not None else 0)
         act = swiglu_lora_forward(g, u, *_split_low_rank(h_gu, sb_gu))  # (N, I): used here, not saved
-        a_d, sb_d = _factors(projs[2:], x.dtype)
         if recomputing.skip_mlp_output and not torch.compiler.is_compiling():
             y = torch.empty((x2.shape[0], projs[2][0].shape[0]), dtype=x.dtype, device=x.device)
             h_d = act @ a_d.T if a_d is not None else None
             dense_d = [None]
         else:
-            (y,), h_d, dense_d = _group_forward(act, projs[2:], a_d, sb_d)
+            (y,), h_d, dense_d, _ = _group_forward(act, projs[2:], a_d, sb_d)
         ctx.spec, ctx.x_shape, ctx.dense = spec, x.shape, _keep_dense(spec, [dense_gu, dense_d[0]])
         ctx.save_for_backward(*_save_input(ctx, x, x2), g, u, h_gu, h_d, a_gu, a_d, *sb_gu, *sb_d, *tensors)
         return y.view(*x.shape[:-1], -1)
