@@ -103,8 +103,9 @@ def _adjacent(ts, dim: int) -> torch.Tensor | None:
         return None
     step, ptr, storage = first.element_size(), first.data_ptr(), first.untyped_storage().data_ptr()
     for t in ts:
-        if (t.dim() != 2 or t.dtype != first.dtype or t.stride() != first.stride() or t.shape[1 - dim] != first.shape[1 - dim]
-                or t.data_ptr() != ptr or t.untyped_storage().data_ptr() != storage):
+        if (t.dim() != 2 or t.dtype != first.dtype or t.stride() != first.stride()
+                or t.shape[1 - dim] != first.shape[1 - dim] or t.data_ptr() != ptr
+                or t.untyped_storage().data_ptr() != storage):
             return None
         ptr += step * (t.shape[0] * first.stride(0) if dim == 0 else t.shape[1])
     return first.as_strided(size, first.stride())
