@@ -1,8 +1,9 @@
-"""NF4 dequantization on the GPU: the two Triton kernels, bitsandbytes' CUDA kernel, and the CPU cost of a call.
+"""NF4 dequantization on the GPU: the three Triton kernels, bitsandbytes' CUDA kernel, and the CPU cost of a call.
 
 For each Llama weight shape (blocksize 64, double quantization, bf16 output): GPU time of the
-per-element kernel and of the byte-pair kernel (``triton.testing.do_bench``, L2 flushed), bitsandbytes'
-``dequantize_4bit`` when importable, and the bytes moved per second. Then the host-side cost of one
+per-element, byte-pair and blocks kernels (``triton.testing.do_bench``, L2 flushed), a plain copy of
+the bf16 weight (the bandwidth to aim at: it moves more bytes), bitsandbytes' ``dequantize_4bit`` when
+importable, and the bytes moved per second. Then the host-side cost of one
 call as the training path makes it (``QuantLinearKind.fused_weight`` + ``dequantize``), measured on a
 small weight in a loop without synchronisation, where the GPU work is shorter than the launch.
 
@@ -18,7 +19,7 @@ import time
 import torch
 
 SHAPES = [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (4096, 4096), (1024, 4096), (14336, 4096),
-          (4096, 14336)]
+          (4096, 14336), (6144, 4096), (28672, 4096)]
 
 
 def gpu_times(shape) -> dict:
@@ -31,13 +32,15 @@ def gpu_times(shape) -> dict:
     out = torch.empty_like(w)
     ref = nf4.dequantize_4bit(q, torch.bfloat16)
     row = {"shape": list(shape)}
-    for name, pairs in (("element", False), ("pairs", True)):
-        got = triton_dequant.dequantize_4bit(q, torch.bfloat16, out=out, pairs=pairs)
-        row[f"{name}_equal"] = torch.equal(got, ref)
-        row[f"{name}_us"] = round(triton.testing.do_bench(
-            lambda: triton_dequant.dequantize_4bit(q, torch.bfloat16, out=out, pairs=pairs), return_mode="median") * 1e3, 1)
+    for kernel in triton_dequant.KERNELS:
+        out.fill_(float("nan"))
+        got = triton_dequant.dequantize_4bit(q, torch.bfloat16, out=out, kernel=kernel)
+        row[f"{kernel}_equal"] = torch.equal(got, ref)
+        row[f"{kernel}_us"] = round(triton.testing.do_bench(
+            lambda: triton_dequant.dequantize_4bit(q, torch.bfloat16, out=out, kernel=kernel), return_mode="median") * 1e3, 1)
     moved = w.numel() * 2 + q.nbytes
-    row["pairs_GBps"] = round(moved / (row["pairs_us"] * 1e-6) / 1e9)
+    row["blocks_GBps"] = round(moved / (row["blocks_us"] * 1e-6) / 1e9)
+    row["copy_us"] = round(triton.testing.do_bench(lambda: out.copy_(ref), return_mode="median") * 1e3, 1)
     try:
         import bitsandbytes.functional as F
 
@@ -49,7 +52,7 @@ def gpu_times(shape) -> dict:
 
 
 def sweep(shape=(14336, 4096)) -> list:
-    """GPU time of the pair kernel per (bytes per program, warps) on one weight."""
+    """GPU time of the blocks kernel per (bytes per program, warps) on one weight."""
     import triton
 
     from deltatune.quant import nf4, triton_dequant
@@ -57,17 +60,17 @@ def sweep(shape=(14336, 4096)) -> list:
     w = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
     q = nf4.quantize_4bit(w, "nf4", 64, True)
     out = torch.empty_like(w)
-    default = triton_dequant.PAIR_BLOCK, triton_dequant.PAIR_WARPS
+    default = triton_dequant.BLOCKS_BYTES, triton_dequant.BLOCKS_WARPS
     rows = []
     try:
-        for block in (1024, 2048, 4096, 8192):
+        for block in (2048, 4096, 8192):
             for warps in (2, 4, 8):
-                triton_dequant.PAIR_BLOCK, triton_dequant.PAIR_WARPS = block, warps
+                triton_dequant.BLOCKS_BYTES, triton_dequant.BLOCKS_WARPS = block, warps
                 us = triton.testing.do_bench(lambda: triton_dequant.dequantize_4bit(q, torch.bfloat16, out=out),
                                              return_mode="median") * 1e3
                 rows.append({"block_bytes": block, "warps": warps, "us": round(us, 1)})
     finally:
-        triton_dequant.PAIR_BLOCK, triton_dequant.PAIR_WARPS = default
+        triton_dequant.BLOCKS_BYTES, triton_dequant.BLOCKS_WARPS = default
     return rows
 
 

@@ -182,22 +182,25 @@ TRITON_CHECK = textwrap.dedent("""
     bad = []
     for kind in ("nf4", "fp4"):
         for dq in (False, True):
-            # odd sizes take the per-element kernel, even ones with 16-bit output the byte-pair kernel
-            # (8192 columns: two programs a row of the strided pair kernel)
+            # odd sizes take the per-element kernel, even ones with 16-bit output the blocks kernel (rows of
+            # whole blocks when strided, else the byte-pair kernel); ragged last blocks, several programs
+            # (8192 columns: two programs a row of the strided pair kernel; 40x512 at 32: three of blocks)
             for shape, bs in (((37, 29), 32), ((6, 37), 32), ((9, 130), 64), ((3, 700), 256), ((2, 4100), 4096),
-                              ((5, 128), 64), ((3, 96), 32), ((2, 8192), 64), ((3, 4096), 4096)):
+                              ((5, 128), 64), ((3, 96), 32), ((2, 8192), 64), ((3, 4096), 4096), ((40, 512), 32)):
                 x = (torch.randn(shape, generator=g) * 0.1).to(DEVICE)
                 x.view(-1)[:64] = 0
                 q = nf4.quantize_4bit(x, kind, bs, dq)
                 for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                    got = triton_dequant.dequantize_4bit(q, dtype)
-                    if not torch.equal(got, nf4.dequantize_4bit(q, dtype)):
-                        bad.append((kind, dq, shape, bs, str(dtype)))
+                    ref = nf4.dequantize_4bit(q, dtype)
+                    kernels = [None] if dtype == torch.float32 or x.numel() % 2 else [None, "pairs", "element"]
+                    for kernel in kernels:
+                        got = triton_dequant.dequantize_4bit(q, dtype, kernel=kernel)
+                        if not torch.equal(got, ref):
+                            bad.append((kind, dq, shape, bs, str(dtype), kernel))
                     if dtype != torch.float32 and shape[1] % 2 == 0:  # into the left columns of a wider matrix
                         wide = torch.full((shape[0], shape[1] + 6), 7.0, dtype=dtype, device=DEVICE)
                         triton_dequant.dequantize_4bit(q, dtype, out=wide[:, :shape[1]])
-                        if not (torch.equal(wide[:, :shape[1]], nf4.dequantize_4bit(q, dtype))
-                                and bool((wide[:, shape[1]:] == 7).all())):
+                        if not (torch.equal(wide[:, :shape[1]], ref) and bool((wide[:, shape[1]:] == 7).all())):
                             bad.append((kind, dq, shape, bs, str(dtype), "strided"))
     print("BAD", bad)
 """)

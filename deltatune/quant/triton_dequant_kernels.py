@@ -39,9 +39,25 @@ def dequant_4bit_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr
 
 
 @triton.jit
+def _halves(high, low, BF16: tl.constexpr, HAND: tl.constexpr):
+    """fp32 ``high``/``low`` rounded to 16 bits and packed as one int32 word each (``high`` in the low half:
+    little-endian, element 2j first). ``HAND``: round to nearest even with integer operations (the
+    interpreter's fp32 -> bf16 cast truncates); compiled, the hardware's conversion rounds the same way."""
+    if BF16 and HAND:
+        hb, lb = high.to(tl.int32, bitcast=True), low.to(tl.int32, bitcast=True)
+        hb = ((hb + 0x7FFF + ((hb >> 16) & 1)) >> 16) & 0xFFFF
+        lb = ((lb + 0x7FFF + ((lb >> 16) & 1)) >> 16) & 0xFFFF
+    else:
+        half = tl.bfloat16 if BF16 else tl.float16
+        hb = high.to(half).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        lb = low.to(half).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return hb | (lb << 16)
+
+
+@triton.jit
 def dequant_4bit_pairs_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, out_ptr,
                               nbytes, row_words, stride_words, HALF_BLOCKSIZE: tl.constexpr,
-                              NESTED: tl.constexpr, BF16: tl.constexpr, STRIDED: tl.constexpr,
+                              NESTED: tl.constexpr, BF16: tl.constexpr, HAND: tl.constexpr, STRIDED: tl.constexpr,
                               BLOCK: tl.constexpr):
     if STRIDED:  # grid (rows, chunks of a row): rows of row_words words, stride_words apart in out
         row = tl.program_id(0).to(tl.int64)
@@ -58,13 +74,26 @@ def dequant_4bit_pairs_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, co
     low = tl.load(code_ptr + (byte & 15), mask=mask, other=0.0)  # element 2j + 1
     block = offs // HALF_BLOCKSIZE
     scale = _block_scale(absmax_ptr, nested_ptr, offset_ptr, code8_ptr, block, mask, NESTED)
-    high, low = high * scale, low * scale
-    if BF16:  # round to nearest even by hand (the interpreter's fp32 -> bf16 cast truncates)
-        hb, lb = high.to(tl.int32, bitcast=True), low.to(tl.int32, bitcast=True)
-        hb = ((hb + 0x7FFF + ((hb >> 16) & 1)) >> 16) & 0xFFFF
-        lb = ((lb + 0x7FFF + ((lb >> 16) & 1)) >> 16) & 0xFFFF
+    tl.store(out_ptr + dest, _halves(high * scale, low * scale, BF16, HAND), mask=mask)  # out: int32 view
+
+
+@triton.jit
+def dequant_4bit_blocks_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, out_ptr,
+                               nbytes, blocks_per_row, stride_words, HALF_BLOCKSIZE: tl.constexpr,
+                               NESTED: tl.constexpr, BF16: tl.constexpr, HAND: tl.constexpr,
+                               STRIDED: tl.constexpr, ROWS: tl.constexpr):
+    # A (ROWS, HALF_BLOCKSIZE) tile of bytes: ROWS quantization blocks, each block's scale computed once.
+    block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+    j = tl.arange(0, HALF_BLOCKSIZE)
+    offs = block[:, None] * HALF_BLOCKSIZE + j[None, :]  # byte = output word indices
+    mask = offs < nbytes
+    if STRIDED:  # whole blocks per row of out: row block // blocks_per_row, stride_words words apart
+        dest = ((block // blocks_per_row) * stride_words + (block % blocks_per_row) * HALF_BLOCKSIZE)[:, None] + j[None, :]
     else:
-        hb = high.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        lb = low.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    word = hb | (lb << 16)
-    tl.store(out_ptr + dest, word, mask=mask)  # out_ptr is an int32 view of the 16-bit output
+        dest = offs
+    scale = _block_scale(absmax_ptr, nested_ptr, offset_ptr, code8_ptr, block, block * HALF_BLOCKSIZE < nbytes,
+                         NESTED)[:, None]
+    byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
+    high = tl.load(code_ptr + (byte >> 4))  # element 2j (codes 0..15: no mask needed)
+    low = tl.load(code_ptr + (byte & 15))  # element 2j + 1
+    tl.store(out_ptr + dest, _halves(high * scale, low * scale, BF16, HAND), mask=mask)  # out: int32 view
