@@ -43,7 +43,7 @@ import torch.nn as nn
 
 __all__ = ["GraphedStack", "graph_layers", "ungraph_layers"]
 
-# The layer at whose call a step's state check runs (``GraphedStack._verify``): by then the GPU has
+# The layer at whose call a step's state check runs (``GraphedStack.call``): by then the GPU has
 # the first layers' replays to run while the host checks.
 VERIFY_AT = 2
 
@@ -147,9 +147,14 @@ class GraphedStack:
     # -- calls ------------------------------------------------------------------------------------------
     def call(self, i: int, hidden_states, *args, **kwargs):
         """Layer ``i``'s output: replayed from its graph where that applies, else from its forward."""
-        if self.pending is not None and i > 0:
-            hidden_states = self._verify(i, hidden_states, args, kwargs)
-        if not self._applies(i, hidden_states, args, kwargs):
+        applies = self._applies(i, hidden_states, args, kwargs)
+        if self.pending is not None and i > 0 and (i >= VERIFY_AT or not applies):  # the chain ends or it is time
+            (x, first_kwargs), self.pending = self.pending, None
+            signature, hooked = _state(self.layers)
+            if hooked or signature != self.signature:
+                hidden_states = self._redo(i, x, first_kwargs)
+                applies = self._applies(i, hidden_states, args, kwargs)
+        if not applies:
             self.next = -1  # the rest of this step runs eagerly
             return self.forwards[i](hidden_states, *args, **kwargs)
         self.next = i + 1
@@ -174,7 +179,7 @@ class GraphedStack:
         if key == self.key and self.signature is not None and len(self.layers) > VERIFY_AT:
             # Replay at once and check the layers' state (``_state``, milliseconds of Python) when layer
             # VERIFY_AT is called, while the GPU runs the first layers. A forward replay writes only the
-            # graphs' own buffers, so if the state changed, ``_verify`` discards those and redoes them.
+            # graphs' own buffers, so if the state changed, ``_redo`` discards those and redoes them.
             self.pending = (x, kwargs)
         else:
             signature, hooked = _state(self.layers)
@@ -194,23 +199,15 @@ class GraphedStack:
         self.sources = dict(flat)
         return True
 
-    def _verify(self, i: int, hidden_states, args, kwargs):
-        """The pending state check of this step, at the call of layer ``i`` (VERIFY_AT, or earlier if the
-        chain of replays breaks): ``hidden_states`` if the layers are as captured, else layers 0 to i - 1
-        run again (recaptured, or eagerly if hooks came) from the first layer's input, and their output."""
-        (x, first_kwargs), self.pending = self.pending, None
-        if i < VERIFY_AT and self._applies(i, hidden_states, args, kwargs):
-            self.pending = (x, first_kwargs)  # still replaying in order: check later
-            return hidden_states
-        signature, hooked = _state(self.layers)
-        if not hooked and signature == self.signature:
-            return hidden_states
-        self.signature = None  # the first layer's call below checks in full, then recaptures or turns off
+    def _redo(self, i: int, x, kwargs):
+        """Layers 0 to i - 1 again from the first layer's input ``x``, after the step's state check (at layer
+        VERIFY_AT, or where the chain of replays broke) found the layers changed since the capture: the
+        first call checks in full, then recaptures, or runs eagerly if hooks came. Their output."""
+        self.signature = None
         self.next = -1
-        h = x
         for j in range(i):
-            h = self.call(j, h, **first_kwargs)
-        return h
+            x = self.call(j, x, **kwargs)
+        return x
 
     def _key(self, x, flat):
         args = tuple((p, tuple(v.shape), v.dtype, v.device, v.stride()) if isinstance(v, torch.Tensor) else (p, v)
@@ -226,7 +223,7 @@ class GraphedStack:
 
     # -- capture ----------------------------------------------------------------------------------------
     def _release(self):
-        if self.caps is not None:  # a replay of the graphs may still run (``_verify``)
+        if self.caps is not None:  # a replay of the graphs may still run (``_redo``)
             torch.cuda.synchronize(self.caps[0].x.device)
         self.caps = self.key = self.signature = self.kwargs = self.sources = self.pending = None
         self.storages = []
@@ -255,7 +252,7 @@ class GraphedStack:
         # The captures differentiate fresh leaves over the parameters' storage: a parameter's own
         # AccumulateGrad node may belong to an older step on another stream, which breaks a capture.
         named = [[(n, p) for n, p in layer.named_parameters() if p.requires_grad] for layer in self.layers]
-        # What the graphs read stays allocated while they exist: a replay before ``_verify`` notices a
+        # What the graphs read stays allocated while they exist: a replay before the state check notices a
         # replaced storage reads the old one, never freed (or unmapped) memory.
         self.storages = [t.untyped_storage() for layer in self.layers
                          for t in (*layer.parameters(), *layer.buffers())]
