@@ -96,7 +96,8 @@ def check_swiglu(device, dtype):
 
 
 def check_swiglu_lora(device, dtype):
-    """The LoRA MLP's SwiGLU: low-rank terms added in the kernel, g/u column blocks of one tensor."""
+    """The LoRA MLP's SwiGLU: low-rank terms added in the kernel, g/u column blocks of one tensor; the
+    backward's sums dB_g, dB_u, dA_d over the rows (several programs along them at n = 45)."""
     from deltatune.kernels import triton_swiglu as k
 
     n, i = 45, 300  # neither a multiple of the tile
@@ -113,18 +114,50 @@ def check_swiglu_lora(device, dtype):
         lora_d = (gd, ad) if rd else None
         dh = torch.randn(n, i, device=device, dtype=dtype)
         act = k.swiglu_lora_forward(g, u, lora_g, lora_u)
-        gu0 = gu.clone()
-        act2, dgu = k.swiglu_lora_backward(dh.clone(), g, u, lora_g, lora_u, lora_d)
-        assert torch.equal(gu, gu0)  # inputs untouched
+        gu0, dh0 = gu.clone(), dh.clone()
+        dgu, db_g, db_u, da_d = k.swiglu_lora_backward(dh, g, u, lora_g, lora_u, lora_d, scales=(0.5, 3.0))
+        assert torch.equal(gu, gu0) and torch.equal(dh, dh0)  # inputs untouched
+        assert (db_g is None) == (rg == 0) and (db_u is None) == (ru == 0) and (da_d is None) == (rd == 0)
         g64, u64 = g.double().requires_grad_(), u.double().requires_grad_()
         gf = g64 + (h[:, :rg].double() @ sbg.double().T if rg else 0)
         uf = u64 + (h[:, rg:].double() @ sbu.double().T if ru else 0)
         ref = torch.nn.functional.silu(gf) * uf
         ref.backward(dh.double() + (gd.double() @ ad.double() if rd else 0))
         tag = f"_r{rg}_{ru}_{rd}"
-        out.update({"act" + tag: rel_error(act, ref.detach()), "act_recomputed" + tag: rel_error(act2, ref.detach()),
+        out.update({"act" + tag: rel_error(act, ref.detach()),
                     "dg" + tag: rel_error(dgu[:, :i], g64.grad), "du" + tag: rel_error(dgu[:, i:], u64.grad)})
+        if rg:
+            out["dB_g" + tag] = rel_error(db_g, 0.5 * g64.grad.T @ h[:, :rg].double())
+        if ru:
+            out["dB_u" + tag] = rel_error(db_u, 3.0 * u64.grad.T @ h[:, rg:].double())
+        if rd:
+            out["dA_d" + tag] = rel_error(da_d, gd.double().T @ ref.detach())
     return out
+
+
+def check_cast(device, dtype):
+    """The LoRA factors' cast: 11 sources (two launches of at most 8), scaled, at aligned offsets of one
+    buffer; the gaps between them untouched. Exact: each value is one fp32 product rounded once."""
+    from deltatune.kernels.functional import cast_into
+
+    shapes = [(16, 300), (300, 16), (5, 7), (1, 1), (16, 2049), (3, 3), (64, 64), (2, 9), (7, 1), (9, 100), (4, 4)]
+    srcs = [torch.randn(s, device=device) for s in shapes]
+    scales = [1.0, 2.0, 0.3, 1.0, 7.5, 1.0, 0.125, 3.0, 1.0, 1.0, 0.7]
+    offsets, total = [], 0
+    for t in srcs:
+        offsets.append(total)
+        total += -(-t.numel() // 8) * 8 + 8  # a gap after each
+    dst = _poisoned_like(torch.empty(total, device=device, dtype=dtype))
+    before = dst.clone()
+    cast_into(dst, srcs, offsets, scales)
+    got = torch.cat([dst[o:o + t.numel()] for o, t in zip(offsets, srcs)])
+    ref = torch.cat([(t * s).to(dtype).reshape(-1) for t, s in zip(srcs, scales)])
+    gaps = torch.ones(total, dtype=torch.bool, device=device)
+    for o, t in zip(offsets, srcs):
+        gaps[o:o + t.numel()] = False
+    untouched = torch.equal(dst[gaps].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                            before[gaps].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    return {"values": 0.0 if torch.equal(got, ref) else rel_error(got, ref) + 1.0, "gaps": 0.0 if untouched else 1.0}
 
 
 def check_cross_entropy(device, dtype):
@@ -231,7 +264,8 @@ def check_fast_path(device, dtype):
     return out
 
 
-CHECKS = {f.__name__[len("check_"):]: f for f in (check_rmsnorm, check_rope, check_swiglu, check_swiglu_lora, check_cross_entropy,
+CHECKS = {f.__name__[len("check_"):]: f for f in (check_rmsnorm, check_rope, check_swiglu, check_swiglu_lora, check_cast,
+                                                   check_cross_entropy,
                                                    check_linear_cross_entropy, check_lora_mlp, check_fast_path)}
 # bf16 operands in several chained matmuls: a looser bound than one rounding
 EXTRA_TOL = {"lora_mlp": 3e-2, "linear_cross_entropy": 2e-2, "fast_path": 0.15}

@@ -226,6 +226,22 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return _Rope.apply(q, k, v, cos, sin)
 
 
+# -- LoRA factors ---------------------------------------------------------------------------------------
+def cast_into(dst: torch.Tensor, srcs, offsets, scales) -> torch.Tensor:
+    """``dst[o:o + src.numel()] = src * scale`` in ``dst``'s dtype (fp32 product, one rounding) for each
+    contiguous source at its element offset ``o`` in the flat contiguous ``dst``: one Triton launch on
+    CUDA for up to 8 sources, a copy or ``torch.mul(out=)`` each elsewhere. Returns ``dst``."""
+    if triton_enabled(dst) and not torch.compiler.is_compiling():
+        return _k("triton_cast").cast_into(dst, srcs, offsets, scales)
+    for src, o, s in zip(srcs, offsets, scales):
+        view = dst[o:o + src.numel()].view(src.shape)
+        if s == 1.0:
+            view.copy_(src)
+        else:
+            torch.mul(src, s, out=view)
+    return dst
+
+
 # -- SwiGLU ---------------------------------------------------------------------------------------------
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``silu(g) * u`` without autograd (fp32 math, one rounding)."""
@@ -265,12 +281,14 @@ def swiglu_lora_forward(g, u, lora_g=None, lora_u=None):
     return (gf * torch.sigmoid(gf) * uf).to(g.dtype)
 
 
-def swiglu_lora_backward(dh, g, u, lora_g=None, lora_u=None, lora_d=None):
-    """``(act, dgu)`` for ``swiglu_lora_forward`` given ``dh`` (N, I) contiguous plus the down adapter's
-    part ``lora_d = (g_d (N, r_d), A_d (r_d, I))`` (added as ``g_d @ A_d``). ``act`` is written over
-    ``dh``; ``dgu`` (N, 2I) is ``[dg | du]``, new."""
+def swiglu_lora_backward(dh, g, u, lora_g=None, lora_u=None, lora_d=None, scales=(1.0, 1.0)):
+    """Gradients of ``swiglu_lora_forward`` given ``dh`` (N, I) contiguous plus the down adapter's part
+    ``lora_d = (g_d (N, r_d), A_d (r_d, I))`` (added as ``g_d @ A_d``): ``(dgu, dB_g, dB_u, dA_d)`` with
+    ``dgu`` (N, 2I) ``[dg | du]``, new, and the adapter gradients that sum over the rows in fp32 (None
+    without that adapter): ``dB_g = scales[0] dg^T h_g``, ``dB_u = scales[1] du^T h_u``, ``dA_d = g_d^T act``
+    with ``act = silu(g) * u``, each from the 16-bit values (fp64 for fp64 inputs). ``dh`` is not changed."""
     if triton_enabled(g):
-        return _k("triton_swiglu").swiglu_lora_backward(dh, g, u, lora_g, lora_u, lora_d)
+        return _k("triton_swiglu").swiglu_lora_backward(dh, g, u, lora_g, lora_u, lora_d, scales)
     gf, uf, dhf = _plus_low_rank(g, lora_g), _plus_low_rank(u, lora_u), _plus_low_rank(dh, lora_d, True)
     sig = torch.sigmoid(gf)
     silu = gf * sig
@@ -278,8 +296,11 @@ def swiglu_lora_backward(dh, g, u, lora_g=None, lora_u=None, lora_d=None):
     dgu = torch.empty((g.shape[0], 2 * i), dtype=g.dtype, device=g.device)
     dgu[:, :i] = dhf * uf * sig * (1 + gf * (1 - sig))
     dgu[:, i:] = dhf * silu
-    dh.copy_(silu * uf)
-    return dh, dgu
+    wide = torch.float64 if g.dtype == torch.float64 else torch.float32
+    grads = [None if lr is None else dgu[:, o:o + i].T.to(wide) @ lr[0].to(wide) * s
+             for lr, o, s in ((lora_g, 0, scales[0]), (lora_u, i, scales[1]))]
+    da_d = None if lora_d is None else lora_d[0].T.to(wide) @ (silu * uf).to(g.dtype).to(wide)
+    return dgu, *grads, da_d
 
 
 class _SwiGLU(torch.autograd.Function):

@@ -22,18 +22,21 @@ adapters on one layer are one adapter of the concatenated rank: ``[s_1 B_1 | s_2
 write only ``x W^T``; the SwiGLU kernel adds the two adapters' low-rank terms tile by tile (forward, and
 again when the backward recomputes the SwiGLU output), and the backward kernel adds the down adapter's
 part of the SwiGLU gradient the same way, so no (N, intermediate) low-rank term is ever written and
-read back (``kernels/triton_swiglu.py``). It saves x, the base gate/up outputs and the small ``h``
-factors. With quantized weights, gate and up are dequantized into one stacked weight (one matmul each
+read back (``kernels/triton_swiglu.py``). The same backward kernel sums ``dB_g``, ``dB_u`` and ``dA_d``
+over the rows, so the SwiGLU output is never written in backward. It saves x, the base gate/up
+outputs and the small ``h`` factors. With quantized weights, gate and up are dequantized into one stacked weight (one matmul each
 way) whose spare columns carry ``diag(s B_g, s B_u)`` in backward, so ``[dg | du] @ stacked`` gives the
 adapters' ``g`` together with dx.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from deltatune.kernels.functional import rms_norm_values, swiglu_lora_backward, swiglu_lora_forward
+from deltatune.kernels.functional import cast_into, rms_norm_values, swiglu_lora_backward, swiglu_lora_forward
 
 __all__ = ["lora_group", "lora_mlp", "recomputing"]
 
@@ -94,8 +97,9 @@ def _split_low_rank(h, sbs):
 
 def _adjacent(ts, dim: int) -> torch.Tensor | None:
     """The 2-D tensor of which ``ts`` (2-D, unit column stride) are adjacent blocks along ``dim`` (0: row
-    blocks, 1: column blocks) in order, as a view of their shared memory; None if they are not."""
-    if not ts or any(t is None for t in ts):
+    blocks, 1: column blocks) in order, as a view of their shared memory; None if they are not (or while
+    compiling: traced tensors have no addresses)."""
+    if not ts or any(t is None for t in ts) or torch.compiler.is_compiling():
         return None
     first = ts[0]
     size = (sum(t.shape[0] for t in ts), first.shape[1]) if dim == 0 else (first.shape[0], sum(t.shape[1] for t in ts))
@@ -184,37 +188,41 @@ def _factor_groups(groups, dtype):
     """``_factors`` of several groups of projections, cast together.
 
     Built on every call (r x (in + out) elements per adapter): a cache keyed on the tensors' versions would
-    miss writes through ``.data``, which don't bump it. Two launches for all: one multiplies the B's by
-    their scales (in their own dtype), one casts every A and scaled B into its place (each rounded once;
-    ``torch._foreach_copy_`` casts a list in one kernel on CUDA). Several adapters on one projection
-    (rare) are concatenated on the side.
+    miss writes through ``.data``, which don't bump it. Every A and scaled B lands in one new buffer in
+    ``dtype`` (each rounded once from its fp32 product), in one launch on CUDA (``cast_into``); A_cat and
+    each ``s B`` are views of it. Several adapters on one projection (rare) are concatenated on the side.
     """
-    out, dst, src, b_dst, b_src, scales = [], [], [], [], [], []
+    srcs, offsets, scales, plan, total = [], [], [], [], 0
+
+    def slot(shape):  # an element offset in the buffer, 16-byte aligned, and the view's shape
+        nonlocal total
+        start, total = total, total + -(-math.prod(shape) // 8) * 8
+        return start, shape
+
     for projs in groups:
         a_all = [a for _, _, As, _, _ in projs for a in As]
-        a_cat = None
+        a_slot = None
         if a_all:
-            a_cat = a_all[0].new_empty((sum(a.shape[0] for a in a_all), a_all[0].shape[1]), dtype=dtype)
-            dst += a_cat.split([a.shape[0] for a in a_all], 0)
-            src += a_all
+            a_slot = slot((sum(a.shape[0] for a in a_all), a_all[0].shape[1]))  # rows of A_cat
+            o = a_slot[0]
+            for a in a_all:
+                srcs.append(a), offsets.append(o), scales.append(1.0)
+                o += a.numel()
         sbs = []
         for _, _, _, Bs, ss in projs:
-            if not Bs:
-                sbs.append(None)
-            elif len(Bs) == 1:
-                sbs.append(Bs[0].new_empty(Bs[0].shape, dtype=dtype))
-                b_dst.append(sbs[-1])
-                b_src.append(Bs[0])
-                scales.append(ss[0])
+            if len(Bs) == 1:
+                sbs.append(slot(tuple(Bs[0].shape)))
+                srcs.append(Bs[0]), offsets.append(sbs[-1][0]), scales.append(ss[0])
             else:
-                sbs.append(torch.cat([b * s for b, s in zip(Bs, ss)], 1).to(dtype))
-        out.append((a_cat, sbs))
-    if b_src:
-        src += torch._foreach_mul(b_src, scales) if any(s != 1.0 for s in scales) else b_src
-        dst += b_dst
-    if dst:
-        torch._foreach_copy_(dst, src)
-    return out
+                sbs.append(torch.cat([b * s for b, s in zip(Bs, ss)], 1).to(dtype) if Bs else None)
+        plan.append((a_slot, sbs))
+    flat = cast_into(srcs[0].new_empty(total, dtype=dtype), [t.contiguous() for t in srcs], offsets, scales) \
+        if srcs else None
+
+    def view(sl):
+        return sl if sl is None or isinstance(sl, torch.Tensor) else flat[sl[0]:sl[0] + math.prod(sl[1])].view(sl[1])
+
+    return [(view(a_slot), [view(sb) for sb in sbs]) for a_slot, sbs in plan]
 
 
 def _group_forward(x2, projs, a_cat, sbs):
@@ -279,7 +287,7 @@ def _keep_dense(spec, dense):
     return None
 
 
-def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need, dense=None, merged=None):
+def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need, dense=None, merged=None, db_given=None):
     """Gradients of ``_group_forward``: dx (N, in) or None, and per projection (dbias, [dA_k], [dB_k]).
 
     ``need`` lists, per projection, (bias needs grad, [A_k needs grad], [B_k needs grad]). As in the
@@ -288,6 +296,8 @@ def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need, dense=None, me
     ``merged``: ``(dy_cat (N, sum out), W_cat (sum out, in))`` when the output gradients are column
     blocks of one tensor and the weights row blocks of another: dx's base part is then one matmul.
     ``W_cat`` may carry ``g``'s factors as R extra columns (``_augment``): that matmul then gives g too.
+    ``db_given``: per projection its adapters' ``dy^T h_p`` (out, r_p), already computed (by the SwiGLU
+    kernel) and scaled as here (by the scale for one adapter, else 1), or None.
     """
     cols = x2.shape[1]
     g_given = None
@@ -314,7 +324,9 @@ def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need, dense=None, me
         if r:
             if any(need_b):
                 one = scales[0] if len(Bs) == 1 else 1.0  # one adapter: its scale rides in the product
-                db = _weight_grad(dy2.T, h[:, off:off + r], Bs[0].dtype, one)  # (out, r_p)
+                given = db_given[len(grads)] if db_given is not None else None
+                db = given.to(Bs[0].dtype) if given is not None else \
+                    _weight_grad(dy2.T, h[:, off:off + r], Bs[0].dtype, one)  # (out, r_p)
                 o = 0
                 for k, (b, s) in enumerate(zip(Bs, scales)):
                     rk = b.shape[1]
@@ -402,8 +414,6 @@ class _LoraGroup(torch.autograd.Function):
                 w_cat = _stacked([w for w, *_ in projs], x2.dtype, h.shape[1] if h is not None else 0)
                 if w_cat is not None and s_cat is not None:  # whose spare columns give g as well
                     w_cat[:, x2.shape[1]:].copy_(s_cat)
-                elif w_cat is not None and h is not None:
-                    _augment(w_cat, x2.shape[1], sbs, [w.shape[0] for w, *_ in projs])
             else:
                 w_cat = None
             merged = (dy_cat, w_cat) if w_cat is not None else None
@@ -493,7 +503,8 @@ class _LoraMLP(torch.autograd.Function):
         x2, (g, u, h_gu, h_d, a_gu, a_d, sg, su, sd, *tensors) = _load_input(ctx, ctx.saved_tensors)
         projs = _unflatten(spec, tensors)
         need = _needs(ctx, spec, 2)
-        # down projection: its input (the SwiGLU output) is recomputed by the SwiGLU backward below
+        # down projection: its input (the SwiGLU output) is recomputed inside the SwiGLU backward below,
+        # which sums dA_d from it (and dB_g, dB_u from dg, du)
         proj_d = projs[2]
         dense_gu, w_d = ctx.dense or (None, None)
         ctx.dense = None
@@ -502,24 +513,24 @@ class _LoraMLP(torch.autograd.Function):
         gd = dy2 @ sd if sd is not None else None  # (N, r_d)
         dact = dy2 @ w_d  # (N, I), the base part; the kernel adds gd @ A_d
         del w_d
-        act, dgu = swiglu_lora_backward(dact, g, u, *_split_low_rank(h_gu, [sg, su]),
-                                        (gd, a_d) if gd is not None else None)  # act over dact
+        # one adapter per projection: its scale rides in the kernel's sums (several: scaled per adapter below)
+        ones = [p[4][0] if len(p[3]) == 1 else 1.0 for p in projs]
+        dgu, db_g, db_u, da_d = swiglu_lora_backward(dact, g, u, *_split_low_rank(h_gu, [sg, su]),
+                                                     (gd, a_d) if gd is not None else None, ones[:2])
+        del dact
         i = g.shape[1]
         nbias_d, na_d, nb_d = need[2]
         d_as, d_bs = [None] * len(proj_d[2]), [None] * len(proj_d[3])
         if gd is not None:
-            one = proj_d[4][0] if len(proj_d[3]) == 1 else 1.0
-            da = _weight_grad(gd.T, act, proj_d[2][0].dtype) if any(na_d) else None
-            db = _weight_grad(dy2.T, h_d, proj_d[3][0].dtype, one) if any(nb_d) else None
+            db = _weight_grad(dy2.T, h_d, proj_d[3][0].dtype, ones[2]) if any(nb_d) else None
             o = 0
             for k, (a, b, s) in enumerate(zip(proj_d[2], proj_d[3], proj_d[4])):
                 rk = a.shape[0]
                 if na_d[k]:
-                    d_as[k] = da[o:o + rk].to(a.dtype)
+                    d_as[k] = da_d[o:o + rk].to(a.dtype)
                 if nb_d[k]:
                     d_bs[k] = db if len(proj_d[3]) == 1 else db[:, o:o + rk].to(b.dtype) * s
                 o += rk
-        del act, dact
         dbias_d = dy2.sum(0).to(proj_d[1].dtype) if nbias_d else None
         merged = None
         if ctx.needs_input_grad[0]:
@@ -531,7 +542,7 @@ class _LoraMLP(torch.autograd.Function):
             merged = (dgu, stacked) if stacked is not None else None
         dx, grads_gu = _group_backward((dgu[:, :i], dgu[:, i:]), x2, h_gu, projs[:2], a_gu, [sg, su],
                                        ctx.needs_input_grad[0], need[:2],
-                                       dense_gu if isinstance(dense_gu, tuple) else None, merged)
+                                       dense_gu if isinstance(dense_gu, tuple) else None, merged, [db_g, db_u])
         grads = grads_gu + [(dbias_d, d_as, d_bs)]
         return (dx.view(ctx.x_shape) if dx is not None else None, None, *_grad_list(spec, grads))
 
