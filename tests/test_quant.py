@@ -182,8 +182,8 @@ TRITON_CHECK = textwrap.dedent("""
     bad = []
     for kind in ("nf4", "fp4"):
         for dq in (False, True):
-            # odd sizes take the per-element kernel, even ones with 16-bit output the blocks kernel (rows of
-            # whole blocks when strided, else the byte-pair kernel); ragged last blocks, several programs
+            # odd sizes take the per-element kernel, even ones with 16-bit output the blocks kernel (the
+            # byte-pair kernel into strided outputs); each forced too; ragged last blocks, several programs
             # (8192 columns: two programs a row of the strided pair kernel; 40x512 at 32: three of blocks)
             for shape, bs in (((37, 29), 32), ((6, 37), 32), ((9, 130), 64), ((3, 700), 256), ((2, 4100), 4096),
                               ((5, 128), 64), ((3, 96), 32), ((2, 8192), 64), ((3, 4096), 4096), ((40, 512), 32)):
@@ -192,7 +192,7 @@ TRITON_CHECK = textwrap.dedent("""
                 q = nf4.quantize_4bit(x, kind, bs, dq)
                 for dtype in (torch.float32, torch.bfloat16, torch.float16):
                     ref = nf4.dequantize_4bit(q, dtype)
-                    kernels = [None] if dtype == torch.float32 or x.numel() % 2 else [None, "pairs", "element"]
+                    kernels = [None] if dtype == torch.float32 or x.numel() % 2 else [None, "blocks", "pairs", "element"]
                     for kernel in kernels:
                         got = triton_dequant.dequantize_4bit(q, dtype, kernel=kernel)
                         if not torch.equal(got, ref):
@@ -214,6 +214,21 @@ def test_triton_dequant_equals_reference_interpreted():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "BAD []" in out.stdout, out.stdout[-3000:]
+
+
+def test_triton_dequant_kernel_choice_errors():
+    """A forced kernel that does not apply, or an unknown one, is refused before any launch."""
+    pytest.importorskip("triton")
+    from deltatune.quant import triton_dequant
+
+    q = nf4.quantize_4bit(torch.randn(8, 64), "nf4", 64)
+    wide = torch.zeros(8, 70, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="blocks kernel does not apply.*strided"):
+        triton_dequant.dequantize_4bit(q, torch.bfloat16, out=wide[:, :64], kernel="blocks")
+    with pytest.raises(ValueError, match="pairs kernel does not apply"):
+        triton_dequant.dequantize_4bit(q, torch.float32, kernel="pairs")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        triton_dequant.dequantize_4bit(q, torch.bfloat16, kernel="fused")
 
 
 @pytest.mark.gpu

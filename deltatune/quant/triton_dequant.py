@@ -10,10 +10,12 @@ For 16-bit outputs (the training case) two kernels work a byte per lane instead:
 both nibbles of byte ``j`` with the one scale they share (``blocksize`` is even), rounds each to 16
 bits and stores the pair as one 32-bit word (element ``2j`` in the low half: little-endian), so its
 stores need no interleave. The "pairs" kernel computes the scale for every byte; the "blocks" kernel
-(the default where it applies) takes a tile of whole quantization blocks and computes each block's
-scale once, a sixteenth of the scale loads at blocksize 64: 42.5 against 50.2 us for a 14336x4096
-weight on an H200 (bench/bench_dequant.py), with the hardware's bf16 conversion where the pairs kernel
-rounded by hand (the interpreter's conversion truncates, so interpreted runs still round by hand).
+(the default for a contiguous output) takes a tile of whole quantization blocks and computes each
+block's scale once, a sixteenth of the scale loads at blocksize 64. Both round with the hardware's
+bf16 conversion when compiled (the interpreter's conversion truncates, so interpreted runs round by
+hand). On an H200, in an 8B training step: 43.8 against 56.0 us for a 4096x14336 weight, 14.0 against
+17.8 for 4096x4096 (isolated, L2 flushed: 41.8 and 47.0 at 14336x4096; bench/bench_dequant.py). Into
+the left columns of a wider matrix (the stacked weights' backward) the pairs kernel stays the faster.
 
 For training shapes (thousands of tokens) dequantize-then-cuBLAS is the fast path: dequantizing
 costs ``O(out * in)`` against the matmul's ``O(tokens * out * in)``. The kernels live in
@@ -59,8 +61,8 @@ def dequantize_4bit(q, dtype: torch.dtype | None = None, out: torch.Tensor | Non
     written in place by the 16-bit kernels when columns and row stride are even, else through a copy.
     ``kernel`` forces one of ``KERNELS``: "element" (any dtype and size), "pairs" (a byte a lane;
     16-bit output, even size), "blocks" (a tile of whole quantization blocks, each block's scale
-    computed once; as "pairs", and into a strided ``out`` only when its rows hold whole blocks). By
-    default "blocks" where it applies, else "pairs", else "element".
+    computed once; as "pairs", into a contiguous ``out`` only). By default "blocks" where it applies,
+    else "pairs", else "element".
     """
     from deltatune.quant.nf4 import code_table, dynamic_map
 
@@ -82,7 +84,9 @@ def dequantize_4bit(q, dtype: torch.dtype | None = None, out: torch.Tensor | Non
     if strided and not (pairs_apply and out.dim() == 2 and out.stride(1) == 1 and cols % 2 == 0
                         and out.stride(0) % 2 == 0 and out.storage_offset() % 2 == 0 and kernel != "element"):
         return out.copy_(dequantize_4bit(q, dtype, kernel=kernel))  # whole 32-bit words only: via a copy
-    blocks_apply = pairs_apply and (not strided or cols % q.blocksize == 0)
+    # Into the left columns of a wider matrix the pairs kernel is the faster one: in an 8B training step
+    # on an H200, 19.9 against 52.2 us for W_q into [W_q; W_k; W_v | 48 spare columns], the same for W_g.
+    blocks_apply = pairs_apply and not strided
     if kernel in ("pairs", "blocks") and not (blocks_apply if kernel == "blocks" else pairs_apply):
         raise ValueError(f"the {kernel} kernel does not apply to {dtype} output of {tuple(q.shape)} "
                          f"(blocksize {q.blocksize}{', strided' if strided else ''})")
@@ -99,17 +103,17 @@ def dequantize_4bit(q, dtype: torch.dtype | None = None, out: torch.Tensor | Non
     words = out.view(torch.int32) if strided else out.view(-1).view(torch.int32)
     row_words, stride_words = (cols // 2, out.stride(0) // 2) if strided else (1, 1)
     nbytes, half = n // 2, q.blocksize // 2
-    common.update(HALF_BLOCKSIZE=half, HAND=_interpreted(), STRIDED=strided)
+    common.update(HALF_BLOCKSIZE=half, HAND=_interpreted())
     if kernel == "blocks":
         rows = max(1, BLOCKS_BYTES // half)
         _kernels().dequant_4bit_blocks_kernel[(triton_cdiv(nbytes, rows * half),)](
-            q.packed, q.absmax, nested, offset, code, code8, words, nbytes, row_words // half if strided else 1,
-            stride_words, ROWS=rows, num_warps=BLOCKS_WARPS, **common)
+            q.packed, q.absmax, nested, offset, code, code8, words, nbytes, ROWS=rows, num_warps=BLOCKS_WARPS,
+            **common)
         return out
     grid = (out.shape[0], triton_cdiv(row_words, PAIR_BLOCK)) if strided else (triton_cdiv(nbytes, PAIR_BLOCK),)
     _kernels().dequant_4bit_pairs_kernel[grid](
         q.packed, q.absmax, nested, offset, code, code8, words, nbytes, row_words, stride_words,
-        BLOCK=PAIR_BLOCK, num_warps=PAIR_WARPS, **common)
+        STRIDED=strided, BLOCK=PAIR_BLOCK, num_warps=PAIR_WARPS, **common)
     return out
 
 

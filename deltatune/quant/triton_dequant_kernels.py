@@ -79,21 +79,15 @@ def dequant_4bit_pairs_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, co
 
 @triton.jit
 def dequant_4bit_blocks_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, out_ptr,
-                               nbytes, blocks_per_row, stride_words, HALF_BLOCKSIZE: tl.constexpr,
-                               NESTED: tl.constexpr, BF16: tl.constexpr, HAND: tl.constexpr,
-                               STRIDED: tl.constexpr, ROWS: tl.constexpr):
+                               nbytes, HALF_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BF16: tl.constexpr,
+                               HAND: tl.constexpr, ROWS: tl.constexpr):
     # A (ROWS, HALF_BLOCKSIZE) tile of bytes: ROWS quantization blocks, each block's scale computed once.
     block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
-    j = tl.arange(0, HALF_BLOCKSIZE)
-    offs = block[:, None] * HALF_BLOCKSIZE + j[None, :]  # byte = output word indices
+    offs = block[:, None] * HALF_BLOCKSIZE + tl.arange(0, HALF_BLOCKSIZE)[None, :]  # byte = output word indices
     mask = offs < nbytes
-    if STRIDED:  # whole blocks per row of out: row block // blocks_per_row, stride_words words apart
-        dest = ((block // blocks_per_row) * stride_words + (block % blocks_per_row) * HALF_BLOCKSIZE)[:, None] + j[None, :]
-    else:
-        dest = offs
     scale = _block_scale(absmax_ptr, nested_ptr, offset_ptr, code8_ptr, block, block * HALF_BLOCKSIZE < nbytes,
                          NESTED)[:, None]
     byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
     high = tl.load(code_ptr + (byte >> 4))  # element 2j (codes 0..15: no mask needed)
     low = tl.load(code_ptr + (byte & 15))  # element 2j + 1
-    tl.store(out_ptr + dest, _halves(high * scale, low * scale, BF16, HAND), mask=mask)  # out: int32 view
+    tl.store(out_ptr + offs, _halves(high * scale, low * scale, BF16, HAND), mask=mask)  # out: int32 view
