@@ -7,7 +7,7 @@ checkout ("new") or a directory holding another ``deltatune`` package ("base"), 
 
     mkdir -p .ab_base && git archive 03fbcc1 deltatune | tar -x -C .ab_base
 
-(a folder the GPU machine receives with the checkout: list it in ``.git/info/exclude`` and carry it).
+(``.gitignore`` ignores ``.ab_base``: name it in the device call's ``carry`` to take it to the GPU machine).
 Prints each row as it finishes, then a table with the mean and range per tree and their ratio:
 
     python3 bench/ab_qlora.py --base .ab_base --shape 8b --method dt-qlora-fast@0+graphs --repeats 2 \\

@@ -3,7 +3,8 @@ fused node: ``A`` as is, ``s B`` scaled). Imports triton: load through ``deltatu
 
 ``torch._foreach_copy_`` does this in one launch too, but gives each 65,536-element chunk to one thread
 block: a node's handful of (16, 4096) factors ran as six blocks, 16 us a launch on an H200. Here a
-program takes ``BLOCK`` elements of one tensor (grid: chunks x tensors), about 3 us for the same work.
+program takes ``BLOCK`` elements of one tensor (grid: chunks x tensors): 2.7 us a launch on average in
+the 8B training step on the same H200.
 """
 
 import os
