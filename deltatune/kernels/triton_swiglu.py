@@ -66,22 +66,25 @@ def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
 # SwiGLU output is never written (on an 8B MLP at 4096 tokens, 329 us against 272 us for the kernel
 # that wrote it plus ~100 us for the three skinny matmuls that read it, dg and du back; H200).
 @triton.jit
-def _low_rank(acc, H, stride_h, SB, rows, cols, N, I, R: tl.constexpr, P: tl.constexpr, TRANSPOSED: tl.constexpr,
-              IEEE: tl.constexpr):
-    """acc (BLOCK_N, BLOCK_I) fp32 plus H[rows, :R] @ SB^T[:, cols] (SB (I, R) row-major), or plus
-    H[rows, :R] @ SB[:, cols] if TRANSPOSED (SB (R, I) row-major): one tensor-core product, R padded to P
-    (>= 16, what tl.dot takes) with zeros. (R rank-one FMA updates on the CUDA cores instead measured 2-3x
-    slower on an H100, and passing acc as the product's accumulator made no difference.)
+def _dot(a, b, IEEE: tl.constexpr):
+    """``a @ b`` in fp32: 16-bit operands on the tensor cores, or exact fp32 products (``IEEE``: fp32
+    operands, and the interpreter, whose dot misreads 16-bit floats)."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _low_rank(acc, H, stride_h, SB, rows, cols, N, I, R: tl.constexpr, P: tl.constexpr, IEEE: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_I) fp32 plus H[rows, :R] @ SB^T[:, cols] (SB (I, R) row-major): one tensor-core
+    product, R padded to P (>= 16, what tl.dot takes) with zeros. (R rank-one FMA updates on the CUDA
+    cores instead measured 2-3x slower on an H100, and passing acc as the product's accumulator made no
+    difference.)
     """
     k = tl.arange(0, P)
     h = tl.load(H + rows[:, None] * stride_h + k[None, :], mask=(rows < N)[:, None] & (k < R)[None, :], other=0.0)
-    if TRANSPOSED:
-        sb = tl.load(SB + k[:, None] * I + cols[None, :], mask=(k < R)[:, None] & (cols < I)[None, :], other=0.0)
-    else:
-        sb = tl.load(SB + cols[None, :] * R + k[:, None], mask=(k < R)[:, None] & (cols < I)[None, :], other=0.0)
-    if IEEE:  # fp32 operands (and the interpreter, whose dot misreads 16-bit floats): exact fp32 products
-        return acc + tl.dot(h.to(tl.float32), sb.to(tl.float32), input_precision="ieee")
-    return acc + tl.dot(h, sb)  # 16-bit operands on the tensor cores, fp32 accumulation
+    sb = tl.load(SB + cols[None, :] * R + k[:, None], mask=(k < R)[:, None] & (cols < I)[None, :], other=0.0)
+    return acc + _dot(h, sb, IEEE)
 
 
 @triton.jit
@@ -91,9 +94,9 @@ def _gate_up_tile(G, stride_g, U, stride_u, HG, HU, stride_h, SBG, SBU, rows, co
     g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if RG > 0:
-        g = _low_rank(g, HG, stride_h, SBG, rows, cols, N, I, RG, PG, False, IEEE)
+        g = _low_rank(g, HG, stride_h, SBG, rows, cols, N, I, RG, PG, IEEE)
     if RU > 0:
-        u = _low_rank(u, HU, stride_h, SBU, rows, cols, N, I, RU, PU, False, IEEE)
+        u = _low_rank(u, HU, stride_h, SBU, rows, cols, N, I, RU, PU, IEEE)
     return g, u
 
 
@@ -108,15 +111,6 @@ def _swiglu_lora_fwd(G, stride_g, U, stride_u, H, stride_hout, HG, HU, stride_h,
                          IEEE)
     h = g * tl.sigmoid(g) * u
     tl.store(H + rows[:, None] * stride_hout + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """``a @ b`` in fp32: 16-bit operands on the tensor cores, or exact fp32 products (``IEEE``: fp32
-    operands, and the interpreter, whose dot misreads 16-bit floats)."""
-    if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
