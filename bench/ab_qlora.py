@@ -48,7 +48,8 @@ def summary(rows: list) -> str:
     for r in rows:
         if "tokens_per_s" in r:
             groups.setdefault((r["tree"], r["method"]), []).append(r)
-    lines = ["| tree | method | runs | tokens/s mean | range | peak GiB | peak reserved GiB |", "|---|---|---|---|---|---|---|"]
+    lines = ["| tree | method | runs | tokens/s mean | range | peak GiB | peak reserved GiB |",
+             "|---|---|---|---|---|---|---|"]
     means = {}
     for (tree, method), rs in groups.items():
         tps = [r["tokens_per_s"] for r in rs]

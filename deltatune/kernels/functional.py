@@ -231,8 +231,9 @@ def cast_into(dst: torch.Tensor, srcs, offsets, scales) -> torch.Tensor:
     """``dst[o:o + src.numel()] = src * scale`` in ``dst``'s dtype (fp32 product, one rounding) for each
     contiguous source at its element offset ``o`` in the flat contiguous ``dst``: one Triton launch on
     CUDA for up to 8 sources, a copy or ``torch.mul(out=)`` each elsewhere. Returns ``dst``."""
-    if triton_enabled(dst) and not torch.compiler.is_compiling() and torch.float64 not in (dst.dtype, *(t.dtype for t in srcs)):
-        return _k("triton_cast").cast_into(dst, srcs, offsets, scales)  # (it multiplies in fp32)
+    wide = torch.float64 in (dst.dtype, *(t.dtype for t in srcs))  # the kernel multiplies in fp32
+    if triton_enabled(dst) and not torch.compiler.is_compiling() and not wide:
+        return _k("triton_cast").cast_into(dst, srcs, offsets, scales)
     for src, o, s in zip(srcs, offsets, scales):
         view = dst[o:o + src.numel()].view(src.shape)
         if s == 1.0:

@@ -24,9 +24,9 @@ again when the backward recomputes the SwiGLU output), and the backward kernel a
 part of the SwiGLU gradient the same way, so no (N, intermediate) low-rank term is ever written and
 read back (``kernels/triton_swiglu.py``). The same backward kernel sums ``dB_g``, ``dB_u`` and ``dA_d``
 over the rows, so the SwiGLU output is never written in backward. It saves x, the base gate/up
-outputs and the small ``h`` factors. With quantized weights, gate and up are dequantized into one stacked weight (one matmul each
-way) whose spare columns carry ``diag(s B_g, s B_u)`` in backward, so ``[dg | du] @ stacked`` gives the
-adapters' ``g`` together with dx.
+outputs and the small ``h`` factors. With quantized weights, gate and up are dequantized into one
+stacked weight (one matmul each way) whose spare columns carry ``diag(s B_g, s B_u)`` in backward, so
+``[dg | du] @ stacked`` gives the adapters' ``g`` together with dx.
 """
 
 from __future__ import annotations
