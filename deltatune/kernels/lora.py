@@ -287,6 +287,12 @@ def _keep_dense(spec, dense):
     return None
 
 
+def _product_scale(Bs, scales) -> float:
+    """The scale that rides in the product for a projection's dB: its adapter's when it has one (several
+    adapters: 1, and each adapter's block of the product is scaled after)."""
+    return scales[0] if len(Bs) == 1 else 1.0
+
+
 def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need, dense=None, merged=None, db_given=None):
     """Gradients of ``_group_forward``: dx (N, in) or None, and per projection (dbias, [dA_k], [dB_k]).
 
@@ -323,7 +329,7 @@ def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need, dense=None, me
             gs.append(dy2 @ sb)  # (N, r_p)
         if r:
             if any(need_b):
-                one = scales[0] if len(Bs) == 1 else 1.0  # one adapter: its scale rides in the product
+                one = _product_scale(Bs, scales)
                 given = db_given[len(grads)] if db_given is not None else None
                 db = given.to(Bs[0].dtype) if given is not None else \
                     _weight_grad(dy2.T, h[:, off:off + r], Bs[0].dtype, one)  # (out, r_p)
@@ -513,8 +519,7 @@ class _LoraMLP(torch.autograd.Function):
         gd = dy2 @ sd if sd is not None else None  # (N, r_d)
         dact = dy2 @ w_d  # (N, I), the base part; the kernel adds gd @ A_d
         del w_d
-        # one adapter per projection: its scale rides in the kernel's sums (several: scaled per adapter below)
-        ones = [p[4][0] if len(p[3]) == 1 else 1.0 for p in projs]
+        ones = [_product_scale(Bs, scales) for _, _, _, Bs, scales in projs]  # ride in the kernel's sums
         dgu, db_g, db_u, da_d = swiglu_lora_backward(dact, g, u, *_split_low_rank(h_gu, [sg, su]),
                                                      (gd, a_d) if gd is not None else None, ones[:2])
         del dact

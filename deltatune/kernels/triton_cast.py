@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deltatune.quant.triton_dequant_kernels import bf16_bits
+
 MAX_TENSORS = 8  # per launch; more are cast in several
 BLOCK = 1024
 
@@ -22,8 +24,7 @@ def _cast_one(dst, src, n, offset, scale, offs, HAND: tl.constexpr):
     mask = offs < n
     x = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32) * scale  # fp32 product, rounded once
     if HAND:  # bf16 round to nearest even by hand into an int16 view (the interpreter's cast truncates)
-        bits = x.to(tl.int32, bitcast=True)
-        tl.store(dst + offset + offs, ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16), mask=mask)
+        tl.store(dst + offset + offs, bf16_bits(x).to(tl.int16), mask=mask)
     else:
         tl.store(dst + offset + offs, x.to(dst.dtype.element_ty), mask=mask)
 

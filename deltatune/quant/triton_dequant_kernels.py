@@ -19,6 +19,14 @@ def _block_scale(absmax_ptr, nested_ptr, offset_ptr, code8_ptr, block, mask, NES
 
 
 @triton.jit
+def bf16_bits(x):
+    """fp32 ``x`` rounded to bf16 (nearest, ties to even) with integer operations, as the int32 whose low
+    16 bits are the bf16 pattern: the interpreter's fp32 -> bf16 cast truncates."""
+    bits = x.to(tl.int32, bitcast=True)
+    return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+
+
+@triton.jit
 def dequant_4bit_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, out_ptr, n,
                         BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -31,9 +39,7 @@ def dequant_4bit_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr
     scale = _block_scale(absmax_ptr, nested_ptr, offset_ptr, code8_ptr, block, mask, NESTED)
     result = value * scale
     if BF16:  # round to nearest even by hand: the interpreter's fp32 -> bf16 cast truncates
-        bits = result.to(tl.int32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(out_ptr + offs, (bits >> 16).to(tl.int16), mask=mask)  # out_ptr is an int16 view
+        tl.store(out_ptr + offs, bf16_bits(result).to(tl.int16), mask=mask)  # out_ptr is an int16 view
     else:
         tl.store(out_ptr + offs, result.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -44,9 +50,7 @@ def _halves(high, low, BF16: tl.constexpr, HAND: tl.constexpr):
     little-endian, element 2j first). ``HAND``: round to nearest even with integer operations (the
     interpreter's fp32 -> bf16 cast truncates); compiled, the hardware's conversion rounds the same way."""
     if BF16 and HAND:
-        hb, lb = high.to(tl.int32, bitcast=True), low.to(tl.int32, bitcast=True)
-        hb = ((hb + 0x7FFF + ((hb >> 16) & 1)) >> 16) & 0xFFFF
-        lb = ((lb + 0x7FFF + ((lb >> 16) & 1)) >> 16) & 0xFFFF
+        hb, lb = bf16_bits(high) & 0xFFFF, bf16_bits(low) & 0xFFFF
     else:
         half = tl.bfloat16 if BF16 else tl.float16
         hb = high.to(half).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
