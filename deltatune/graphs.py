@@ -41,6 +41,8 @@ import warnings
 import torch
 import torch.nn as nn
 
+from deltatune.kernels.functional import add_many_
+
 __all__ = ["GraphedStack", "graph_layers", "ungraph_layers"]
 
 # The layer at whose call a step's state check runs (``GraphedStack.call``): by then the GPU has
@@ -297,7 +299,7 @@ class GraphedStack:
                     param_grads = grads[1:] if cap.x.requires_grad else grads
                     used = [j for j, g in enumerate(param_grads) if g is not None]
                     if used:  # accumulate in the graph: one launch, where AccumulateGrad would copy each
-                        torch._foreach_add_([buffers[j] for j in used], [param_grads[j] for j in used])
+                        add_many_([buffers[j] for j in used], [param_grads[j] for j in used])
                 cap.bwd, cap.grad_out = graph, grad_out
                 cap.grad_in = grads[0] if cap.x.requires_grad else None
                 cap.used, cap.grads = [cap.params[j] for j in used], [buffers[j] for j in used]

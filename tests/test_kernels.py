@@ -74,7 +74,41 @@ def check_rope(device, dtype):
         ref.backward(dy.double())
         out[f"y_cs{cs_batch}"] = rel_error(y, ref.detach())
         out[f"dx_cs{cs_batch}"] = rel_error(dx, x64.grad)
+    # rotate=False copies bit for bit, into a new tensor or strided head blocks of a wider one
+    wide = _poisoned_like(torch.empty(b, t, h + 4, d, device=device, dtype=dtype))
+    k.rope_apply(x, cos, sin, out=wide[:, :, 2:2 + h], rotate=False)
+    copied = k.rope_apply(x, cos, sin, rotate=False)
+    exact = torch.equal(copied, x) and copied.is_contiguous() and torch.equal(wide[:, :, 2:2 + h], x)
+    out["copy"] = 0.0 if exact and wide[:, :, :2].isnan().all() and wide[:, :, 2 + h:].isnan().all() else 1.0
     return out
+
+
+def check_rope_v(device, dtype):
+    """``apply_rope`` with v, on q/k/v column blocks of one projection output (the stacked q/k/v path):
+    v comes back as a contiguous copy, and dq, dk, dv as adjacent head blocks of one tensor."""
+    from deltatune.kernels.functional import apply_rope
+
+    b, t, hq, hk, d = 2, 5, 4, 2, 16
+    qkv = torch.randn(b, t, (hq + 2 * hk) * d, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = (blk.view(b, t, -1, d) for blk in qkv.split([hq * d, hk * d, hk * d], -1))
+    theta = torch.randn(1, t, d // 2, device=device, dtype=torch.float64)
+    cos = torch.cat([theta.cos(), theta.cos()], -1).to(dtype)
+    sin = torch.cat([theta.sin(), theta.sin()], -1).to(dtype)
+    rq, rk, rv = apply_rope(q, k, cos, sin, v)
+    grads = [torch.randn_like(r) for r in (rq, rk, rv)]
+    torch.autograd.backward((rq, rk, rv), grads)
+
+    def rotate_half(x):
+        return torch.cat((-x[..., d // 2:], x[..., :d // 2]), -1)
+
+    ref_in = qkv.detach().double().requires_grad_()
+    q64, k64, v64 = (blk.view(b, t, -1, d) for blk in ref_in.split([hq * d, hk * d, hk * d], -1))
+    c, s_ = cos.double()[:, :, None], sin.double()[:, :, None]
+    refs = (q64 * c + rotate_half(q64) * s_, k64 * c + rotate_half(k64) * s_, v64)
+    torch.autograd.backward(refs, [g.double() for g in grads])
+    exact_v = torch.equal(rv, v) and rv.is_contiguous()
+    return {"q": rel_error(rq, refs[0].detach()), "k": rel_error(rk, refs[1].detach()),
+            "v_copy": 0.0 if exact_v else 1.0, "dqkv": rel_error(qkv.grad, ref_in.grad)}
 
 
 def check_swiglu(device, dtype):
@@ -158,6 +192,24 @@ def check_cast(device, dtype):
     untouched = torch.equal(dst[gaps].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                             before[gaps].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
     return {"values": 0.0 if torch.equal(got, ref) else rel_error(got, ref) + 1.0, "gaps": 0.0 if untouched else 1.0}
+
+
+def check_add_many(device, dtype):
+    """The graphs' gradient accumulation: 10 fp32 buffers (two launches of at most 8) plus ``dtype``
+    gradients, exactly ``_foreach_add_``'s sums; a non-contiguous pair takes the fallback."""
+    from deltatune.kernels.functional import add_many_
+
+    shapes = [(16, 300), (300, 16), (5, 7), (1, 1), (16, 2049), (3, 3), (64, 64), (2, 9), (7, 1), (9, 100)]
+    dsts = [torch.randn(s, device=device) for s in shapes]
+    srcs = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    ref = [d + s.float() for d, s in zip(dsts, srcs)]
+    add_many_(dsts, srcs)
+    wide = torch.randn(4, 10, device=device)
+    strided, src = wide[:, :5], torch.randn(4, 5, device=device).to(dtype)
+    ref_strided = strided + src.float()
+    add_many_([strided], [src])
+    exact = all(torch.equal(d, r) for d, r in zip(dsts + [strided], ref + [ref_strided]))
+    return {"sums": 0.0 if exact else 1.0 + max(rel_error(d, r) for d, r in zip(dsts, ref))}
 
 
 def check_cross_entropy(device, dtype):
@@ -244,11 +296,11 @@ def check_fast_path(device, dtype):
                                                                 "up_proj", "down_proj"], init="random"))
     ids = torch.randint(0, 300, (2, 16), device=device)
 
-    def run(m, fast):
+    def run(m, fast, checkpoint=True):
         for p in dt.adapter_params(m):
             p.grad = None
         if fast:
-            enable_fast_path(m, checkpoint=True)
+            enable_fast_path(m, checkpoint=checkpoint)
         loss = fused_causal_lm_loss(m, ids, ids) if fast else m(input_ids=ids, labels=ids).loss
         loss.backward()
         if fast:
@@ -257,15 +309,15 @@ def check_fast_path(device, dtype):
 
     ref_loss, ref_grads = run(copy.deepcopy(model).double(), False)
     out = {}
-    for name, fast in (("plain", False), ("fast", True)):
-        loss, grads = run(model, fast)
+    for name, fast, checkpoint in (("plain", False, True), ("fast", True, True), ("fast_nockpt", True, False)):
+        loss, grads = run(model, fast, checkpoint)
         out[f"{name}_loss"] = rel_error(loss, ref_loss)
         out[f"{name}_grads"] = sum(rel_error(g, r) for g, r in zip(grads, ref_grads)) / len(grads)
     return out
 
 
-CHECKS = {f.__name__[len("check_"):]: f for f in (check_rmsnorm, check_rope, check_swiglu, check_swiglu_lora, check_cast,
-                                                   check_cross_entropy,
+CHECKS = {f.__name__[len("check_"):]: f for f in (check_rmsnorm, check_rope, check_rope_v, check_swiglu, check_swiglu_lora,
+                                                   check_cast, check_add_many, check_cross_entropy,
                                                    check_linear_cross_entropy, check_lora_mlp, check_fast_path)}
 # bf16 operands in several chained matmuls: a looser bound than one rounding
 EXTRA_TOL = {"lora_mlp": 3e-2, "linear_cross_entropy": 2e-2, "fast_path": 0.15}

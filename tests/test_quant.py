@@ -182,9 +182,10 @@ TRITON_CHECK = textwrap.dedent("""
     bad = []
     for kind in ("nf4", "fp4"):
         for dq in (False, True):
-            # odd sizes take the per-element kernel, even ones with 16-bit output the blocks kernel (the
-            # byte-pair kernel into strided outputs); each forced too; ragged last blocks, several programs
-            # (8192 columns: two programs a row of the strided pair kernel; 40x512 at 32: three of blocks)
+            # odd sizes take the per-element kernel, even ones with 16-bit output the blocks kernel (into
+            # strided outputs too where rows are whole blocks, else the byte-pair kernel); each forced too;
+            # ragged last blocks, several programs (8192 columns: two programs a row of the strided pair
+            # kernel and of the strided blocks kernel; 40x512 at 32: three of blocks)
             for shape, bs in (((37, 29), 32), ((6, 37), 32), ((9, 130), 64), ((3, 700), 256), ((2, 4100), 4096),
                               ((5, 128), 64), ((3, 96), 32), ((2, 8192), 64), ((3, 4096), 4096), ((40, 512), 32)):
                 x = (torch.randn(shape, generator=g) * 0.1).to(DEVICE)
@@ -198,10 +199,11 @@ TRITON_CHECK = textwrap.dedent("""
                         if not torch.equal(got, ref):
                             bad.append((kind, dq, shape, bs, str(dtype), kernel))
                     if dtype != torch.float32 and shape[1] % 2 == 0:  # into the left columns of a wider matrix
-                        wide = torch.full((shape[0], shape[1] + 6), 7.0, dtype=dtype, device=DEVICE)
-                        triton_dequant.dequantize_4bit(q, dtype, out=wide[:, :shape[1]])
-                        if not (torch.equal(wide[:, :shape[1]], ref) and bool((wide[:, shape[1]:] == 7).all())):
-                            bad.append((kind, dq, shape, bs, str(dtype), "strided"))
+                        for kernel in [None, "pairs"] + (["blocks"] if shape[1] % bs == 0 else []):
+                            wide = torch.full((shape[0], shape[1] + 6), 7.0, dtype=dtype, device=DEVICE)
+                            triton_dequant.dequantize_4bit(q, dtype, out=wide[:, :shape[1]], kernel=kernel)
+                            if not (torch.equal(wide[:, :shape[1]], ref) and bool((wide[:, shape[1]:] == 7).all())):
+                                bad.append((kind, dq, shape, bs, str(dtype), "strided", kernel))
     print("BAD", bad)
 """)
 
@@ -221,10 +223,10 @@ def test_triton_dequant_kernel_choice_errors():
     pytest.importorskip("triton")
     from deltatune.quant import triton_dequant
 
-    q = nf4.quantize_4bit(torch.randn(8, 64), "nf4", 64)
-    wide = torch.zeros(8, 70, dtype=torch.bfloat16)
+    q = nf4.quantize_4bit(torch.randn(8, 96), "nf4", 64)  # rows of 1.5 blocks
+    wide = torch.zeros(8, 100, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="blocks kernel does not apply.*strided"):
-        triton_dequant.dequantize_4bit(q, torch.bfloat16, out=wide[:, :64], kernel="blocks")
+        triton_dequant.dequantize_4bit(q, torch.bfloat16, out=wide[:, :96], kernel="blocks")
     with pytest.raises(ValueError, match="pairs kernel does not apply"):
         triton_dequant.dequantize_4bit(q, torch.float32, kernel="pairs")
     with pytest.raises(ValueError, match="kernel must be one of"):

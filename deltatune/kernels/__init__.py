@@ -7,7 +7,9 @@ the kernel files (``triton_*.py``) import it at the top,
 so import them only through here. Under ``TRITON_INTERPRET=1`` they also run on CPU tensors (tests).
 """
 
-from deltatune.kernels.functional import add_rms_norm, apply_rope, linear_cross_entropy, rms_norm, swiglu, triton_enabled
+from deltatune.kernels.functional import (add_rms_norm, apply_rope, linear_cross_entropy, rms_norm, rms_norm_pass,
+                                         swiglu, triton_enabled)
 from deltatune.kernels.lora import lora_group, lora_mlp
 
-__all__ = ["add_rms_norm", "apply_rope", "linear_cross_entropy", "lora_group", "lora_mlp", "rms_norm", "swiglu", "triton_enabled"]
+__all__ = ["add_rms_norm", "apply_rope", "linear_cross_entropy", "lora_group", "lora_mlp", "rms_norm", "rms_norm_pass",
+           "swiglu", "triton_enabled"]

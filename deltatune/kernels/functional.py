@@ -12,8 +12,8 @@ import os
 
 import torch
 
-__all__ = ["add_rms_norm", "apply_rope", "linear_cross_entropy", "rms_norm", "rms_norm_values", "swiglu",
-           "triton_enabled"]
+__all__ = ["add_many_", "add_rms_norm", "apply_rope", "linear_cross_entropy", "rms_norm", "rms_norm_pass",
+           "rms_norm_values", "swiglu", "triton_enabled"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,37 +57,79 @@ def _rms_ref(x2, weight, eps):
     return (xf * rstd[:, None] * _wide(weight)).to(x2.dtype), rstd
 
 
+def _rms_forward(ctx, x, weight, eps):
+    x2 = x.reshape(-1, x.shape[-1])
+    if triton_enabled(x2):
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        y, rstd = _k("triton_rmsnorm").rmsnorm_forward(x2, weight, eps)
+    else:
+        y, rstd = _rms_ref(x2, weight, eps)
+    ctx.save_for_backward(x2, weight, rstd)
+    return y.view(x.shape)
+
+
+def _rms_backward(ctx, dy, dres=None, need_dx=None, need_dw=None):
+    """(dx, dweight) of ``_rms_forward`` (``ctx`` saved the norm's input, weight and rstd); ``dres`` (x's
+    shape), if given, is added to dx in the same pass. ``need_dx``/``need_dw`` default to the node's
+    first two ``needs_input_grad`` flags."""
+    x2, weight, rstd = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0] if need_dx is None else need_dx
+    need_dw = ctx.needs_input_grad[1] if need_dw is None else need_dw
+    dy2 = dy.reshape(x2.shape)
+    dres2 = dres.reshape(x2.shape) if dres is not None else None
+    dx = dw = None
+    if need_dx:
+        if triton_enabled(x2):
+            dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
+            dres2 = dres2 if dres2 is None or dres2.stride(-1) == 1 else dres2.contiguous()
+            dx = _k("triton_rmsnorm").rmsnorm_backward(dy2, x2, weight, rstd, dres2)
+        else:
+            xhat = _wide(x2) * rstd[:, None]
+            g = _wide(dy2) * _wide(weight)
+            dx = (g - xhat * (g * xhat).mean(-1, keepdim=True)) * rstd[:, None]
+            dx = (dx + _wide(dres2) if dres2 is not None else dx).to(x2.dtype)
+        dx = dx.view(dy.shape)
+    if need_dw:  # a trained norm weight (frozen in LoRA; computed only if asked)
+        dw = (_wide(dy2) * _wide(x2) * rstd[:, None]).sum(0).to(weight.dtype)
+    return dx, dw
+
+
 class _RMSNorm(torch.autograd.Function):
     """Saves x (N, d) (the caller's residual stream, no copy) and rstd (N,) fp32."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x2 = x.reshape(-1, x.shape[-1])
-        if triton_enabled(x2):
-            x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-            y, rstd = _k("triton_rmsnorm").rmsnorm_forward(x2, weight, eps)
-        else:
-            y, rstd = _rms_ref(x2, weight, eps)
-        ctx.save_for_backward(x2, weight, rstd)
-        return y.view(x.shape)
+        return _rms_forward(ctx, x, weight, eps)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        dy2 = dy.reshape(x2.shape)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            if triton_enabled(x2):
-                dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
-                dx = _k("triton_rmsnorm").rmsnorm_backward(dy2, x2, weight, rstd)
-            else:
-                xhat = _wide(x2) * rstd[:, None]
-                g = _wide(dy2) * _wide(weight)
-                dx = ((g - xhat * (g * xhat).mean(-1, keepdim=True)) * rstd[:, None]).to(x2.dtype)
-            dx = dx.view(dy.shape)
-        if ctx.needs_input_grad[1]:  # a trained norm weight (frozen in LoRA; computed only if asked)
-            dw = (_wide(dy2) * _wide(x2) * rstd[:, None]).sum(0).to(weight.dtype)
-        return dx, dw, None
+        return *_rms_backward(ctx, dy), None
+
+
+class _RMSNormPass(torch.autograd.Function):
+    """``(x, rmsnorm(x))``: x passes through (as a view) for the residual path, so the backward gets both
+    gradients and adds the residual's in the norm's backward pass (one kernel where autograd would run
+    the norm's backward and then an add over the residual stream). Saves what ``_RMSNorm`` saves."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        return x.view_as(x), _rms_forward(ctx, x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, dres, dy):
+        if dy is None:
+            return dres, None, None
+        return *_rms_backward(ctx, dy, dres), None
+
+
+def rms_norm_pass(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``(x, rms_norm(x))`` where x also feeds a residual path: the same values as ``x`` and
+    ``rms_norm(x, weight, eps)``, with the two gradients reaching x summed in the norm's backward kernel.
+    The normalised output carries ``_deltatune_norm`` as ``rms_norm``'s does."""
+    res, y = _RMSNormPass.apply(x, weight, eps)
+    if not torch.compiler.is_compiling():
+        y._deltatune_norm = (x, weight, eps)
+    return res, y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -124,24 +166,10 @@ class _AddRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, ds, dy):
-        s, weight, rstd = ctx.saved_tensors
-        ds2 = ds.reshape(s.shape) if ds is not None else None
-        dw = None
         if dy is None:
-            dx = ds2
+            dx, dw = ds, None
         else:
-            dy2 = dy.reshape(s.shape)
-            if triton_enabled(s):
-                dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
-                ds2 = ds2 if ds2 is None or ds2.stride(-1) == 1 else ds2.contiguous()
-                dx = _k("triton_rmsnorm").rmsnorm_backward(dy2, s, weight, rstd, ds2)
-            else:
-                xhat = _wide(s) * rstd[:, None]
-                g = _wide(dy2) * _wide(weight)
-                dx = (g - xhat * (g * xhat).mean(-1, keepdim=True)) * rstd[:, None]
-                dx = (dx + _wide(ds2) if ds2 is not None else dx).to(s.dtype)
-            if ctx.needs_input_grad[2]:
-                dw = (_wide(dy2) * _wide(s) * rstd[:, None]).sum(0).to(weight.dtype)
+            dx, dw = _rms_backward(ctx, dy, ds, need_dx=True, need_dw=ctx.needs_input_grad[2])
         dx = dx.view(ctx.shape) if dx is not None else None
         return dx, dx, dw, None
 
@@ -185,6 +213,14 @@ def _rope(x, cos, sin, backward, out=None):
     return y if out is None else out.copy_(y)
 
 
+def _copy_heads(x, out=None):
+    """x (B, T, H, D) with a unit last stride copied into ``out`` (same layout rules) or a new contiguous
+    tensor: by the RoPE kernel on CUDA (a strided copy in PyTorch ran at half the bandwidth)."""
+    if triton_enabled(x):
+        return _k("triton_rope").rope_apply(x, x, x, False, out, rotate=False)
+    return x.contiguous() if out is None else out.copy_(x)
+
+
 class _Rope(torch.autograd.Function):
     """q (B, T, Hq, D), k (B, T, Hk, D), cos/sin (B or 1, T, D); v (B, T, Hv, D) or None rides along.
     Saves only cos and sin (shared by layers).
@@ -200,7 +236,9 @@ class _Rope(torch.autograd.Function):
         ctx.save_for_backward(cos, sin)
         ctx.with_v = v is not None
         out = (_rope(q, cos, sin, False), _rope(k, cos, sin, False))
-        return out + (v.contiguous(),) if v is not None else out
+        if v is not None:
+            out += (v if v.is_contiguous() else _copy_heads(v) if v.stride(-1) == 1 else v.contiguous(),)
+        return out
 
     @staticmethod
     def backward(ctx, dq, dk, dv=None):
@@ -211,7 +249,10 @@ class _Rope(torch.autograd.Function):
         grads = dq.new_empty((*dq.shape[:2], hq + hk + dv.shape[2], dq.shape[3]))
         _rope(dq, cos, sin, True, grads[:, :, :hq])
         _rope(dk, cos, sin, True, grads[:, :, hq:hq + hk])
-        grads[:, :, hq + hk:].copy_(dv)
+        if dv.stride(-1) == 1:
+            _copy_heads(dv, grads[:, :, hq + hk:])
+        else:
+            grads[:, :, hq + hk:].copy_(dv)
         return grads[:, :, :hq], grads[:, :, hq:hq + hk], grads[:, :, hq + hk:], None, None
 
 
@@ -241,6 +282,20 @@ def cast_into(dst: torch.Tensor, srcs, offsets, scales) -> torch.Tensor:
         else:
             torch.mul(src, s, out=view)
     return dst
+
+
+def add_many_(dsts, srcs) -> None:
+    """``dst += src`` for each pair of same-shape tensors: one Triton launch per 8 pairs on CUDA where all
+    are contiguous, the destinations fp32 and the sources fp32 or 16-bit (gradient buffers; the sum is
+    ``_foreach_add_``'s, which gives each 65,536-element chunk one thread block), else ``_foreach_add_``."""
+    if not dsts:
+        return
+    plain = all(d.is_contiguous() and s.is_contiguous() and d.shape == s.shape and d.dtype == torch.float32
+                and s.dtype in (torch.float32, torch.bfloat16, torch.float16) for d, s in zip(dsts, srcs))
+    if plain and triton_enabled(dsts[0]) and not torch.compiler.is_compiling():
+        _k("triton_cast").add_many_(dsts, srcs)
+    else:
+        torch._foreach_add_(dsts, srcs)
 
 
 # -- SwiGLU ---------------------------------------------------------------------------------------------

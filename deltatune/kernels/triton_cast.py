@@ -1,10 +1,12 @@
 """Cast and scale several small fp32 tensors into one 16-bit buffer in one launch (the LoRA factors of a
-fused node: ``A`` as is, ``s B`` scaled). Imports triton: load through ``deltatune.kernels`` (lazily).
+fused node: ``A`` as is, ``s B`` scaled), and add several tensors into as many others in one launch (the
+CUDA graphs' gradient accumulation). Imports triton: load through ``deltatune.kernels`` (lazily).
 
 ``torch._foreach_copy_`` does this in one launch too, but gives each 65,536-element chunk to one thread
 block: a node's handful of (16, 4096) factors ran as six blocks, 16 us a launch on an H200. Here a
 program takes ``BLOCK`` elements of one tensor (grid: chunks x tensors): 2.7 us a launch on average in
-the 8B training step on the same H200.
+the 8B training step on the same H200. ``_foreach_add_`` has the same one-block-per-chunk layout: a
+layer's fourteen adapter gradients took 27 us to accumulate there.
 """
 
 import os
@@ -68,3 +70,47 @@ def cast_into(dst: torch.Tensor, srcs, offsets, scales) -> torch.Tensor:
         grid = (triton.cdiv(max(sizes), BLOCK), len(part))
         _cast_many[grid](out, *ptrs, *sizes, *offs, *cs, COUNT=len(part), HAND=hand, BLOCK=BLOCK)
     return dst
+
+
+@triton.jit
+def _add_one(dst, src, n, offs):
+    mask = offs < n
+    x = tl.load(dst + offs, mask=mask, other=0.0).to(tl.float32)
+    x += tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst + offs, x.to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_many(d0, d1, d2, d3, d4, d5, d6, d7, s0, s1, s2, s3, s4, s5, s6, s7, n0, n1, n2, n3, n4, n5, n6, n7,
+              COUNT: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(1)  # which pair
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if t == 0:
+        _add_one(d0, s0, n0, offs)
+    if COUNT > 1 and t == 1:
+        _add_one(d1, s1, n1, offs)
+    if COUNT > 2 and t == 2:
+        _add_one(d2, s2, n2, offs)
+    if COUNT > 3 and t == 3:
+        _add_one(d3, s3, n3, offs)
+    if COUNT > 4 and t == 4:
+        _add_one(d4, s4, n4, offs)
+    if COUNT > 5 and t == 5:
+        _add_one(d5, s5, n5, offs)
+    if COUNT > 6 and t == 6:
+        _add_one(d6, s6, n6, offs)
+    if COUNT > 7 and t == 7:
+        _add_one(d7, s7, n7, offs)
+
+
+def add_many_(dsts, srcs) -> None:
+    """``dst += src`` for each pair (contiguous, same numel; the sum in fp32, rounded once to dst's dtype),
+    up to ``MAX_TENSORS`` pairs a launch."""
+    for start in range(0, len(dsts), MAX_TENSORS):
+        part = list(range(start, min(start + MAX_TENSORS, len(dsts))))
+        pad = MAX_TENSORS - len(part)
+        ds = [dsts[i] for i in part] + [dsts[part[0]]] * pad
+        ss = [srcs[i] for i in part] + [srcs[part[0]]] * pad
+        sizes = [dsts[i].numel() for i in part] + [0] * pad
+        grid = (triton.cdiv(max(sizes), BLOCK), len(part))
+        _add_many[grid](*ds, *ss, *sizes, COUNT=len(part), BLOCK=BLOCK)

@@ -10,12 +10,14 @@ For 16-bit outputs (the training case) two kernels work a byte per lane instead:
 both nibbles of byte ``j`` with the one scale they share (``blocksize`` is even), rounds each to 16
 bits and stores the pair as one 32-bit word (element ``2j`` in the low half: little-endian), so its
 stores need no interleave. The "pairs" kernel computes the scale for every byte; the "blocks" kernel
-(the default for a contiguous output) takes a tile of whole quantization blocks and computes each
-block's scale once, a sixteenth of the scale loads at blocksize 64. Both round with the hardware's
-bf16 conversion when compiled (the interpreter's conversion truncates, so interpreted runs round by
-hand). On an H200, in an 8B training step: 43.8 against 56.0 us for a 4096x14336 weight, 14.0 against
-17.8 for 4096x4096 (isolated, L2 flushed: 41.8 and 47.0 at 14336x4096; bench/bench_dequant.py). Into
-the left columns of a wider matrix (the stacked weights' backward) the pairs kernel stays the faster.
+(the default) takes a tile of whole quantization blocks and computes each block's scale once, a
+sixteenth of the scale loads at blocksize 64. Both round with the hardware's bf16 conversion when
+compiled (the interpreter's conversion truncates, so interpreted runs round by hand). On an H200, in
+an 8B training step: 43.8 against 56.0 us for a 4096x14336 weight, 14.0 against 17.8 for 4096x4096
+(isolated, L2 flushed: 41.8 and 47.0 at 14336x4096; bench/bench_dequant.py). Into the left columns of
+a wider matrix (the stacked weights' backward) the blocks kernel runs a grid of (row, tile of the
+row's blocks), where rows are whole blocks: 42.0 against 47.3 us for W_g into [W_g; W_u | 32 spare
+columns] (isolated, H200); a tile of blocks spanning rows there ran 2.6x slower than the pairs kernel.
 
 For training shapes (thousands of tokens) dequantize-then-cuBLAS is the fast path: dequantizing
 costs ``O(out * in)`` against the matmul's ``O(tokens * out * in)``. The kernels live in
@@ -61,8 +63,8 @@ def dequantize_4bit(q, dtype: torch.dtype | None = None, out: torch.Tensor | Non
     written in place by the 16-bit kernels when columns and row stride are even, else through a copy.
     ``kernel`` forces one of ``KERNELS``: "element" (any dtype and size), "pairs" (a byte a lane;
     16-bit output, even size), "blocks" (a tile of whole quantization blocks, each block's scale
-    computed once; as "pairs", into a contiguous ``out`` only). By default "blocks" where it applies,
-    else "pairs", else "element".
+    computed once; as "pairs", and into a strided ``out`` only when its rows are whole blocks). By
+    default "blocks" where it applies, else "pairs", else "element".
     """
     from deltatune.quant.nf4 import code_table, dynamic_map
 
@@ -84,9 +86,7 @@ def dequantize_4bit(q, dtype: torch.dtype | None = None, out: torch.Tensor | Non
     if strided and not (pairs_apply and out.dim() == 2 and out.stride(1) == 1 and cols % 2 == 0
                         and out.stride(0) % 2 == 0 and out.storage_offset() % 2 == 0 and kernel != "element"):
         return out.copy_(dequantize_4bit(q, dtype, kernel=kernel))  # whole 32-bit words only: via a copy
-    # Into the left columns of a wider matrix the pairs kernel is the faster one: in an 8B training step
-    # on an H200, 19.9 against 52.2 us for W_q into [W_q; W_k; W_v | 48 spare columns], the same for W_g.
-    blocks_apply = pairs_apply and not strided
+    blocks_apply = pairs_apply and (not strided or cols % q.blocksize == 0)  # strided: rows of whole blocks
     if kernel in ("pairs", "blocks") and not (blocks_apply if kernel == "blocks" else pairs_apply):
         raise ValueError(f"the {kernel} kernel does not apply to {dtype} output of {tuple(q.shape)} "
                          f"(blocksize {q.blocksize}{', strided' if strided else ''})")
@@ -106,9 +106,14 @@ def dequantize_4bit(q, dtype: torch.dtype | None = None, out: torch.Tensor | Non
     common.update(HALF_BLOCKSIZE=half, HAND=_interpreted())
     if kernel == "blocks":
         rows = max(1, BLOCKS_BYTES // half)
-        _kernels().dequant_4bit_blocks_kernel[(triton_cdiv(nbytes, rows * half),)](
-            q.packed, q.absmax, nested, offset, code, code8, words, nbytes, ROWS=rows, num_warps=BLOCKS_WARPS,
-            **common)
+        if strided:  # a tile of one row's blocks (no wider than the row): 64 of them fastest on an H200
+            rows = min(rows, 1 << (row_words // half - 1).bit_length())
+            grid = (out.shape[0], triton_cdiv(row_words // half, rows))
+        else:
+            grid = (triton_cdiv(nbytes, rows * half),)
+        _kernels().dequant_4bit_blocks_kernel[grid](
+            q.packed, q.absmax, nested, offset, code, code8, words, nbytes, row_words, stride_words,
+            STRIDED=strided, ROWS=rows, num_warps=BLOCKS_WARPS, **common)
         return out
     grid = (out.shape[0], triton_cdiv(row_words, PAIR_BLOCK)) if strided else (triton_cdiv(nbytes, PAIR_BLOCK),)
     _kernels().dequant_4bit_pairs_kernel[grid](

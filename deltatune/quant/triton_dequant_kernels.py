@@ -83,15 +83,27 @@ def dequant_4bit_pairs_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, co
 
 @triton.jit
 def dequant_4bit_blocks_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, out_ptr,
-                               nbytes, HALF_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BF16: tl.constexpr,
-                               HAND: tl.constexpr, ROWS: tl.constexpr):
+                               nbytes, row_bytes, stride_words, HALF_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                               BF16: tl.constexpr, HAND: tl.constexpr, STRIDED: tl.constexpr, ROWS: tl.constexpr):
     # A (ROWS, HALF_BLOCKSIZE) tile of bytes: ROWS quantization blocks, each block's scale computed once.
-    block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
-    offs = block[:, None] * HALF_BLOCKSIZE + tl.arange(0, HALF_BLOCKSIZE)[None, :]  # byte = output word indices
-    mask = offs < nbytes
-    scale = _block_scale(absmax_ptr, nested_ptr, offset_ptr, code8_ptr, block, block * HALF_BLOCKSIZE < nbytes,
-                         NESTED)[:, None]
+    k = tl.arange(0, HALF_BLOCKSIZE)[None, :]
+    if STRIDED:  # grid (rows, tiles of a row): rows of row_bytes bytes (whole blocks), stride_words apart in out
+        row = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1) * ROWS + tl.arange(0, ROWS)  # (ROWS,) blocks of this row
+        col = j[:, None] * HALF_BLOCKSIZE + k  # byte of the row = output word of the row
+        mask = col < row_bytes
+        block = row * (row_bytes // HALF_BLOCKSIZE) + j
+        block_mask = j * HALF_BLOCKSIZE < row_bytes
+        offs = row * row_bytes + col
+        dest = row * stride_words + col
+    else:
+        block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+        offs = block[:, None] * HALF_BLOCKSIZE + k  # byte = output word indices
+        mask = offs < nbytes
+        block_mask = block * HALF_BLOCKSIZE < nbytes
+        dest = offs
+    scale = _block_scale(absmax_ptr, nested_ptr, offset_ptr, code8_ptr, block, block_mask, NESTED)[:, None]
     byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
     high = tl.load(code_ptr + (byte >> 4))  # element 2j (codes 0..15: no mask needed)
     low = tl.load(code_ptr + (byte & 15))  # element 2j + 1
-    tl.store(out_ptr + offs, _halves(high * scale, low * scale, BF16, HAND), mask=mask)  # out: int32 view
+    tl.store(out_ptr + dest, _halves(high * scale, low * scale, BF16, HAND), mask=mask)  # out: int32 view
