@@ -1,7 +1,8 @@
 """NF4 dequantization on the GPU: the three Triton kernels, bitsandbytes' CUDA kernel, and the CPU cost of a call.
 
 For each Llama weight shape (blocksize 64, double quantization, bf16 output): GPU time of the
-per-element, byte-pair and blocks kernels (``triton.testing.do_bench``, L2 flushed), a plain copy of
+per-element, byte-pair and blocks kernels (``triton.testing.do_bench``, L2 flushed), of the byte-pair
+and blocks kernels into the left columns of a wider matrix (the stacked backward weights), a plain copy of
 the bf16 weight (the bandwidth to aim at: it moves more bytes), bitsandbytes' ``dequantize_4bit`` when
 importable, and the bytes moved per second. Then the host-side cost of one
 call as the training path makes it (``QuantLinearKind.fused_weight`` + ``dequantize``), measured on a
@@ -38,6 +39,16 @@ def gpu_times(shape) -> dict:
         row[f"{kernel}_equal"] = torch.equal(got, ref)
         row[f"{kernel}_us"] = round(triton.testing.do_bench(
             lambda: triton_dequant.dequantize_4bit(q, torch.bfloat16, out=out, kernel=kernel), return_mode="median") * 1e3, 1)
+    # into the left columns of a wider matrix (the stacked weights' backward: 32 spare columns)
+    wide = torch.empty((shape[0], shape[1] + 32), device="cuda", dtype=torch.bfloat16)
+    left = wide[:, :shape[1]]
+    for kernel in ("pairs", "blocks"):
+        wide.fill_(float("nan"))
+        triton_dequant.dequantize_4bit(q, torch.bfloat16, out=left, kernel=kernel)
+        row[f"strided_{kernel}_equal"] = torch.equal(left, ref)
+        row[f"strided_{kernel}_us"] = round(triton.testing.do_bench(
+            lambda: triton_dequant.dequantize_4bit(q, torch.bfloat16, out=left, kernel=kernel),
+            return_mode="median") * 1e3, 1)
     moved = w.numel() * 2 + q.nbytes
     row["blocks_GBps"] = round(moved / (row["blocks_us"] * 1e-6) / 1e9)
     row["copy_us"] = round(triton.testing.do_bench(lambda: out.copy_(ref), return_mode="median") * 1e3, 1)
