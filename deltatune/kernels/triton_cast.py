@@ -6,7 +6,7 @@ CUDA graphs' gradient accumulation). Imports triton: load through ``deltatune.ke
 block: a node's handful of (16, 4096) factors ran as six blocks, 16 us a launch on an H200. Here a
 program takes ``BLOCK`` elements of one tensor (grid: chunks x tensors): 2.7 us a launch on average in
 the 8B training step on the same H200. ``_foreach_add_`` has the same one-block-per-chunk layout: a
-layer's fourteen adapter gradients took 27 us to accumulate there.
+layer's fourteen adapter gradients took 20.5 us to accumulate there, these two launches 7.6 us.
 """
 
 import os
