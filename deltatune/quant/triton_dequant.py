@@ -17,7 +17,8 @@ an 8B training step: 43.8 against 56.0 us for a 4096x14336 weight, 14.0 against 
 (isolated, L2 flushed: 41.8 and 47.0 at 14336x4096; bench/bench_dequant.py). Into the left columns of
 a wider matrix (the stacked weights' backward) the blocks kernel runs a grid of (row, tile of the
 row's blocks), where rows are whole blocks: 42.0 against 47.3 us for W_g into [W_g; W_u | 32 spare
-columns] (isolated, H200); a tile of blocks spanning rows there ran 2.6x slower than the pairs kernel.
+columns] (isolated, H200). An earlier version (flat 128-block tiles spanning two rows, each block's
+row found by an int64 division) ran 2.6x slower than the pairs kernel there.
 
 For training shapes (thousands of tokens) dequantize-then-cuBLAS is the fast path: dequantizing
 costs ``O(out * in)`` against the matmul's ``O(tokens * out * in)``. The kernels live in
