@@ -214,9 +214,9 @@ def _rope(x, cos, sin, backward, out=None):
 
 
 def _copy_heads(x, out=None):
-    """x (B, T, H, D) with a unit last stride copied into ``out`` (same layout rules) or a new contiguous
-    tensor: by the RoPE kernel on CUDA (a strided copy in PyTorch ran at half the bandwidth)."""
-    if triton_enabled(x):
+    """x (B, T, H, D) copied into ``out`` (unit last stride) or a new contiguous tensor: by the RoPE kernel
+    on CUDA when x has a unit last stride (a strided copy in PyTorch ran at half the bandwidth)."""
+    if triton_enabled(x) and x.stride(-1) == 1:
         return _k("triton_rope").rope_apply(x, x, x, False, out, rotate=False)
     return x.contiguous() if out is None else out.copy_(x)
 
@@ -237,7 +237,7 @@ class _Rope(torch.autograd.Function):
         ctx.with_v = v is not None
         out = (_rope(q, cos, sin, False), _rope(k, cos, sin, False))
         if v is not None:
-            out += (v if v.is_contiguous() else _copy_heads(v) if v.stride(-1) == 1 else v.contiguous(),)
+            out += (v if v.is_contiguous() else _copy_heads(v),)
         return out
 
     @staticmethod
@@ -249,10 +249,7 @@ class _Rope(torch.autograd.Function):
         grads = dq.new_empty((*dq.shape[:2], hq + hk + dv.shape[2], dq.shape[3]))
         _rope(dq, cos, sin, True, grads[:, :, :hq])
         _rope(dk, cos, sin, True, grads[:, :, hq:hq + hk])
-        if dv.stride(-1) == 1:
-            _copy_heads(dv, grads[:, :, hq + hk:])
-        else:
-            grads[:, :, hq + hk:].copy_(dv)
+        _copy_heads(dv, grads[:, :, hq + hk:])
         return grads[:, :, :hq], grads[:, :, hq:hq + hk], grads[:, :, hq + hk:], None, None
 
 

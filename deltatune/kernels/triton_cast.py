@@ -21,6 +21,16 @@ MAX_TENSORS = 8  # per launch; more are cast in several
 BLOCK = 1024
 
 
+def _launches(n: int):
+    """The index lists of ``n`` tensors, ``MAX_TENSORS`` a launch."""
+    return [list(range(start, min(start + MAX_TENSORS, n))) for start in range(0, n, MAX_TENSORS)]
+
+
+def _padded(values, fill) -> list:
+    """``values`` filled up to ``MAX_TENSORS`` with ``fill`` (the unused slots of a launch's arguments)."""
+    return list(values) + [fill] * (MAX_TENSORS - len(values))
+
+
 @triton.jit
 def _cast_one(dst, src, n, offset, scale, offs, HAND: tl.constexpr):
     mask = offs < n
@@ -60,13 +70,11 @@ def cast_into(dst: torch.Tensor, srcs, offsets, scales) -> torch.Tensor:
     fp32/bf16/fp16 tensors) at its element offset in the flat contiguous ``dst``. Returns ``dst``."""
     hand = dst.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     out = dst.view(torch.int16) if hand else dst
-    for start in range(0, len(srcs), MAX_TENSORS):
-        part = list(range(start, min(start + MAX_TENSORS, len(srcs))))
-        pad = MAX_TENSORS - len(part)
-        ptrs = [srcs[i] for i in part] + [srcs[part[0]]] * pad
-        sizes = [srcs[i].numel() for i in part] + [0] * pad
-        offs = [offsets[i] for i in part] + [0] * pad
-        cs = [float(scales[i]) for i in part] + [1.0] * pad
+    for part in _launches(len(srcs)):
+        ptrs = _padded([srcs[i] for i in part], srcs[part[0]])
+        sizes = _padded([srcs[i].numel() for i in part], 0)
+        offs = _padded([offsets[i] for i in part], 0)
+        cs = _padded([float(scales[i]) for i in part], 1.0)
         grid = (triton.cdiv(max(sizes), BLOCK), len(part))
         _cast_many[grid](out, *ptrs, *sizes, *offs, *cs, COUNT=len(part), HAND=hand, BLOCK=BLOCK)
     return dst
@@ -106,11 +114,9 @@ def _add_many(d0, d1, d2, d3, d4, d5, d6, d7, s0, s1, s2, s3, s4, s5, s6, s7, n0
 def add_many_(dsts, srcs) -> None:
     """``dst += src`` for each pair (contiguous, same numel; the sum in fp32, rounded once to dst's dtype),
     up to ``MAX_TENSORS`` pairs a launch."""
-    for start in range(0, len(dsts), MAX_TENSORS):
-        part = list(range(start, min(start + MAX_TENSORS, len(dsts))))
-        pad = MAX_TENSORS - len(part)
-        ds = [dsts[i] for i in part] + [dsts[part[0]]] * pad
-        ss = [srcs[i] for i in part] + [srcs[part[0]]] * pad
-        sizes = [dsts[i].numel() for i in part] + [0] * pad
+    for part in _launches(len(dsts)):
+        ds = _padded([dsts[i] for i in part], dsts[part[0]])
+        ss = _padded([srcs[i] for i in part], srcs[part[0]])
+        sizes = _padded([dsts[i].numel() for i in part], 0)
         grid = (triton.cdiv(max(sizes), BLOCK), len(part))
         _add_many[grid](*ds, *ss, *sizes, COUNT=len(part), BLOCK=BLOCK)
