@@ -8,7 +8,7 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
-from deltatune.lora import LoraLayer, kind_for
+from deltatune.adapters import DeltaLayer, geometry_for
 
 
 def _linear():
@@ -55,7 +55,7 @@ METHODS = {
 def _build(layer, method, seed=0):
     torch.manual_seed(seed)
     model, make_input = LAYERS[layer]()
-    adaptable = [n for n, m in model.named_modules() if n and kind_for(m) is not None]
+    adaptable = [n for n, m in model.named_modules() if n and geometry_for(m) is not None]
     cfg = dt.LoraConfig(r=2, alpha=4, targets=adaptable, **METHODS[method])
     return model, make_input, cfg
 
@@ -80,7 +80,7 @@ def test_contract(layer, method):
     y_base = base(x)
 
     dt.add_adapter(model, cfg)
-    assert any(isinstance(m, LoraLayer) for m in model.modules())
+    assert any(isinstance(m, DeltaLayer) for m in model.modules())
     # the base weights keep their names; only adapter keys are new
     assert all(k in model.state_dict() for k in base_keys)
     # at init the output equals the base model's (PiSSA moves the top-r part of W into B @ A)
@@ -177,7 +177,7 @@ def test_many_adapters_switch_sum_and_remove():
     with torch.no_grad():
         torch.testing.assert_close(model(x) - base_out, yb, atol=1e-5, rtol=1e-5)
     dt.remove_adapter(model, "b")
-    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    assert not any(isinstance(m, DeltaLayer) for m in model.modules())
 
 
 @pytest.mark.parametrize("layer", ["conv1d", "conv2d", "embedding", "gpt2_conv1d", "linear"])
@@ -202,8 +202,8 @@ def test_combine_is_exact_and_truncation_reports_error(layer):
         torch.testing.assert_close(model(x) - base_out, 0.7 * da + 0.3 * db, atol=1e-5, rtol=1e-4)
         report = dt.combine(model, {"a": 0.7, "b": 0.3}, name="ab1", rank=1)
         assert all(0.0 < err < 1.0 for err in report.values()), report
-        layer0 = next(m for m in model.modules() if isinstance(m, LoraLayer))
-        assert layer0.slots["ab1"].rank == 1
+        layer0 = next(m for m in model.modules() if isinstance(m, DeltaLayer))
+        assert layer0.deltas["ab1"].rank == 1
 
 
 def test_targeting_suffix_regex_exclude_patterns_and_all_linear():
@@ -213,17 +213,17 @@ def test_targeting_suffix_regex_exclude_patterns_and_all_linear():
                       num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
-    names = dt.model.select_targets(model, dt.LoraConfig(targets="all-linear"))
+    names = dt.adapters.select_targets(model, dt.LoraConfig(targets="all-linear"))
     assert len(names) == 2 * 7 and not any("lm_head" in n for n in names)
-    names = dt.model.select_targets(model, dt.LoraConfig(targets=["q_proj", "v_proj"], exclude=r".*\.1\..*"))
+    names = dt.adapters.select_targets(model, dt.LoraConfig(targets=["q_proj", "v_proj"], exclude=r".*\.1\..*"))
     assert names == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
-    names = dt.model.select_targets(model, dt.LoraConfig(targets=r".*layers\.1\.mlp\.(up|down)_proj"))
+    names = dt.adapters.select_targets(model, dt.LoraConfig(targets=r".*layers\.1\.mlp\.(up|down)_proj"))
     assert names == ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
     dt.add_adapter(model, dt.LoraConfig(r=4, targets=["q_proj", "down_proj"], rank_pattern={"down_proj": 2},
                                         alpha_pattern={r"layers\.0\.self_attn\.q_proj": 16}))
     q0, q1 = model.model.layers[0].self_attn.q_proj, model.model.layers[1].self_attn.q_proj
-    assert q0.slots["default"].rank == 4 and q0.slots["default"].alpha == 16 and q1.slots["default"].alpha == 8
-    assert model.model.layers[1].mlp.down_proj.slots["default"].rank == 2
+    assert q0.deltas["default"].rank == 4 and q0.deltas["default"].alpha == 16 and q1.deltas["default"].alpha == 8
+    assert model.model.layers[1].mlp.down_proj.deltas["default"].rank == 2
     with pytest.raises(ValueError, match="no module"):
         dt.add_adapter(model, dt.LoraConfig(targets=["nonexistent_proj"]), name="x")
     with pytest.raises(ValueError, match="cannot wrap"):
@@ -254,7 +254,7 @@ def test_module_moves_with_to_and_restores_after():
     model = nn.Sequential(nn.Linear(4, 4))
     dt.add_adapter(model, dt.LoraConfig(r=2, targets=["0"]))
     model.to(torch.float64)
-    assert model[0].weight.dtype == torch.float64 and model[0].lora_A["default"].dtype == torch.float64
+    assert model[0].weight.dtype == torch.float64 and model[0].deltas["default"].A.dtype == torch.float64
     assert model(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64
     dt.remove_adapter(model, "default")
     assert model[0].weight.dtype == torch.float64

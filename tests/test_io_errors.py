@@ -9,7 +9,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import deltatune as dt
-from deltatune.io import AdapterFileError
+from deltatune import AdapterFileError
 
 
 def _model():
@@ -26,7 +26,7 @@ def saved(tmp_path):
 
 
 def _unchanged(model):
-    return not any(isinstance(m, dt.LoraLayer) for m in model.modules()) and not dt.list_adapters(model)
+    return not any(isinstance(m, dt.DeltaLayer) for m in model.modules()) and not dt.list_adapters(model)
 
 
 def test_round_trip(saved):

@@ -129,7 +129,7 @@ def test_deltatune_adapter_loads_into_peft(name, tmp_path):
     assert (expected - _output(base, inputs)).abs().max() > 1e-3
     assert (got - expected).abs().max().item() <= TOL
     # PEFT resolved exactly the modules we adapted
-    ours_targets = {n for n, _ in dt.model.lora_layers(ours)}
+    ours_targets = {n for n, _ in dt.adapters.delta_layers(ours)}
     peft_targets = {n.removeprefix("base_model.model.") for n, m in loaded.named_modules()
                     if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert ours_targets == peft_targets
@@ -143,7 +143,7 @@ def test_all_linear_selects_what_peft_selects():
         pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules="all-linear"))
     peft_targets = {n.removeprefix("base_model.model.") for n, m in pm.named_modules()
                     if isinstance(m, peft.tuners.lora.LoraLayer)}
-    assert set(dt.model.select_targets(base, dt.LoraConfig(targets="all-linear"))) == peft_targets
+    assert set(dt.adapters.select_targets(base, dt.LoraConfig(targets="all-linear"))) == peft_targets
 
 
 @pytest.mark.slow

@@ -285,13 +285,13 @@ def test_quantize_model_and_lora_contract(kind):
     base = model(ids)
 
     dt.add_adapter(model, dt.LoraConfig(r=4, targets="all-linear"))
-    assert isinstance(model.up, dt.LoraLayer) and isinstance(model.up.kind, dt.quant.QuantLinearKind)
+    assert isinstance(model.up, dt.DeltaLayer) and isinstance(model.up.geometry, dt.quant.QuantLinearGeometry)
     assert type(model.lm_head) is nn.Linear
     assert torch.equal(model(ids), base)  # B = 0 at init
     loss = model(ids).float().pow(2).mean()
     loss.backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".lora_" in n for n in trainable)
+    assert trainable and all(".deltas." in n for n in trainable)
     assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
 

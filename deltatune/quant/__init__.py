@@ -7,25 +7,25 @@ q.packed                     # uint8 codes, bitsandbytes' byte layout
 w2 = q.dequantize(dtype=torch.bfloat16)
 dt.quantize_model(model, kind="nf4")                                     # nn.Linear -> QuantLinear
 ```
-Everything here needs torch only; Triton is imported on the first dequantization of a CUDA tensor.
+Everything here needs torch only; Triton is imported on the first dequantization of a CUDA tensor
+(``deltatune.kernels.backend`` decides and loads). Layering, downward: ``codes`` (tables) <-
+``triton_dequant`` / ``triton_matmul`` (kernel launchers) <- ``nf4`` (format, reference quantizer and
+dequantizer) <- ``qlinear`` / ``hf_bnb``; quant imports kernels, never the other way.
 """
 
 from deltatune.quant.int8 import Int8Tensor, dequantize_int8, quantize_int8
+from deltatune.quant.codes import FP4_CODE, NF4_CODE, code_table, dynamic_map
 from deltatune.quant.nf4 import (
     BLOCKSIZES,
-    FP4_CODE,
-    NF4_CODE,
     QuantizedTensor,
-    code_table,
     dequantize_4bit,
     dequantize_blockwise_8bit,
-    dynamic_map,
     quantize_4bit,
     quantize_blockwise_8bit,
 )
 from deltatune.quant.qlinear import (
     QuantLinear,
-    QuantLinearKind,
+    QuantLinearGeometry,
     export_merged,
     merge_errors,
     quantize,
@@ -34,7 +34,7 @@ from deltatune.quant.qlinear import (
 from deltatune.quant.hf_bnb import load_bnb_4bit, quant_state_from_keys
 
 __all__ = [
-    "quantize", "QuantizedTensor", "Int8Tensor", "quantize_model", "QuantLinear", "QuantLinearKind",
+    "quantize", "QuantizedTensor", "Int8Tensor", "quantize_model", "QuantLinear", "QuantLinearGeometry",
     "export_merged", "merge_errors", "load_bnb_4bit", "quant_state_from_keys", "quantize_4bit",
     "dequantize_4bit", "quantize_int8", "dequantize_int8", "quantize_blockwise_8bit",
     "dequantize_blockwise_8bit", "code_table", "dynamic_map", "NF4_CODE", "FP4_CODE", "BLOCKSIZES",

@@ -1,12 +1,12 @@
 """``QuantLinear``: a linear layer whose frozen weight is stored in 4-bit (NF4/FP4) or int8, and the
-``LayerKind`` that lets ``add_adapter`` put LoRA on it unchanged (QLoRA, Dettmers et al. 2023).
+``Geometry`` that lets ``add_adapter`` put any weight method on it unchanged (QLoRA, Dettmers et al. 2023).
 
 The layer keeps its quantized weight as buffers (``packed``, ``absmax``, and ``nested_absmax`` /
 ``offset`` with double quantization; ``packed``/``scale``/``zero`` for int8) and its format as plain
 attributes. The forward dequantizes to ``compute_dtype`` and calls cuBLAS; a custom autograd
 function keeps only the quantized buffers for the backward (re-dequantizing there) instead of a
-dense copy of every weight. The ``LoraLayer`` wrapper holds the same buffers under the same names,
-so ``QuantLinearKind`` reads them from the wrapper (``.to(device)`` moves the wrapper's).
+dense copy of every weight. The ``DeltaLayer`` wrapper holds the same buffers under the same names,
+so ``QuantLinearGeometry`` reads them from the wrapper (``.to(device)`` moves the wrapper's).
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from deltatune.lora import LayerKind, LoraLayer, register_layer_kind
-from deltatune.model import matches_name, output_head, set_module
+from deltatune.adapters import DeltaLayer, Geometry, delta_layers, matches_name, output_head, register_geometry, set_module
 from deltatune.quant.int8 import Int8Tensor, quantize_int8
 from deltatune.quant.nf4 import QuantizedTensor, quantize_4bit
 from deltatune.quant.triton_matmul import quant_matmul
 
-__all__ = ["QuantLinear", "QuantLinearKind", "quantize", "quantize_model", "export_merged", "merge_errors"]
+__all__ = ["QuantLinear", "QuantLinearGeometry", "quantize", "quantize_model", "export_merged", "merge_errors"]
 
 KINDS = ("nf4", "fp4", "int8")
 
@@ -122,15 +121,16 @@ class QuantLinear(nn.Module):
                 f"blocksize={self.blocksize}{dq}, compute_dtype={self.compute_dtype}")
 
 
-class QuantLinearKind(LayerKind):
-    """LoRA on a ``QuantLinear``: base output from the quantized weight, adapters in full precision.
+class QuantLinearGeometry(Geometry):
+    """A ``QuantLinear`` under adapters: base output from the quantized weight, adapters in full precision.
 
     ``add_to_weight`` (merge, unmerge, PiSSA) dequantizes, adds and requantizes in place, and records
-    the requantization error on the layer as ``merge_error`` (see ``merge_errors``): merging into a
+    the requantization error in the layer's ``merge_error`` (see ``merge_errors``): merging into a
     4-bit base is lossy, so ``merge(); unmerge()`` restores the weight only up to that error. For an
     exact merged model use ``export_merged`` (dense weights, no requantization).
     """
 
+    name = "quant_linear"
     is_linear = True
     attributes = ("in_features", "out_features", "quant_kind", "blocksize", "double_quant", "weight_dtype",
                   "compute_dtype")
@@ -158,7 +158,7 @@ class QuantLinearKind(LayerKind):
         }
 
 
-register_layer_kind(QuantLinear, QuantLinearKind())
+register_geometry(QuantLinear, QuantLinearGeometry())
 
 
 def quantize_model(model: nn.Module, kind: str = "nf4", blocksize: int | None = 64, double_quant: bool = True,
@@ -201,13 +201,13 @@ def export_merged(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
     """
     replacements = []
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
+        if isinstance(module, DeltaLayer):
             base = module.base_module
-            if isinstance(module.kind, QuantLinearKind):
+            if isinstance(module.geometry, QuantLinearGeometry):
                 weight = _quantized(module).dequantize(torch.float32)
                 if module.enabled:
                     for adapter in module.active:
-                        if adapter not in module.merged and adapter in module.slots:
+                        if adapter not in module.merged and adapter in module.deltas:
                             weight = weight + module.delta_weight(adapter)
                 new = _dense_linear(module.in_features, module.out_features, weight, getattr(module, "bias", None), dtype)
             else:
@@ -228,4 +228,4 @@ def export_merged(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
 
 def merge_errors(model: nn.Module) -> dict[str, dict[str, float]]:
     """{layer name: requantization error of its last merge/unmerge} for quantized LoRA layers."""
-    return {n: m.merge_error for n, m in model.named_modules() if isinstance(m, LoraLayer) and hasattr(m, "merge_error")}
+    return {n: m.merge_error for n, m in delta_layers(model) if m.merge_error is not None}

@@ -1,4 +1,4 @@
-"""``modules_to_save``: whole modules trained in full, one copy per adapter (e.g. a classifier head).
+"""Full copies (PEFT's ``modules_to_save``): whole modules trained in full, one copy per adapter (e.g. a classifier head).
 
 ``SavedCopies`` stands where the original module stood and holds the original's own children,
 parameters and buffers under their original names (so ``classifier.weight`` stays
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn as nn
 
-__all__ = ["SavedCopies"]
+__all__ = ["FullCopies"]
 
 
-class SavedCopies(nn.Module):
+class FullCopies(nn.Module):
     """The original module plus a trainable deep copy per adapter; the active adapter's copy runs."""
 
     def __init__(self, base: nn.Module):
@@ -66,9 +67,16 @@ class SavedCopies(nn.Module):
         """The original module, carrying this wrapper's current tensors."""
         return self._sync_base()
 
-    def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:
+    def adapter_parameters(self, name: str | None = None, role: str | None = None) -> list[nn.Parameter]:
         names = self.adapter_names() if name is None else [n for n in [name] if n in self.copies]
-        return [p for n in names for p in self.copies[n].parameters()]
+        return [p for n in names for r, p in self.copies[n].named_parameters() if role is None or r == role]
+
+    def describe(self, name: str) -> dict[str, torch.Tensor]:
+        """The copy's state dict: its roles are the module's own parameter and buffer names."""
+        return {k: v.detach() for k, v in self.copies[name].state_dict().items()}
+
+    def load_roles(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.copies[name].load_state_dict(tensors, strict=True)
 
     def merge(self, name: str) -> None:  # a full copy has nothing to fold into the base
         pass

@@ -1,0 +1,78 @@
+"""The adapter protocol: what every module that carries named adapters answers, whatever the method.
+
+Weight wrappers (``DeltaLayer``), full trainable copies (``FullCopies``) and, later, modules that are
+not weight wrappers (prompts, prefixes, new blocks, bottleneck modules) all implement it, so the
+verbs (``add_adapter``, ``merge``, ``save_adapter``, ...) and the training loop walk one kind of
+object. Modelled on torchtune's ``AdapterModule``; ``runtime_checkable`` so ``isinstance`` works.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+
+__all__ = ["AdapterModule", "adapter_modules", "prepare_batch"]
+
+
+@runtime_checkable
+class AdapterModule(Protocol):
+    """A module holding any number of named adapters.
+
+    ``active`` lists the adapters applied in ``forward``, ``merged`` those folded into the base weight,
+    ``enabled=False`` gives the base module's behaviour.
+    """
+
+    active: list[str]
+    merged: list[str]
+    enabled: bool
+
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this module holds."""
+
+    def adapter_parameters(self, name: str | None = None, role: str | None = None) -> list[nn.Parameter]:
+        """Parameters of adapter ``name`` (all adapters if None), only those of ``role`` if given."""
+
+    def remove(self, name: str) -> None:
+        """Drop adapter ``name`` (unmerging it first)."""
+
+    def restore(self) -> nn.Module:
+        """The original module, carrying this module's current base tensors (when no adapter is left)."""
+
+    def merge(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weight (idempotent; a no-op where nothing can be folded)."""
+
+    def unmerge(self, name: str) -> None:
+        """Take adapter ``name`` back out of the base weight (idempotent)."""
+
+    def describe(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors by role (``{"A": ..., "B": ...}``): what file formats read."""
+
+    def load_roles(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` (by role, as ``describe`` gives them) into adapter ``name``."""
+
+
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
+    """``(path, module)`` of every adapter module of ``model``, in ``named_modules()`` order.
+
+    Adapter modules are not searched inside (a full copy of a module is no separate adapter module).
+    """
+    inside = None  # path of the adapter module being skipped over, with a trailing dot
+    for path, module in model.named_modules():
+        if inside is not None and path.startswith(inside):
+            continue
+        if isinstance(module, AdapterModule):
+            inside = path + "."
+            yield path, module
+
+
+def prepare_batch(model: nn.Module, batch: dict) -> dict:
+    """The collated ``batch`` as the model's adapters need it: each adapter module that changes the
+    input (a ``prepare_batch(batch) -> batch`` method: prompt tuning, prefixes) transforms it in turn.
+    Weight adapters leave it as it is."""
+    for _, module in adapter_modules(model):
+        prepare = getattr(module, "prepare_batch", None)
+        if prepare is not None:
+            batch = prepare(batch)
+    return batch

@@ -1,0 +1,216 @@
+"""Adapter directories: ``save_adapter`` / ``load_adapter`` in PEFT's format (or deltatune's own, for
+methods PEFT lacks), through the neutral description (``deltatune.adapters.description``).
+
+Files are written to a temporary name and renamed, so a crash never leaves half a file; pickle files
+(``adapter_model.bin``) are refused, never opened. Loading checks every key and shape against the
+model before touching it; on any error the model is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from deltatune.adapters import (
+    FULL, FullCopies, DeltaLayer, adapter_params, add_adapter, adapter_record, describe_adapter, geometry_for,
+    load_description, matches_name, method_for, remove_adapter, select_targets,
+)
+from deltatune.formats import native, peft
+from deltatune.formats.atomic import atomic_write
+
+__all__ = ["save_adapter", "load_adapter", "read_adapter_files", "AdapterFileError", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory or file that cannot be read; the message names the file and the key."""
+
+
+def _format_of(method_name: str):
+    return peft if method_name in peft.METHODS else native
+
+
+# -- writing -----------------------------------------------------------------------------------------
+def _plain_module_names(model: nn.Module) -> list[str]:
+    """Module names as they are in the base model (no adapter internals, no copies)."""
+    names, skip = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(s) for s in skip):
+            continue
+        if isinstance(module, DeltaLayer):
+            skip.append(name + ".deltas")
+        if isinstance(module, FullCopies):
+            skip.append(name + ".copies")
+        names.append(name)
+    return names
+
+
+def _target_list(model: nn.Module, paths: list[str]) -> list[str]:
+    """The shortest target list PEFT resolves to exactly ``paths``: leaf names if that is exact."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    hit = {n for n in _plain_module_names(model) if n and matches_name(n, leaves)}
+    return leaves if hit == set(paths) else sorted(paths)
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors under its file format's keys (contiguous, on the CPU)."""
+    fmt = _format_of(type(adapter_record(model).configs[name]).method)
+    parts = describe_adapter(model, name)
+    order = sorted(parts, key=lambda p: parts[p].method == FULL)  # the method's tensors first, then copies
+    return {fmt.file_key(path, parts[path].method, parts[path].geometry, role): t.contiguous().cpu()
+            for path in order for role, t in parts[path].tensors.items()}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter ``name`` of ``model`` to directory ``path``; returns the directory.
+
+    LoRA adapters are written in PEFT's format (PEFT loads them); other methods in deltatune's own.
+    """
+    from safetensors.torch import save_file
+
+    configs = adapter_record(model).configs
+    if name not in configs:
+        raise KeyError(f"no adapter named {name!r} on this model (have {sorted(configs)})")
+    cfg = configs[name]
+    if type(cfg).method in peft.METHODS:
+        parts = describe_adapter(model, name)
+        paths = [p for p, part in parts.items() if part.method != FULL]
+        file_cfg = peft.to_peft_config(cfg, parts, _target_list(model, paths))
+    else:
+        file_cfg = native.to_native_config(cfg)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = adapter_state_dict(model, name)
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    text = json.dumps(file_cfg, indent=2, sort_keys=True)
+    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    return out
+
+
+# -- reading -----------------------------------------------------------------------------------------
+def read_adapter_files(path: str | os.PathLike):
+    """Read and check an adapter directory: (config, tensors by file key, weights file path)."""
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    if not root.is_dir():
+        raise AdapterFileError(f"{root}: no such adapter directory")
+    config_path, weights_path = root / CONFIG_NAME, root / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise AdapterFileError(f"{config_path}: missing (an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        if native.METHOD_KEY in raw and "peft_type" not in raw:
+            cfg = native.from_native_config(raw, source=str(config_path))
+        else:
+            cfg = peft.from_peft_config(raw, source=str(config_path))
+    except (ValueError, TypeError) as e:
+        raise AdapterFileError(str(e)) from None
+    if not weights_path.is_file():
+        pickled = [p.name for p in (root / "adapter_model.bin", root / "adapter_model.pt") if p.exists()]
+        if pickled:
+            raise AdapterFileError(
+                f"{root / pickled[0]}: pickle files are never loaded (they can run code); convert it to "
+                f"{WEIGHTS_NAME} with a tool you trust, then load that")
+        raise AdapterFileError(f"{weights_path}: missing")
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise AdapterFileError(f"{weights_path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return cfg, tensors, weights_path
+
+
+def _expected(model: nn.Module, cfg, fmt, config_path: Path) -> tuple[dict, dict]:
+    """{file key: (module path, role, shape, settings)} of the method's tensors and of full copies."""
+    method = method_for(cfg)
+    try:
+        targets = select_targets(model, cfg, method.supports)
+    except ValueError as e:
+        raise AdapterFileError(f"{config_path}: {e}") from None
+    expected = {}
+    for target in targets:
+        module = model.get_submodule(target)
+        geometry = geometry_for(module)
+        base = module.base_module if isinstance(module, DeltaLayer) else module
+        try:
+            shapes = method.shapes(geometry, base, cfg, target)
+        except ValueError as e:
+            raise AdapterFileError(f"{config_path}: module {target!r}: {e}") from None
+        settings = method.settings(cfg, target)
+        for role, shape in shapes.items():
+            expected[fmt.file_key(target, method.name, geometry.name, role)] = (target, role, tuple(shape), settings)
+    copies = {}
+    if cfg.modules_to_save:
+        for n, m in model.named_modules():
+            if n and matches_name(n, cfg.modules_to_save) and not isinstance(m, DeltaLayer):
+                base = m.base_module if isinstance(m, FullCopies) else m
+                for k, v in base.state_dict().items():
+                    copies[fmt.file_key(n, FULL, "", k)] = (n, k, tuple(v.shape), {})
+    return expected, copies
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", activate: bool = True,
+                 trainable: bool = False) -> nn.Module:
+    """Load an adapter directory (PEFT-made or ours) from ``path`` as adapter ``name``.
+
+    Everything is checked before the model is touched: every key must name a module the model has,
+    with the shape the config and the module give; on any error the model is left as it was.
+    With ``trainable=False`` the loaded parameters do not require grad. Returns ``model``.
+    """
+    cfg, tensors, weights_path = read_adapter_files(path)
+    config_path = Path(path) / CONFIG_NAME
+    fmt = _format_of(type(cfg).method)
+    expected, copies = _expected(model, cfg, fmt, config_path)
+    for key, value in tensors.items():
+        if key in expected or key in copies:
+            target, _, shape, settings = expected.get(key) or copies[key]
+            if tuple(value.shape) != shape:
+                at = ", ".join(f"{k} {v}" for k, v in settings.items())
+                raise AdapterFileError(
+                    f"{weights_path}: key {key!r} has shape {tuple(value.shape)}, but module {target!r} "
+                    f"({type(model.get_submodule(target)).__name__})" + (f" with {at}" if at else "")
+                    + f" from {config_path.name} needs {shape}")
+            continue
+        split = fmt.split_key(key)
+        if split is None:
+            raise AdapterFileError(f"{weights_path}: key {key!r} is not a key of this adapter format")
+        module_path, role = split
+        if role is None:
+            raise AdapterFileError(f"{weights_path}: key {key!r} is neither an adapter tensor nor part of a "
+                                   f"modules_to_save module of this model")
+        try:
+            model.get_submodule(module_path)
+            why = "is not among the modules the config's target_modules select"
+        except AttributeError:
+            why = "is not a module of this model"
+        raise AdapterFileError(f"{weights_path}: key {key!r}: module {module_path!r} {why}")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise AdapterFileError(f"{weights_path}: no tensor for {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                               f"({len(missing)} keys the config's target_modules call for)")
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, (module_path, role, _, _) in {**expected, **copies}.items():
+        if key in tensors:
+            parts.setdefault(module_path, {})[role] = tensors[key]
+    add_adapter(model, cfg, name, activate=activate)
+    try:
+        load_description(model, name, parts)
+    except BaseException:
+        remove_adapter(model, name)
+        raise
+    if not trainable:
+        for p in adapter_params(model, name):
+            p.requires_grad_(False)
+    return model

@@ -1,0 +1,15 @@
+"""Adapter methods, one file each; the lines below register them (``deltatune.adapters.method``).
+
+A new method is a new file here (its config dataclass, its delta, a ``register_method`` call) and
+one import line below; see docs/architecture.md.
+"""
+
+from deltatune.adapters.method import method_for, method_named, method_names, register_method
+from deltatune.methods.lora import LORA, LoraConfig  # registers "lora"
+
+__all__ = ["LoraConfig", "LORA", "register_method", "method_named", "method_for", "method_names", "config_class"]
+
+
+def config_class(name: str) -> type:
+    """The config dataclass of the method registered as ``name`` (KeyError naming the known ones)."""
+    return method_named(name).config
