@@ -6,38 +6,12 @@ and is what runs on CPU. What each saves for backward is stated in its docstring
 
 from __future__ import annotations
 
-import functools
-import importlib
-import os
-
 import torch
+
+from deltatune.kernels.backend import load, triton_enabled
 
 __all__ = ["add_many_", "add_rms_norm", "apply_rope", "linear_cross_entropy", "rms_norm", "rms_norm_pass",
            "rms_norm_values", "swiglu", "triton_enabled"]
-
-
-@functools.lru_cache(maxsize=None)
-def triton_importable() -> bool:
-    """Whether Triton can be imported here (the GPU paths fall back to PyTorch otherwise)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def triton_enabled(t: torch.Tensor) -> bool:
-    """True when ops on ``t`` should run the Triton kernels: a CUDA tensor and triton importable.
-
-    ``DELTATUNE_TRITON=0`` turns the kernels off; ``DELTATUNE_TRITON=interpret`` together with
-    ``TRITON_INTERPRET=1`` runs them on CPU tensors too (slowly; for tests).
-    """
-    mode = os.environ.get("DELTATUNE_TRITON", "1")
-    if mode == "0":
-        return False
-    if not t.is_cuda and not (mode == "interpret" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    return triton_importable()
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -47,7 +21,7 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 def _k(name: str):
     """The Triton kernel module ``deltatune.kernels.<name>`` (imports triton on first use)."""
-    return importlib.import_module(f"deltatune.kernels.{name}")
+    return load("deltatune.kernels." + name)
 
 
 # -- RMSNorm --------------------------------------------------------------------------------------------

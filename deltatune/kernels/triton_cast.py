@@ -9,13 +9,12 @@ the 8B training step on the same H200. ``_foreach_add_`` has the same one-block-
 layer's fourteen adapter gradients took 20.5 us to accumulate there, these two launches 7.6 us.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from deltatune.quant.triton_dequant_kernels import bf16_bits
+from deltatune.kernels.backend import interpreted
+from deltatune.kernels.triton_bits import bf16_bits
 
 MAX_TENSORS = 8  # per launch; more are cast in several
 BLOCK = 1024
@@ -68,7 +67,7 @@ def _cast_many(dst, s0, s1, s2, s3, s4, s5, s6, s7, n0, n1, n2, n3, n4, n5, n6, 
 def cast_into(dst: torch.Tensor, srcs, offsets, scales) -> torch.Tensor:
     """``dst[o:o + src.numel()] = (src * scale)`` rounded to ``dst``'s dtype, for each source (contiguous
     fp32/bf16/fp16 tensors) at its element offset in the flat contiguous ``dst``. Returns ``dst``."""
-    hand = dst.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    hand = dst.dtype == torch.bfloat16 and interpreted()
     out = dst.view(torch.int16) if hand else dst
     for part in _launches(len(srcs)):
         ptrs = _padded([srcs[i] for i in part], srcs[part[0]])

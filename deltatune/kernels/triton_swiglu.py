@@ -7,11 +7,11 @@ of the caller's backward) and ``du``. The LoRA MLP's backward (``swiglu_lora_bac
 load through ``deltatune.kernels`` (lazily).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from deltatune.kernels.backend import interpreted
 
 BLOCK = 1024
 
@@ -183,7 +183,7 @@ PROGRAMS_PER_SM = 1  # the sweep on an H200: 1-2 within 3%, 4 and more slower (b
 
 
 def _ieee(t) -> bool:
-    return t.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    return t.dtype == torch.float32 or interpreted()
 
 
 def _rank(lr):

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from deltatune.quant.nf4 import NESTED_BLOCKSIZE, QuantizedTensor, code_table, dynamic_map
+from deltatune.quant.codes import NESTED_BLOCKSIZE, code_table, dynamic_map
+from deltatune.quant.nf4 import QuantizedTensor
 from deltatune.quant.qlinear import QuantLinear
 
 __all__ = ["read_safetensors", "quant_state_from_keys", "quantized_prefixes", "load_bnb_4bit", "from_pretrained_bnb"]

@@ -25,75 +25,26 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from deltatune.kernels.backend import triton_enabled
+from deltatune.quant import triton_dequant
+from deltatune.quant.codes import (FP4_CODE, FP4_ORDER, NESTED_BLOCKSIZE, NF4_CODE, code_table, dynamic_lut,
+                                   dynamic_map)
+
 __all__ = [
-    "NF4_CODE", "FP4_CODE", "BLOCKSIZES", "QuantizedTensor", "code_table", "dynamic_map",
+    "NF4_CODE", "FP4_CODE", "BLOCKSIZES", "NESTED_BLOCKSIZE", "QuantizedTensor", "code_table", "dynamic_map",
     "quantize_4bit", "dequantize_4bit", "quantize_blockwise_8bit", "dequantize_blockwise_8bit",
 ]
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for the double-quantized absmax
-
-# NF4: quantiles of N(0, 1) normalised to [-1, 1] (bitsandbytes' create_normal_map(0.9677083)).
-NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-)
-# FP4 (1 sign, 2 exponent, 1 mantissa bit, bias 2) in bit-pattern order, before division by 12.
-FP4_CODE = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
-# Bit pattern of the k-th smallest FP4 value: the order bitsandbytes' CPU quantizer maps its
-# sorted buckets through (which puts +0 below -0: tiny negatives get code 0, tiny positives 8).
-_FP4_ORDER = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
-
-
-@functools.lru_cache(maxsize=None)
-def code_table(kind: str, device: str | torch.device = "cpu") -> torch.Tensor:
-    """The 16 code values of ``kind`` ("nf4" or "fp4") as fp32, indexed by the 4-bit code."""
-    if kind not in ("nf4", "fp4"):
-        raise ValueError(f"4-bit kind must be 'nf4' or 'fp4', got {kind!r}")
-    data = torch.tensor(NF4_CODE if kind == "nf4" else FP4_CODE, dtype=torch.float32)
-    return data.div_(data.abs().max()).to(device)  # bitsandbytes' get_4bit_type, same fp32 ops
 
 
 @functools.lru_cache(maxsize=None)
 def _bounds(kind: str, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted-bucket midpoints (15,) and bucket -> code map (16,) for nearest-code rounding."""
     code = code_table(kind, device)
-    order = torch.tensor(_FP4_ORDER if kind == "fp4" else range(16), device=device)
+    order = torch.tensor(FP4_ORDER if kind == "fp4" else range(16), device=device)
     sorted_code = code[order]
     return (sorted_code[:-1] + sorted_code[1:]) / 2, order.to(torch.uint8)
-
-
-@functools.lru_cache(maxsize=None)
-def dynamic_map(device: str | torch.device = "cpu", signed: bool = True) -> torch.Tensor:
-    """bitsandbytes' dynamic 8-bit code (``create_dynamic_map(signed)``), (256,) fp32 sorted.
-
-    Dettmers 2015 (arXiv:1511.04561): a sign bit (if ``signed``), a run of zeros giving a decimal
-    exponent 10^-6..10^0, and the remaining bits a linear fraction in [0.1, 1]. The signed code
-    stores double-quantized absmax values and Adam's first moment, the unsigned one the second.
-    """
-    data = []
-    max_exponent_bits, non_sign_bits = 7, 7
-    for i in range(max_exponent_bits):
-        items = 2 ** (i + non_sign_bits - max_exponent_bits + (0 if signed else 1)) + 1
-        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
-        means = (bounds[:-1] + bounds[1:]) / 2.0
-        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-        if signed:
-            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-    data += [0.0, 1.0]
-    return torch.tensor(sorted(data), dtype=torch.float32, device=device)
-
-
-@functools.lru_cache(maxsize=None)
-def _dynamic_lut(device) -> torch.Tensor:
-    """bitsandbytes' CPU lookup table: 65536 even steps over [-1, 1] -> nearest dynamic code."""
-    code = dynamic_map(device)
-    mid = 0.5 * (code[:-1] + code[1:])
-    steps = torch.arange(65536, dtype=torch.float32, device=device)
-    val = -1.0 + (2.0 * steps) / 65535.0
-    return torch.searchsorted(mid, val, side="left").to(torch.uint8)  # number of midpoints < val
 
 
 def _check_input(A: torch.Tensor) -> None:
@@ -128,7 +79,7 @@ def quantize_blockwise_8bit(A: torch.Tensor, blocksize: int = 256) -> tuple[torc
     scaled = (padded * inverse[:, None]).nan_to_num_(0.0).clamp_(-1.0, 1.0)  # nan: an overflowed mean
     # Same fp32 sequence as bitsandbytes: ((v + 1) * 0.5) * 65535 + 0.5, truncated.
     index = ((scaled + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int32)
-    codes = _dynamic_lut(A.device)[index.long()]
+    codes = dynamic_lut(A.device)[index.long()]
     codes[absmax == 0] = 0
     return codes.reshape(-1)[:n].reshape(A.shape), absmax
 
@@ -178,7 +129,8 @@ class QuantizedTensor:
         return dequantize_blockwise_8bit(self.absmax, self.nested_absmax, NESTED_BLOCKSIZE) + self.offset
 
     def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The dense tensor in ``dtype`` (default: the original dtype); Triton on CUDA, PyTorch elsewhere.
+        """The dense tensor in ``dtype`` (default: the original dtype): Triton where ``kernels.backend``
+        says so (CUDA), else the reference ``dequantize_4bit``.
 
         ``out``: a tensor of this shape and dtype to write into, with unit last stride (e.g. rows of a
         stacked weight, or the left columns of a wider one).
@@ -187,11 +139,8 @@ class QuantizedTensor:
         if out is not None and (out.shape != self.shape or out.dtype != dtype or out.stride(-1) != 1):
             raise ValueError(f"out must be a {dtype} tensor of shape {tuple(self.shape)} with unit last stride, "
                              f"got {out.dtype} {tuple(out.shape)} with strides {out.stride()}")
-        if self.packed.is_cuda:
-            from deltatune.quant import triton_dequant
-
-            if triton_dequant.available():
-                return triton_dequant.dequantize_4bit(self, dtype, out=out)
+        if triton_enabled(self.packed):  # the kernel's launcher knows only the code tables: no cycle
+            return triton_dequant.dequantize_4bit(self, dtype, out=out)
         dense = dequantize_4bit(self, dtype)
         return dense if out is None else out.copy_(dense)
 

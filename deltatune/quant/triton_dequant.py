@@ -31,21 +31,15 @@ import functools
 
 import torch
 
-__all__ = ["available", "dequantize_4bit"]
+from deltatune.kernels.backend import interpreted, load
+from deltatune.quant.codes import code_table, dynamic_map
 
-
-def available() -> bool:
-    """Whether Triton can be imported (the GPU path falls back to PyTorch otherwise)."""
-    from deltatune.kernels.functional import triton_importable
-
-    return triton_importable()
+__all__ = ["dequantize_4bit"]
 
 
 def _kernels():
     """The kernel module (imports triton on first use)."""
-    import importlib
-
-    return importlib.import_module("deltatune.quant.triton_dequant_kernels")
+    return load("deltatune.quant.triton_dequant_kernels")
 
 
 BLOCK = 1024
@@ -67,8 +61,6 @@ def dequantize_4bit(q, dtype: torch.dtype | None = None, out: torch.Tensor | Non
     computed once; as "pairs", and into a strided ``out`` only when its rows are whole blocks). By
     default "blocks" where it applies, else "pairs", else "element".
     """
-    from deltatune.quant.nf4 import code_table, dynamic_map
-
     if kernel not in (None, *KERNELS):
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
     dtype = dtype or q.dtype
@@ -104,7 +96,7 @@ def dequantize_4bit(q, dtype: torch.dtype | None = None, out: torch.Tensor | Non
     words = out.view(torch.int32) if strided else out.view(-1).view(torch.int32)
     row_words, stride_words = (cols // 2, out.stride(0) // 2) if strided else (1, 1)
     nbytes, half = n // 2, q.blocksize // 2
-    common.update(HALF_BLOCKSIZE=half, HAND=_interpreted())
+    common.update(HALF_BLOCKSIZE=half, HAND=interpreted())
     if kernel == "blocks":
         rows = max(1, BLOCKS_BYTES // half)
         if strided:  # a tile of one row's blocks (no wider than the row): 64 of them fastest on an H200
@@ -127,14 +119,8 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(a // -b)
 
 
-def _interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 @functools.lru_cache(maxsize=None)
 def _launch_options() -> dict:
-    if _interpreted():  # the interpreter runs numpy, which never fuses
+    if interpreted():  # the interpreter runs numpy, which never fuses
         return {}
     return {"enable_fp_fusion": False}

@@ -1,8 +1,10 @@
 """The NF4/FP4 dequantization kernels (launched by ``deltatune.quant.triton_dequant``, which says what
-they compute). Imports triton: load it only through ``triton_dequant`` (lazily)."""
+they compute). Imports triton: load it only through ``triton_dequant`` (lazily, ``kernels.backend.load``)."""
 
 import triton
 import triton.language as tl
+
+from deltatune.kernels.triton_bits import bf16_bits
 
 
 @triton.jit
@@ -16,14 +18,6 @@ def _block_scale(absmax_ptr, nested_ptr, offset_ptr, code8_ptr, block, mask, NES
     else:
         scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
     return scale
-
-
-@triton.jit
-def bf16_bits(x):
-    """fp32 ``x`` rounded to bf16 (nearest, ties to even) with integer operations, as the int32 whose low
-    16 bits are the bf16 pattern: the interpreter's fp32 -> bf16 cast truncates."""
-    bits = x.to(tl.int32, bitcast=True)
-    return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
 
 
 @triton.jit

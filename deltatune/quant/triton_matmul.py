@@ -13,17 +13,19 @@ in-kernel from the 8-bit codes under double quantization, as ``QuantizedTensor.s
 to x's dtype: the same weight values ``dequantize`` produces, then an fp32-accumulated ``tl.dot``.
 With ``SPLIT_K > 1`` several programs share a tile's K range and add into an fp32 buffer, which keeps
 the GPU busy when ``M`` and ``N`` give few tiles. ``quant_matmul`` picks this kernel or
-dequantize-then-cuBLAS per shape. ``import triton`` happens on the first call.
+dequantize-then-cuBLAS per shape. The kernel lives in ``triton_matmul_kernels.py``, imported (with triton)
+on the first call.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from deltatune.kernels.backend import interpreted, load, triton_enabled
+from deltatune.quant.codes import code_table, dynamic_map
 
 __all__ = ["Config", "fused_quant_matmul", "quant_matmul", "use_fused", "supported"]
 
@@ -39,87 +41,15 @@ class Config(NamedTuple):
     num_stages: int = 3
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def quant_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, code8_ptr, out_ptr,
-                            M, N, K, stride_xm, stride_xk, stride_om, tiles_per_split: tl.constexpr,
-                            BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, PAIRED: tl.constexpr,
-                            GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) rows of x and y
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) rows of W, columns of y
-        mask_m = rm < M
-        mask_n = rn < N
-        row_start = rn.to(tl.int64) * K  # (BN,) flat index of each weight row's first element
-        # GROUPED: K % BLOCKSIZE == 0 and the tile covers whole absmax blocks (or lies inside one),
-        # so each weight row of the tile needs GROUPS scales instead of one per element.
-        GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # constexpr trip count: Triton 3.6's interpreter cannot loop over run-time bounds
-        for i in range(0, tiles_per_split):
-            k0 = (pid_k * tiles_per_split + i) * BLOCK_K
-            rk = k0 + tl.arange(0, BLOCK_K)  # (BK,)
-            mask_k = rk < K
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BM, BK)
-            if PAIRED:  # K even: a row starts on a byte, so load BK/2 bytes and split the nibbles
-                rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # (BK/2,) byte column within the row
-                byte = tl.load(packed_ptr + (row_start[:, None] // 2 + rb[None, :]),
-                               mask=mask_n[:, None] & (rb[None, :] < K // 2), other=0).to(tl.int32)
-                nibble = tl.reshape(tl.join(byte >> 4, byte & 15), (BLOCK_N, BLOCK_K))  # element order
-            else:  # odd K: element by element (a row may start in the middle of a byte)
-                idx = row_start[:, None] + rk[None, :]
-                byte = tl.load(packed_ptr + idx // 2, mask=mask_n[:, None] & mask_k[None, :], other=0).to(tl.int32)
-                nibble = tl.where(idx % 2 == 0, byte >> 4, byte & 15)
-            value = tl.load(code_ptr + nibble)  # (BN, BK) fp32 code values
-            if GROUPED:
-                rg = tl.arange(0, GROUPS)
-                block = (row_start[:, None] + k0) // BLOCKSIZE + rg[None, :]  # (BN, GROUPS)
-                smask = mask_n[:, None] & (k0 + rg[None, :] * BLOCKSIZE < K)
-            else:
-                block = (row_start[:, None] + rk[None, :]) // BLOCKSIZE  # (BN, BK)
-                smask = mask_n[:, None] & mask_k[None, :]
-            if NESTED:  # absmax = dynamic[code8] * nested_absmax[block // 256] + offset
-                qabs = tl.load(absmax_ptr + block, mask=smask, other=0).to(tl.int32)
-                scale = tl.load(code8_ptr + qabs) * tl.load(nested_ptr + block // 256, mask=smask, other=0.0)
-                scale = scale + tl.load(offset_ptr)
-            else:
-                scale = tl.load(absmax_ptr + block, mask=smask, other=0.0)
-            if GROUPED:
-                w = tl.reshape(value, (BLOCK_N, GROUPS, BLOCK_K // GROUPS)) * scale[:, :, None]
-                w = tl.reshape(w, (BLOCK_N, BLOCK_K))
-            else:
-                w = value * scale
-            w = w.to(x.dtype)  # the weight values dequantize(q, x.dtype) holds
-            if UPCAST:  # the interpreter's dot reads bf16 operands as raw bits: multiply in fp32 there
-                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
-            else:
-                acc += tl.dot(x, tl.trans(w))  # (BM, BK) @ (BK, BN), fp32 accumulation
-        out = out_ptr + rm[:, None] * stride_om + rn[None, :]
-        omask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT_K == 1:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
-        else:  # out is the fp32 buffer the splits add into
-            tl.atomic_add(out, acc, mask=omask)
-
-    return quant_matmul_kernel
+    """The kernel (imports triton on first use)."""
+    return load("deltatune.quant.triton_matmul_kernels").quant_matmul_kernel
 
 
 def supported(x: torch.Tensor, q) -> bool:
     """Whether ``fused_quant_matmul(x, q)`` applies: 2-D x in bf16/fp16, a 2-D NF4/FP4 weight of x's width."""
     return (x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and getattr(q, "kind", None) in ("nf4", "fp4")
             and len(q.shape) == 2 and q.shape[1] == x.shape[1] and x.device == q.device)
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -166,8 +96,6 @@ def fused_quant_matmul(x: torch.Tensor, q, config: Config | None = None) -> torc
     Returns:
         (M, N) in x's dtype, accumulated in fp32.
     """
-    from deltatune.quant.nf4 import code_table, dynamic_map
-
     if not supported(x, q):
         raise ValueError(f"fused_quant_matmul needs 2-D bf16/fp16 x (M, K) and an nf4/fp4 weight (N, K) on its "
                          f"device; got x {tuple(x.shape)} {x.dtype}, weight {tuple(q.shape)} {getattr(q, 'kind', None)}")
@@ -189,7 +117,7 @@ def fused_quant_matmul(x: torch.Tensor, q, config: Config | None = None) -> torc
     grid = (_cdiv(M, cfg.block_m), _cdiv(N, cfg.block_n), split)
     _kernel()[grid](x, q.packed, q.absmax, nested, offset, code, code8, out, M, N, K, x.stride(0), x.stride(1),
                     out.stride(0), tiles_per_split, BLOCKSIZE=bs, NESTED=q.double_quant, PAIRED=K % 2 == 0,
-                    GROUPED=grouped, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, UPCAST=_interpreted(),
+                    GROUPED=grouped, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, UPCAST=interpreted(),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out if split == 1 else out.to(x.dtype)
 
@@ -210,12 +138,10 @@ def use_fused(M: int, N: int, K: int) -> bool:
 def quant_matmul(x: torch.Tensor, q) -> torch.Tensor:
     """``F.linear(x, q.dequantize(x.dtype))`` for 2-D ``x``, by the fused kernel where it is faster.
 
-    The fused kernel runs on CUDA for bf16/fp16 and NF4/FP4 weights when ``use_fused`` says so;
+    The fused kernel runs where ``kernels.backend.triton_enabled`` (CUDA) for bf16/fp16 and NF4/FP4 weights
+    when ``use_fused`` says so;
     everything else (CPU, int8, fp32, large M) dequantizes and calls cuBLAS.
     """
-    if x.is_cuda and supported(x, q) and x.shape[0] > 0 and use_fused(x.shape[0], q.shape[0], x.shape[1]):
-        from deltatune.quant import triton_dequant
-
-        if triton_dequant.available():
-            return fused_quant_matmul(x, q)
+    if supported(x, q) and x.shape[0] > 0 and use_fused(x.shape[0], q.shape[0], x.shape[1]) and triton_enabled(x):
+        return fused_quant_matmul(x, q)
     return F.linear(x, q.dequantize(x.dtype))
