@@ -1,7 +1,9 @@
 """The ``deltatune`` command: ``train``, ``eval``, ``merge``, ``demo`` and ``bench``.
 
-Flags and YAML keys come from the typed dataclasses (``TrainArgs``, ``EvalArgs``, ...): one flag per
-field, its help text from the field's docstring, ``--config FILE.yaml`` for any subset of them.
+Flags and YAML keys come from the typed dataclasses (``TrainArgs``, ``DataArgs``, the method's config
+such as ``LoraConfig``, ``EvalArgs``, ...): one flag per field, its help text from the field's
+docstring, ``--config FILE.yaml`` for any subset of them. ``deltatune train`` reads ``--method`` first
+(from the flags or the config file) and then offers that method's fields (``--r``, ``--alpha``, ...).
 Both ``--max-steps`` and ``--max_steps`` spellings work; booleans take ``--flag`` / ``--no-flag``.
 """
 
@@ -15,7 +17,8 @@ import textwrap
 from dataclasses import dataclass
 from typing import Literal, Optional, get_type_hints
 
-__all__ = ["main", "dataclass_parser", "parse_dataclass", "EvalArgs", "MergeArgs"]
+__all__ = ["main", "dataclass_parser", "parse_dataclass", "train_parser", "parse_train_args", "parse_eval_args",
+           "EvalArgs", "MergeArgs"]
 
 USAGE = """usage: deltatune {demo,train,eval,merge,bench} ...
 
@@ -30,28 +33,22 @@ Run `deltatune COMMAND --help` for the flags of a command."""
 
 @dataclass
 class EvalArgs:
-    """Evaluate a model (optionally with an adapter) on a data file."""
+    """Evaluate a model (optionally with an adapter) on a data file, read as the adapter's run read its data."""
 
-    data: str = ""
-    """Evaluation data (same formats as training)."""
     adapter: Optional[str] = None
-    """Adapter directory (PEFT format); its deltatune_train.json supplies --model when that is not given."""
+    """Adapter directory (PEFT format); its deltatune_train.json supplies --model, the task, the data format and the columns when not given."""
     model: Optional[str] = None
     """Base model: directory, .gguf file or hub id."""
-    data_format: Literal["auto", "alpaca", "chat", "text", "classification"] = "auto"
-    """Data format; "auto" decides from the extension and the first record."""
-    max_length: int = 512
-    """Maximum tokens per example."""
-    text_columns: Optional[list[str]] = None
-    """Classification: the text column(s)."""
-    label_column: Optional[str] = None
-    """Classification: the label column."""
     batch_size: int = 8
     """Examples per forward pass."""
-    max_examples: int = 0
-    """Evaluate on the first this many examples only (0 = all)."""
     device: str = "auto"
     """"auto", "cpu", "cuda", ..."""
+
+
+EVAL_DATA_EXCLUDE = ("val_data", "val_fraction")
+"""DataArgs fields that mean nothing to ``deltatune eval``."""
+EVAL_DATA_DEFAULTS = {"max_bad_fraction": 1.0}
+"""Evaluation reports on every usable row, however many are bad."""
 
 
 @dataclass
@@ -83,17 +80,18 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def dataclass_parser(cls, prog: str):
-    """A jsonargparse parser with one flag per field of dataclass ``cls`` and ``--config`` for YAML."""
-    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+def _add_fields(parser, cls, exclude=(), defaults: Optional[dict] = None) -> None:
+    """One flag per field of dataclass ``cls`` (both ``--max-steps`` and ``--max_steps``) on ``parser``
+    (a parser or an argument group); help from the field's docstring."""
+    from jsonargparse import ActionYesNo
 
-    parser = ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip().splitlines()[0],
-                            default_env=False, exit_on_error=True)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the settings below")
     hints = get_type_hints(cls)
     docs = _field_docs(cls)
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = (defaults or {}).get(f.name, default)
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         kind = hints[f.name]
         if kind is bool or kind == Optional[bool]:
@@ -101,6 +99,21 @@ def dataclass_parser(cls, prog: str):
                                 help=docs.get(f.name, ""))
         else:
             parser.add_argument(*flags, dest=f.name, type=kind, default=default, help=docs.get(f.name, ""))
+
+
+def _new_parser(prog: str, description: str):
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=description, default_env=False, exit_on_error=True,
+                            allow_abbrev=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the settings below")
+    return parser
+
+
+def dataclass_parser(cls, prog: str):
+    """A jsonargparse parser with one flag per field of dataclass ``cls`` and ``--config`` for YAML."""
+    parser = _new_parser(prog, (cls.__doc__ or "").strip().splitlines()[0])
+    _add_fields(parser, cls)
     return parser
 
 
@@ -112,20 +125,99 @@ def parse_dataclass(cls, argv: list[str], prog: str):
     return cls(**values)
 
 
+# -- deltatune train: TrainArgs + DataArgs + the method's config, as one flat set of flags ---------------------
+def method_from_argv(argv: list[str]) -> str:
+    """The --method that ``argv`` asks for: the flag if given, else the last --config file's ``method``
+    key, else TrainArgs' default ("lora")."""
+    from deltatune.train.args import TrainArgs
+
+    method, configs = None, []
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            method = argv[i + 1]
+        elif arg.startswith("--method="):
+            method = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            configs.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            configs.append(arg.split("=", 1)[1])
+    if method is None:
+        import yaml
+
+        for path in configs:
+            try:
+                with open(path) as f:
+                    loaded = yaml.safe_load(f)
+            except (OSError, yaml.YAMLError):
+                continue  # the parser itself reports an unreadable config file
+            if isinstance(loaded, dict) and loaded.get("method") is not None:
+                method = str(loaded["method"])
+    return method if method is not None else TrainArgs.method
+
+
+def train_parser(method: str, prog: str = "deltatune train"):
+    """The parser of ``deltatune train`` for ``method``: TrainArgs', DataArgs' and the method config's
+    fields as flags (in three help groups), plus the method's older flag names (``--lora-dropout``).
+    Raises ``TrainError`` for an unknown method."""
+    from deltatune.train.args import FLAG_ALIASES, METHOD_DEFAULTS, DataArgs, TrainArgs, method_config_class
+
+    config = method_config_class(method)
+    parser = _new_parser(prog, (TrainArgs.__doc__ or "").strip().splitlines()[0])
+    _add_fields(parser.add_argument_group("training"), TrainArgs)
+    _add_fields(parser.add_argument_group("data"), DataArgs)
+    if config is not None:
+        group = parser.add_argument_group(f"method {method} ({config.__name__})")
+        _add_fields(group, config, defaults=METHOD_DEFAULTS.get(method))
+        hints = get_type_hints(config)
+        for old, new in FLAG_ALIASES.get(method, {}).items():
+            group.add_argument(f"--{old.replace('_', '-')}", f"--{old}", dest=old, type=Optional[hints[new]],
+                               default=None, help=f"the same as --{new.replace('_', '-')}")
+    return parser
+
+
+def parse_train_args(argv: list[str], prog: str = "deltatune train"):
+    """Parse ``deltatune train``'s flags and/or ``--config`` into ``(TrainArgs, DataArgs, method config)``;
+    the method config is None for --method full. Raises ``TrainError`` for an unknown method."""
+    from deltatune.train.args import FLAG_ALIASES, DataArgs, TrainArgs, method_config_class
+
+    method = method_from_argv(argv)
+    ns = train_parser(method, prog).parse_args(argv)
+
+    def build(cls):
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+    args, data = build(TrainArgs), build(DataArgs)
+    config = method_config_class(args.method)
+    if config is None:
+        return args, data, None
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(config)}
+    for old, new in FLAG_ALIASES.get(args.method, {}).items():
+        if getattr(ns, old) is not None:
+            values[new] = getattr(ns, old)
+    try:
+        return args, data, config(**values)
+    except (TypeError, ValueError) as e:
+        from deltatune.train.args import TrainError
+
+        raise TrainError(f"--method {args.method}: {e}") from None
+
+
 # -- commands ---------------------------------------------------------------------------------------------
 def cmd_train(argv: list[str]) -> int:
-    from deltatune.checkpoint import CheckpointError
-    from deltatune.data import DataError
-    from deltatune.models import ModelLoadError
-    from deltatune.train import TrainArgs, TrainError, train
+    from deltatune.hub import ModelLoadError
+    from deltatune.train import CheckpointError, DataError, TrainError, train
 
-    args = parse_dataclass(TrainArgs, argv, "deltatune train")
-    for name in ("model", "data"):
-        if not getattr(args, name):
+    try:
+        args, data, method = parse_train_args(argv)
+    except TrainError as e:
+        print(f"deltatune train: error: {e}", file=sys.stderr)
+        return 2
+    for name, value in (("model", args.model), ("data", data.data)):
+        if not value:
             print(f"deltatune train: --{name} is required", file=sys.stderr)
             return 2
     try:
-        result = train(args)
+        result = train(args, data, method)
     except (TrainError, DataError, ModelLoadError, CheckpointError) as e:
         print(f"deltatune train: error: {e}", file=sys.stderr)
         return 2
@@ -136,50 +228,34 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def _adapter_info(adapter: Optional[str]) -> dict:
-    import json
-    from pathlib import Path
+def parse_eval_args(argv: list[str], prog: str = "deltatune eval"):
+    """Parse ``deltatune eval``'s flags into ``(EvalArgs, DataArgs)``."""
+    from deltatune.train.args import DataArgs
 
-    if adapter and (Path(adapter) / "deltatune_train.json").exists():
-        return json.loads((Path(adapter) / "deltatune_train.json").read_text())
-    return {}
+    parser = _new_parser(prog, (EvalArgs.__doc__ or "").strip().splitlines()[0])
+    _add_fields(parser, EvalArgs)
+    _add_fields(parser.add_argument_group("data"), DataArgs, exclude=EVAL_DATA_EXCLUDE, defaults=EVAL_DATA_DEFAULTS)
+    ns = parser.parse_args(argv)
+    args = EvalArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(EvalArgs)})
+    data = DataArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(DataArgs)
+                       if f.name not in EVAL_DATA_EXCLUDE})
+    return args, data
 
 
 def cmd_eval(argv: list[str]) -> int:
     import json
 
-    import torch
+    from deltatune.hub import ModelLoadError
+    from deltatune.train.evaluate import evaluate_adapter
 
-    import deltatune as dt
-    from deltatune.data import Dataset, DataError, load_dataset
-    from deltatune.models import ModelLoadError, load_model, load_tokenizer
-    from deltatune.train import evaluate, resolve_device
-
-    args = parse_dataclass(EvalArgs, argv, "deltatune eval")
-    info = _adapter_info(args.adapter)
-    model_path = args.model or info.get("base_model")
-    if not model_path or not args.data:
-        print("deltatune eval: --data and --model (or an --adapter that records its base) are required",
-              file=sys.stderr)
-        return 2
+    args, data = parse_eval_args(argv)
     try:
-        tok = load_tokenizer(model_path)
-        ds = load_dataset(args.data, tok, fmt=args.data_format, max_length=args.max_length,
-                          text_columns=args.text_columns, label_column=args.label_column,
-                          label_names=info.get("label_names"), max_bad_fraction=1.0)
-        if args.max_examples:
-            ds = Dataset(ds.examples[:args.max_examples], ds.task, ds.path, ds.fmt, label_names=ds.label_names)
-        torch.manual_seed(0)
-        model, _ = load_model(model_path, task=ds.task, label_names=ds.label_names, tokenizer=tok)
-        if args.adapter:
-            dt.load_adapter(model, args.adapter, name="default")
-        model.to(resolve_device(args.device))
-    except (DataError, ModelLoadError, ValueError) as e:
+        result = evaluate_adapter(data, adapter=args.adapter, model=args.model, batch_size=args.batch_size,
+                                  device=args.device)
+    except (ModelLoadError, ValueError) as e:  # DataError and AdapterFileError are ValueErrors
         print(f"deltatune eval: error: {e}", file=sys.stderr)
         return 2
-    res = evaluate(model, ds, args.batch_size)
-    res["examples"] = len(ds)
-    print(json.dumps(res))
+    print(json.dumps(result))
     return 0
 
 
@@ -187,11 +263,15 @@ def cmd_merge(argv: list[str]) -> int:
     from pathlib import Path
 
     import deltatune as dt
-    from deltatune.models import ModelLoadError, load_model
-    from deltatune.models import save_merged
+    from deltatune.hub import ModelLoadError, load_model
+    from deltatune.train.outputs import run_info, save_merged
 
     args = parse_dataclass(MergeArgs, argv, "deltatune merge")
-    info = _adapter_info(args.adapter)
+    try:
+        info = run_info(args.adapter)
+    except ValueError as e:
+        print(f"deltatune merge: error: {e}", file=sys.stderr)
+        return 2
     model_path = args.model or info.get("base_model")
     if not args.adapter or not args.output or not model_path:
         print("deltatune merge: --adapter, --output and --model (unless the adapter records it) are required",

@@ -98,7 +98,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def _greedy(model, tokenizer, messages: list[dict], max_new_tokens: int = 32) -> str:
     import torch
 
-    from deltatune.data import prompt_ids
+    from deltatune.train.chat import prompt_ids
 
     ids = torch.tensor([prompt_ids(tokenizer, messages)], device=next(model.parameters()).device)
     with torch.no_grad():
@@ -111,9 +111,8 @@ def run_demo(args: DemoArgs) -> int:
     """Run the demo; prints exact match before and after and where the results are. Returns 0 on success."""
     import torch
 
-    from deltatune.data import load_dataset
-    from deltatune.models import ModelLoadError, load_model, smollm2_path
-    from deltatune.train import TrainArgs, evaluate, train
+    from deltatune.hub import ModelLoadError, load_model, smollm2_path
+    from deltatune.train import DataArgs, TrainArgs, evaluate, load_dataset, method_config, train
 
     t0 = time.perf_counter()
     out = Path(args.output)
@@ -146,12 +145,13 @@ def run_demo(args: DemoArgs) -> int:
     print(f"  base model says: {_greedy(model, tok, example[:2])!r}")
     print(f"held-out exact match before training: {before['exact_match']:.0%}", flush=True)
 
-    targs = TrainArgs(model=gguf, data=str(out / "data" / "train.jsonl"), val_data=str(out / "data" / "test.jsonl"),
-                      output=str(out), max_steps=args.steps, micro_batch=args.micro_batch, lr=args.lr,
-                      warmup_steps=max(args.steps // 10, 1), r=args.r, alpha=2.0 * args.r, max_length=128,
-                      save_every=0, keep=1, seed=args.seed, device=args.device, progress=args.progress)
+    targs = TrainArgs(model=gguf, output=str(out), max_steps=args.steps, micro_batch=args.micro_batch, lr=args.lr,
+                      warmup_steps=max(args.steps // 10, 1), save_every=0, keep=1, seed=args.seed, device=args.device,
+                      progress=args.progress)
+    data = DataArgs(data=str(out / "data" / "train.jsonl"), val_data=str(out / "data" / "test.jsonl"), max_length=128)
+    lora = method_config("lora", r=args.r, alpha=2.0 * args.r)
     (out / "demo.json").write_text(json.dumps({"demo": "deltatune", "args": vars(args)}, indent=1))
-    result = train(targs, model=model, tokenizer=tok, train_data=train_ds, val_data=test_ds)
+    result = train(targs, data, lora, model=model, tokenizer=tok, train_data=train_ds, val_data=test_ds)
     after = result.eval.get("exact_match", 0.0)
     print(f"  tuned model says: {_greedy(model, tok, example[:2])!r}")
     print(f"held-out exact match after {args.steps} LoRA steps: {after:.0%} (before: {before['exact_match']:.0%})")

@@ -1,5 +1,4 @@
-"""Load a base model and its tokenizer (a Hugging Face directory, a single GGUF file, or a hub id),
-and save what a training run produced (the adapter or full model, optionally merged).
+"""Load a base model and its tokenizer: a Hugging Face directory, a single GGUF file, or a hub id.
 
 transformers is imported here, lazily, so ``import deltatune`` stays light. GGUF files are
 dequantized by transformers (it needs the ``gguf`` package). Hub ids need a network: without one
@@ -8,20 +7,14 @@ the error says so and says how to get the files, instead of a long retry loop.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from deltatune.data import Dataset
-    from deltatune.train import TrainArgs
-
-__all__ = ["ModelLoadError", "load_model", "load_tokenizer", "smollm2_path", "minilm_path", "DTYPES", "save_outputs",
-           "save_merged"]
+__all__ = ["ModelLoadError", "load_model", "load_tokenizer", "head_module_name", "smollm2_path", "minilm_path",
+           "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -138,54 +131,3 @@ def head_module_name(model) -> str | None:
         if isinstance(getattr(model, name, None), torch.nn.Module):
             return name
     return None
-
-
-# -- saving what a run produced -------------------------------------------------------------------------------
-def save_outputs(model, tokenizer, args: "TrainArgs", out: Path, train_data: "Dataset") -> Path:
-    """Write the trained result: the adapter in PEFT format (or the full model), optionally merged."""
-    import deltatune as dt
-
-    info = {"base_model": args.model, "task": train_data.task, "label_names": train_data.label_names,
-            "method": args.method}
-    if args.method == "full":
-        target = out / "model"
-        model.save_pretrained(target)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(target)
-    else:
-        target = dt.save_adapter(model, out / "adapter", name="default")
-        if args.merge:
-            save_merged(model, tokenizer, out / "merged")
-    (target / "deltatune_train.json").write_text(json.dumps(info, indent=1))
-    return target
-
-
-def save_merged(model, tokenizer, target: Path) -> Path:
-    """Save ``model`` with its active adapters merged, as a plain model under ``target``."""
-    import deltatune as dt
-
-    from deltatune.saved import SavedCopies
-
-    base_keys = _base_state_keys(model)
-    dt.merge(model)
-    try:
-        state = {k: v for k, v in model.state_dict().items() if k in base_keys}
-        for path, module in model.named_modules():  # modules_to_save: the active copy is the merged module
-            if isinstance(module, SavedCopies) and module.active:
-                for key, value in module.copies[module.active[0]].state_dict().items():
-                    state[f"{path}.{key}"] = value
-        model.save_pretrained(target, state_dict=state)
-    finally:
-        dt.unmerge(model)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(target)
-    return target
-
-
-def _base_state_keys(model) -> set[str]:
-    """State-dict keys of the base model: those of the model without its adapters."""
-    import deltatune as dt
-
-    keys = set(model.state_dict())
-    adapter = {id(p) for p in dt.adapter_params(model)}
-    return {k for k, v in model.state_dict(keep_vars=True).items() if id(v) not in adapter} & keys

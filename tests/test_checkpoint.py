@@ -15,17 +15,20 @@ import textwrap
 import pytest
 import torch
 
-from deltatune import checkpoint as ckpt
+from deltatune.train import checkpoint as ckpt
 
 from test_train import make_tiny_llama, write_task  # noqa: E402  (tests/ is on sys.path under pytest)
 
 # A training run that kills itself at a chosen point. argv: args-json, mode, step.
 RUNNER = textwrap.dedent("""
-    import json, os, shutil, signal, sys
-    import deltatune.checkpoint as ck
-    from deltatune.train import TrainArgs, train
+    import dataclasses, json, os, shutil, signal, sys
+    import deltatune.train.checkpoint as ck
+    from deltatune import LoraConfig
+    from deltatune.train import DataArgs, TrainArgs, train
 
-    args, mode, at = TrainArgs(**json.loads(sys.argv[1])), sys.argv[2], int(sys.argv[3])
+    flat, mode, at = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    settings = [cls(**{f.name: flat[f.name] for f in dataclasses.fields(cls) if f.name in flat})
+                for cls in (TrainArgs, DataArgs, LoraConfig)]
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
     if mode == "ckpt-write":   # die after the first file of checkpoint `at` is written, before the rename
         real_save = ck._save_tensors
@@ -46,7 +49,7 @@ RUNNER = textwrap.dedent("""
             die()
         if step == at and mode == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
-    res = train(args, on_step=on_step, log=lambda s: None)
+    res = train(*settings, on_step=on_step, log=lambda s: None)
     print(json.dumps({"status": res.status, "step": res.step}))
 """)
 
@@ -60,7 +63,7 @@ def tiny(tmp_path_factory):
 def run(tiny, out, mode="none", at=0, resume=False):
     # Dropout, accumulation and an epoch boundary (18 examples, 6 per step) all take part.
     args = dict(model=str(tiny[0]), data=str(tiny[1]), output=str(out), max_steps=10, micro_batch=3, grad_accum=2,
-                lr=1e-2, lora_dropout=0.1, r=4, alpha=8, max_length=128, save_every=2, keep=2, warmup_steps=2,
+                lr=1e-2, dropout=0.1, r=4, alpha=8, max_length=128, save_every=2, keep=2, warmup_steps=2,
                 seed=3, progress=False, resume=resume, device="cpu")
     proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(args), mode, str(at)], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -161,11 +164,11 @@ def test_half_written_checkpoint_is_invisible(tmp_path):
 
 def test_a_second_training_on_the_same_output_is_refused(tmp_path):
     """Two runs in one directory would interleave metrics and prune each other's checkpoints."""
-    from deltatune.train import TrainArgs, train
+    from deltatune.train import DataArgs, TrainArgs, train
 
     with ckpt.run_lock(tmp_path):
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
         with pytest.raises(ckpt.CheckpointError, match=rf"in use by another training \(pid {os.getpid()}\)"):
-            train(TrainArgs(model="unused", data="unused", output=str(tmp_path)))
+            train(TrainArgs(model="unused", output=str(tmp_path)), DataArgs(data="unused"))
     with ckpt.run_lock(tmp_path):  # released when the holder is done
         pass

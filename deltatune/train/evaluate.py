@@ -1,109 +1,25 @@
-"""Measuring a run: parameter counts, a peak-memory estimate, the loss plot, and evaluation
-(perplexity, accuracy, exact match) on a ``Dataset``."""
+"""Loss and evaluation: the summed loss of one batch (training and evaluation share it), the metrics of
+a ``Dataset`` (loss, perplexity, exact match, accuracy), and ``evaluate_adapter``, which reads data
+and loads the model as the adapter's training run did (``deltatune eval``)."""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import math
-from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from deltatune.data import IGNORE, Dataset, collate
+from deltatune.adapters import prepare_batch
+from deltatune.train.args import DataArgs, resolve_device
+from deltatune.train.data import IGNORE, Dataset, collate, load_dataset
+from deltatune.train.outputs import run_info
 
-if TYPE_CHECKING:
-    from deltatune.train import TrainArgs
-
-__all__ = ["count_params", "estimate_memory", "plot_metrics", "batch_loss", "evaluate", "OOM_ADVICE"]
-
-
-def count_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied parameters count once."""
-    seen, total, trainable = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # packed 4-bit weights hold 2 values a byte
-        total += n
-        trainable += n if p.requires_grad else 0
-    return trainable, total
+__all__ = ["batch_loss", "evaluate", "eval_data_args", "evaluate_adapter"]
 
 
-def estimate_memory(model: torch.nn.Module, args: TrainArgs, seq_len: int, task: str = "causal-lm") -> dict[str, float]:
-    """A rough peak-memory estimate in bytes: weights, grads + AdamW state, activations, logits.
-
-    Activations follow Korthikanti et al. 2022 (arXiv:2205.05198, Sec. 4.1): per layer about
-    ``s*b*h*(34 + 5*a*s/h)`` bytes in 16-bit; doubled in fp32; with gradient checkpointing only
-    each layer's input (2*s*b*h) plus one layer's full set are kept.
-    """
-    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    state_bytes = 8 if args.optimizer_bits == 32 else 2  # exp_avg + exp_avg_sq
-    on_device = args.optimizer_states == "param"  # else host or paged out of the GPU
-    optim = trainable * (4 + (state_bytes if on_device else 0))  # fp32 grad + the states held on the device
-    cfg = getattr(model, "config", None)
-    h = getattr(cfg, "hidden_size", 0) or 0
-    layers = getattr(cfg, "num_hidden_layers", 0) or 0
-    heads = getattr(cfg, "num_attention_heads", 1) or 1
-    vocab = getattr(cfg, "vocab_size", 0) or 0
-    b, s = args.micro_batch, seq_len
-    per_layer = s * b * h * (34 + 5 * heads * s / max(h, 1)) * (2 if args.precision == "fp32" else 1)
-    acts = (2 * s * b * h * layers + per_layer) if args.gradient_checkpointing else per_layer * layers
-    logits = 3 * b * s * vocab * 4 if task == "causal-lm" else 0  # fp32 logits, log-softmax and its gradient
-    est = {"weights": weights, "optimizer": optim, "activations": acts, "logits": logits}
-    est["total"] = sum(est.values())
-    return est
-
-
-def _gib(x: float) -> str:
-    return f"{x / 2**30:.2f} GiB"
-
-
-OOM_ADVICE = ("out of GPU memory at micro-batch {mb} x {len} tokens. Remedies: a smaller --micro-batch with "
-              "a larger --grad-accum (same effective batch), --gradient-checkpointing, a shorter --max-length, "
-              "or QLoRA (--quant nf4) to shrink the frozen base.")
-
-
-def plot_metrics(metrics_path: Path, png_path: Path) -> Optional[Path]:
-    """Plot training (and validation) loss from a metrics JSONL file to a PNG; returns its path."""
-    try:
-        import matplotlib
-    except ImportError:  # a declared dependency; without it the run still finishes, without the plot
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if not train:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    steps, losses = zip(*train)
-    ax.plot(steps, losses, lw=0.8, alpha=0.35, color="C0", label="train loss")
-    if len(losses) >= 10:  # per-step losses are noisy: an exponential moving average shows the trend
-        beta, avg, smooth = 1 - 1 / max(5, len(losses) // 20), 0.0, []
-        for i, value in enumerate(losses, 1):
-            avg = beta * avg + (1 - beta) * value
-            smooth.append(avg / (1 - beta ** i))  # bias-corrected, so the first points are not pulled to 0
-        ax.plot(steps, smooth, lw=1.8, color="C0", label="train loss (moving average)")
-    if val:
-        ax.plot(*zip(*val), "o-", color="C1", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
-    return Path(png_path)
-
-
-# -- loss and evaluation -------------------------------------------------------------------------------------
 def _model_inputs(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items() if k != "labels"}
 
@@ -140,8 +56,6 @@ def evaluate(model, ds: Dataset, batch_size: int = 8, device=None, autocast=None
     Exact match is greedy-decoding exact match computed in one teacher-forced pass: greedy decoding
     reproduces the target iff the argmax at every target position is the target token.
     """
-    import contextlib
-
     device = device or next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext
     was_training = model.training
@@ -149,7 +63,7 @@ def evaluate(model, ds: Dataset, batch_size: int = 8, device=None, autocast=None
     total, count, correct, exact = 0.0, 0, 0, 0
     pad = 0
     for start in range(0, len(ds), batch_size):
-        batch = collate(ds.examples[start:start + batch_size], pad, ds.task)
+        batch = prepare_batch(model, collate(ds.examples[start:start + batch_size], pad, ds.task))
         loss, n, logits = batch_loss(model, batch, ds.task, device, autocast)
         total += float(loss)
         count += n
@@ -170,4 +84,52 @@ def evaluate(model, ds: Dataset, batch_size: int = 8, device=None, autocast=None
     return out
 
 
-# -- the loop --------------------------------------------------------------------------------------------------
+# -- evaluating a trained adapter on a file ---------------------------------------------------------------------
+RECORDED = ("data_format", "text_columns", "label_column", "task")
+"""DataArgs fields that ``evaluate_adapter`` takes from the adapter's run when left at their defaults."""
+
+
+def eval_data_args(data: DataArgs, info: dict) -> DataArgs:
+    """``data`` with each field of ``RECORDED`` that is left at its default ("auto" / None) taken from
+    ``info`` (an adapter's ``deltatune_train.json``): the evaluation file is read as the run read its
+    training data, whatever its extension. Explicit settings win."""
+    defaults = DataArgs()
+    changes = {name: info[name] for name in RECORDED
+               if info.get(name) is not None and getattr(data, name) == getattr(defaults, name)}
+    return dataclasses.replace(data, **changes)
+
+
+def evaluate_adapter(data: DataArgs, adapter: Optional[str] = None, model: Optional[str] = None,
+                     batch_size: int = 8, device: str = "auto") -> dict[str, float]:
+    """Evaluate base model ``model`` (default: the one ``adapter`` records), with ``adapter`` loaded if
+    given, on ``data.data``; returns ``evaluate``'s metrics plus ``examples``.
+
+    The task, the data format and the columns come from ``data`` where set, else from the adapter's
+    ``deltatune_train.json``, else from the file. Raises ``ValueError`` (``DataError``,
+    ``ModelLoadError``, ``AdapterFileError``) on unusable input, naming it."""
+    import deltatune as dt
+    from deltatune.hub import load_model, load_tokenizer
+
+    info = run_info(adapter)
+    model_path = model or info.get("base_model")
+    if not model_path or not data.data:
+        raise ValueError("evaluation needs --data and --model (or an --adapter that records its base model)")
+    data = eval_data_args(data, info)
+    tok = load_tokenizer(model_path)
+    ds = load_dataset(data.data, tok, fmt=data.data_format, max_length=data.max_length, packing=data.packing,
+                      text_columns=data.text_columns, label_column=data.label_column,
+                      label_names=info.get("label_names"), max_bad_fraction=data.max_bad_fraction)
+    task = ds.task if data.task == "auto" else data.task
+    if task != ds.task:
+        raise ValueError(f"{data.data}: read as {ds.fmt} data ({ds.task}), but the task is {task}; "
+                         f"pass --data-format to read it as the task needs")
+    if data.max_examples:
+        ds = Dataset(ds.examples[:data.max_examples], ds.task, ds.path, ds.fmt, label_names=ds.label_names)
+    torch.manual_seed(0)
+    net, _ = load_model(model_path, task=ds.task, label_names=ds.label_names, tokenizer=tok)
+    if adapter:
+        dt.load_adapter(net, adapter, name="default")
+    net.to(resolve_device(device))
+    result = evaluate(net, ds, batch_size)
+    result["examples"] = len(ds)
+    return result

@@ -1,7 +1,7 @@
 """CUDA managed ("paged") memory for optimizer states, through the CUDA driver API (``libcuda``).
 
 Managed memory (``cuMemAllocManaged``) is one address range that the driver migrates page by page
-between host and GPU. The paged ``deltatune.optim.AdamW`` keeps its states there: prefetched to the
+between host and GPU. The paged ``deltatune.train.optim.AdamW`` keeps its states there: prefetched to the
 GPU for the optimizer step, paged back to the host after it, so the states hold no GPU memory while
 the forward and backward run, and the update itself reads them at GPU speed.
 

@@ -3,7 +3,7 @@
 ``AdamW(params, state_device="cpu")`` keeps ``exp_avg``/``exp_avg_sq`` in pinned host memory and
 streams each parameter's pair to the GPU for its update (one copy each way per step; for LoRA the
 states are small next to the activations, so the copies cost little). ``state_device="paged"`` keeps
-them in CUDA managed memory (``deltatune.managed``): prefetched to the GPU for the step when it has
+them in CUDA managed memory (``deltatune.train.managed``): prefetched to the GPU for the step when it has
 room, paged back to the host after it, never more than the GPU has free. ``state_bits=8`` stores each
 state as blockwise 8-bit codes (Dettmers et al. 2022, arXiv:2110.02861): blocks of ``blocksize``
 values scaled by their absmax onto bitsandbytes' dynamic code (signed for the first moment,
@@ -49,7 +49,7 @@ class AdamW(torch.optim.Optimizer):
     """AdamW with states on ``state_device`` and in ``state_bits`` (32 or 8, blockwise with ``blocksize``) precision.
 
     ``state_device``: "param" = beside the parameter; "cpu" = pinned host memory, streamed per parameter;
-    "paged" = CUDA managed memory (``deltatune.managed``), one range per device, prefetched to the GPU for
+    "paged" = CUDA managed memory (``deltatune.train.managed``), one range per device, prefetched to the GPU for
     the step when it has room and paged back to the host after it (CUDA parameters only).
 
     Args: lr, betas, eps, weight_decay as ``torch.optim.AdamW``; min_8bit_size: parameters with fewer
@@ -98,7 +98,7 @@ class AdamW(torch.optim.Optimizer):
             self.state[p][key] = t.copy_(value) if torch.is_tensor(value) else t.fill_(value)
 
     def _place_paged(self, entries) -> None:
-        from deltatune.managed import managed_empty
+        from deltatune.train.managed import managed_empty
 
         by_device: dict = {}
         for entry in entries:
@@ -222,7 +222,7 @@ class AdamW(torch.optim.Optimizer):
         """Paged states: prefetch each range to its GPU if it fits in free memory now, or back to the host."""
         if not self._pools:
             return
-        from deltatune.managed import RESERVE_BYTES, prefetch
+        from deltatune.train.managed import RESERVE_BYTES, prefetch
 
         for pool in self._pools:
             if not in_:

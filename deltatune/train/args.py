@@ -1,0 +1,219 @@
+"""The settings of a training run: ``TrainArgs`` (the loop and the run), ``DataArgs`` (the data, shared by
+train and eval) and the method's own config (``LoraConfig``, ...), chosen by ``TrainArgs.method``.
+
+The three are flat dataclasses with one docstring per field; on the command line and in YAML their
+fields are one flat set of flags/keys (``--r 16 --lr 2e-4 --data train.jsonl``), and
+``train_args.json`` records them as one flat dict (``run_record``), so field names must not clash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+__all__ = ["TrainArgs", "DataArgs", "TrainError", "RESUMABLE_CHANGES", "FULL", "METHOD_DEFAULTS", "FLAG_ALIASES",
+           "method_choices", "method_config_class", "method_config", "run_record", "check_resume", "resolve_device"]
+
+FULL = "full"
+"""The method name that trains every parameter (no adapter, no method config)."""
+
+METHOD_DEFAULTS: dict[str, dict] = {"lora": {"r": 16, "alpha": 32.0}}
+"""Where ``deltatune train`` defaults differ from the method config's own (LoraConfig's r=8, alpha=8)."""
+
+FLAG_ALIASES: dict[str, dict[str, str]] = {"lora": {"lora_dropout": "dropout"}}
+"""Older flag/YAML names of method fields, per method: ``--lora-dropout`` sets LoraConfig.dropout."""
+
+# Settings that may change on --resume without changing the computation.
+RESUMABLE_CHANGES = {"resume", "save_every", "keep", "eval_every", "log_every", "progress", "merge", "max_steps",
+                     "epochs", "output", "device", "fast"}
+
+
+class TrainError(RuntimeError):
+    """A run that cannot go on (out of memory, bad settings); the message says what to do."""
+
+
+@dataclass
+class TrainArgs:
+    """Settings of one training run. Every field is also a command-line flag (``--max-steps``) and a YAML key."""
+
+    # -- model and method ----------------------------------------------------------------------------------
+    model: str = ""
+    """Base model: a Hugging Face model directory, a .gguf file, or a hub id (needs a network)."""
+    output: str = "out"
+    """Output directory: checkpoints/, adapter/, metrics.jsonl, loss.png."""
+    method: str = "lora"
+    """"full" trains every parameter; "lora" (or another adapter method) trains its adapter on a frozen base."""
+    quant: Optional[str] = None
+    """Quantize the frozen base before adding the adapter (QLoRA), e.g. "nf4"."""
+
+    # -- optimisation ------------------------------------------------------------------------------------------
+    max_steps: int = 100
+    """Optimizer steps to train for (ignored when --epochs is set)."""
+    epochs: float = 0.0
+    """If > 0, train for this many passes over the training data instead of --max-steps."""
+    micro_batch: int = 4
+    """Examples per forward/backward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = micro_batch * grad_accum)."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
+    lr_b_ratio: float = 1.0
+    """LoRA+ (Hayou et al. 2024): learning rate of the B matrices = lr * lr_b_ratio (the paper suggests 16)."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (matrices only, not biases or norms)."""
+    optimizer_states: Literal["param", "cpu", "paged"] = "param"
+    """Where AdamW keeps its moments: beside the parameters, pinned CPU memory, or CUDA managed memory (paged)."""
+    optimizer_bits: Literal[32, 8] = 32
+    """AdamW moments in fp32 or as blockwise 8-bit codes (deltatune.train.optim.AdamW)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this value (0 disables)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision of the forward pass (fp16 adds a gradient scaler on CUDA)."""
+    base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype of the frozen base weights (adapters stay float32); "auto": the --precision dtype for adapter methods on CUDA, else float32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more time."""
+    checkpoint_fraction: float = 1.0
+    """With --gradient-checkpointing on the fast path: the fraction of decoder layers recomputed (less = faster, more memory)."""
+    seed: int = 0
+    """Seed of the adapter initialisation, the data order and dropout."""
+    device: str = "auto"
+    """"auto" (CUDA if present), "cpu", "cuda", "cuda:1", ..."""
+    fast: Optional[bool] = None
+    """Fused LoRA kernels (deltatune.fast); default on with CUDA, off on CPU."""
+    cuda_graphs: bool = False
+    """With the fast path: replay the decoder layers that are not checkpointed from CUDA graphs (faster when the host limits the step; batches of one shape avoid recaptures)."""
+
+    # -- checkpoints, evaluation, output ----------------------------------------------------------------------
+    save_every: int = 100
+    """Write a checkpoint every this many steps (and at the end); 0 = only at the end."""
+    keep: int = 3
+    """Checkpoints kept (the newest)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in --output."""
+    eval_every: int = 0
+    """Evaluate on the validation data every this many steps (0 = only at the end, if there is validation data)."""
+    log_every: int = 1
+    """Write training metrics every this many steps."""
+    merge: bool = False
+    """Also save the base model with the adapter merged in (<output>/merged)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class DataArgs:
+    """What data to read and how (training, validation, evaluation). Every field is also a flag and a YAML key."""
+
+    data: str = ""
+    """Data file: alpaca/chat JSON or JSONL, a .txt file, or a TSV/CSV classification file."""
+    data_format: Literal["auto", "alpaca", "chat", "text", "classification"] = "auto"
+    """Data format; "auto" decides from the extension and the first record (eval: as the adapter's run recorded)."""
+    val_data: Optional[str] = None
+    """Validation file (same format as --data); otherwise --val-fraction of the training data is held out."""
+    val_fraction: float = 0.0
+    """Fraction of the training data held out for validation when --val-data is not given."""
+    max_length: int = 512
+    """Maximum tokens per example; longer ones are truncated (plain text is cut into blocks this long)."""
+    packing: bool = False
+    """Concatenate instruction/chat examples into full --max-length blocks."""
+    text_columns: Optional[list[str]] = None
+    """Classification: the text column(s) (names, or 0-based numbers for files without a header)."""
+    label_column: Optional[str] = None
+    """Classification: the label column (name or 0-based number); default "label" or "Quality"."""
+    max_examples: int = 0
+    """Use this many examples (0 = all): training takes a seeded random subset, evaluation the first ones."""
+    max_bad_fraction: float = 0.05
+    """Stop if more than this fraction of the data rows is bad (they are listed by line number)."""
+    task: Literal["auto", "causal-lm", "classification"] = "auto"
+    """Model head: "auto" takes classification for TSV/CSV data and causal-lm otherwise (eval: as recorded)."""
+
+
+# -- the method, by name ---------------------------------------------------------------------------------------
+def method_choices() -> list[str]:
+    """Every value ``TrainArgs.method`` takes: "full" and the registered adapter methods."""
+    from deltatune.methods import method_names
+
+    return [FULL] + [name for name in method_names() if name != FULL]
+
+
+def method_config_class(name: str) -> Optional[type]:
+    """The config dataclass of method ``name`` (``LoraConfig`` for "lora"); None for "full".
+
+    Raises ``TrainError`` naming the known methods for an unknown name."""
+    if name == FULL:
+        return None
+    choices = method_choices()
+    if name not in choices:
+        raise TrainError(f"unknown --method {name!r}; choose one of {choices}")
+    from deltatune.methods import config_class
+
+    return config_class(name)
+
+
+def method_config(name: str, **fields):
+    """Method ``name``'s config with the trainer's defaults (``METHOD_DEFAULTS``) and ``fields``; None for "full"."""
+    cls = method_config_class(name)
+    if cls is None:
+        if fields:
+            raise TrainError(f"--method full takes no method settings, got {sorted(fields)}")
+        return None
+    return cls(**{**METHOD_DEFAULTS.get(name, {}), **fields})
+
+
+# -- what a run records, and what --resume may change -------------------------------------------------------------
+def run_record(args: TrainArgs, data: DataArgs, method) -> dict:
+    """All settings of a run as one flat dict (``train_args.json``; also usable as a ``--config`` file)."""
+    record = dataclasses.asdict(args)
+    for part in (data, method):
+        if part is None:
+            continue
+        fields = dataclasses.asdict(part)
+        clash = set(fields) & set(record)
+        if clash:
+            raise TrainError(f"{type(part).__name__} fields {sorted(clash)} clash with other settings' names")
+        record.update(fields)
+    return record
+
+
+def _defaults(args: TrainArgs, method) -> dict:
+    """The default value of every flat setting (what a record written before a setting existed meant)."""
+    out = {}
+    for cls in (type(args), DataArgs, type(method) if method is not None else None):
+        if cls is None:
+            continue
+        for f in dataclasses.fields(cls):
+            out[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return out
+
+
+def check_resume(saved: dict, args: TrainArgs, data: DataArgs, method) -> None:
+    """Raise ``TrainError`` if a setting outside ``RESUMABLE_CHANGES`` differs from the ``saved`` record.
+
+    A setting missing from ``saved`` (a record of an older version) counts as its default; a method
+    field saved under an older name (``lora_dropout``) counts under its current one."""
+    saved = dict(saved)
+    for old, new in FLAG_ALIASES.get(args.method, {}).items():
+        if old in saved and new not in saved:
+            saved[new] = saved.pop(old)
+    now, defaults = run_record(args, data, method), _defaults(args, method)
+    changed = {k: (saved.get(k, defaults.get(k)), now[k]) for k in now
+               if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != now[k]}
+    if changed:
+        raise TrainError("--resume with settings that change the run: "
+                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                         + "; resume with the original settings or start a new --output")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``torch.device`` of a --device setting; "auto" is CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

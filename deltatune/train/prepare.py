@@ -1,0 +1,144 @@
+"""Preparing a model and its optimizer for training: the method (quantize, add the adapter, or unfreeze
+everything), the frozen base's dtype, the fast path, activation checkpointing, AdamW's parameter
+groups (LoRA+) and the learning-rate schedule.
+
+This is the part a distributed setup (FSDP2: shard after the method is applied) replaces or wraps;
+the loop (``deltatune.train.loop``) only sees "the parameters that require grad".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from deltatune.train.args import FULL, TrainArgs, TrainError
+from deltatune.train.optim import AdamW
+
+__all__ = ["prepare_model", "base_dtype", "cast_frozen", "enable_fast", "enable_checkpointing", "param_groups",
+           "make_optimizer", "lr_lambda"]
+
+
+def prepare_model(model: torch.nn.Module, args: TrainArgs, method=None, task: str = "causal-lm") -> torch.nn.Module:
+    """Apply the method to ``model`` in place and return it: for "full" unfreeze every parameter;
+    otherwise quantize the base if ``args.quant`` and add adapter "default" with config ``method``
+    (default: ``args.method``'s config with the trainer's defaults). A classification head is added
+    to the config's ``modules_to_save``: a fresh head must train in full."""
+    import deltatune as dt
+    from deltatune.train.args import method_config
+
+    if args.method == FULL:
+        if args.quant:
+            raise TrainError("--quant trains an adapter on a quantized base; it does not combine with --method full")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if method is None:
+        method = method_config(args.method)
+    save = list(method.modules_to_save or [])
+    if task == "classification":
+        from deltatune.hub import head_module_name
+
+        head = head_module_name(model)
+        if head and head not in save:
+            save.append(head)
+    if args.quant:
+        try:
+            from deltatune.quant import quantize_model
+        except ImportError as e:
+            raise TrainError(f"--quant {args.quant} needs deltatune.quant, which is not available here ({e})") from None
+        quantize_model(model, kind=args.quant, skip=save or None)  # what trains in full stays unquantized
+    dt.add_adapter(model, method.replace(modules_to_save=save or None), name="default")
+    return model
+
+
+def base_dtype(args: TrainArgs, device: torch.device) -> torch.dtype:
+    """The dtype of the frozen base: ``args.base_dtype``, or for "auto" the --precision dtype for an
+    adapter method on CUDA, else float32."""
+    name = args.base_dtype
+    if name == "auto":
+        adapter_on_cuda = args.method != FULL and device.type == "cuda"
+        name = {"bf16": "bfloat16", "fp16": "float16"}.get(args.precision, "float32") if adapter_on_cuda else "float32"
+    return getattr(torch, name)
+
+
+def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen floating-point parameters in ``dtype`` (half the memory, and what fused kernels expect)."""
+    for p in model.parameters():  # parameters only: buffers such as RoPE frequencies keep their precision
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def enable_fast(model, args: TrainArgs, device: torch.device, log) -> bool:
+    """Switch on deltatune.fast (fused LoRA, kernels, its own lean checkpointing) where asked; returns whether on."""
+    use = args.fast if args.fast is not None else device.type == "cuda"
+    if not use or args.method == FULL:
+        return False
+    try:
+        from deltatune.fast import enable_fast_path
+    except ImportError as e:
+        if args.fast:
+            log(f"--fast: deltatune.fast is not available ({e}); using the plain path")
+        return False
+    try:
+        enable_fast_path(model, checkpoint=args.checkpoint_fraction if args.gradient_checkpointing else False,
+                         cuda_graphs=args.cuda_graphs)
+    except ValueError as e:  # --cuda-graphs with every layer checkpointed, or no decoder layers
+        raise TrainError(f"--cuda-graphs: {e}") from None
+    return True
+
+
+def enable_checkpointing(model) -> None:
+    """transformers' activation checkpointing (the plain path; the fast path has its own)."""
+    # Newer transformers call it activation_checkpointing_enable; older ones gradient_checkpointing_enable.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise TrainError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+
+
+def param_groups(model: torch.nn.Module, args: TrainArgs) -> list[dict]:
+    """AdamW groups: LoRA's B matrices at lr * lr_b_ratio (LoRA+); decay on matrices only."""
+    import deltatune as dt
+
+    b_ids = {id(p) for p in dt.adapter_params(model, role="B")} if args.lr_b_ratio != 1.0 else set()
+    groups: dict[tuple, list] = {}
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            key = (id(p) in b_ids, p.ndim >= 2)
+            groups.setdefault(key, []).append(p)
+    out = []
+    for (is_b, decay), params in sorted(groups.items()):
+        out.append({"params": params, "lr": args.lr * (args.lr_b_ratio if is_b else 1.0),
+                    "weight_decay": args.weight_decay if decay else 0.0})
+    return out
+
+
+def make_optimizer(model: torch.nn.Module, args: TrainArgs, device: torch.device) -> torch.optim.Optimizer:
+    """torch's AdamW, or deltatune's when the states live off the device or in 8 bits."""
+    if args.optimizer_states == "param" and args.optimizer_bits == 32:
+        return torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    if args.optimizer_states == "paged" and device.type != "cuda":
+        raise TrainError("--optimizer-states paged needs a CUDA device (CUDA managed memory); use cpu")
+    return AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                 state_device=args.optimizer_states, state_bits=args.optimizer_bits)
+
+
+def lr_lambda(args: TrainArgs, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr for (0-based) step s: linear warmup, then cosine/linear decay to 0."""
+    warm = max(args.warmup_steps, 0)
+
+    def f(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        if args.schedule == "constant":
+            return 1.0
+        progress = (s - warm) / max(total_steps - warm, 1)
+        if args.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return f
