@@ -11,7 +11,9 @@ A delta is a small module of its method (``deltatune.methods``) with this interf
 * ``apply(layer, x, y, active) -> y``: the layer's output with the delta's effect on it (LoRA adds
   ``scale * B(A(dropout(x)))``); called for every unmerged delta, ``active=False`` when the delta is
   switched off (a delta that changed the base weight at init, as PiSSA does, gives that back here);
-* ``delta_weight(layer) -> ΔW``: the fp32 change of the weight in its stored layout (merge/unmerge);
+* ``merge_delta(layer)`` / ``unmerge_delta(layer) -> ΔW``: what to add to the stored weight (fp32, its
+  layout) to fold the delta in / take it back out (LoRA: ``±scale * B @ A``; a multiplicative method
+  computes its inverse from the merged weight); ``delta_weight(layer)`` is the first of the two;
 * ``low_rank(training) -> (A, B, scale) | None``: its fused-kernel form, None where it has none;
 * ``attach(layer)`` / ``detach(layer)``: once when added / removed (PiSSA takes its part of W out);
 * ``roles() -> {role: Parameter}``, ``settings() -> dict`` (rank, alpha, ...), ``signature()``.
@@ -92,13 +94,13 @@ class DeltaLayer(nn.Module):
     def merge(self, name: str) -> None:
         if name not in self.merged:
             with torch.no_grad():
-                self.geometry.add_to_weight(self, self.deltas[name].delta_weight(self))
+                self.geometry.add_to_weight(self, self.deltas[name].merge_delta(self))
             self.merged.append(name)
 
     def unmerge(self, name: str) -> None:
         if name in self.merged:
             with torch.no_grad():
-                self.geometry.add_to_weight(self, -self.deltas[name].delta_weight(self))
+                self.geometry.add_to_weight(self, self.deltas[name].unmerge_delta(self))
             self.merged.remove(name)
 
     def describe(self, name: str) -> dict[str, torch.Tensor]:
@@ -111,8 +113,8 @@ class DeltaLayer(nn.Module):
                 roles[role].copy_(value)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """Adapter ``name``'s fp32 change of the weight, in the stored weight's layout."""
-        return self.deltas[name].delta_weight(self)
+        """What merging adapter ``name`` adds to the (unmerged) weight: fp32, the stored weight's layout."""
+        return self.deltas[name].merge_delta(self)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, routing=None) -> torch.Tensor:

@@ -177,8 +177,11 @@ class LoraDelta(nn.Module):
         """The unscaled ``B @ A`` in the stored weight's layout."""
         return layer.geometry.to_weight_layout(layer.base_module, B.flatten(1) @ A.flatten(1))
 
-    def delta_weight(self, layer: nn.Module) -> torch.Tensor:
+    def merge_delta(self, layer: nn.Module) -> torch.Tensor:
         return self.scale * self._weight(layer, self.A.float(), self.B.float())
+
+    def unmerge_delta(self, layer: nn.Module) -> torch.Tensor:
+        return -self.merge_delta(layer)
 
     def low_rank(self, training: bool):
         if self.dropout and training:
