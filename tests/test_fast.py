@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune import fast
+from deltatune.fast import blocks
 from deltatune.fast import disable_fast_path, enable_fast_path, fast_path_enabled, fused_causal_lm_loss
 from deltatune.kernels import lora_group, lora_mlp
 
@@ -98,7 +98,7 @@ def test_fast_path_on_a_quantized_base_matches_plain_path(kind, checkpoint, monk
     ids = torch.randint(0, 257, (2, 16))
     plain_loss, plain_grads = loss_and_grads(model, ids, ids, fast=False)
     fast_loss, fast_grads = loss_and_grads(model, ids, ids, fast=True, checkpoint=checkpoint)
-    assert any(m.forward_impl is None for m in model.modules() if isinstance(m, dt.LoraLayer))  # disabled again
+    assert any(m.forward_impl is None for m in model.modules() if isinstance(m, dt.DeltaLayer))  # disabled again
     assert abs(fast_loss - plain_loss) < 1e-4 * plain_loss
     assert max(rel(f, p) for f, p in zip(fast_grads, plain_grads)) < 1e-3
     # per layer: 7 weights in forward and 7 in backward (less q/k/v of layer 0, whose input needs no
@@ -154,7 +154,7 @@ def test_partial_checkpointing_recomputes_only_the_first_layers():
     layers = model.model.layers
     enable_fast_path(model, checkpoint=0.5)
     # only layer 0 is checkpointed; layer 1 runs the fused decoder forward (residual add inside the norm)
-    assert hasattr(layers[0].forward, "__wrapped__") and layers[1].forward.__func__ is fast._fast_decoder
+    assert hasattr(layers[0].forward, "__wrapped__") and layers[1].forward.__func__ is blocks.decoder_forward
     disable_fast_path(model)
     half_loss, half_grads = loss_and_grads(model, ids, ids, fast=True, checkpoint=0.5)
     assert torch.equal(half_loss, full_loss)
@@ -171,14 +171,14 @@ def test_fused_nodes_do_not_save_the_norm_outputs(monkeypatch):
     norm_outputs, saved = [], set()  # kept alive: no address reuse
     hooks = [m.register_forward_hook(lambda m, i, o: norm_outputs.append(o))
              for n, m in model.named_modules() if n.endswith("input_layernorm")]
-    add_norm = fast.add_rms_norm
+    add_norm = blocks.add_rms_norm
 
     def recording_add_norm(*args):  # the second norm of each layer runs fused with the residual add
         out = add_norm(*args)
         norm_outputs.append(out[1])
         return out
 
-    monkeypatch.setattr(fast, "add_rms_norm", recording_add_norm)
+    monkeypatch.setattr(blocks, "add_rms_norm", recording_add_norm)
     enable_fast_path(model)
 
     def pack(t):

@@ -1,4 +1,4 @@
-"""CUDA graphs over decoder layers (deltatune.graphs): same training as eager, recapture, misuse errors."""
+"""CUDA graphs over decoder layers (deltatune.fast.graphs): same training as eager, recapture, misuse errors."""
 
 import copy
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.fast import disable_fast_path, enable_fast_path, fused_causal_lm_loss
-from deltatune.graphs import VERIFY_AT, _signature
+from deltatune.fast import disable_fast_path, enable_fast_path, fast_path_of, fused_causal_lm_loss
+from deltatune.fast.graphs import VERIFY_AT, _signature
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,7 +28,7 @@ def tiny_llama(layers=2, quant=None, seed=0, device="cpu"):
 
 
 def graph_stack(model):
-    return next(m for how, m in model.__dict__["_deltatune_fast"] if how == "graphs")
+    return fast_path_of(model).graphs
 
 
 def train(model, batches, micro=1, set_to_none=True, **fast):
@@ -81,10 +81,10 @@ def test_signature_sees_what_a_capture_depends_on():
     dt.set_active(model, "other")
     assert _signature(layer) != base
     base = _signature(layer)
-    layer.self_attn.q_proj.lora_A["other"].requires_grad_(False)
+    layer.self_attn.q_proj.deltas["other"].A.requires_grad_(False)
     assert _signature(layer) != base
     base = _signature(layer)
-    layer.self_attn.q_proj.lora_A["other"].data = layer.self_attn.q_proj.lora_A["other"].data.clone()
+    layer.self_attn.q_proj.deltas["other"].A.data = layer.self_attn.q_proj.deltas["other"].A.data.clone()
     assert _signature(layer) != base
     assert _signature(layer) == _signature(layer)
 
@@ -185,10 +185,10 @@ def test_gpu_graphs_check_the_layers_after_the_first_replays():
     assert stack.captures == 1
 
     def freeze(m):
-        m.model.layers[0].self_attn.q_proj.lora_A["other"].requires_grad_(False)
+        m.model.layers[0].self_attn.q_proj.deltas["other"].A.requires_grad_(False)
 
     def move(m):
-        a = m.model.layers[1].mlp.up_proj.lora_B["other"]
+        a = m.model.layers[1].mlp.up_proj.deltas["other"].B
         a.data = a.data.clone()
 
     for change in (lambda m: dt.set_active(m, "other"), freeze, move):

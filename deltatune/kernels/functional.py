@@ -98,25 +98,19 @@ class _RMSNormPass(torch.autograd.Function):
 
 def rms_norm_pass(x: torch.Tensor, weight: torch.Tensor, eps: float):
     """``(x, rms_norm(x))`` where x also feeds a residual path: the same values as ``x`` and
-    ``rms_norm(x, weight, eps)``, with the two gradients reaching x summed in the norm's backward kernel.
-    The normalised output carries ``_deltatune_norm`` as ``rms_norm``'s does."""
-    res, y = _RMSNormPass.apply(x, weight, eps)
-    if not torch.compiler.is_compiling():
-        y._deltatune_norm = (x, weight, eps)
-    return res, y
+    ``rms_norm(x, weight, eps)``, with the two gradients reaching x summed in the norm's backward kernel."""
+    return _RMSNormPass.apply(x, weight, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of ``x`` (..., d) with ``weight`` (d,): ``x / sqrt(mean(x^2) + eps) * weight``.
 
-    The output carries ``_deltatune_norm = (x, weight, eps)``: a fused LoRA node that takes it as input
-    saves x (which this node saves anyway) instead of the output, and recomputes the output in its
-    backward with ``rms_norm_values`` (one elementwise kernel instead of d * 2 bytes a token kept).
+    A fused LoRA node that takes the output as input can be told so (``lora_group(..., norm=(x, weight,
+    eps))``): it then saves x (which this node saves anyway) instead of the output, and recomputes the
+    output in its backward with ``rms_norm_values`` (one elementwise kernel instead of d * 2 bytes a token
+    kept).
     """
-    y = _RMSNorm.apply(x, weight, eps)
-    if not torch.compiler.is_compiling():
-        y._deltatune_norm = (x, weight, eps)
-    return y
+    return _RMSNorm.apply(x, weight, eps)
 
 
 class _AddRMSNorm(torch.autograd.Function):
@@ -151,12 +145,9 @@ class _AddRMSNorm(torch.autograd.Function):
 def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float):
     """The residual add and the RMSNorm after it in one pass: returns ``(x + h, rms_norm(x + h))``.
 
-    The normalised output carries ``_deltatune_norm`` as ``rms_norm``'s does (a fused LoRA node taking
-    it saves the sum, which this node saves anyway, and recomputes the norm)."""
-    s, y = _AddRMSNorm.apply(x, h, weight, eps)
-    if not torch.compiler.is_compiling():
-        y._deltatune_norm = (s, weight, eps)
-    return s, y
+    A fused LoRA node taking the normalised output can be given ``norm=(x + h, weight, eps)`` (it then
+    saves the sum, which this node saves anyway, and recomputes the norm), as with ``rms_norm``."""
+    return _AddRMSNorm.apply(x, h, weight, eps)
 
 
 def rms_norm_values(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -12,9 +12,10 @@ adapters on one layer are one adapter of the concatenated rank: ``[s_1 B_1 | s_2
   activation is ever cast to fp32.
 * saved: x (shared with whatever else saved it: no copy; dropout is not applied on this path, so there is
   no dropped-input copy), h (N, R) and the bf16 factors. The frozen base weights get no gradient. When
-  x is the output of ``rms_norm`` (the attention's and the MLP's input in a Llama block), the node saves
-  the norm's input instead, which the norm node keeps anyway, and recomputes x in backward: 2 bytes a
-  hidden unit a token less per norm (about 2 GiB on an 8B model at 2x2048 tokens).
+  the caller passes ``norm=(x_pre, weight, eps)`` (x is ``rms_norm(x_pre)``: the attention's and the MLP's
+  input in a Llama block), the node saves the norm's input instead, which the norm node keeps anyway,
+  and recomputes x in backward: 2 bytes a hidden unit a token less per norm (about 2 GiB on an 8B
+  model at 2x2048 tokens).
 * backward: ``g_p = dy_p @ (s B_p)`` (N, r), ``dx = g @ A_cat + sum_p dy_p @ W_p`` accumulated in place
   (no separate per-projection dx tensors summed by autograd), ``dA = g.T @ x``, ``dB_k = s_k dy.T @ h_k``.
 
@@ -31,12 +32,12 @@ stacked weight (one matmul each way) whose spare columns carry ``diag(s B_g, s B
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from deltatune.kernels.functional import cast_into, rms_norm_values, swiglu_lora_backward, swiglu_lora_forward
+from deltatune.kernels.functional import rms_norm_values, swiglu_lora_backward, swiglu_lora_forward
+from deltatune.kernels.lora_pack import (factor_groups, factors, flatten, grad_list, needs_grads, split_low_rank,
+                                        unflatten)
 
 __all__ = ["lora_group", "lora_mlp", "recomputing"]
 
@@ -83,18 +84,6 @@ def _stacked(weights, dtype: torch.dtype, extra_cols: int = 0) -> torch.Tensor |
     return out
 
 
-def _split_low_rank(h, sbs):
-    """Per projection ``(h_p (N, r_p) view of h, sB_p)``, or None where a projection has no adapter."""
-    out, off = [], 0
-    for sb in sbs:
-        if sb is None:
-            out.append(None)
-            continue
-        out.append((h[:, off:off + sb.shape[1]], sb))
-        off += sb.shape[1]
-    return out
-
-
 def _adjacent(ts, dim: int) -> torch.Tensor | None:
     """The 2-D tensor of which ``ts`` (2-D, unit column stride) are adjacent blocks along ``dim`` (0: row
     blocks, 1: column blocks) in order, as a view of their shared memory; None if they are not (or while
@@ -127,10 +116,10 @@ def _autocast_input(x: torch.Tensor) -> tuple[torch.Tensor, str]:
     return x, device
 
 
-def _save_input(ctx, x, x2):
-    """What to save for the shared input x2 (N, in): ``[x2]``, or for the output of ``rms_norm`` that
-    input's ``[x_pre (N, in), norm weight]`` (saved by the norm node anyway) and ``ctx.norm_eps``."""
-    norm = None if torch.compiler.is_compiling() else getattr(x, "_deltatune_norm", None)
+def _save_input(ctx, x, x2, norm):
+    """What to save for the shared input x2 (N, in): ``[x2]``, or, where x is ``rms_norm(x_pre, weight, eps)``
+    and the caller says so (``norm = (x_pre, weight, eps)``), ``[x_pre (N, in), weight]`` (saved by the
+    norm node anyway) and ``ctx.norm_eps``: the backward recomputes x from them."""
     ctx.norm_eps = None
     if norm is None or norm[0].shape != x.shape:
         return [x2]
@@ -143,86 +132,6 @@ def _load_input(ctx, saved):
     if ctx.norm_eps is None:
         return saved[0], saved[1:]
     return rms_norm_values(saved[0], saved[1], ctx.norm_eps), saved[2:]
-
-
-def _flatten(projections):
-    """Projections ``[(W, bias, [(A, B, scale), ...]), ...]`` -> (spec, flat tensor list).
-
-    A quantized W (anything with ``.dequantize(dtype)``) rides in the spec instead of the tensor list:
-    it is frozen, and dequantizing it again in backward costs less memory than saving it dense.
-    """
-    spec, tensors = [], []
-    for weight, bias, adapters in projections:
-        packed = None if isinstance(weight, torch.Tensor) else weight
-        spec.append((bias is not None, tuple(float(s) for _, _, s in adapters), packed))
-        if packed is None:
-            tensors.append(weight)
-        if bias is not None:
-            tensors.append(bias)
-        tensors += [a for a, _, _ in adapters] + [b for _, b, _ in adapters]
-    return tuple(spec), tensors
-
-
-def _unflatten(spec, tensors):
-    """Inverse of ``_flatten``: per projection (W, bias, [A...], [B...], scales), and each one's offsets."""
-    out, i = [], 0
-    for has_bias, scales, packed in spec:
-        if packed is None:
-            weight, i = tensors[i], i + 1
-        else:
-            weight = packed
-        bias = tensors[i] if has_bias else None
-        i += 1 if has_bias else 0
-        k = len(scales)
-        out.append((weight, bias, list(tensors[i:i + k]), list(tensors[i + k:i + 2 * k]), scales))
-        i += 2 * k
-    return out
-
-
-def _factors(projs, dtype):
-    """A_cat (R, in) in ``dtype`` and per projection ``(s B)`` (out, r_p) in ``dtype`` (None if no adapter)."""
-    return _factor_groups([projs], dtype)[0]
-
-
-def _factor_groups(groups, dtype):
-    """``_factors`` of several groups of projections, cast together.
-
-    Built on every call (r x (in + out) elements per adapter): a cache keyed on the tensors' versions would
-    miss writes through ``.data``, which don't bump it. Every A and scaled B lands in one new buffer in
-    ``dtype`` (each rounded once from its fp32 product), in one launch on CUDA (``cast_into``); A_cat and
-    each ``s B`` are views of it. Several adapters on one projection (rare) are concatenated on the side.
-    """
-    srcs, offsets, scales, plan, total = [], [], [], [], 0
-
-    def slot(shape):  # an element offset in the buffer, 16-byte aligned, and the view's shape
-        nonlocal total
-        start, total = total, total + -(-math.prod(shape) // 8) * 8
-        return start, shape
-
-    for projs in groups:
-        a_all = [a for _, _, As, _, _ in projs for a in As]
-        a_slot = None
-        if a_all:
-            a_slot = slot((sum(a.shape[0] for a in a_all), a_all[0].shape[1]))  # rows of A_cat
-            o = a_slot[0]
-            for a in a_all:
-                srcs.append(a), offsets.append(o), scales.append(1.0)
-                o += a.numel()
-        sbs = []
-        for _, _, _, Bs, ss in projs:
-            if len(Bs) == 1:
-                sbs.append(slot(tuple(Bs[0].shape)))
-                srcs.append(Bs[0]), offsets.append(sbs[-1][0]), scales.append(ss[0])
-            else:
-                sbs.append(torch.cat([b * s for b, s in zip(Bs, ss)], 1).to(dtype) if Bs else None)
-        plan.append((a_slot, sbs))
-    flat = cast_into(srcs[0].new_empty(total, dtype=dtype), [t.contiguous() for t in srcs], offsets, scales) \
-        if srcs else None
-
-    def view(sl):
-        return sl if sl is None or isinstance(sl, torch.Tensor) else flat[sl[0]:sl[0] + math.prod(sl[1])].view(sl[1])
-
-    return [(view(a_slot), [view(sb) for sb in sbs]) for a_slot, sbs in plan]
 
 
 def _group_forward(x2, projs, a_cat, sbs):
@@ -364,42 +273,17 @@ def _group_backward(dys, x2, h, projs, a_cat, sbs, need_dx, need, dense=None, me
     return dx, grads
 
 
-def _needs(ctx, spec, offset):
-    """Per projection (bias, [A], [B]) needs-grad flags from ``ctx.needs_input_grad`` starting at ``offset``."""
-    flags, i = [], offset
-    for has_bias, scales, packed in spec:
-        i += 1 if packed is None else 0  # W (frozen; never differentiated here)
-        nb = has_bias and ctx.needs_input_grad[i]
-        i += 1 if has_bias else 0
-        k = len(scales)
-        flags.append((nb, list(ctx.needs_input_grad[i:i + k]), list(ctx.needs_input_grad[i + k:i + 2 * k])))
-        i += 2 * k
-    return flags
-
-
-def _grad_list(spec, grads):
-    """Flatten per-projection grads back into the order of ``_flatten``'s tensors (None for W)."""
-    out = []
-    for (has_bias, _, packed), (dbias, d_as, d_bs) in zip(spec, grads):
-        if packed is None:
-            out.append(None)
-        if has_bias:
-            out.append(dbias)
-        out += d_as + d_bs
-    return out
-
-
 class _LoraGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, spec, *tensors):
-        projs = _unflatten(spec, tensors)
+    def forward(ctx, x, spec, norm, *tensors):
+        projs = unflatten(spec, tensors)
         x2 = x.reshape(-1, x.shape[-1])
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
-        a_cat, sbs = _factors(projs, x.dtype)
+        a_cat, sbs = factors(projs, x.dtype)
         ys, h, dense, s_cat = _group_forward(x2, projs, a_cat, sbs)
         ctx.s_cat = None if torch.compiler.is_compiling() else s_cat  # for the backward's stacked weight
         ctx.spec, ctx.x_shape, ctx.dense = spec, x.shape, _keep_dense(spec, dense)
-        ctx.save_for_backward(*_save_input(ctx, x, x2), h, a_cat, *sbs, *tensors)
+        ctx.save_for_backward(*_save_input(ctx, x, x2, norm), h, a_cat, *sbs, *tensors)
         return tuple(y.view(*x.shape[:-1], -1) for y in ys)
 
     @staticmethod
@@ -407,7 +291,7 @@ class _LoraGroup(torch.autograd.Function):
         spec = ctx.spec
         x2, (h, a_cat, *rest) = _load_input(ctx, ctx.saved_tensors)
         sbs, tensors = rest[:len(spec)], rest[len(spec):]
-        projs = _unflatten(spec, tensors)
+        projs = unflatten(spec, tensors)
         dense, ctx.dense = ctx.dense, None
         s_cat, ctx.s_cat = ctx.s_cat, None
         n = x2.shape[0]
@@ -423,25 +307,29 @@ class _LoraGroup(torch.autograd.Function):
             else:
                 w_cat = None
             merged = (dy_cat, w_cat) if w_cat is not None else None
-        dx, grads = _group_backward(dys, x2, h, projs, a_cat, sbs, ctx.needs_input_grad[0], _needs(ctx, spec, 2),
+        dx, grads = _group_backward(dys, x2, h, projs, a_cat, sbs, ctx.needs_input_grad[0], needs_grads(ctx, spec, 3),
                                     dense, merged)
-        return (dx.view(ctx.x_shape) if dx is not None else None, None, *_grad_list(spec, grads))
+        return (dx.view(ctx.x_shape) if dx is not None else None, None, None, *grad_list(spec, grads))
 
 
-def lora_group(x: torch.Tensor, projections) -> tuple[torch.Tensor, ...]:
+def lora_group(x: torch.Tensor, projections, norm=None) -> tuple[torch.Tensor, ...]:
     """Apply LoRA projections that share the input ``x`` (..., in) in one autograd node.
 
     Args:
         x: activations in the compute dtype (bf16 in training).
         projections: ``[(W (out, in), bias or None, [(A (r, in), B (out, r), scale), ...]), ...]``;
             W and bias frozen, A and B in any dtype (fp32 master weights), cast to x's dtype here.
+        norm: ``(x_pre, weight, eps)`` when x is ``rms_norm(x_pre, weight, eps)`` (as the caller knows: a
+            Llama block's attention and MLP inputs): the node then saves x_pre, which the norm node
+            keeps anyway, instead of x, and recomputes x in backward (``rms_norm_values``, bit for bit).
     Returns:
         one output (..., out_p) per projection, in x's dtype.
     """
-    spec, tensors = _flatten(projections)
-    x, device = _autocast_input(x)
+    spec, tensors = flatten(projections)
+    cast, device = _autocast_input(x)
+    norm = None if cast is not x or torch.compiler.is_compiling() else norm  # x_pre gives x, not its cast
     with torch.autocast(device, enabled=False):
-        return _LoraGroup.apply(x, spec, *tensors)
+        return _LoraGroup.apply(cast, spec, norm, *tensors)
 
 
 def _gate_up(x2, projs, rank):
@@ -485,14 +373,14 @@ class _LoraMLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, spec, *tensors):
-        projs = _unflatten(spec, tensors)  # gate, up, down
+    def forward(ctx, x, spec, norm, *tensors):
+        projs = unflatten(spec, tensors)  # gate, up, down
         x2 = x.reshape(-1, x.shape[-1])
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
-        (a_gu, sb_gu), (a_d, sb_d) = _factor_groups([projs[:2], projs[2:]], x.dtype)
+        (a_gu, sb_gu), (a_d, sb_d) = factor_groups([projs[:2], projs[2:]], x.dtype)
         h_gu = x2 @ a_gu.T if a_gu is not None else None  # (N, R_g + R_u)
         g, u, dense_gu = _gate_up(x2, projs[:2], h_gu.shape[1] if h_gu is not None else 0)
-        act = swiglu_lora_forward(g, u, *_split_low_rank(h_gu, sb_gu))  # (N, I): used here, not saved
+        act = swiglu_lora_forward(g, u, *split_low_rank(h_gu, sb_gu))  # (N, I): used here, not saved
         if recomputing.skip_mlp_output and not torch.compiler.is_compiling():
             y = torch.empty((x2.shape[0], projs[2][0].shape[0]), dtype=x.dtype, device=x.device)
             h_d = act @ a_d.T if a_d is not None else None
@@ -500,15 +388,15 @@ class _LoraMLP(torch.autograd.Function):
         else:
             (y,), h_d, dense_d, _ = _group_forward(act, projs[2:], a_d, sb_d)
         ctx.spec, ctx.x_shape, ctx.dense = spec, x.shape, _keep_dense(spec, [dense_gu, dense_d[0]])
-        ctx.save_for_backward(*_save_input(ctx, x, x2), g, u, h_gu, h_d, a_gu, a_d, *sb_gu, *sb_d, *tensors)
+        ctx.save_for_backward(*_save_input(ctx, x, x2, norm), g, u, h_gu, h_d, a_gu, a_d, *sb_gu, *sb_d, *tensors)
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy):
         spec = ctx.spec
         x2, (g, u, h_gu, h_d, a_gu, a_d, sg, su, sd, *tensors) = _load_input(ctx, ctx.saved_tensors)
-        projs = _unflatten(spec, tensors)
-        need = _needs(ctx, spec, 2)
+        projs = unflatten(spec, tensors)
+        need = needs_grads(ctx, spec, 3)
         # down projection: its input (the SwiGLU output) is recomputed inside the SwiGLU backward below,
         # which sums dA_d from it (and dB_g, dB_u from dg, du)
         proj_d = projs[2]
@@ -520,7 +408,7 @@ class _LoraMLP(torch.autograd.Function):
         dact = dy2 @ w_d  # (N, I), the base part; the kernel adds gd @ A_d
         del w_d
         ones = [_product_scale(Bs, scales) for _, _, _, Bs, scales in projs]  # ride in the kernel's sums
-        dgu, db_g, db_u, da_d = swiglu_lora_backward(dact, g, u, *_split_low_rank(h_gu, [sg, su]),
+        dgu, db_g, db_u, da_d = swiglu_lora_backward(dact, g, u, *split_low_rank(h_gu, [sg, su]),
                                                      (gd, a_d) if gd is not None else None, ones[:2])
         del dact
         i = g.shape[1]
@@ -549,17 +437,18 @@ class _LoraMLP(torch.autograd.Function):
                                        ctx.needs_input_grad[0], need[:2],
                                        dense_gu if isinstance(dense_gu, tuple) else None, merged, [db_g, db_u])
         grads = grads_gu + [(dbias_d, d_as, d_bs)]
-        return (dx.view(ctx.x_shape) if dx is not None else None, None, *_grad_list(spec, grads))
+        return (dx.view(ctx.x_shape) if dx is not None else None, None, None, *grad_list(spec, grads))
 
 
-def lora_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor:
+def lora_mlp(x: torch.Tensor, gate, up, down, norm=None) -> torch.Tensor:
     """The gated MLP ``down(silu(gate(x)) * up(x))`` with LoRA projections, in one autograd node.
 
     Each of ``gate``, ``up``, ``down`` is ``(W, bias or None, [(A, B, scale), ...])`` as in
-    ``lora_group``. Saves x, the gate and up outputs and the rank-sized factors, not the SwiGLU output.
-    Returns (..., hidden) in x's dtype.
+    ``lora_group``, and ``norm`` as there. Saves x (or the norm's input), the gate and up outputs and the
+    rank-sized factors, not the SwiGLU output. Returns (..., hidden) in x's dtype.
     """
-    spec, tensors = _flatten([gate, up, down])
-    x, device = _autocast_input(x)
+    spec, tensors = flatten([gate, up, down])
+    cast, device = _autocast_input(x)
+    norm = None if cast is not x or torch.compiler.is_compiling() else norm  # x_pre gives x, not its cast
     with torch.autocast(device, enabled=False):
-        return _LoraMLP.apply(x, spec, *tensors)
+        return _LoraMLP.apply(cast, spec, norm, *tensors)

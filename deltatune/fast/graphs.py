@@ -41,6 +41,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from deltatune.fast.blocks import hidden_states_of
 from deltatune.kernels.functional import add_many_
 
 __all__ = ["GraphedStack", "graph_layers", "ungraph_layers"]
@@ -48,16 +49,6 @@ __all__ = ["GraphedStack", "graph_layers", "ungraph_layers"]
 # The layer at whose call a step's state check runs (``GraphedStack.call``): by then the GPU has
 # the first layers' replays to run while the host checks.
 VERIFY_AT = 2
-
-
-def _first(out):
-    """The hidden states of a decoder layer's output (transformers < 5 returned a tuple)."""
-    if isinstance(out, tuple):
-        if any(o is not None for o in out[1:]):
-            raise RuntimeError("the fast path's checkpoint and CUDA graphs need decoder layers that return only "
-                               "hidden states")
-        return out[0]
-    return out
 
 
 def _flat(kwargs: dict):
@@ -78,15 +69,14 @@ def _plain(value) -> bool:
 
 def _state(layers) -> tuple[tuple, bool]:
     """What captures of ``layers`` depend on besides their inputs (module identities, parameter and buffer
-    storages, grad flags, adapter settings), and whether any hook is set that a replay would skip
+    storages, grad flags, and what adapter layers say in ``state_signature()``), and whether any hook is set that a replay would skip
     (module hooks would run at capture only; gradient hooks would not see the gradients the graphs write).
 
     Runs before every graphed step, while the GPU waits for the first layer (transformers synchronises
     just before it), so it is written for speed: one walk over ``_modules`` and flat comprehensions
-    (``nn.Module.modules()``/``parameters()`` build prefix strings and memo sets: ~4x the time).
+    (``nn.Module.modules()``/``parameters()`` build prefix strings and memo sets: ~4x the time), and
+    ``state_signature`` looked up on the class (a miss through ``nn.Module.__getattr__`` raises).
     """
-    from deltatune.lora import LoraLayer
-
     mods, stack = [], list(reversed(layers))
     while stack:
         m = stack.pop()
@@ -97,9 +87,7 @@ def _state(layers) -> tuple[tuple, bool]:
               or any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params))
     sig = ([(id(m), m.training) for m in mods] + [(id(p), p.data_ptr(), p.dtype, p.requires_grad) for p in params]
            + [(b.data_ptr(), b.dtype) for m in mods for b in m._buffers.values() if b is not None]
-           + [(m.enabled, tuple(m.merged), m.forward_impl,
-               tuple((n, m.slots[n].scale, m.slots[n].dropout) for n in m.active if n in m.slots))
-              for m in mods if isinstance(m, LoraLayer)])
+           + [state(m) for m in mods for state in (getattr(type(m), "state_signature", None),) if state is not None])
     return tuple(sig), hooked
 
 
@@ -145,6 +133,7 @@ class GraphedStack:
         self.next = -1  # the layer expected next in this step (-1: none; eager until the first layer)
         self.off = None  # why the stack runs eagerly for good
         self.anchor = torch.empty(0, requires_grad=True)
+        self.previous = [None] * len(self.layers)  # the layers' instance forwards before ``graph_layers``
 
     # -- calls ------------------------------------------------------------------------------------------
     def call(self, i: int, hidden_states, *args, **kwargs):
@@ -262,7 +251,7 @@ class GraphedStack:
 
         def run(i, xi):
             with _swapped(self.layers[i], [n for n, _ in named[i]], leaves[i]):
-                return _first(self.forwards[i](xi, **static))
+                return hidden_states_of(self.forwards[i](xi, **static))
 
         amp = _amp_without_cache()
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -383,8 +372,8 @@ def graph_layers(layers) -> GraphedStack:
     """Route calls of ``layers`` (consecutive decoder layers) through CUDA graphs; ``ungraph_layers`` undoes it."""
     layers = list(layers)
     stack = GraphedStack(layers, [layer.forward for layer in layers])
+    stack.previous = [layer.__dict__.get("forward") for layer in layers]  # instance forwards (patched), or None
     for i, layer in enumerate(layers):
-        layer._deltatune_graphed = layer.__dict__.get("forward")  # an instance forward (patched), or None
         layer.forward = _bind(stack, i)
     return stack
 
@@ -397,8 +386,7 @@ def _bind(stack: GraphedStack, i: int):
 
 def ungraph_layers(stack: GraphedStack) -> None:
     """Restore the layers' own forwards and free the graphs."""
-    for layer in stack.layers:
-        previous = layer.__dict__.pop("_deltatune_graphed")
+    for layer, previous in zip(stack.layers, stack.previous):
         if previous is None:
             del layer.forward
         else:
