@@ -88,14 +88,13 @@ def sweep(shape=(14336, 4096)) -> list:
 def host_cost(n: int = 2000) -> dict:
     """Microseconds of host time per call, GPU work negligible (a 512x2048 weight)."""
     import deltatune as dt
-    from deltatune.lora import LoraLayer
 
     layer = torch.nn.Linear(2048, 512, bias=False, device="cuda", dtype=torch.bfloat16)
     model = torch.nn.Sequential(layer)
     dt.quantize_model(model, kind="nf4", blocksize=64, double_quant=True, compute_dtype=torch.bfloat16)
     dt.add_adapter(model, dt.LoraConfig(r=16, alpha=32, targets=["0"]))
     wrapped = model[0]
-    assert isinstance(wrapped, LoraLayer)
+    assert isinstance(wrapped, dt.DeltaLayer)
     x = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(512, 2048, device="cuda", dtype=torch.bfloat16)
 
@@ -111,8 +110,8 @@ def host_cost(n: int = 2000) -> dict:
         return round(host * 1e6, 1)
 
     return {
-        "fused_weight_plus_dequantize_us": per_call(lambda: wrapped.kind.fused_weight(wrapped).dequantize(torch.bfloat16)),
-        "fused_weight_only_us": per_call(lambda: wrapped.kind.fused_weight(wrapped)),
+        "fused_weight_plus_dequantize_us": per_call(lambda: wrapped.fused_weight().dequantize(torch.bfloat16)),
+        "fused_weight_only_us": per_call(lambda: wrapped.fused_weight()),
         "torch_linear_us (reference launch)": per_call(lambda: torch.nn.functional.linear(x, w)),
         "torch_empty_us": per_call(lambda: torch.empty((512, 2048), dtype=torch.bfloat16, device="cuda")),
     }

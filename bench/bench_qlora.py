@@ -19,10 +19,10 @@ method, ``model(input_ids, labels=...).loss`` (transformers' own loss), random t
   recipe: non-quantized weights cast to fp32, its own reentrant checkpointing on every shape).
 * ``peft-bnb-nockpt``: ``peft-bnb`` without gradient checkpointing on any shape.
 * ``<dt method>-fast@F`` (8B): the fast path recomputing only the fraction F of the decoder layers (0: none).
-* ``<dt method>+paged``: ``deltatune.optim.AdamW(state_device="paged")`` instead of torch's AdamW (its
+* ``<dt method>+paged``: ``deltatune.train.optim.AdamW(state_device="paged")`` instead of torch's AdamW (its
   states live in CUDA managed memory, outside torch's allocator, so outside ``peak GiB``).
 * ``<dt method>-fast...+graphs``: the fast path with ``cuda_graphs=True`` (the layers that are not
-  checkpointed replay from CUDA graphs, ``deltatune.graphs``). Graph replays allocate nothing, so the
+  checkpointed replay from CUDA graphs, ``deltatune.fast.graphs``). Graph replays allocate nothing, so the
   allocator's peak does not see them: ``peak reserved GiB`` (memory the process holds, including the
   graphs' pool) is the column to compare for these rows.
 
@@ -137,7 +137,7 @@ def run(method: str, shape: str, steps: int, warmup: int, rank: int, profile: bo
         row["weights_gib"] = round(torch.cuda.memory_allocated() / GIB, 2)
         row["trainable_params"] = sum(p.numel() for p in params)
         if "+paged" in method:  # deltatune's AdamW with its states in CUDA managed memory
-            from deltatune.optim import AdamW
+            from deltatune.train.optim import AdamW
 
             opt = AdamW(params, lr=1e-4, weight_decay=0.01, state_device="paged")
         else:

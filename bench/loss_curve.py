@@ -33,8 +33,8 @@ def load_model(path, device):
     """(model in bf16 on ``device``, its tokenizer or None for the random-weight stand-in)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if path:  # a model directory, a .gguf file (e.g. deltatune.models.smollm2_path()) or "smollm2"
-        from deltatune.models import load_model as load, smollm2_path
+    if path:  # a model directory, a .gguf file (e.g. deltatune.hub.smollm2_path()) or "smollm2"
+        from deltatune.hub import load_model as load, smollm2_path
 
         model, tokenizer = load(smollm2_path() if path == "smollm2" else path)
         return model.to(device=device, dtype=torch.bfloat16), tokenizer
