@@ -138,6 +138,9 @@ def test_contract(layer, method, path, tmp_path):
     dt.add_adapter(model, cfg)
     if path == "fused":
         enable_fast_path(model)
+        # the fused path takes every layer it has kernels for (the dense and 4-bit linear geometries)
+        assert all((m.forward_impl is not None) == (m.fused_weight() is not None)
+                   for _, m in dt.adapters.delta_layers(model))
     assert any(isinstance(m, DeltaLayer) for m in model.modules())
     assert all(isinstance(m, dt.AdapterModule) for _, m in dt.adapter_modules(model))
     # the base weights keep their names; only adapter keys are new
