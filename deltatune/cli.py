@@ -36,7 +36,8 @@ class EvalArgs:
     """Evaluate a model (optionally with an adapter) on a data file, read as the adapter's run read its data."""
 
     adapter: Optional[str] = None
-    """Adapter directory (PEFT format); its deltatune_train.json supplies --model, the task, the data format and the columns when not given."""
+    """Adapter directory (PEFT format); its deltatune_train.json supplies --model, the task, the data format
+    and the columns that are not given."""
     model: Optional[str] = None
     """Base model: directory, .gguf file or hub id."""
     batch_size: int = 8
@@ -80,9 +81,10 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _add_fields(parser, cls, exclude=(), defaults: Optional[dict] = None) -> None:
+def _add_fields(parser, cls, exclude=(), defaults: Optional[dict] = None, aliases: Optional[dict] = None) -> None:
     """One flag per field of dataclass ``cls`` (both ``--max-steps`` and ``--max_steps``) on ``parser``
-    (a parser or an argument group); help from the field's docstring."""
+    (a parser or an argument group); help from the field's docstring. ``aliases`` maps a field to
+    other names it also answers to, as flags and as YAML keys (``{"dropout": ["lora_dropout"]}``)."""
     from jsonargparse import ActionYesNo
 
     hints = get_type_hints(cls)
@@ -92,11 +94,13 @@ def _add_fields(parser, cls, exclude=(), defaults: Optional[dict] = None) -> Non
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         default = (defaults or {}).get(f.name, default)
-        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        flags = []
+        for name in [f.name] + list((aliases or {}).get(f.name, ())):
+            flags += [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
         kind = hints[f.name]
         if kind is bool or kind == Optional[bool]:
             parser.add_argument(flags[0], dest=f.name, action=ActionYesNo(no_prefix="no-"), default=default,
-                                help=docs.get(f.name, ""))
+                                help=docs.get(f.name, ""))  # --flag / --no-flag: no aliases
         else:
             parser.add_argument(*flags, dest=f.name, type=kind, default=default, help=docs.get(f.name, ""))
 
@@ -166,19 +170,19 @@ def train_parser(method: str, prog: str = "deltatune train"):
     _add_fields(parser.add_argument_group("training"), TrainArgs)
     _add_fields(parser.add_argument_group("data"), DataArgs)
     if config is not None:
-        group = parser.add_argument_group(f"method {method} ({config.__name__})")
-        _add_fields(group, config, defaults=METHOD_DEFAULTS.get(method))
-        hints = get_type_hints(config)
+        aliases: dict[str, list[str]] = {}
         for old, new in FLAG_ALIASES.get(method, {}).items():
-            group.add_argument(f"--{old.replace('_', '-')}", f"--{old}", dest=old, type=Optional[hints[new]],
-                               default=None, help=f"the same as --{new.replace('_', '-')}")
+            aliases.setdefault(new, []).append(old)
+        _add_fields(parser.add_argument_group(f"method {method} ({config.__name__})"), config,
+                    defaults=METHOD_DEFAULTS.get(method), aliases=aliases)
     return parser
 
 
 def parse_train_args(argv: list[str], prog: str = "deltatune train"):
     """Parse ``deltatune train``'s flags and/or ``--config`` into ``(TrainArgs, DataArgs, method config)``;
-    the method config is None for --method full. Raises ``TrainError`` for an unknown method."""
-    from deltatune.train.args import FLAG_ALIASES, DataArgs, TrainArgs, method_config_class
+    the method config is None for --method full. Raises ``TrainError`` for an unknown method or a
+    setting the method config rejects."""
+    from deltatune.train.args import DataArgs, TrainArgs, TrainError, method_config_class
 
     method = method_from_argv(argv)
     ns = train_parser(method, prog).parse_args(argv)
@@ -187,19 +191,14 @@ def parse_train_args(argv: list[str], prog: str = "deltatune train"):
         return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
     args, data = build(TrainArgs), build(DataArgs)
-    config = method_config_class(args.method)
-    if config is None:
-        return args, data, None
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(config)}
-    for old, new in FLAG_ALIASES.get(args.method, {}).items():
-        if getattr(ns, old) is not None:
-            values[new] = getattr(ns, old)
+    if args.method != method:  # method_from_argv and the parser read the flags and files differently
+        raise TrainError(f"--method: read as {method!r} to choose the flags, parsed as {args.method!r}; "
+                         f"give --method on the command line")
+    config = method_config_class(method)
     try:
-        return args, data, config(**values)
+        return args, data, build(config) if config is not None else None
     except (TypeError, ValueError) as e:
-        from deltatune.train.args import TrainError
-
-        raise TrainError(f"--method {args.method}: {e}") from None
+        raise TrainError(f"--method {method}: {e}") from None
 
 
 # -- commands ---------------------------------------------------------------------------------------------

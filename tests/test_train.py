@@ -189,6 +189,7 @@ def test_flags_and_yaml_come_from_the_dataclasses(tmp_path, capsys):
     assert parse_train_args(["--dropout", "0.2"], "t")[2].dropout == 0.2
     cfg.write_text("lora_dropout: 0.05\nalpha: 8\n")
     assert parse_train_args(["--config", str(cfg)], "t")[2].dropout == 0.05
+    assert parse_train_args(["--config", str(cfg), "--dropout", "0.2"], "t")[2].dropout == 0.2  # later flags win
     # --method picks the flags: full fine-tuning has no --r; the method can come from the YAML file.
     args, _, method = parse_train_args(["--method", "full"], "t")
     assert args.method == "full" and method is None

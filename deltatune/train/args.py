@@ -14,6 +14,8 @@ from typing import Literal, Optional
 
 import torch
 
+from deltatune.methods import config_class, method_names
+
 __all__ = ["TrainArgs", "DataArgs", "TrainError", "RESUMABLE_CHANGES", "FULL", "METHOD_DEFAULTS", "FLAG_ALIASES",
            "method_choices", "method_config_class", "method_config", "run_record", "check_resume", "resolve_device"]
 
@@ -139,8 +141,6 @@ class DataArgs:
 # -- the method, by name ---------------------------------------------------------------------------------------
 def method_choices() -> list[str]:
     """Every value ``TrainArgs.method`` takes: "full" and the registered adapter methods."""
-    from deltatune.methods import method_names
-
     return [FULL] + [name for name in method_names() if name != FULL]
 
 
@@ -153,8 +153,6 @@ def method_config_class(name: str) -> Optional[type]:
     choices = method_choices()
     if name not in choices:
         raise TrainError(f"unknown --method {name!r}; choose one of {choices}")
-    from deltatune.methods import config_class
-
     return config_class(name)
 
 

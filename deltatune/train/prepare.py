@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from deltatune.train.args import FULL, TrainArgs, TrainError
+from deltatune.train.args import FULL, TrainArgs, TrainError, method_config
 from deltatune.train.optim import AdamW
 
 __all__ = ["prepare_model", "base_dtype", "cast_frozen", "enable_fast", "enable_checkpointing", "param_groups",
@@ -26,7 +26,6 @@ def prepare_model(model: torch.nn.Module, args: TrainArgs, method=None, task: st
     (default: ``args.method``'s config with the trainer's defaults). A classification head is added
     to the config's ``modules_to_save``: a fresh head must train in full."""
     import deltatune as dt
-    from deltatune.train.args import method_config
 
     if args.method == FULL:
         if args.quant:
