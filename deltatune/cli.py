@@ -48,8 +48,9 @@ class EvalArgs:
 
 EVAL_DATA_EXCLUDE = ("val_data", "val_fraction")
 """DataArgs fields that mean nothing to ``deltatune eval``."""
-EVAL_DATA_DEFAULTS = {"max_bad_fraction": 1.0}
-"""Evaluation reports on every usable row, however many are bad."""
+EVAL_DATA_DEFAULTS = {"max_bad_fraction": 1.0, "data_format": None, "task": None, "text_columns": None,
+                      "label_column": None}
+"""Evaluation reports on every usable row, however many are bad; None: as the adapter's run recorded."""
 
 
 @dataclass
@@ -98,6 +99,8 @@ def _add_fields(parser, cls, exclude=(), defaults: Optional[dict] = None, aliase
         for name in [f.name] + list((aliases or {}).get(f.name, ())):
             flags += [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
         kind = hints[f.name]
+        if default is None:
+            kind = Optional[kind]
         if kind is bool or kind == Optional[bool]:
             parser.add_argument(flags[0], dest=f.name, action=ActionYesNo(no_prefix="no-"), default=default,
                                 help=docs.get(f.name, ""))  # --flag / --no-flag: no aliases
@@ -228,7 +231,8 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def parse_eval_args(argv: list[str], prog: str = "deltatune eval"):
-    """Parse ``deltatune eval``'s flags into ``(EvalArgs, DataArgs)``."""
+    """Parse ``deltatune eval``'s flags into ``(EvalArgs, DataArgs, names of the data fields given)``;
+    data fields not given keep DataArgs' defaults (and take what the adapter's run recorded)."""
     from deltatune.train.args import DataArgs
 
     parser = _new_parser(prog, (EvalArgs.__doc__ or "").strip().splitlines()[0])
@@ -236,9 +240,11 @@ def parse_eval_args(argv: list[str], prog: str = "deltatune eval"):
     _add_fields(parser.add_argument_group("data"), DataArgs, exclude=EVAL_DATA_EXCLUDE, defaults=EVAL_DATA_DEFAULTS)
     ns = parser.parse_args(argv)
     args = EvalArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(EvalArgs)})
-    data = DataArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(DataArgs)
-                       if f.name not in EVAL_DATA_EXCLUDE})
-    return args, data
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(DataArgs) if f.name not in EVAL_DATA_EXCLUDE}
+    as_recorded = {name for name, default in EVAL_DATA_DEFAULTS.items() if default is None}
+    given = {name for name in as_recorded if values[name] is not None}
+    data = DataArgs(**{name: value for name, value in values.items() if name in given or name not in as_recorded})
+    return args, data, given
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -247,10 +253,10 @@ def cmd_eval(argv: list[str]) -> int:
     from deltatune.hub import ModelLoadError
     from deltatune.train.evaluate import evaluate_adapter
 
-    args, data = parse_eval_args(argv)
+    args, data, given = parse_eval_args(argv)
     try:
         result = evaluate_adapter(data, adapter=args.adapter, model=args.model, batch_size=args.batch_size,
-                                  device=args.device)
+                                  device=args.device, explicit=given)
     except (ModelLoadError, ValueError) as e:  # DataError and AdapterFileError are ValueErrors
         print(f"deltatune eval: error: {e}", file=sys.stderr)
         return 2

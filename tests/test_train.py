@@ -269,9 +269,10 @@ def test_eval_reads_data_as_the_adapters_run_did_whatever_the_extension(tiny, tm
         assert main(["eval", "--adapter", str(res.adapter), "--data", str(path), "--max-length", "64"]) == 0
         reports.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert reports[0] == reports[1] and reports[1]["examples"] == 16 and "accuracy" in reports[1]
-    # Explicit flags still win: read as plain text, the file does not fit the classification task.
-    assert main(["eval", "--adapter", str(res.adapter), "--data", str(txt), "--data-format", "text"]) == 2
-    assert "read as text data (causal-lm), but the task is classification" in capsys.readouterr().err
+    # Explicit flags still win, "auto" too: read as plain text, the file does not fit the classification task.
+    for fmt in ("text", "auto"):
+        assert main(["eval", "--adapter", str(res.adapter), "--data", str(txt), "--data-format", fmt]) == 2
+        assert "read as text data (causal-lm), but the task is classification" in capsys.readouterr().err
 
 
 def test_trainable_report_counts_quantized_weights_by_their_shape(tiny, tmp_path):

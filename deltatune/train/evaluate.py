@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,24 +89,26 @@ RECORDED = ("data_format", "text_columns", "label_column", "task")
 """DataArgs fields that ``evaluate_adapter`` takes from the adapter's run when left at their defaults."""
 
 
-def eval_data_args(data: DataArgs, info: dict) -> DataArgs:
-    """``data`` with each field of ``RECORDED`` that is left at its default ("auto" / None) taken from
-    ``info`` (an adapter's ``deltatune_train.json``): the evaluation file is read as the run read its
-    training data, whatever its extension. Explicit settings win."""
+def eval_data_args(data: DataArgs, info: dict, explicit: Collection[str] = ()) -> DataArgs:
+    """``data`` with each field of ``RECORDED`` that is left at its default ("auto" / None) and not named
+    in ``explicit`` taken from ``info`` (an adapter's ``deltatune_train.json``): the evaluation file is
+    read as the run read its training data, whatever its extension. Explicit settings win."""
     defaults = DataArgs()
     changes = {name: info[name] for name in RECORDED
-               if info.get(name) is not None and getattr(data, name) == getattr(defaults, name)}
+               if info.get(name) is not None and name not in explicit
+               and getattr(data, name) == getattr(defaults, name)}
     return dataclasses.replace(data, **changes)
 
 
 def evaluate_adapter(data: DataArgs, adapter: Optional[str] = None, model: Optional[str] = None,
-                     batch_size: int = 8, device: str = "auto") -> dict[str, float]:
+                     batch_size: int = 8, device: str = "auto", explicit: Collection[str] = ()) -> dict[str, float]:
     """Evaluate base model ``model`` (default: the one ``adapter`` records), with ``adapter`` loaded if
     given, on ``data.data``; returns ``evaluate``'s metrics plus ``examples``.
 
-    The task, the data format and the columns come from ``data`` where set, else from the adapter's
+    The task, the data format and the columns come from ``data`` where set (or named in
+    ``explicit``: e.g. a format given as "auto" on purpose), else from the adapter's
     ``deltatune_train.json``, else from the file. Raises ``ValueError`` (``DataError``,
-    ``ModelLoadError``, ``AdapterFileError``) on unusable input, naming it."""
+    ``AdapterFileError``) or ``ModelLoadError`` on unusable input, naming it."""
     import deltatune as dt
     from deltatune.hub import load_model, load_tokenizer
 
@@ -114,7 +116,7 @@ def evaluate_adapter(data: DataArgs, adapter: Optional[str] = None, model: Optio
     model_path = model or info.get("base_model")
     if not model_path or not data.data:
         raise ValueError("evaluation needs --data and --model (or an --adapter that records its base model)")
-    data = eval_data_args(data, info)
+    data = eval_data_args(data, info, explicit)
     tok = load_tokenizer(model_path)
     ds = load_dataset(data.data, tok, fmt=data.data_format, max_length=data.max_length, packing=data.packing,
                       text_columns=data.text_columns, label_column=data.label_column,

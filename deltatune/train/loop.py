@@ -323,6 +323,33 @@ def finish(run: Run, result: TrainResult, log=print) -> TrainResult:
     return result
 
 
+class _Signals:
+    """Turn SIGTERM/SIGINT into a request to save and stop at the end of the current step."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second Ctrl-C: stop now, without saving
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
+              f"(send again to stop without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 # -- the whole run ---------------------------------------------------------------------------------------------
 def train(args: TrainArgs, data: Optional[DataArgs] = None, method=None, *, model=None, tokenizer=None,
           train_data: Optional[Dataset] = None, val_data: Optional[Dataset] = None,
@@ -406,30 +433,3 @@ def _stop_nan(result: TrainResult, error: NonFinite, last_ckpt, bar, log) -> Tra
                       f"Try a lower --lr, --max-grad-norm, or --precision fp32/bf16 instead of fp16")
     log(result.message)
     return result
-
-
-class _Signals:
-    """Turn SIGTERM/SIGINT into a request to save and stop at the end of the current step."""
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None:  # a second Ctrl-C: stop now, without saving
-            raise KeyboardInterrupt
-        self.received = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
-              f"(send again to stop without saving)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
