@@ -88,14 +88,17 @@ class Run:
 
     @property
     def out(self) -> Path:
+        """The output directory."""
         return Path(self.args.output)
 
     @property
     def ckpt_dir(self) -> Path:
+        """Where checkpoints go."""
         return self.out / "checkpoints"
 
     @property
     def metrics_path(self) -> Path:
+        """The metrics log (one JSON line per step and per evaluation)."""
         return self.out / "metrics.jsonl"
 
     @property
@@ -105,6 +108,7 @@ class Run:
 
     @property
     def pad_id(self) -> int:
+        """The tokenizer's pad token id (0 without one)."""
         pad = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer is not None else None
         return pad if pad is not None else 0
 

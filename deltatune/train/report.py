@@ -67,6 +67,7 @@ def estimate_memory(model: torch.nn.Module, args: TrainArgs, seq_len: int, task:
 
 
 def gib(x: float) -> str:
+    """``x`` bytes as "1.23 GiB"."""
     return f"{x / 2**30:.2f} GiB"
 
 
