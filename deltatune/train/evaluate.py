@@ -92,9 +92,12 @@ RECORDED = ("data_format", "text_columns", "label_column", "task")
 def eval_data_args(data: DataArgs, info: dict, explicit: Collection[str] = ()) -> DataArgs:
     """``data`` with each field of ``RECORDED`` that is left at its default ("auto" / None) and not named
     in ``explicit`` taken from ``info`` (an adapter's ``deltatune_train.json``): the evaluation file is
-    read as the run read its training data, whatever its extension. Explicit settings win."""
+    read as the run read its training data, whatever its extension (the format only for classification
+    runs, whose columns it fixes). Explicit settings win."""
     defaults = DataArgs()
-    changes = {name: info[name] for name in RECORDED
+    # A causal LM reads alpaca, chat and text files alike: there the file's own shape decides its format.
+    recorded = RECORDED if info.get("task") == "classification" else tuple(n for n in RECORDED if n != "data_format")
+    changes = {name: info[name] for name in recorded
                if info.get(name) is not None and name not in explicit
                and getattr(data, name) == getattr(defaults, name)}
     return dataclasses.replace(data, **changes)
