@@ -71,12 +71,8 @@ class _Checkpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-            recomputing.skip_mlp_output = ctx.skip  # the layer's output values are not used, only its graph
-            recomputing.active = True
-            try:
+            with recomputing(skip_mlp_output=ctx.skip):  # with ctx.skip only the graph of the output is used
                 out = ctx.fn(x)
-            finally:
-                recomputing.skip_mlp_output = recomputing.active = False
         torch.autograd.backward(out, dout)
         return None, None, None, None, x.grad if ctx.needs_input_grad[4] else None
 

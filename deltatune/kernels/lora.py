@@ -32,6 +32,9 @@ stacked weight (one matmul each way) whose spare columns carry ``diag(s B_g, s B
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 
@@ -42,24 +45,26 @@ from deltatune.kernels.lora_pack import (factor_groups, factors, flatten, grad_l
 __all__ = ["lora_group", "lora_mlp", "recomputing"]
 
 
-class _Recompute:
-    """Set while a checkpointed decoder layer is recomputed for its backward (``deltatune.fast``).
-
-    ``skip_mlp_output``: nothing reads the MLP's output (only the residual add after it, whose backward
-    needs no values), so ``lora_mlp`` skips the down projection's base matmul and returns uninitialised
-    memory of the right shape: about a quarter of a Llama layer's weights, a sixth of a checkpointed
-    step's matmuls.
-
-    ``active``: the backward of this layer follows at once, so a quantized base weight dequantized for
-    the recomputation is kept for it instead of dequantized a third time (one layer's dense weights
-    live for that layer's backward only).
-    """
-
-    skip_mlp_output = False
-    active = False
+# Set while a checkpointed decoder layer is recomputed for its backward (``deltatune.fast``), through the
+# ``recomputing`` context: a context variable, not a flag, so it is scoped to that call and its thread.
+#
+# Its value, ``skip_mlp_output``: nothing reads the MLP's output (only the residual add after it, whose
+# backward needs no values), so ``lora_mlp`` skips the down projection's base matmul and returns
+# uninitialised memory of the right shape: about a quarter of a Llama layer's weights, a sixth of a
+# checkpointed step's matmuls. Set at all: the backward of this layer follows at once, so a quantized base
+# weight dequantized for the recomputation is kept for it instead of dequantized a third time (one
+# layer's dense weights live for that layer's backward only).
+_RECOMPUTING: contextvars.ContextVar[bool | None] = contextvars.ContextVar("deltatune_recomputing", default=None)
 
 
-recomputing = _Recompute()
+@contextlib.contextmanager
+def recomputing(skip_mlp_output: bool):
+    """Context of a checkpointed layer's recomputation (see ``_RECOMPUTING``)."""
+    token = _RECOMPUTING.set(bool(skip_mlp_output))
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
 
 
 def _dense(weight, dtype: torch.dtype) -> torch.Tensor:
@@ -191,7 +196,7 @@ def _a_dtype(projs):
 
 def _keep_dense(spec, dense):
     """The dense weights to keep for the backward: while recomputing, if any base weight is quantized."""
-    if recomputing.active and not torch.compiler.is_compiling() and any(packed is not None for *_, packed in spec):
+    if _RECOMPUTING.get() is not None and not torch.compiler.is_compiling() and any(packed is not None for *_, packed in spec):
         return dense
     return None
 
@@ -381,7 +386,7 @@ class _LoraMLP(torch.autograd.Function):
         h_gu = x2 @ a_gu.T if a_gu is not None else None  # (N, R_g + R_u)
         g, u, dense_gu = _gate_up(x2, projs[:2], h_gu.shape[1] if h_gu is not None else 0)
         act = swiglu_lora_forward(g, u, *split_low_rank(h_gu, sb_gu))  # (N, I): used here, not saved
-        if recomputing.skip_mlp_output and not torch.compiler.is_compiling():
+        if _RECOMPUTING.get() and not torch.compiler.is_compiling():
             y = torch.empty((x2.shape[0], projs[2][0].shape[0]), dtype=x.dtype, device=x.device)
             h_d = act @ a_d.T if a_d is not None else None
             dense_d = [None]
