@@ -6,6 +6,7 @@ import pytest
 
 from deltatune.train.data import IGNORE, collate, load_dataset, sample_index, split_validation
 from deltatune.train.formats import DataError, read_records
+from deltatune.train.packing import segments
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +92,16 @@ def test_truncation_and_packing(shared_data, smol_tok):
     ds = load_dataset(path, smol_tok, max_length=64)
     assert all(len(ex["input_ids"]) <= 64 for ex in ds.examples)
     assert ds.truncated > 0 and len(ds) + ds.dropped == 999
-    full = load_dataset(path, smol_tok, max_length=100_000)
+    unpacked = load_dataset(path, smol_tok, max_length=256)
     packed = load_dataset(path, smol_tok, max_length=256, packing=True)
-    assert all(len(ex["input_ids"]) == 256 for ex in packed.examples[:-1])
-    # Packing moves tokens into blocks; it neither loses nor duplicates them, and keeps their masks.
-    flat = [t for ex in full.examples for t in ex["input_ids"]]
-    flat_labels = [t for ex in full.examples for t in ex["labels"]]
-    packed_ids = [t for ex in packed.examples for t in ex["input_ids"]]
-    assert packed_ids == flat[:len(packed_ids)] and len(flat) - len(packed_ids) < 256
-    assert [t for ex in packed.examples for t in ex["labels"]] == flat_labels[:len(packed_ids)]
+    # Packing places whole examples into nearly full rows; it neither loses nor duplicates one, and
+    # keeps their masks (each example's first label masked: it is predicted from another example).
+    assert all(len(ex["input_ids"]) <= 256 for ex in packed.examples)
+    tokens = sum(len(ex["input_ids"]) for ex in unpacked.examples)
+    assert len(packed) <= 1.05 * tokens / 256 and len(packed) < len(unpacked) / 1.5  # rows nearly full
+    pieces = sorted((tuple(ex["input_ids"][a:b]), tuple(ex["labels"][a + 1:b]))
+                    for ex in packed.examples for a, b in segments(ex["position_ids"]))
+    assert pieces == sorted((tuple(ex["input_ids"]), tuple(ex["labels"][1:])) for ex in unpacked.examples)
 
 
 def test_plain_text_blocks(shared_data, smol_tok):

@@ -17,6 +17,7 @@ import torch
 
 from deltatune.train.chat import render_chat
 from deltatune.train.formats import BadRow, DataError, check_bad_rows, read_records
+from deltatune.train.packing import pack
 
 __all__ = ["IGNORE", "Dataset", "load_dataset", "tokenize_chat", "split_validation", "sample_index", "collate",
            "batches"]
@@ -77,20 +78,6 @@ def tokenize_chat(tokenizer, messages, tools=None) -> tuple[list[int], list[int]
     return ids, labels
 
 
-def _pack(examples: list[dict], block: int) -> list[dict]:
-    """Concatenate examples and cut into blocks of ``block`` tokens (no padding; attention crosses documents)."""
-    ids, labels, out = [], [], []
-    for ex in examples:
-        ids += ex["input_ids"]
-        labels += ex["labels"]
-        while len(ids) >= block:
-            out.append({"input_ids": ids[:block], "labels": labels[:block]})
-            ids, labels = ids[block:], labels[block:]
-    if ids and any(t != IGNORE for t in labels):
-        out.append({"input_ids": ids, "labels": labels})
-    return out
-
-
 def load_dataset(path: str | Path, tokenizer, fmt: str = "auto", max_length: int = 1024, packing: bool = False,
                  max_bad_fraction: float = 0.05, text_columns: list[str] | None = None,
                  label_column: str | None = None, label_names: list[str] | None = None,
@@ -100,7 +87,8 @@ def load_dataset(path: str | Path, tokenizer, fmt: str = "auto", max_length: int
     Args:
         path: data file; fmt: "auto", "alpaca", "chat", "text" or "classification".
         max_length: longer examples are truncated (plain text is cut into blocks of this length).
-        packing: concatenate instruction/chat examples into full ``max_length`` blocks.
+        packing: place instruction/chat examples into rows of up to ``max_length`` tokens, each
+            example attending only to itself (``deltatune.train.packing``).
         max_bad_fraction: raise DataError if more than this fraction of rows is bad.
         label_names: class names in id order (for a validation file, the training file's).
     Returns a ``Dataset``; bad rows are reported through ``log``.
@@ -144,7 +132,7 @@ def load_dataset(path: str | Path, tokenizer, fmt: str = "auto", max_length: int
                     raise DataError(f"{path}: line {r.line}: {e}") from None
                 bad.append(BadRow(r.line, r.index, f"chat template failed: {e}"))
                 continue
-            if len(ids) > max_length and not packing:
+            if len(ids) > max_length:
                 ids, labels = ids[:max_length], labels[:max_length]
                 ds.truncated += 1
             if not any(t != IGNORE for t in labels[1:]):
@@ -152,7 +140,7 @@ def load_dataset(path: str | Path, tokenizer, fmt: str = "auto", max_length: int
                 continue
             ds.examples.append({"input_ids": ids, "labels": labels})
         if packing:
-            ds.examples = _pack(ds.examples, max_length)
+            ds.examples = pack(ds.examples, max_length)
         bad.sort(key=lambda b: b.line)
     report = check_bad_rows(path, bad, total, max_bad_fraction)
     if report:
@@ -204,10 +192,16 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def collate(examples: list[dict], pad_id: int, task: str) -> dict[str, torch.Tensor]:
-    """Right-pad ``examples`` into a batch: input_ids, attention_mask, and labels (token or class)."""
+    """Right-pad ``examples`` into a batch: input_ids, attention_mask, and labels (token or class).
+
+    Packed rows (``deltatune.train.packing``) also give ``position_ids``; the padding after a row's
+    examples is one more segment (positions from 0), which no real token attends to.
+    """
     width = max(len(ex["input_ids"]) for ex in examples)
     batch = {"input_ids": torch.full((len(examples), width), pad_id, dtype=torch.long),
              "attention_mask": torch.zeros((len(examples), width), dtype=torch.long)}
+    if "position_ids" in examples[0]:
+        batch["position_ids"] = torch.arange(width).repeat(len(examples), 1)
     if "token_type_ids" in examples[0]:
         batch["token_type_ids"] = torch.zeros((len(examples), width), dtype=torch.long)
     if task == "classification":
@@ -218,6 +212,9 @@ def collate(examples: list[dict], pad_id: int, task: str) -> dict[str, torch.Ten
         n = len(ex["input_ids"])
         batch["input_ids"][i, :n] = torch.tensor(ex["input_ids"])
         batch["attention_mask"][i, :n] = 1
+        if "position_ids" in batch:
+            batch["position_ids"][i, :n] = torch.tensor(ex["position_ids"])
+            batch["position_ids"][i, n:] -= n
         if "token_type_ids" in batch:
             batch["token_type_ids"][i, :n] = torch.tensor(ex["token_type_ids"])
         if task != "classification":

@@ -15,13 +15,20 @@ import torch.nn.functional as F
 from deltatune.adapters import prepare_batch
 from deltatune.train.args import DataArgs, resolve_device
 from deltatune.train.data import IGNORE, Dataset, collate, load_dataset
+from deltatune.train.packing import segments
 from deltatune.train.outputs import run_info
 
 __all__ = ["batch_loss", "evaluate", "eval_data_args", "evaluate_adapter"]
 
 
 def _model_inputs(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    """The model's keyword inputs. Packed rows pass their ``position_ids`` and neither a padding mask nor
+    a KV cache: only then does transformers read restarting positions as example boundaries and confine
+    attention to each example (``deltatune.train.packing``)."""
+    if "position_ids" not in batch:
+        return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "attention_mask")}
+    return {**inputs, "use_cache": False}
 
 
 def batch_loss(model, batch: dict, task: str, device, autocast, fast: bool = False):
@@ -36,8 +43,9 @@ def batch_loss(model, batch: dict, task: str, device, autocast, fast: bool = Fal
         from deltatune.fast import fused_causal_lm_loss
 
         n = int((labels[:, 1:] != IGNORE).sum())
+        positions = batch["position_ids"].to(device) if "position_ids" in batch else None
         with autocast():
-            mean = fused_causal_lm_loss(model, batch["input_ids"].to(device), labels)
+            mean = fused_causal_lm_loss(model, batch["input_ids"].to(device), labels, position_ids=positions)
         return mean.float() * n, n, None
     with autocast():
         logits = model(**_model_inputs(batch, device)).logits
@@ -60,7 +68,7 @@ def evaluate(model, ds: Dataset, batch_size: int = 8, device=None, autocast=None
     autocast = autocast or contextlib.nullcontext
     was_training = model.training
     model.eval()
-    total, count, correct, exact = 0.0, 0, 0, 0
+    total, count, correct, exact, examples = 0.0, 0, 0, 0, 0
     pad = 0
     for start in range(0, len(ds), batch_size):
         batch = prepare_batch(model, collate(ds.examples[start:start + batch_size], pad, ds.task))
@@ -72,15 +80,19 @@ def evaluate(model, ds: Dataset, batch_size: int = 8, device=None, autocast=None
         else:
             labels = batch["labels"][:, 1:]
             pred = logits[:, :-1].argmax(-1).cpu()
-            target = labels != IGNORE
-            exact += int(((pred == labels) | ~target).all(dim=1).sum())
+            hit = (pred == labels) | (labels == IGNORE)  # (B, T-1): position t predicts token t+1
+            rows = [ex.get("position_ids") for ex in ds.examples[start:start + batch_size]]
+            for i, positions in enumerate(rows):  # a packed row holds several examples: each counts alone
+                spans = segments(positions) if positions is not None else [(0, hit.shape[1] + 1)]
+                exact += sum(int(hit[i, a:b - 1].all()) for a, b in spans)
+                examples += len(spans)
     model.train(was_training)
     out = {"loss": total / max(count, 1)}
     if ds.task == "classification":
         out["accuracy"] = correct / len(ds)
     else:
         out["perplexity"] = math.exp(min(out["loss"], 50.0))
-        out["exact_match"] = exact / len(ds)
+        out["exact_match"] = exact / max(examples, 1)
     return out
 
 

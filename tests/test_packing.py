@@ -1,0 +1,106 @@
+"""Padding-free packing: examples share rows but never attend across each other, so the loss of a
+packed batch is the sum of the examples' unpacked losses."""
+
+import random
+
+import pytest
+import torch
+
+from deltatune.train.data import IGNORE, Dataset, collate
+from deltatune.train.evaluate import batch_loss, evaluate
+from deltatune.train.packing import pack, segments
+
+transformers = pytest.importorskip("transformers")
+
+
+def _examples(n=11, seed=0, vocab=97):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(3, 40)
+        ids = [rng.randrange(1, vocab) for _ in range(length)]
+        prompt = rng.randint(1, length - 2)  # a prompt without loss, then the answer
+        out.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    return out
+
+
+def _tiny_llama(attn="sdpa"):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   attn_implementation=attn)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_rows_hold_every_example_once_with_restarting_positions():
+    examples = _examples(40, seed=1)
+    rows = pack(examples, 64)
+    assert all(len(r["input_ids"]) <= 64 for r in rows)
+    total = sum(len(e["input_ids"]) for e in examples)
+    assert len(rows) <= total // 64 + 2  # best-fit: rows come out nearly full
+    found = []
+    for r in rows:
+        assert len(r["input_ids"]) == len(r["labels"]) == len(r["position_ids"])
+        for a, b in segments(r["position_ids"]):
+            found.append(tuple(r["input_ids"][a:b]))
+            assert r["position_ids"][a:b] == list(range(b - a))
+            assert r["labels"][a] == IGNORE  # predicted from another example's last token: masked
+    assert sorted(found) == sorted(tuple(e["input_ids"]) for e in examples)
+    assert pack(examples, 64) == rows  # deterministic: resuming needs the same rows
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        pack(examples, 1)
+
+
+def test_long_examples_are_cut_to_the_row():
+    rows = pack([{"input_ids": list(range(1, 51)), "labels": list(range(1, 51))}], 16)
+    assert rows == [{"input_ids": list(range(1, 17)), "labels": [IGNORE] + list(range(2, 17)),
+                     "position_ids": list(range(16))}]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_packed_loss_equals_the_sum_of_unpacked_losses(fast):
+    model = _tiny_llama()
+    examples = _examples()
+    ctx = torch.autocast("cpu", enabled=False)
+
+    def autocast():
+        return ctx
+
+    with torch.no_grad():
+        alone = [batch_loss(model, collate([e], 0, "causal-lm"), "causal-lm", "cpu", autocast)[:2] for e in examples]
+        rows = pack(examples, 64)
+        batch = collate(rows, 0, "causal-lm")
+        assert "position_ids" in batch and len(rows) < len(examples)
+        if fast:
+            from deltatune.fast import disable_fast_path, enable_fast_path
+
+            enable_fast_path(model)
+        packed, n = batch_loss(model, batch, "causal-lm", "cpu", autocast, fast=fast)[:2]
+        if fast:
+            disable_fast_path(model)
+    assert n == sum(k for _, k in alone)
+    expected = sum(float(loss) for loss, _ in alone)
+    assert abs(float(packed) - expected) <= 1e-5 * abs(expected), (float(packed), expected)
+
+
+def test_packing_without_masks_would_leak_across_examples():
+    """The check above can fail: packed rows read without their positions attend across examples."""
+    model = _tiny_llama()
+    examples = _examples()
+    rows = pack(examples, 64)
+    with torch.no_grad():
+        batch = collate(rows, 0, "causal-lm")
+        leaky = {k: v for k, v in batch.items() if k != "position_ids"}
+        packed = float(batch_loss(model, batch, "causal-lm", "cpu", torch.no_grad)[0])
+        crossed = float(batch_loss(model, leaky, "causal-lm", "cpu", torch.no_grad)[0])
+    assert abs(packed - crossed) > 1e-4 * abs(packed)  # ten times the tolerance of the check above
+
+
+def test_evaluate_gives_the_same_loss_and_exact_match_packed():
+    model = _tiny_llama()
+    examples = _examples(9, seed=3)
+    plain = Dataset(examples, "causal-lm")
+    packed = Dataset(pack(examples, 64), "causal-lm")
+    a, b = evaluate(model, plain, batch_size=4), evaluate(model, packed, batch_size=2)
+    assert abs(a["loss"] - b["loss"]) <= 1e-4 * a["loss"]
+    assert a["exact_match"] == b["exact_match"]
