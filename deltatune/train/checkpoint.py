@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "clean_stale",
-           "trainable_state", "CheckpointError"]
+           "trainable_state", "CheckpointError", "run_lock", "remove_if_only_lock"]
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -160,6 +160,18 @@ def run_lock(out: str | Path):
         yield
     finally:
         handle.close()
+
+
+def remove_if_only_lock(out: str | Path) -> bool:
+    """Remove run directory ``out`` if it holds nothing but the ``.lock`` file; returns whether it did."""
+    out = Path(out)
+    try:
+        if {p.name for p in out.iterdir()} <= {".lock"}:
+            shutil.rmtree(out)
+            return True
+    except OSError:
+        pass
+    return False
 
 
 def clean_stale(root: str | Path) -> list[Path]:

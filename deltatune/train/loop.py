@@ -34,6 +34,7 @@ from deltatune.train.args import (
     FULL, DataArgs, TrainArgs, TrainError, check_resume, method_config, method_config_class, resolve_device,
     run_record,
 )
+from deltatune.train.console import safe_print
 from deltatune.train.data import IGNORE, Dataset, collate, load_dataset, sample_index, split_validation
 from deltatune.train.evaluate import batch_loss, evaluate
 from deltatune.train.outputs import append_metrics, plot_metrics, save_outputs, truncate_metrics, write_json
@@ -346,8 +347,9 @@ class _Signals:
         if self.received is not None:  # a second Ctrl-C: stop now, without saving
             raise KeyboardInterrupt
         self.received = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
-              f"(send again to stop without saving)", file=sys.stderr, flush=True)
+        # Under `... | tee log` the pipe's reader got the signal too and is gone: the message may go nowhere.
+        safe_print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
+                   f"(send again to stop without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -373,10 +375,17 @@ def train(args: TrainArgs, data: Optional[DataArgs] = None, method=None, *, mode
     ``DataError`` on unusable data.
     """
     data = data if data is not None else DataArgs()
-    Path(args.output).mkdir(parents=True, exist_ok=True)
-    with ckpt.run_lock(args.output):
-        run = setup(args, data, method, model, tokenizer, train_data, val_data, log)
-        return _run(run, on_step, log)
+    out = Path(args.output)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with ckpt.run_lock(out):
+        try:
+            run = setup(args, data, method, model, tokenizer, train_data, val_data, log)
+            return _run(run, on_step, log)
+        except BaseException:
+            if created:  # a run that failed before writing anything leaves no folder holding only its .lock
+                ckpt.remove_if_only_lock(out)
+            raise
 
 
 def _run(run: Run, on_step, log) -> TrainResult:
