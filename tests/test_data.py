@@ -186,3 +186,63 @@ def test_validation_split_is_disjoint(shared_data, bert_tok):
     assert len(val) == 87 and len(train) + len(val) == len(ds)
     key = lambda ex: tuple(ex["input_ids"])  # noqa: E731
     assert sorted(map(key, train.examples + val.examples)) == sorted(map(key, ds.examples))
+
+
+def test_truncation_is_counted_per_kept_example(tmp_path, bert_tok):
+    """Once "60 rows -> 56 examples, 58 truncated": dropped rows were counted as truncated too."""
+    rows = [{"instruction": "x" * 30, "output": "y" * 40}] * 4 + [{"instruction": "x" * 100, "output": "y"}] * 2 \
+        + [{"instruction": "x", "output": "y"}] * 3
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_dataset(path, bert_tok, max_length=60)
+    assert (len(ds), ds.truncated, ds.dropped) == (7, 4, 2)
+    assert ds.truncated <= len(ds)
+    assert "9 rows -> 7 examples (4 of them cut at --max-length); 2 rows dropped" in ds.summary()
+
+
+def write_table(path, rows):
+    path.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+    return path
+
+
+def test_text_column_as_label_column_is_refused_with_numbers(shared_data, tmp_path):
+    sst = shared_data / "sst2" / "dev.tsv"
+    with pytest.raises(DataError, match=r"label column 'sentence' has 872 distinct values in 872 rows .*"
+                                        r"nearly one class per row.*--label-column.*--max-classes"):
+        read_records(sst, label_column="sentence", text_columns=["sentence"], max_classes=100)
+    records, _, _, _ = read_records(sst, max_classes=100)  # the real label column passes
+    assert len(records) == 872
+    # More classes than the limit, though not one per row.
+    many = write_table(tmp_path / "many.tsv", [("text", "label")] + [(f"row {i}", i % 30) for i in range(90)])
+    with pytest.raises(DataError, match="30 distinct values in 90 rows .*more than --max-classes 20"):
+        read_records(many, max_classes=20)
+    assert len(read_records(many, max_classes=30)[0]) == 90
+    assert len(read_records(many, max_classes=0)[0]) == 90  # 0: no check
+
+
+def test_headerless_file_is_detected_and_columns_suggested(shared_data, tmp_path):
+    cola = shared_data / "cola" / "dev.tsv"  # GLUE CoLA: source, label, original mark, sentence; no header
+    with pytest.raises(DataError) as e:
+        read_records(cola, fmt="classification")
+    msg = str(e.value)
+    assert "looks like data, not a header" in msg and "--label-column 1 --text-columns '[3]'" in msg
+    assert "None" not in msg
+    with pytest.raises(DataError, match="looks like data.*--label-column 1 --text-columns"):
+        read_records(cola, fmt="classification", label_column="label")
+    records, _, total, _ = read_records(cola, fmt="classification", label_column="1", text_columns=["3"])
+    assert total == len(records) == 527
+    with pytest.raises(DataError, match="give --text-columns as numbers too"):
+        read_records(cola, fmt="classification", label_column="1", text_columns=["sentence"])
+
+
+def test_missing_columns_are_named_without_none(tmp_path):
+    path = write_table(tmp_path / "t.tsv", [("review", "stars")] + [("fine film", 1), ("dull", 0)])
+    with pytest.raises(DataError) as e:
+        read_records(path)
+    assert "no label column found" in str(e.value) and "'label'" in str(e.value) and "None" not in str(e.value)
+    assert "--label-column NAME" in str(e.value)
+    with pytest.raises(DataError, match=r"no column 'score' \(--label-column\) in the header \['review', 'stars'\]"):
+        read_records(path, label_column="score")
+    with pytest.raises(DataError, match=r"no known text column .*--text-columns '\[NAME, \.\.\.\]'"):
+        read_records(path, label_column="stars")
+    assert len(read_records(path, label_column="stars", text_columns=["review"])[0]) == 2

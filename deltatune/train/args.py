@@ -30,7 +30,7 @@ FLAG_ALIASES: dict[str, dict[str, str]] = {"lora": {"lora_dropout": "dropout"}}
 
 # Settings that may change on --resume without changing the computation.
 RESUMABLE_CHANGES = {"resume", "save_every", "keep", "eval_every", "log_every", "progress", "merge", "max_steps",
-                     "epochs", "output", "device", "fast"}
+                     "epochs", "output", "device", "fast", "max_classes"}
 
 
 class TrainError(RuntimeError):
@@ -134,6 +134,8 @@ class DataArgs:
     """Use this many examples (0 = all): training takes a seeded random subset, evaluation the first ones."""
     max_bad_fraction: float = 0.05
     """Stop if more than this fraction of the data rows is bad (they are listed by line number)."""
+    max_classes: int = 100
+    """Classification: refuse a label column with more distinct values than this, or with about one per row (a text column named by mistake); 0 = no check."""
     task: Literal["auto", "causal-lm", "classification"] = "auto"
     """Model head: "auto" takes classification for TSV/CSV data and causal-lm otherwise (eval: as recorded)."""
 

@@ -38,7 +38,9 @@ class Dataset:
     bad: list[BadRow] = field(default_factory=list)
     total_rows: int = 0
     truncated: int = 0
+    """Examples kept but cut at ``max_length`` (each counted once)."""
     dropped: int = 0
+    """Rows dropped because no target token was left within ``max_length``."""
     label_names: list[str] | None = None
 
     def __len__(self):
@@ -53,12 +55,12 @@ class Dataset:
     def summary(self) -> str:
         """One line saying what was read, and what was skipped and why."""
         s = f"{self.path}: {self.fmt}, {self.total_rows} rows -> {len(self.examples)} examples"
-        if self.bad:
-            s += f", {len(self.bad)} bad rows skipped"
         if self.truncated:
-            s += f", {self.truncated} truncated"
+            s += f" ({self.truncated} of them cut at --max-length)"
+        if self.bad:
+            s += f"; {len(self.bad)} bad rows skipped"
         if self.dropped:
-            s += f", {self.dropped} dropped (no target token left after truncation)"
+            s += f"; {self.dropped} rows dropped: no target token left within --max-length"
         return s
 
 
@@ -81,7 +83,7 @@ def tokenize_chat(tokenizer, messages, tools=None) -> tuple[list[int], list[int]
 def load_dataset(path: str | Path, tokenizer, fmt: str = "auto", max_length: int = 1024, packing: bool = False,
                  max_bad_fraction: float = 0.05, text_columns: list[str] | None = None,
                  label_column: str | None = None, label_names: list[str] | None = None,
-                 log=print) -> Dataset:
+                 max_classes: int = 100, log=print) -> Dataset:
     """Read ``path`` and tokenize it for training.
 
     Args:
@@ -91,9 +93,12 @@ def load_dataset(path: str | Path, tokenizer, fmt: str = "auto", max_length: int
             example attending only to itself (``deltatune.train.packing``).
         max_bad_fraction: raise DataError if more than this fraction of rows is bad.
         label_names: class names in id order (for a validation file, the training file's).
+        max_classes: without ``label_names``, refuse a label column with more distinct values than
+            this or about one per row (``formats.check_label_count``; 0: no check).
     Returns a ``Dataset``; bad rows are reported through ``log``.
     """
-    records, bad, total, fmt = read_records(path, fmt, text_columns, label_column)
+    records, bad, total, fmt = read_records(path, fmt, text_columns, label_column,
+                                            max_classes=max_classes if label_names is None else 0)
     ds = Dataset([], "classification" if fmt == "classification" else "causal-lm", str(path), fmt, bad, total)
     if fmt == "classification":
         if label_names is None:
@@ -132,12 +137,13 @@ def load_dataset(path: str | Path, tokenizer, fmt: str = "auto", max_length: int
                     raise DataError(f"{path}: line {r.line}: {e}") from None
                 bad.append(BadRow(r.line, r.index, f"chat template failed: {e}"))
                 continue
-            if len(ids) > max_length:
+            cut = len(ids) > max_length
+            if cut:
                 ids, labels = ids[:max_length], labels[:max_length]
-                ds.truncated += 1
             if not any(t != IGNORE for t in labels[1:]):
                 ds.dropped += 1
                 continue
+            ds.truncated += cut  # counted among the examples kept; the dropped ones are counted apart
             ds.examples.append({"input_ids": ids, "labels": labels})
         if packing:
             ds.examples = pack(ds.examples, max_length)
@@ -219,7 +225,20 @@ def collate(examples: list[dict], pad_id: int, task: str) -> dict[str, torch.Ten
             batch["token_type_ids"][i, :n] = torch.tensor(ex["token_type_ids"])
         if task != "classification":
             batch["labels"][i, :n] = torch.tensor(ex["labels"])
+    if "position_ids" in batch:
+        batch.update(_boundaries(batch["position_ids"]))
     return batch
+
+
+def _boundaries(position_ids: torch.Tensor) -> dict:
+    """Where a packed batch's examples start and end in its flattened token stream, as transformers'
+    flattening collators give it (``cu_seq_lens_q/k``: int32 (segments + 1,); ``max_length_q/k``): what
+    variable-length attention kernels take. Computed here, on the host, so no step waits for the GPU."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def batches(ds: Dataset, batch_size: int, pad_id: int):

@@ -22,7 +22,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DataError", "BadRow", "Record", "FORMATS", "detect_format", "read_records", "check_bad_rows"]
+__all__ = ["DataError", "BadRow", "Record", "FORMATS", "detect_format", "read_records", "check_bad_rows",
+           "check_label_count"]
 
 FORMATS = ("alpaca", "chat", "text", "classification")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -184,8 +185,10 @@ def _delimiter(path: Path) -> str:
     return "\t" if "\t" in first else ","
 
 
-def _table_records(path: Path, text_columns: list[str] | None, label_column: str | None, bad: list):
-    """Rows of a TSV/CSV file. Columns given as integers mean the file has no header (CoLA)."""
+def _table_records(path: Path, text_columns: list[str] | None, label_column: str | None, bad: list,
+                   max_classes: int = 0):
+    """Rows of a TSV/CSV file. Columns given as integers mean the file has no header (CoLA); a first line
+    that looks like data without them is refused with the column numbers to give."""
     delimiter = _delimiter(path)
     # GLUE TSVs contain bare quote characters inside sentences: no quoting for TSV.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
@@ -195,26 +198,34 @@ def _table_records(path: Path, text_columns: list[str] | None, label_column: str
     if headerless:
         header, first_line = None, 1
         label_idx = int(label_column)
-        text_idx = [int(c) for c in (text_columns or [])]
-        if not text_idx:
-            raise DataError(f"{path}: with a numeric --label-column, give --text-columns as numbers too")
+        if not text_columns or not all(str(c).isdigit() for c in text_columns):
+            raise DataError(f"{path}: with a numeric --label-column, give --text-columns as numbers too "
+                            f"(a file without a header has no names), e.g. --text-columns '[3]'")
+        text_idx = [int(c) for c in text_columns]
     else:
         if not rows:
             raise DataError(f"{path}: empty file")
         header, rows, first_line = rows[0], rows[1:], 2
-        label_column = label_column or next((c for c in LABEL_COLUMNS if c in header), None)
+        if label_column is None:
+            label_column = next((c for c in LABEL_COLUMNS if c in header), None)
+            if label_column is None:
+                _refuse_headerless(path, header, rows)
+                raise DataError(f"{path}: no label column found: the header {header} has none of "
+                                f"{list(LABEL_COLUMNS)}; name it with --label-column NAME")
         if label_column not in header:
-            raise DataError(f"{path}: no label column {label_column!r} in header {header}; pass --label-column")
+            _refuse_headerless(path, header, rows)
+            raise DataError(f"{path}: no column {label_column!r} (--label-column) in the header {header}")
         label_idx = header.index(label_column)
         if text_columns:
             missing = [c for c in text_columns if c not in header]
             if missing:
-                raise DataError(f"{path}: text columns {missing} not in header {header}")
+                raise DataError(f"{path}: text columns {missing} (--text-columns) not in the header {header}")
             text_idx = [header.index(c) for c in text_columns]
         else:
             text_idx = [i for i, c in enumerate(header) if c in TEXT_COLUMNS]
             if not text_idx:
-                raise DataError(f"{path}: no known text column in header {header}; pass --text-columns")
+                raise DataError(f"{path}: no known text column in the header {header} (looked for "
+                                f"{list(TEXT_COLUMNS)}); name them with --text-columns '[NAME, ...]'")
     width = len(header) if header else None
     records = []
     for index, row in enumerate(rows):
@@ -235,19 +246,67 @@ def _table_records(path: Path, text_columns: list[str] | None, label_column: str
             continue
         records.append(Record("classification", line, index, text=texts if len(texts) > 1 else texts[0],
                               label=label))
+    column = repr(label_column) if header else f"{label_idx} (0-based)"
+    check_label_count(path, column, [r.label for r in records], max_classes)
     return records, len(rows)
 
 
+def check_label_count(path, column: str, labels: list[str], max_classes: int) -> None:
+    """Raise ``DataError`` when label ``column`` of ``path`` has more than ``max_classes`` distinct values,
+    or about one per row (more than half as many as rows, with 10 rows or more): a text column named as
+    the label column would otherwise train a classifier with one class per sentence. 0 turns it off."""
+    distinct = sorted(set(labels))
+    if max_classes <= 0 or not labels:
+        return
+    many = len(distinct) > max_classes
+    one_per_row = len(labels) >= 10 and len(distinct) > len(labels) / 2
+    if many or one_per_row:
+        sample = ", ".join(repr(v[:40]) for v in distinct[:3])
+        why = ("nearly one class per row: that looks like a text column, not labels" if one_per_row
+               else f"more than --max-classes {max_classes}")
+        raise DataError(f"{path}: label column {column} has {len(distinct)} distinct values in {len(labels)} rows "
+                        f"({sample}, ...), {why}; name the label column with --label-column, or set "
+                        f"--max-classes (0 turns this check off) for a task with that many classes")
+
+
+def _looks_like_data(header: list[str]) -> bool:
+    """Whether a first line reads as a row of data rather than column names: an empty or numeric
+    cell, or a cell that is a sentence (GLUE's CoLA files have no header)."""
+    def numeric(cell: str) -> bool:
+        return cell.strip().lstrip("-").replace(".", "", 1).isdigit()
+
+    return any(not c.strip() or numeric(c) or len(c.split()) > 4 for c in header)
+
+
+def _refuse_headerless(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    """Raise ``DataError`` suggesting column numbers if ``header`` looks like a row of data; else return."""
+    if not _looks_like_data(header):
+        return
+    sample = [header] + [r for r in rows[:500] if len(r) == len(header)]
+    columns = [[r[i].strip() for r in sample] for i in range(len(header))]
+    length = [sum(len(v) for v in col) / len(col) for col in columns]
+    text = max(range(len(columns)), key=lambda i: length[i])
+    labels = [i for i, col in enumerate(columns) if i != text and all(col) and 2 <= len(set(col)) <= 50]
+    label = min(labels, key=lambda i: (len(set(columns[i])), length[i])) if labels else None
+    hint = (f"--label-column {label} --text-columns '[{text}]' (column {label} holds "
+            f"{sorted(set(columns[label]))[:5]}, column {text} the longest texts)" if label is not None
+            else "--label-column N --text-columns '[N, ...]'")
+    raise DataError(f"{path}: the first line {header} looks like data, not a header; for a file without a "
+                    f"header give the columns by 0-based number: {hint}")
+
+
 def read_records(path: str | Path, fmt: str = "auto", text_columns: list[str] | None = None,
-                 label_column: str | None = None) -> tuple[list[Record], list[BadRow], int, str]:
-    """Parse ``path``; returns (records, bad rows, total rows, format). Raises DataError on unreadable files."""
+                 label_column: str | None = None, max_classes: int = 0) -> tuple[list[Record], list[BadRow], int, str]:
+    """Parse ``path``; returns (records, bad rows, total rows, format). Raises DataError on unreadable files,
+    and on a classification label column with more than ``max_classes`` distinct values or about one
+    per row (``check_label_count``; 0: no check)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file")
     fmt = detect_format(p) if fmt == "auto" else fmt
     bad: list[BadRow] = []
     if fmt == "classification":
-        records, total = _table_records(p, text_columns, label_column, bad)
+        records, total = _table_records(p, text_columns, label_column, bad, max_classes)
         return records, bad, total, fmt
     if fmt == "text" and p.suffix.lower() not in (".json", ".jsonl"):
         text = p.read_text(encoding="utf-8-sig")

@@ -150,7 +150,7 @@ def load_data(args: TrainArgs, data: DataArgs, tokenizer, log=print) -> tuple[Da
         raise TrainError("no training data: set DataArgs.data (--data)")
     kw = dict(fmt=data.data_format, max_length=data.max_length, packing=data.packing,
               max_bad_fraction=data.max_bad_fraction, text_columns=data.text_columns,
-              label_column=data.label_column, log=log)
+              label_column=data.label_column, max_classes=data.max_classes, log=log)
     train_ds = load_dataset(data.data, tokenizer, **kw)
     if 0 < data.max_examples < len(train_ds):
         keep = sorted(random.Random(args.seed).sample(range(len(train_ds)), data.max_examples))
