@@ -90,7 +90,7 @@ def test_packing_without_masks_would_leak_across_examples():
     rows = pack(examples, 64)
     with torch.no_grad():
         batch = collate(rows, 0, "causal-lm")
-        leaky = {k: v for k, v in batch.items() if k != "position_ids"}
+        leaky = {k: batch[k] for k in ("input_ids", "labels", "attention_mask")}  # no positions, no boundaries
         packed = float(batch_loss(model, batch, "causal-lm", "cpu", torch.no_grad)[0])
         crossed = float(batch_loss(model, leaky, "causal-lm", "cpu", torch.no_grad)[0])
     assert abs(packed - crossed) > 1e-4 * abs(packed)  # ten times the tolerance of the check above
@@ -104,3 +104,30 @@ def test_evaluate_gives_the_same_loss_and_exact_match_packed():
     a, b = evaluate(model, plain, batch_size=4), evaluate(model, packed, batch_size=2)
     assert abs(a["loss"] - b["loss"]) <= 1e-4 * a["loss"]
     assert a["exact_match"] == b["exact_match"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="variable-length FlashAttention needs a CUDA GPU")
+def test_gpu_packed_rows_take_the_variable_length_kernel(monkeypatch):
+    from deltatune.fast import blocks, disable_fast_path, enable_fast_path
+
+    if blocks._VARLEN is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    calls = []
+    fn, windowed, gqa = blocks._VARLEN
+    monkeypatch.setattr(blocks, "_VARLEN", (lambda *a, **k: calls.append(1) or fn(*a, **k), windowed, gqa))
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(cfg).cuda().to(torch.bfloat16).eval()
+    examples = _examples(13, seed=5)
+    with torch.no_grad():
+        alone = [batch_loss(model, collate([e], 0, "causal-lm"), "causal-lm", "cuda", torch.no_grad)[:2]
+                 for e in examples]
+        enable_fast_path(model)
+        packed, n = batch_loss(model, collate(pack(examples, 64), 0, "causal-lm"), "causal-lm", "cuda",
+                               torch.no_grad, fast=True)[:2]
+        disable_fast_path(model)
+    assert calls, "the fused attention did not take the packed rows"
+    expected = sum(float(loss) for loss, _ in alone)
+    assert n == sum(k for _, k in alone) and abs(float(packed) - expected) <= 2e-2 * expected

@@ -6,6 +6,7 @@ the class's own forward (``type(self).forward``) for anything else, so enabling 
 changes what a model computes, only how:
 
 * attention: q/k/v as one fused node sharing the input, RoPE in Triton, SDPA (or cuDNN's attention);
+  packed rows (``cu_seq_lens_q``/``max_length_q`` given) by PyTorch's variable-length FlashAttention;
 * MLP: one node that recomputes the SwiGLU output in backward;
 * RMSNorm: the Triton kernel (fp32 statistics, saves only ``rstd``);
 * decoder layer: the residual adds fused into the norms, and each norm's output handed to the fused
@@ -64,9 +65,55 @@ def _ours(module: nn.Module, fast) -> bool:
 
 
 # -- attention ----------------------------------------------------------------------------------------------
+def _varlen_attention():
+    """PyTorch's variable-length FlashAttention (``torch.nn.attention.varlen.varlen_attn``) and whether it
+    takes ``window_size`` (newer) or ``is_causal`` (older), or None where this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    import inspect
+
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, "window_size" in params, "enable_gqa" in params
+
+
+_VARLEN = _varlen_attention()
+
+
+def _packed(kwargs, hidden_states) -> bool:
+    """Whether this call carries packed rows' boundaries (``cu_seq_lens_q``, as transformers' flattening
+    collators give them) that the variable-length kernel can take here (CUDA, fp16/bf16)."""
+    return (kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None
+            and _VARLEN is not None and hidden_states.is_cuda
+            and hidden_states.dtype in (torch.float16, torch.bfloat16))
+
+
+def _varlen(q, k, v, cu_seq_lens, max_length, scale):
+    """Causal attention within each packed example: q (B, T, Hq, D), k/v (B, T, Hkv, D) -> (B, T, Hq*D).
+
+    The rows are one token stream of B*T tokens cut at ``cu_seq_lens`` (int32, (segments + 1,));
+    a row's trailing padding is a segment of its own."""
+    b, t, hq, d = q.shape
+    fn, windowed, gqa = _VARLEN
+    q, k, v = q.reshape(b * t, hq, d), k.reshape(b * t, k.shape[2], d), v.reshape(b * t, v.shape[2], d)
+    if not gqa and k.shape[1] != hq:
+        k, v = k.repeat_interleave(hq // k.shape[1], 1), v.repeat_interleave(hq // v.shape[1], 1)
+    extra = {"enable_gqa": k.shape[1] != hq} if gqa else {}
+    if windowed:
+        extra["window_size"] = (-1, 0)  # causal
+    else:
+        extra["is_causal"] = True
+    out = fn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scale, **extra)
+    return out.reshape(b, t, hq * d)
+
+
 def _attention(self, hidden_states, position_embeddings, attention_mask, past_key_values, norm, cudnn, kwargs):
-    """LlamaAttention.forward for training: no mask (causal), no cache, eval-free dropout."""
-    uncovered = (position_embeddings is None or attention_mask is not None or past_key_values is not None
+    """LlamaAttention.forward for training: no mask (causal) or packed rows (variable-length), no cache,
+    eval-free dropout."""
+    packed = _packed(kwargs, hidden_states)
+    uncovered = (position_embeddings is None or (attention_mask is not None and not packed)
+                 or past_key_values is not None
                  or kwargs.get("cache") is not None  # transformers >= 5.2x passes the KV cache as ``cache``
                  or (self.training and self.attention_dropout) or kwargs.get("output_attentions"))
     if uncovered:
@@ -85,6 +132,9 @@ def _attention(self, hidden_states, position_embeddings, attention_mask, past_ke
     # (B, T, H, D) each; v is copied only if it is a column block of a stacked q/k/v output, which SDPA
     # would otherwise keep alive whole for its backward. Their gradients come back as one tensor.
     q, k, v = apply_rope(q.view(b, t, -1, d), k.view(b, t, -1, d), cos, sin, v.view(b, t, -1, d))
+    if packed:  # each example attends to itself only (the 4-D mask transformers built is not needed)
+        out = _varlen(q, k, v, kwargs["cu_seq_lens_q"], kwargs["max_length_q"], self.scaling)
+        return self.o_proj(out), None
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) views
     if cudnn:  # cuDNN's fused attention; it takes no GQA, so repeat k, v
         from torch.nn.attention import SDPBackend, sdpa_kernel

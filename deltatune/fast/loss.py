@@ -15,7 +15,7 @@ __all__ = ["fused_causal_lm_loss"]
 
 def fused_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                          attention_mask: torch.Tensor | None = None, ignore_index: int = -100,
-                         position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                         **model_kwargs) -> torch.Tensor:
     """Mean next-token cross-entropy of a causal LM, as ``model(input_ids, labels=labels).loss``.
 
     Runs the decoder, then the output head and cross-entropy fused chunk by chunk, so the
@@ -28,18 +28,18 @@ def fused_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torc
         input_ids: (B, T) token ids.
         labels: (B, T) targets, unshifted (position t predicts labels[t + 1]); ``ignore_index`` skipped.
         attention_mask: optional (B, T) padding mask passed to the decoder.
-        position_ids: optional (B, T) positions (packed rows: restarting per example, no attention_mask).
+        model_kwargs: more inputs of the decoder: for packed rows ``position_ids`` restarting per example and
+            their boundaries (``cu_seq_lens_q``, ``max_length_q``, ...), with no attention_mask.
     Returns:
         the scalar loss (fp32).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     cfg = getattr(model, "config", None)
     rescaled = any(getattr(cfg, a, None) for a in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    model_kwargs["use_cache"] = False
     if type(head) is not nn.Linear or head.bias is not None or rescaled or not hasattr(model, "get_decoder"):
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-                     use_cache=False).loss
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False)
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **model_kwargs).loss
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (B, T, d)
     shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # position t is scored on token t + 1
     return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, shifted.reshape(-1),

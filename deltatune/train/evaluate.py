@@ -27,7 +27,8 @@ def _model_inputs(batch: dict, device) -> dict:
     attention to each example (``deltatune.train.packing``)."""
     if "position_ids" not in batch:
         return {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "attention_mask")}
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+              if k not in ("labels", "attention_mask")}
     return {**inputs, "use_cache": False}
 
 
@@ -35,17 +36,19 @@ def batch_loss(model, batch: dict, task: str, device, autocast, fast: bool = Fal
     """(summed loss, number of targets, logits or None) of one batch; causal LM predicts token t+1 from t.
 
     With ``fast`` (causal LM) the head and cross-entropy run fused (``deltatune.fast``) and no logits
-    are returned; the attention mask is dropped there, since with right padding and causal
-    attention it changes only padded positions, which carry no loss.
+    are returned.
     """
     labels = batch["labels"].to(device)
     if fast and task == "causal-lm":
         from deltatune.fast import fused_causal_lm_loss
 
         n = int((labels[:, 1:] != IGNORE).sum())
-        positions = batch["position_ids"].to(device) if "position_ids" in batch else None
+        inputs = _model_inputs(batch, device)
+        # right padding under causal attention changes only padded positions, which carry no loss: without
+        # the mask the fused attention runs (packed rows never pass one)
+        inputs.pop("attention_mask", None)
         with autocast():
-            mean = fused_causal_lm_loss(model, batch["input_ids"].to(device), labels, position_ids=positions)
+            mean = fused_causal_lm_loss(model, labels=labels, **inputs)
         return mean.float() * n, n, None
     with autocast():
         logits = model(**_model_inputs(batch, device)).logits
