@@ -61,7 +61,8 @@ def batch_loss(model, batch: dict, task: str, device, autocast, fast: bool = Fal
 
 
 @torch.no_grad()
-def evaluate(model, ds: Dataset, batch_size: int = 8, device=None, autocast=None) -> dict[str, float]:
+def evaluate(model, ds: Dataset, batch_size: int = 8, device=None, autocast=None,
+             progress: bool = False) -> dict[str, float]:
     """Loss and, by task, perplexity, accuracy (classification) and exact match (instruction data).
 
     Exact match is greedy-decoding exact match computed in one teacher-forced pass: greedy decoding
@@ -73,7 +74,12 @@ def evaluate(model, ds: Dataset, batch_size: int = 8, device=None, autocast=None
     model.eval()
     total, count, correct, exact, examples = 0.0, 0, 0, 0, 0
     pad = 0
-    for start in range(0, len(ds), batch_size):
+    starts = range(0, len(ds), batch_size)
+    if progress:  # a pass over a large validation set takes long enough to look frozen without one
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="evaluate", unit="batch", leave=False, dynamic_ncols=True)
+    for start in starts:
         batch = prepare_batch(model, collate(ds.examples[start:start + batch_size], pad, ds.task))
         loss, n, logits = batch_loss(model, batch, ds.task, device, autocast)
         total += float(loss)
@@ -119,17 +125,24 @@ def eval_data_args(data: DataArgs, info: dict, explicit: Collection[str] = ()) -
 
 
 def evaluate_adapter(data: DataArgs, adapter: Optional[str] = None, model: Optional[str] = None,
-                     batch_size: int = 8, device: str = "auto", explicit: Collection[str] = ()) -> dict[str, float]:
+                     batch_size: int = 8, device: str = "auto", explicit: Collection[str] = (),
+                     progress: bool = False, log=None) -> dict[str, float]:
     """Evaluate base model ``model`` (default: the one ``adapter`` records), with ``adapter`` loaded if
-    given, on ``data.data``; returns ``evaluate``'s metrics plus ``examples``.
+    given, on ``data.data``; returns ``evaluate``'s metrics plus ``examples``. The adapter's files are
+    checked before anything loads; ``log`` (default: silent) hears what was read and loaded, and
+    ``progress`` shows a bar over the evaluation batches.
 
     The task, the data format and the columns come from ``data`` where set (or named in
     ``explicit``: e.g. a format given as "auto" on purpose), else from the adapter's
     ``deltatune_train.json``, else from the file. Raises ``ValueError`` (``DataError``,
     ``AdapterFileError``) or ``ModelLoadError`` on unusable input, naming it."""
     import deltatune as dt
+    from deltatune.formats.files import read_adapter_files
     from deltatune.hub import load_model, load_tokenizer
 
+    log = log or (lambda message: None)
+    if adapter:
+        read_adapter_files(adapter)  # a missing or broken adapter is reported before a long model load
     info = run_info(adapter)
     model_path = model or info.get("base_model")
     if not model_path or not data.data:
@@ -146,10 +159,12 @@ def evaluate_adapter(data: DataArgs, adapter: Optional[str] = None, model: Optio
     if data.max_examples:
         ds = Dataset(ds.examples[:data.max_examples], ds.task, ds.path, ds.fmt, label_names=ds.label_names)
     torch.manual_seed(0)
+    log(ds.summary())
+    log(f"loading {model_path} ...")
     net, _ = load_model(model_path, task=ds.task, label_names=ds.label_names, tokenizer=tok)
     if adapter:
         dt.load_adapter(net, adapter, name="default")
     net.to(resolve_device(device))
-    result = evaluate(net, ds, batch_size)
+    result = evaluate(net, ds, batch_size, progress=progress)
     result["examples"] = len(ds)
     return result

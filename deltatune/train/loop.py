@@ -310,7 +310,7 @@ def _save(run: Run, done: int) -> Path:
 
 
 def _validate(run: Run, done: int, log) -> dict:
-    res = evaluate(run.model, run.val_data, run.args.micro_batch, run.device, run.autocast)
+    res = evaluate(run.model, run.val_data, run.args.micro_batch, run.device, run.autocast, progress=run.args.progress)
     append_metrics(run.metrics_path, {"step": done, **{f"val_{k}": v for k, v in res.items()}})
     log(f"step {done}: validation " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
     return res
