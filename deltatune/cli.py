@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Literal, Optional, get_type_hints
 
 __all__ = ["main", "dataclass_parser", "parse_dataclass", "train_parser", "parse_train_args", "parse_eval_args",
-           "EvalArgs", "MergeArgs"]
+           "EvalArgs", "MergeArgs", "ExportArgs"]
 
-USAGE = """usage: deltatune {demo,train,eval,merge,bench,models} ...
+USAGE = """usage: deltatune {demo,train,eval,merge,export,bench,models} ...
 
   demo    fine-tune SmolLM2-135M-Instruct with LoRA on a built-in task, on CPU, in minutes
   train   train an adapter (or the full model): deltatune train --model M --data D --output O
   eval    perplexity / accuracy / exact match of a model, optionally with an adapter
   merge   save a model with an adapter merged into its weights
+  export  write a model (an adapter merged in) as one GGUF file for llama.cpp / Ollama
   bench   speed and memory benchmarks (deltatune bench --help)
   models  paths of the installed real models (SmolLM2 GGUF, MiniLM), to pass as --model
 
@@ -49,6 +50,8 @@ class EvalArgs:
     """Examples per forward pass."""
     device: str = "auto"
     """"auto", "cpu", "cuda", ..."""
+    progress: bool = True
+    """Show what is loaded and a progress bar over the evaluation batches (on stderr)."""
 
 
 EVAL_DATA_EXCLUDE = ("val_data", "val_fraction")
@@ -68,6 +71,24 @@ class MergeArgs:
     """Directory for the merged model."""
     model: Optional[str] = None
     """Base model; default: the one recorded in the adapter's deltatune_train.json."""
+    dtype: Optional[str] = None
+    """Weights' dtype in the saved model ("float32", "bfloat16", "float16"); default: as loaded (float32)."""
+
+
+@dataclass
+class ExportArgs:
+    """Write a model, with an adapter merged in if given, as one GGUF file (llama.cpp, Ollama)."""
+
+    output: str = ""
+    """The .gguf file to write."""
+    adapter: Optional[str] = None
+    """Adapter directory to merge first; its deltatune_train.json supplies --model."""
+    model: Optional[str] = None
+    """Model directory (e.g. `deltatune merge`'s output), .gguf file or hub id; default: the adapter's base."""
+    format: Literal["gguf"] = "gguf"
+    """File format (GGUF only, for now)."""
+    dtype: Literal["f16", "bf16", "q8_0"] = "f16"
+    """Weight type: f16 / bf16 (lossless for bf16-trained weights) or q8_0 (8-bit blocks, half the size)."""
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -350,7 +371,8 @@ def cmd_eval(argv: list[str]) -> int:
     args, data, given = parse_eval_args(argv)
     try:
         result = evaluate_adapter(data, adapter=args.adapter, model=args.model, batch_size=args.batch_size,
-                                  device=args.device, explicit=given)
+                                  device=args.device, explicit=given, progress=args.progress,
+                                  log=(lambda message: print(message, file=sys.stderr)) if args.progress else None)
     except (ModelLoadError, ValueError) as e:  # DataError and AdapterFileError are ValueErrors
         print(f"deltatune eval: error: {e}", file=sys.stderr)
         return 2
@@ -359,31 +381,50 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_merge(argv: list[str]) -> int:
-    from pathlib import Path
+    from deltatune.formats.hf_model import ModelDirError
+    from deltatune.hub import DTYPES, ModelLoadError
+    from deltatune.train.outputs import load_merge_source, save_merged
 
-    import deltatune as dt
-    from deltatune.hub import ModelLoadError, load_model
-    from deltatune.train.outputs import run_info, save_merged
+    prog = "deltatune merge"
+    args = parse_dataclass(MergeArgs, argv, prog)
+    if not args.adapter or not args.output:
+        fail(prog, "--adapter and --output are required", help_hint=True)
+    if args.dtype is not None and args.dtype not in DTYPES:
+        fail(prog, f"--dtype {args.dtype!r}: choose one of {list(DTYPES)}")
+    if Path(args.output).is_file():
+        fail(prog, f"--output {args.output} is a file; the merged model is a directory")
+    try:
+        model, tok, _ = load_merge_source(args.adapter, args.model)
+        save_merged(model, tok, Path(args.output), dtype=DTYPES[args.dtype] if args.dtype else None)
+    except (ModelLoadError, ValueError, OSError) as e:  # AdapterFileError and ModelDirError are ValueErrors
+        fail(prog, str(e))
+    print(f"merged model saved to {args.output} (load it with AutoModelForCausalLM.from_pretrained({args.output!r}))")
+    return 0
 
-    args = parse_dataclass(MergeArgs, argv, "deltatune merge")
+
+def cmd_export(argv: list[str]) -> int:
+    from deltatune.formats.gguf_export import GGUFExportError
+    from deltatune.hub import ModelLoadError
+    from deltatune.train.outputs import export_gguf, load_merge_source
+
+    prog = "deltatune export"
+    args = parse_dataclass(ExportArgs, argv, prog)
+    if not args.output or not (args.adapter or args.model):
+        fail(prog, "--output and --adapter or --model are required", help_hint=True)
+    if not args.output.endswith(".gguf"):
+        fail(prog, f"--output {args.output}: a GGUF file's name ends in .gguf")
+    if Path(args.output).is_dir():
+        fail(prog, f"--output {args.output} is a directory; give a file name ending in .gguf")
     try:
-        info = run_info(args.adapter)
-    except ValueError as e:
-        print(f"deltatune merge: error: {e}", file=sys.stderr)
-        return 2
-    model_path = args.model or info.get("base_model")
-    if not args.adapter or not args.output or not model_path:
-        print("deltatune merge: --adapter, --output and --model (unless the adapter records it) are required",
-              file=sys.stderr)
-        return 2
-    try:
-        model, tok = load_model(model_path, task=info.get("task", "causal-lm"), label_names=info.get("label_names"))
-        dt.load_adapter(model, args.adapter, name="default")
-    except (ModelLoadError, ValueError) as e:
-        print(f"deltatune merge: error: {e}", file=sys.stderr)
-        return 2
-    save_merged(model, tok, Path(args.output))
-    print(f"merged model saved to {args.output}")
+        model, tok, base = load_merge_source(args.adapter, args.model)
+        # A model trained from a GGUF base keeps that file's vocabulary exactly (tokenizer.* copied).
+        vocab_from = base if str(base).endswith(".gguf") and Path(base).is_file() else None
+        path = export_gguf(model, tok, args.output, dtype=args.dtype, vocab_from=vocab_from)
+    except (ModelLoadError, GGUFExportError, ValueError, OSError) as e:
+        fail(prog, str(e))
+    size = path.stat().st_size / 2**20
+    print(f"GGUF file written: {path} ({size:.1f} MiB, {args.dtype}); run it with llama.cpp "
+          f"(`llama-cli -m {path}`) or load it with AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)")
     return 0
 
 
@@ -418,8 +459,8 @@ def cmd_bench(argv: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "demo": cmd_demo, "bench": cmd_bench,
-            "models": cmd_models}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export, "demo": cmd_demo,
+            "bench": cmd_bench, "models": cmd_models}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["ModelLoadError", "load_model", "load_tokenizer", "head_module_name", "smollm2_path", "minilm_path",
-           "DTYPES"]
+           "base_reference", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,6 +68,32 @@ def _source(path: str) -> tuple[str, dict]:
             f"downloading it needs a network, which this machine does not have. Download it where a network "
             f"exists (`huggingface-cli download {path} --local-dir DIR`) and pass --model DIR")
     return path, {}
+
+
+def base_reference(path: str) -> dict:
+    """How an adapter trained on model ``path`` names its base, for deltatune and for PEFT:
+    ``{"base_model": ..., "base_model_name_or_path": ..., "revision": ..., "gguf_file": ...}``.
+
+    ``base_model`` is what ``load_model`` takes (a local path made absolute, or the hub id).
+    ``base_model_name_or_path`` is what ``AutoModelForCausalLM.from_pretrained`` takes: the directory
+    or hub id, and for a GGUF file the directory holding it, which PEFT users load with
+    ``gguf_file=`` (``AutoPeftModelForCausalLM.from_pretrained(adapter, gguf_file=...)``).
+    ``revision`` is the commit of a hub id's cached snapshot, if it is in the cache."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        p = p.resolve()
+        return {"base_model": str(p), "base_model_name_or_path": str(p.parent), "revision": None, "gguf_file": p.name}
+    if p.is_dir():
+        return {"base_model": str(p.resolve()), "base_model_name_or_path": str(p.resolve()), "revision": None,
+                "gguf_file": None}
+    revision = None
+    try:  # a cached snapshot lives in .../snapshots/<commit>/
+        from huggingface_hub import snapshot_download
+
+        revision = Path(snapshot_download(path, local_files_only=True)).name
+    except Exception:
+        pass
+    return {"base_model": path, "base_model_name_or_path": path, "revision": revision, "gguf_file": None}
 
 
 def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:

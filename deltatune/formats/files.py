@@ -67,10 +67,14 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
             for path in order for role, t in parts[path].tensors.items()}
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, base_model: str | None = None,
+                 task: str | None = None, revision: str | None = None) -> Path:
     """Write adapter ``name`` of ``model`` to directory ``path``; returns the directory.
 
     LoRA adapters are written in PEFT's format (PEFT loads them); other methods in deltatune's own.
+    ``base_model`` (a hub id or a local directory; default: the model's ``name_or_path``, as PEFT
+    records it), ``task`` ("causal-lm" or "classification"; default: from the model's class) and
+    ``revision`` are recorded so that PEFT's ``AutoPeftModelFor*.from_pretrained(path)`` finds the base.
     """
     from safetensors.torch import save_file
 
@@ -81,7 +85,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if type(cfg).method in peft.METHODS:
         parts = describe_adapter(model, name)
         paths = [p for p, part in parts.items() if part.method != FULL]
-        file_cfg = peft.to_peft_config(cfg, parts, _target_list(model, paths))
+        base_model = base_model if base_model is not None else getattr(model, "name_or_path", None) or None
+        file_cfg = peft.to_peft_config(cfg, parts, _target_list(model, paths), base_model=base_model,
+                                       task=peft.task_type(task, type(model).__name__), revision=revision)
     else:
         file_cfg = native.to_native_config(cfg)
     out = Path(path)

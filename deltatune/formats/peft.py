@@ -13,11 +13,18 @@ import warnings
 from deltatune.adapters.description import FULL, ModulePart
 from deltatune.methods.lora import LoraConfig
 
-__all__ = ["PREFIX", "METHODS", "to_peft_config", "from_peft_config", "file_key", "split_key"]
+__all__ = ["PREFIX", "METHODS", "TASK_TYPES", "task_type", "to_peft_config", "from_peft_config", "file_key",
+           "split_key"]
 
 PREFIX = "base_model.model."
 METHODS = ("lora",)
 """The methods PEFT's format carries here (others are written in deltatune's own format)."""
+
+TASK_TYPES = {"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
+"""deltatune's task names -> PEFT's ``task_type``, which picks the class ``AutoPeftModel*`` builds."""
+_CLASS_SUFFIXES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+                   "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
+                   "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
 
 _ROLE_KEYS = {"A": "lora_A.weight", "B": "lora_B.weight"}
 _EMBEDDING_ROLE_KEYS = {"A": "lora_embedding_A", "B": "lora_embedding_B"}
@@ -46,17 +53,35 @@ def split_key(key: str) -> tuple[str, str | None] | None:
     return rest, None
 
 
-def to_peft_config(cfg: LoraConfig, parts: dict[str, ModulePart], target_modules: list[str] | str) -> dict:
+def task_type(task: str | None = None, model_class: str | None = None) -> str | None:
+    """PEFT's ``task_type`` for deltatune's ``task`` ("causal-lm", "classification"; PEFT's own names
+    pass through), else for a transformers class name such as ``LlamaForCausalLM``; None if neither says."""
+    if task is not None:
+        if task in TASK_TYPES.values() or task in ("TOKEN_CLS", "QUESTION_ANS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION"):
+            return task
+        if task not in TASK_TYPES:
+            raise ValueError(f"task {task!r}: expected one of {sorted(TASK_TYPES)} or PEFT's task_type names")
+        return TASK_TYPES[task]
+    for suffix, name in _CLASS_SUFFIXES.items():
+        if model_class and model_class.endswith(suffix):
+            return name
+    return None
+
+
+def to_peft_config(cfg: LoraConfig, parts: dict[str, ModulePart], target_modules: list[str] | str,
+                   base_model: str | None = None, task: str | None = None, revision: str | None = None) -> dict:
     """The ``adapter_config.json`` dict PEFT reads for an adapter described by ``parts``.
 
     Each module's actual rank and alpha are written where they differ from the global ones, keyed by
-    its full path: exact whatever patterns (or ``combine()``) produced them.
+    its full path: exact whatever patterns (or ``combine()``) produced them. ``base_model`` (what
+    ``AutoModel*.from_pretrained`` takes), ``task`` (PEFT's ``task_type``, e.g. "CAUSAL_LM") and
+    ``revision`` let ``AutoPeftModelForCausalLM.from_pretrained(dir)`` load the base by itself.
     """
     lora = {p: part.settings for p, part in parts.items() if part.method == "lora"}
     saved = sorted({p.rsplit(".", 1)[-1] for p, part in parts.items() if part.method == FULL})
     return {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task,
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
@@ -71,8 +96,8 @@ def to_peft_config(cfg: LoraConfig, parts: dict[str, ModulePart], target_modules
         "fan_in_fan_out": False,
         "use_dora": False,
         "inference_mode": True,
-        "base_model_name_or_path": None,
-        "revision": None,
+        "base_model_name_or_path": base_model,
+        "revision": revision,
         "layers_to_transform": None,
         "layers_pattern": None,
         "library": "deltatune",
