@@ -5,6 +5,7 @@ configs, and the pretrained SmolLM2-135M-Instruct).
 """
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -133,6 +134,30 @@ def test_deltatune_adapter_loads_into_peft(name, tmp_path):
     peft_targets = {n.removeprefix("base_model.model.") for n, m in loaded.named_modules()
                     if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert ours_targets == peft_targets
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_peft_auto_classes_load_our_adapter_alone(name, tmp_path):
+    """``AutoPeftModelFor*.from_pretrained(adapter_dir)``, nothing else given: the config names the base
+    (the local directory the model was loaded from) and the task type."""
+    torch.manual_seed(0)
+    base, targets, saved = MODELS[name]()
+    base.save_pretrained(tmp_path / "base")
+    cls = type(base)
+    ours = cls.from_pretrained(tmp_path / "base").eval()
+    inputs = _inputs(name)
+    dt.add_adapter(ours, dt.LoraConfig(r=4, alpha=8, targets=targets, modules_to_save=saved, init="random"))
+    expected = _output(ours, inputs)
+    dt.save_adapter(ours, tmp_path / "adapter")
+    raw = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert raw["base_model_name_or_path"] == str(tmp_path / "base")
+    assert raw["task_type"] == {"llama": "CAUSAL_LM", "bert": "SEQ_CLS"}[name]
+    auto = {"llama": peft.AutoPeftModelForCausalLM, "bert": peft.AutoPeftModelForSequenceClassification}[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = auto.from_pretrained(tmp_path / "adapter").eval()
+    assert (expected - _output(base.eval(), inputs)).abs().max() > 1e-3
+    assert (_output(loaded, inputs) - expected).abs().max().item() <= TOL
 
 
 def test_all_linear_selects_what_peft_selects():
