@@ -12,7 +12,6 @@ the config ties them, so transformers ties them again on load.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -22,7 +21,8 @@ import torch.nn as nn
 
 from deltatune.formats.atomic import atomic_write
 
-__all__ = ["save_model_dir", "plain_config", "model_bytes", "ModelDirError", "WEIGHTS_NAME", "QUANT_KEYS"]
+__all__ = ["save_model_dir", "save_tokenizer", "plain_config", "model_bytes", "ModelDirError", "WEIGHTS_NAME",
+           "QUANT_KEYS"]
 
 WEIGHTS_NAME = "model.safetensors"
 QUANT_KEYS = ("quantization_config", "_pre_quantization_dtype")
@@ -121,16 +121,3 @@ def save_tokenizer(tokenizer, target: Path) -> list[Path]:
         scratch.rmdir()
     return written
 
-
-def read_config(target: str | os.PathLike) -> dict:
-    """The ``config.json`` of model directory ``target``, checked to be a JSON object."""
-    path = Path(target) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelDirError(f"{path}: missing (a model directory holds config.json and {WEIGHTS_NAME})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelDirError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ModelDirError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
