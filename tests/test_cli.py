@@ -112,6 +112,13 @@ def test_models_prints_installed_model_paths(capsys):
     printed = capsys.readouterr().out
     for name, _, package, path in installed_models():
         assert name in printed and (str(path) in printed if path else package in printed)
+    installed = [(name, path) for name, _, _, path in installed_models() if path]
+    if installed:
+        assert main(["models", installed[0][0]]) == 0
+        assert capsys.readouterr().out.strip() == str(installed[0][1])  # for --model $(deltatune models NAME)
+    with pytest.raises(SystemExit):
+        main(["models", "no-such-model"])
+    assert "takes one of" in capsys.readouterr().err
 
 
 def test_sigint_through_a_broken_pipe_still_checkpoints(tiny, tmp_path):
@@ -141,3 +148,32 @@ def test_sigint_through_a_broken_pipe_still_checkpoints(tiny, tmp_path):
     done = list_checkpoints(out / "checkpoints")
     assert len(done) == 1 and done[0][0] >= 1
     assert json.loads((done[0][1] / "state.json").read_text())["step"] == done[0][0]
+
+
+def test_eval_checks_adapter_files_before_loading_and_shows_progress(tiny, tmp_path, capsys, monkeypatch):
+    import deltatune.hub as hub
+
+    out = tmp_path / "run"
+    assert main(["train", *run_flags(tiny, out, "--max-steps", "1", "--val-fraction", "0.25")]) == 0
+    capsys.readouterr()
+    adapter = out / "adapter"
+    assert main(["eval", "--adapter", str(adapter), "--data", str(tiny[1]), "--max-length", "64"]) == 0
+    captured = capsys.readouterr()
+    assert "evaluate" in captured.err and "loading" in captured.err  # what is loaded, and a bar over batches
+    assert json.loads(captured.out.strip().splitlines()[-1])["examples"] == 12  # stdout keeps only the result
+    # A broken adapter is reported before the model loads (once after a 30 s load).
+    (adapter / "adapter_model.safetensors").write_bytes(b"garbage")
+    monkeypatch.setattr(hub, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr(hub, "load_tokenizer", lambda *a, **k: pytest.fail("loaded the tokenizer first"))
+    assert main(["eval", "--adapter", str(adapter), "--data", str(tiny[1])]) == 2
+    assert "adapter_model.safetensors" in capsys.readouterr().err
+    assert main(["eval", "--adapter", str(tmp_path / "nothing"), "--data", str(tiny[1])]) == 2
+    assert "no such adapter directory" in capsys.readouterr().err
+
+
+def test_validation_pass_shows_a_progress_bar(tiny, tmp_path, capsys):
+    from deltatune.train import DataArgs, TrainArgs, train
+
+    train(TrainArgs(model=str(tiny[0]), output=str(tmp_path / "run"), max_steps=1, micro_batch=2, device="cpu"),
+          DataArgs(data=str(tiny[1]), val_fraction=0.5, max_length=64), log=lambda s: None)
+    assert "evaluate" in capsys.readouterr().err

@@ -396,3 +396,102 @@ def test_cuda_paged_optimizer_states(tiny, tmp_path):
     res = train(*args_for(tiny, tmp_path / "p", device="cuda", precision="bf16", optimizer_states="paged",
                          max_steps=6), log=lambda s: None)
     assert res.status == "done" and math.isfinite(res.final_loss)
+
+
+def test_loss_plot_has_integer_steps_run_name_and_an_unlagged_average(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from deltatune.train import plot_metrics
+
+    run = tmp_path / "my-run"
+    run.mkdir()
+    losses = [5.0 - 0.1 * i for i in range(40)]  # a straight line down
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
+                                               for i, v in enumerate(losses)) + json.dumps({"step": 3, "val_loss": 4.0}))
+    figures = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), real(self, *a, **k))[1])
+    assert plot_metrics(run / "metrics.jsonl", run / "loss.png") == run / "loss.png"
+    ax = figures[0].axes[0]
+    assert ax.get_title() == "my-run"
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    smooth = next(line for line in ax.get_lines() if "average" in line.get_label())
+    # Centered: on a straight line the average is the line itself away from the ends (an EMA lags above it).
+    ys = list(smooth.get_ydata())
+    assert all(abs(ys[i] - losses[i]) < 1e-9 for i in range(5, 35))
+    few = tmp_path / "few"
+    few.mkdir()
+    (few / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1.0}) + "\n" for i in (1, 2, 3)))
+    plot_metrics(few / "metrics.jsonl", few / "loss.png", title="three steps")
+    assert figures[1].axes[0].get_title() == "three steps"
+    assert all(float(t).is_integer() for t in figures[1].axes[0].get_xticks())  # not 1.0, 1.25, 1.5, ...
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_adapter_files_get_the_mode_of_any_new_file(tmp_path, umask):
+    """mkstemp's temporary files are 0600; an adapter came out 0600 beside 0644 files."""
+    import os
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    dt.add_adapter(model, dt.LoraConfig(r=2, targets=["0"]))
+    old = os.umask(umask)
+    try:
+        path = dt.save_adapter(model, tmp_path / "adapter")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    expected = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (path / name).stat().st_mode & 0o777 == expected, name
+
+
+def test_keep_best_keeps_the_adapter_with_the_lowest_validation_loss(tiny, tmp_path):
+    res = train(*args_for(tiny, tmp_path / "run", max_steps=6, eval_every=2, val_fraction=0.25, lr=3e-2,
+                          keep_best=True), log=lambda s: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    assert sorted(val) == [2, 4, 6]
+    best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
+    assert best["step"] == min(val, key=val.get) and best["val_loss"] == min(val.values())
+    # The saved adapter is that step's: loaded into a fresh base it gives the logged validation loss.
+    from deltatune.train.data import load_dataset, split_validation
+    from deltatune.train.evaluate import evaluate
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny[0])
+    dt.load_adapter(model, tmp_path / "run" / "best")
+    tok = transformers.AutoTokenizer.from_pretrained(tiny[0])
+    _, val_ds = split_validation(load_dataset(tiny[1], tok, max_length=128), 0.25, seed=0)
+    assert math.isclose(evaluate(model, val_ds, 4)["loss"], best["val_loss"], rel_tol=1e-4)
+    assert res.status == "done"
+
+
+def test_report_to_tensorboard_writes_event_files(tiny, tmp_path):
+    pytest.importorskip("tensorboardX", reason="the optional tensorboard extra (pip install tensorboardX)")
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    train(*args_for(tiny, tmp_path / "run", max_steps=3, eval_every=2, val_fraction=0.25, report_to="tensorboard"),
+          log=lambda s: None)
+    [path] = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+    raw, pos, scalars = path.read_bytes(), 0, []
+    while pos < len(raw):  # TFRecord: length (8 bytes), its CRC (4), the Event, its CRC (4)
+        (n,) = struct.unpack("<Q", raw[pos:pos + 8])
+        event = Event.FromString(raw[pos + 12:pos + 12 + n])
+        scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+        pos += 16 + n
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        for key, value in row.items():
+            if key != "step":
+                tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+                assert any(s == row["step"] and t == tag and math.isclose(v, value, rel_tol=1e-6)
+                           for s, t, v in scalars), (tag, row["step"])
+
+
+def test_unknown_report_to_is_refused(tiny, tmp_path):
+    with pytest.raises(TrainError, match="unknown --report-to 'wandb'"):
+        train(*args_for(tiny, tmp_path / "run", report_to="wandb"), log=lambda s: None)
+    assert not (tmp_path / "run").exists()  # nothing but the lock was written: no folder is left

@@ -30,7 +30,8 @@ FLAG_ALIASES: dict[str, dict[str, str]] = {"lora": {"lora_dropout": "dropout"}}
 
 # Settings that may change on --resume without changing the computation.
 RESUMABLE_CHANGES = {"resume", "save_every", "keep", "eval_every", "log_every", "progress", "merge", "max_steps",
-                     "epochs", "output", "device", "fast", "max_classes"}
+                     "epochs", "output", "device", "fast", "max_classes",
+                     "report_to", "keep_best"}
 
 
 class TrainError(RuntimeError):
@@ -108,6 +109,10 @@ class TrainArgs:
     """Also save the base model with the adapter merged in (<output>/merged)."""
     progress: bool = True
     """Show a progress bar."""
+    report_to: str = "none"
+    """Experiment logging besides metrics.jsonl: "tensorboard" writes event files to <output>/tensorboard (needs tensorboardX)."""
+    keep_best: bool = False
+    """Keep the adapter (or model) with the lowest validation loss in <output>/best, with best.json saying its step."""
 
 
 @dataclass

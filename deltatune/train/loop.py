@@ -41,6 +41,7 @@ from deltatune.train.outputs import append_metrics, plot_metrics, save_outputs, 
 from deltatune.train.prepare import (
     base_dtype, cast_frozen, enable_checkpointing, enable_fast, lr_lambda, make_optimizer, prepare_model,
 )
+from deltatune.train.tracking import Reporter, best_val_loss, check_reporter, open_reporter
 from deltatune.train.report import OOM_ADVICE, count_params, estimate_memory, gib
 
 __all__ = ["TrainResult", "Run", "NonFinite", "train", "setup", "step", "finish", "load_data", "resolve_method"]
@@ -86,6 +87,8 @@ class Run:
     """Steps already done (resumed from a checkpoint)."""
     checkpoint: Optional[Path]
     """The newest checkpoint written or resumed from."""
+    reporter: Optional[Reporter] = None
+    """Where metrics also go (``--report-to``); opened by the loop."""
 
     @property
     def out(self) -> Path:
@@ -170,6 +173,7 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
     the newest checkpoint when resuming. ``model`` must not have the method applied yet."""
     if not 0.0 < args.checkpoint_fraction <= 1.0:
         raise TrainError(f"--checkpoint-fraction must be in (0, 1], got {args.checkpoint_fraction}")
+    check_reporter(args.report_to)
     method = resolve_method(args, method)
     out = Path(args.output)
     ckpt_dir, metrics_path, args_path = out / "checkpoints", out / "metrics.jsonl", out / "train_args.json"
@@ -311,9 +315,28 @@ def _save(run: Run, done: int) -> Path:
 
 def _validate(run: Run, done: int, log) -> dict:
     res = evaluate(run.model, run.val_data, run.args.micro_batch, run.device, run.autocast, progress=run.args.progress)
-    append_metrics(run.metrics_path, {"step": done, **{f"val_{k}": v for k, v in res.items()}})
+    best = best_val_loss(run.metrics_path, done)
+    record = {"step": done, **{f"val_{k}": v for k, v in res.items()}}
+    append_metrics(run.metrics_path, record)
+    if run.reporter is not None:
+        run.reporter.log(record)
     log(f"step {done}: validation " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
+    if run.args.keep_best and (best is None or res["loss"] < best):
+        _save_best(run, done, res)
+        log(f"step {done}: best validation loss so far, saved to {run.out / 'best'}")
     return res
+
+
+def _save_best(run: Run, done: int, res: dict) -> None:
+    """The adapter (or, for full fine-tuning, the model) of step ``done`` as ``<output>/best``."""
+    import deltatune as dt
+
+    target = run.out / "best"
+    if run.args.method == FULL:
+        run.model.save_pretrained(target)
+    else:
+        dt.save_adapter(run.model, target, name="default")
+    write_json(target / "best.json", {"step": done, **{f"val_{k}": v for k, v in res.items()}})
 
 
 # -- finish ----------------------------------------------------------------------------------------------------
@@ -381,7 +404,12 @@ def train(args: TrainArgs, data: Optional[DataArgs] = None, method=None, *, mode
     with ckpt.run_lock(out):
         try:
             run = setup(args, data, method, model, tokenizer, train_data, val_data, log)
-            return _run(run, on_step, log)
+            run.reporter = open_reporter(args.report_to, run.out)
+            try:
+                return _run(run, on_step, log)
+            finally:
+                if run.reporter is not None:
+                    run.reporter.close()
         except BaseException:
             if created:  # a run that failed before writing anything leaves no folder holding only its .lock
                 ckpt.remove_if_only_lock(out)
@@ -408,6 +436,8 @@ def _run(run: Run, on_step, log) -> TrainResult:
                 done, loss_value = rec["step"], rec["loss"]
                 if done % args.log_every == 0 or done == run.max_steps:
                     append_metrics(run.metrics_path, rec)
+                    if run.reporter is not None:
+                        run.reporter.log(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_s']:.0f}")
                     bar.update(1)
