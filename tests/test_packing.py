@@ -131,3 +131,15 @@ def test_gpu_packed_rows_take_the_variable_length_kernel(monkeypatch):
     assert calls, "the fused attention did not take the packed rows"
     expected = sum(float(loss) for loss, _ in alone)
     assert n == sum(k for _, k in alone) and abs(float(packed) - expected) <= 2e-2 * expected
+
+
+def test_precision_auto_is_bf16_on_a_gpu_that_has_it_and_fp32_elsewhere(monkeypatch):
+    from deltatune.train.args import TrainArgs, resolve_precision
+
+    assert TrainArgs().precision == "auto"
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", torch.device("cuda")) == "fp32"
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"  # a name given stands for itself

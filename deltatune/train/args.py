@@ -17,7 +17,8 @@ import torch
 from deltatune.methods import config_class, method_names
 
 __all__ = ["TrainArgs", "DataArgs", "TrainError", "RESUMABLE_CHANGES", "FULL", "METHOD_DEFAULTS", "FLAG_ALIASES",
-           "method_choices", "method_config_class", "method_config", "run_record", "check_resume", "resolve_device"]
+           "method_choices", "method_config_class", "method_config", "run_record", "check_resume", "resolve_device",
+           "resolve_precision"]
 
 FULL = "full"
 """The method name that trains every parameter (no adapter, no method config)."""
@@ -77,8 +78,8 @@ class TrainArgs:
     """AdamW moments in fp32 or as blockwise 8-bit codes (deltatune.train.optim.AdamW)."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this value (0 disables)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast precision of the forward pass (fp16 adds a gradient scaler on CUDA)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision of the forward pass: "auto" is bf16 on a GPU that has it, else fp32 (fp16 adds a gradient scaler on CUDA)."""
     base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype of the frozen base weights (adapters stay float32); "auto": the --precision dtype for adapter methods on CUDA, else float32."""
     gradient_checkpointing: bool = False
@@ -129,8 +130,8 @@ class DataArgs:
     """Fraction of the training data held out for validation when --val-data is not given."""
     max_length: int = 512
     """Maximum tokens per example; longer ones are truncated (plain text is cut into blocks this long)."""
-    packing: bool = False
-    """Concatenate instruction/chat examples into full --max-length blocks."""
+    packing: bool = True
+    """Instruction/chat data: several examples in each row of up to --max-length tokens, each attending only to itself (no padding); --no-packing: one example a row."""
     text_columns: Optional[list[str]] = None
     """Classification: the text column(s) (names, or 0-based numbers for files without a header)."""
     label_column: Optional[str] = None
@@ -215,6 +216,16 @@ def check_resume(saved: dict, args: TrainArgs, data: DataArgs, method) -> None:
         raise TrainError("--resume with settings that change the run: "
                          + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
                          + "; resume with the original settings or start a new --output")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """The precision a --precision setting means on ``device``: "auto" is bf16 on a CUDA device that
+    supports it and fp32 elsewhere (the CPU, older GPUs); other names stand for themselves."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -16,6 +16,7 @@ in fp32).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -32,12 +33,14 @@ from deltatune.adapters import prepare_batch
 import deltatune.train.checkpoint as ckpt
 from deltatune.train.args import (
     FULL, DataArgs, TrainArgs, TrainError, check_resume, method_config, method_config_class, resolve_device,
-    run_record,
+    resolve_precision, run_record,
 )
 from deltatune.train.console import safe_print
 from deltatune.train.data import IGNORE, Dataset, collate, load_dataset, sample_index, split_validation
 from deltatune.train.evaluate import batch_loss, evaluate
-from deltatune.train.outputs import append_metrics, plot_metrics, save_outputs, truncate_metrics, write_json
+from deltatune.train.outputs import (
+    append_metrics, check_outputs, plot_metrics, save_outputs, truncate_metrics, write_json,
+)
 from deltatune.train.prepare import (
     base_dtype, cast_frozen, enable_checkpointing, enable_fast, lr_lambda, make_optimizer, prepare_model,
 )
@@ -184,10 +187,12 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
     out.mkdir(parents=True, exist_ok=True)
     ckpt.clean_stale(ckpt_dir)
     resume_from = ckpt.latest_checkpoint(ckpt_dir) if args.resume else None
+    device = resolve_device(args.device)
+    # what "auto" means here is what the run records (and what a resume must agree with)
+    args = dataclasses.replace(args, precision=resolve_precision(args.precision, device))
     if resume_from is not None and args_path.exists():
         check_resume(json.loads(args_path.read_text()), args, data, method)
 
-    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     if tokenizer is None:
         from deltatune.hub import load_tokenizer
@@ -208,6 +213,7 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
     if args.quant and frozen_dtype != torch.float32:
         model.to(frozen_dtype)  # quantize from the compute dtype, so the quantized layers compute in it
     prepare_model(model, args, method, task)
+    check_outputs(model, args, out)  # fail now, not after training, if the outputs cannot be written
     model.to(device)
     cast_frozen(model, frozen_dtype)
     fast = enable_fast(model, args, device, log)
@@ -226,6 +232,11 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
         raise TrainError("no parameter requires grad after preparing the model")
     seq = max(len(ex["input_ids"]) for ex in train_data.examples)
     mem = estimate_memory(model, args, seq, task)
+    lengths = [len(ex["input_ids"]) for ex in train_data.examples]
+    log(f"{device}, {args.precision}, {'fused' if fast else 'plain'} path, "
+        f"{'packed rows' if 'position_ids' in train_data.examples[0] else 'one example a row'}: about "
+        f"{round(sum(lengths) / len(lengths) * per_step):,} tokens a step ({args.micro_batch} x {args.grad_accum} "
+        f"rows, the longest {seq} tokens)")
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     log(f"estimated peak memory: {gib(mem['total'])} (weights {gib(mem['weights'])}, grads+AdamW "
         f"{gib(mem['optimizer'])}, activations {gib(mem['activations'])}, logits {gib(mem['logits'])}) "
