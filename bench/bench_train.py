@@ -23,12 +23,13 @@ import tempfile
 import time
 
 ROWS = {
-    "dt-default": [],
-    "dt-bf16": ["--precision", "bf16"],
-    "dt-bf16-packing": ["--precision", "bf16", "--packing"],
+    "dt-default": [],  # --precision auto (bf16 on the GPU), packing on for instruction/chat data
+    "dt-no-packing": ["--no-packing"],  # bf16, one example a row, padded
+    "dt-fp32-padded": ["--precision", "fp32", "--no-packing"],  # the defaults before issue 15
     "hf-peft": "padded",
     "hf-peft-flat": "flattening",
 }
+DEFAULT_ROWS = "dt-default,dt-no-packing,hf-peft,hf-peft-flat"
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=True),
@@ -127,7 +128,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--data")
-    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, of {list(ROWS)}")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--micro-batch", type=int, default=8)
