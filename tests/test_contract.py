@@ -69,6 +69,7 @@ METHODS = {
     "rslora": lambda targets: dt.LoraConfig(r=2, alpha=4, targets=targets, use_rslora=True),
     "pissa": lambda targets: dt.LoraConfig(r=2, alpha=4, targets=targets, init="pissa"),
     "scale_only": lambda targets: ScaleOnlyConfig(targets=targets),
+    "ia3": lambda targets: dt.IA3Config(targets=targets, feedforward=targets[-1:]),
 }
 PATHS = ["plain", "fused"]
 

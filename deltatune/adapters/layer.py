@@ -13,7 +13,8 @@ A delta is a small module of its method (``deltatune.methods``) with this interf
   switched off (a delta that changed the base weight at init, as PiSSA does, gives that back here);
 * ``merge_delta(layer)`` / ``unmerge_delta(layer) -> ΔW``: what to add to the stored weight (fp32, its
   layout) to fold the delta in / take it back out (LoRA: ``±scale * B @ A``; a multiplicative method
-  computes its inverse from the merged weight); ``delta_weight(layer)`` is the first of the two;
+  computes its inverse from the merged weight); ``delta_weight(layer)`` is the first of the two; an
+  optional ``bias_delta(layer, merging)`` does the same for the bias (IA³ scales it);
 * ``low_rank(training) -> (A, B, scale) | None``: its fused-kernel form, None where it has none;
 * ``attach(layer)`` / ``detach(layer)``: once when added / removed (PiSSA takes its part of W out);
 * ``roles() -> {role: Parameter}``, ``settings() -> dict`` (rank, alpha, ...), ``signature()``.
@@ -94,14 +95,31 @@ class DeltaLayer(nn.Module):
     def merge(self, name: str) -> None:
         if name not in self.merged:
             with torch.no_grad():
-                self.geometry.add_to_weight(self, self.deltas[name].merge_delta(self))
+                delta = self.deltas[name]
+                bias = self._bias_delta(delta, merging=True)  # from the bias before the weight changes
+                self.geometry.add_to_weight(self, delta.merge_delta(self))
+                self._add_to_bias(bias)
             self.merged.append(name)
 
     def unmerge(self, name: str) -> None:
         if name in self.merged:
             with torch.no_grad():
-                self.geometry.add_to_weight(self, self.deltas[name].unmerge_delta(self))
+                delta = self.deltas[name]
+                bias = self._bias_delta(delta, merging=False)
+                self.geometry.add_to_weight(self, delta.unmerge_delta(self))
+                self._add_to_bias(bias)
             self.merged.remove(name)
+
+    def _bias_delta(self, delta: nn.Module, merging: bool) -> torch.Tensor | None:
+        """What folding ``delta`` in (or out) adds to the bias: None for most methods (an optional
+        ``bias_delta(layer, merging)`` of the delta; IA³'s output scaling scales the bias too)."""
+        get = getattr(type(delta), "bias_delta", None)
+        return get(delta, self, merging) if get is not None else None
+
+    def _add_to_bias(self, delta: torch.Tensor | None) -> None:
+        if delta is not None:
+            b = self.bias
+            b.data.copy_((b.data.float() + delta).to(b.dtype))
 
     def describe(self, name: str) -> dict[str, torch.Tensor]:
         return {role: p.detach() for role, p in self.deltas[name].roles().items()}

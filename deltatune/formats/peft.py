@@ -5,7 +5,7 @@ Tensor keys are ``base_model.model.<module path>.<method's key for the role>`` a
 methods share (the prefix, ``task_type``, the base model fields, keys that carry no arithmetic) and
 the table of methods PEFT's format carries here; each method's own names (config keys, tensor keys by
 role) live in its ``peft_<method>.py``, which gives ``METHOD``, ``PEFT_TYPE``, ``KEYS_READ``,
-``role_keys(geometry)``, ``to_config(cfg, parts)`` and ``from_config(raw, source)``. A method PEFT
+``role_keys(geometry)``, ``to_config(cfg, parts, target_modules)`` and ``from_config(raw, source)``. A method PEFT
 has is one such file and one line in ``MAPPINGS``.
 """
 
@@ -14,13 +14,13 @@ from __future__ import annotations
 import warnings
 
 from deltatune.adapters.description import FULL, ModulePart
-from deltatune.formats import peft_lora
+from deltatune.formats import peft_ia3, peft_lora
 
 __all__ = ["PREFIX", "METHODS", "TASK_TYPES", "task_type", "to_peft_config", "from_peft_config", "file_key",
            "split_key"]
 
 PREFIX = "base_model.model."
-MAPPINGS = {m.METHOD: m for m in (peft_lora,)}
+MAPPINGS = {m.METHOD: m for m in (peft_lora, peft_ia3)}
 """deltatune method name -> the module mapping it to PEFT's names (one line per method)."""
 METHODS = tuple(MAPPINGS)
 """The methods PEFT's format carries here (others are written in deltatune's own format)."""
@@ -86,10 +86,9 @@ def to_peft_config(cfg, parts: dict[str, ModulePart], target_modules: list[str] 
         "inference_mode": True,
         "base_model_name_or_path": base_model,
         "revision": revision,
-        "layers_to_transform": None,
-        "layers_pattern": None,
         "library": "deltatune",
-        **mapping.to_config(cfg, {p: part for p, part in parts.items() if part.method == mapping.METHOD}),
+        **mapping.to_config(cfg, {p: part for p, part in parts.items() if part.method == mapping.METHOD},
+                            target_modules),
     }
 
 

@@ -28,7 +28,7 @@ def role_keys(geometry: str) -> dict[str, str]:
     return _EMBEDDING_ROLE_KEYS if geometry == "embedding" else _ROLE_KEYS
 
 
-def to_config(cfg: LoraConfig, parts: dict[str, ModulePart]) -> dict:
+def to_config(cfg: LoraConfig, parts: dict[str, ModulePart], target_modules: list[str] | str) -> dict:
     """LoRA's fields of ``adapter_config.json`` for an adapter whose LoRA modules are ``parts``."""
     settings = {p: part.settings for p, part in parts.items()}
     return {
@@ -42,6 +42,8 @@ def to_config(cfg: LoraConfig, parts: dict[str, ModulePart]) -> dict:
         "bias": "none",
         "fan_in_fan_out": False,
         "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
     }
 
 

@@ -6,8 +6,9 @@ one import line below; see docs/architecture.md.
 
 from deltatune.adapters.method import method_for, method_named, method_names, register_method
 from deltatune.methods.lora import LORA, LoraConfig  # registers "lora"
+from deltatune.methods.ia3 import IA3, IA3Config  # registers "ia3"
 
-__all__ = ["LoraConfig", "LORA", "register_method", "method_named", "method_for", "method_names", "config_class"]
+__all__ = ["LoraConfig", "LORA", "IA3Config", "IA3", "register_method", "method_named", "method_for", "method_names", "config_class"]
 
 
 def config_class(name: str) -> type:
