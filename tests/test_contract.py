@@ -70,6 +70,7 @@ METHODS = {
     "pissa": lambda targets: dt.LoraConfig(r=2, alpha=4, targets=targets, init="pissa"),
     "scale_only": lambda targets: ScaleOnlyConfig(targets=targets),
     "ia3": lambda targets: dt.IA3Config(targets=targets, feedforward=targets[-1:]),
+    "loha": lambda targets: dt.LoHaConfig(r=2, alpha=4, targets=targets),
 }
 PATHS = ["plain", "fused"]
 
@@ -152,7 +153,8 @@ def test_contract(layer, method, path, tmp_path):
     # only adapter parameters are trainable and get gradients
     trainable = {id(p) for p in dt.adapter_params(model)}
     assert {id(p) for p in model.parameters() if p.requires_grad} == trainable
-    _perturb(model, 0.03 if quantized else 0.3)  # on a 4-bit base: a delta small beside W, as trained ones are
+    # on a 4-bit base: a delta small beside W, as trained ones are (LoHa's is a product of four factors)
+    _perturb(model, (0.2 if method == "loha" else 0.03) if quantized else 0.3)
     model(x).float().pow(2).sum().backward()
     for n, p in model.named_parameters():
         if id(p) in trainable:

@@ -7,8 +7,9 @@ one import line below; see docs/architecture.md.
 from deltatune.adapters.method import method_for, method_named, method_names, register_method
 from deltatune.methods.lora import LORA, LoraConfig  # registers "lora"
 from deltatune.methods.ia3 import IA3, IA3Config  # registers "ia3"
+from deltatune.methods.loha import LOHA, LoHaConfig  # registers "loha"
 
-__all__ = ["LoraConfig", "LORA", "IA3Config", "IA3", "register_method", "method_named", "method_for", "method_names", "config_class"]
+__all__ = ["LoraConfig", "LORA", "IA3Config", "IA3", "LoHaConfig", "LOHA", "register_method", "method_named", "method_for", "method_names", "config_class"]
 
 
 def config_class(name: str) -> type:
