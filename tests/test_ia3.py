@@ -12,40 +12,32 @@ import deltatune as dt
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+import _models  # noqa: E402  (needs transformers)
 
 TOL = 1e-5
 
 
 def _llama():
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(cfg), ["k_proj", "v_proj", "down_proj"], ["down_proj"]
+    return _models.llama(), ["k_proj", "v_proj", "down_proj"], ["down_proj"]
 
 
 def _qwen2():  # k/v carry a bias, which output scaling scales too
-    cfg = transformers.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    return transformers.Qwen2ForCausalLM(cfg), ["k_proj", "v_proj", "down_proj"], ["down_proj"]
+    return _models.qwen2(), ["k_proj", "v_proj", "down_proj"], ["down_proj"]
 
 
 def _gpt2():  # Conv1D: weights stored transposed
-    cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    return transformers.GPT2LMHeadModel(cfg), ["c_attn", "mlp.c_proj"], ["mlp.c_proj"]
+    return _models.gpt2(), ["c_attn", "mlp.c_proj"], ["mlp.c_proj"]
 
 
-def _bert():
-    cfg = transformers.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_labels=3)
-    # a fresh classification head trains in full (PEFT's SEQ_CLS models expect it in the file)
-    return transformers.BertForSequenceClassification(cfg), ["key", "value", "output.dense"], ["output.dense"]
+def _bert():  # a fresh classification head trains in full (PEFT's SEQ_CLS models expect it in the file)
+    return _models.bert(), ["key", "value", "output.dense"], ["output.dense"]
 
 
 MODELS = {"llama": _llama, "qwen2": _qwen2, "gpt2": _gpt2, "bert": _bert}
 
 
 def _out(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+    return _models.output(model, {"input_ids": ids})
 
 
 def _randomise(params, seed=1):

@@ -11,47 +11,17 @@ import deltatune as dt
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+import _models  # noqa: E402  (needs transformers)
 
 TOL = 1e-5
 
 
-class ConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, stride=2)
-        self.fc = nn.Linear(8 * 3 * 3, 10)
-
-    def forward(self, pixel_values):
-        return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(pixel_values)))).flatten(1))
-
-
-def _llama():
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(cfg), ["q_proj", "v_proj", "down_proj"], None
-
-
-def _bert():
-    cfg = transformers.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_labels=3)
-    return transformers.BertForSequenceClassification(cfg), ["query", "value"], ["classifier"]
-
-
-MODELS = {"llama": _llama, "bert": _bert, "convnet": lambda: (ConvNet(), ["conv1", "conv2", "fc"], None)}
-
-
-def _inputs(name):
-    g = torch.Generator().manual_seed(0)
-    if name == "convnet":
-        return {"pixel_values": torch.randn(2, 3, 8, 8, generator=g)}
-    return {"input_ids": torch.randint(0, 96, (2, 9), generator=g)}
-
-
-def _out(model, inputs):
-    with torch.no_grad():
-        out = model(**inputs)
-    return out if isinstance(out, torch.Tensor) else out.logits
+MODELS = {
+    "llama": lambda: (_models.llama(), ["q_proj", "v_proj", "down_proj"], None),
+    "bert": lambda: (_models.bert(), ["query", "value"], ["classifier"]),
+    "convnet": lambda: (_models.ConvNet(), ["conv1", "conv2", "fc"], None),
+}
+_inputs, _out = _models.inputs, _models.output
 
 
 def _randomise(params, seed=1):

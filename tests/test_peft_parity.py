@@ -10,69 +10,40 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 
 import deltatune as dt
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+import _models  # noqa: E402  (needs transformers)
 
 TOL = 1e-5
 
 
 def _llama():
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(cfg), "all-linear", None
+    return _models.llama(), "all-linear", None
 
 
-def _qwen2():  # q/k/v projections carry a bias
-    cfg = transformers.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    return transformers.Qwen2ForCausalLM(cfg), ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"], None
+def _qwen2():
+    return _models.qwen2(), ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"], None
 
 
-def _gpt2():  # Conv1D layers (transposed weights) and the token embedding
-    cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    return transformers.GPT2LMHeadModel(cfg), ["c_attn", "c_proj", "c_fc", "wte"], None
+def _gpt2():
+    return _models.gpt2(), ["c_attn", "c_proj", "c_fc", "wte"], None
 
 
-def _bert():  # encoder with a classification head trained in full
-    cfg = transformers.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_labels=3)
-    return transformers.BertForSequenceClassification(cfg), ["query", "value", "dense"], ["classifier"]
-
-
-class ConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, stride=2)
-        self.fc = nn.Linear(8 * 3 * 3, 10)
-
-    def forward(self, pixel_values):
-        h = torch.relu(self.conv2(torch.relu(self.conv1(pixel_values))))
-        return self.fc(h.flatten(1))
+def _bert():  # the classification head trained in full
+    return _models.bert(), ["query", "value", "dense"], ["classifier"]
 
 
 def _convnet():
-    return ConvNet(), ["conv1", "conv2", "fc"], None
+    return _models.ConvNet(), ["conv1", "conv2", "fc"], None
 
 
 MODELS = {"llama": _llama, "qwen2": _qwen2, "gpt2": _gpt2, "bert": _bert, "convnet": _convnet}
 
 
-def _inputs(name):
-    g = torch.Generator().manual_seed(0)
-    if name == "convnet":
-        return {"pixel_values": torch.randn(2, 3, 8, 8, generator=g)}
-    return {"input_ids": torch.randint(0, 96, (2, 9), generator=g)}
-
-
-def _output(model, inputs):
-    with torch.no_grad():
-        out = model(**inputs)
-    return out if isinstance(out, torch.Tensor) else out.logits
+_inputs, _output = _models.inputs, _models.output
 
 
 def _peft_adapter(base, targets, saved, r=4):
