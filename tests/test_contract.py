@@ -71,6 +71,7 @@ METHODS = {
     "scale_only": lambda targets: ScaleOnlyConfig(targets=targets),
     "ia3": lambda targets: dt.IA3Config(targets=targets, feedforward=targets[-1:]),
     "loha": lambda targets: dt.LoHaConfig(r=2, alpha=4, targets=targets),
+    "lokr": lambda targets: dt.LoKrConfig(r=2, alpha=4, targets=targets, decompose_both=True),
 }
 PATHS = ["plain", "fused"]
 
@@ -154,7 +155,7 @@ def test_contract(layer, method, path, tmp_path):
     trainable = {id(p) for p in dt.adapter_params(model)}
     assert {id(p) for p in model.parameters() if p.requires_grad} == trainable
     # on a 4-bit base: a delta small beside W, as trained ones are (LoHa's is a product of four factors)
-    _perturb(model, (0.2 if method == "loha" else 0.03) if quantized else 0.3)
+    _perturb(model, (0.2 if method in ("loha", "lokr") else 0.03) if quantized else 0.3)
     model(x).float().pow(2).sum().backward()
     for n, p in model.named_parameters():
         if id(p) in trainable:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import warnings
 
 from deltatune.adapters.description import FULL, ModulePart
-from deltatune.formats import peft_ia3, peft_loha, peft_lora
+from deltatune.formats import peft_ia3, peft_loha, peft_lokr, peft_lora
 
 __all__ = ["PREFIX", "METHODS", "TASK_TYPES", "task_type", "to_peft_config", "from_peft_config", "file_key",
            "split_key"]
 
 PREFIX = "base_model.model."
-MAPPINGS = {m.METHOD: m for m in (peft_lora, peft_ia3, peft_loha)}
+MAPPINGS = {m.METHOD: m for m in (peft_lora, peft_ia3, peft_loha, peft_lokr)}
 """deltatune method name -> the module mapping it to PEFT's names (one line per method)."""
 METHODS = tuple(MAPPINGS)
 """The methods PEFT's format carries here (others are written in deltatune's own format)."""
