@@ -1,8 +1,8 @@
 """PEFT's names for LoKr (``peft_type`` "LOKR"): config keys and tensor keys by role.
 
 Tensors: ``<path>.lokr_w1`` (or ``lokr_w1_a`` / ``lokr_w1_b``) and ``lokr_w2`` (or ``lokr_w2_a`` /
-``lokr_w2_b``), no ``.weight``; per-module ranks and alphas in ``rank_pattern`` / ``alpha_pattern``.
-PEFT's effective-conv2d form (``lokr_t2``) is not read here.
+``lokr_w2_b``, with ``lokr_t2`` in the ``use_effective_conv2d`` form), no ``.weight``; per-module ranks
+and alphas in ``rank_pattern`` / ``alpha_pattern``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ METHOD = "lokr"
 PEFT_TYPE = "LOKR"
 KEYS_READ = {"r", "alpha", "rank_pattern", "alpha_pattern", "rank_dropout", "module_dropout", "use_effective_conv2d",
              "decompose_both", "decompose_factor", "rank_dropout_scale", "init_weights"}
-_ROLE_KEYS = {role: "lokr_" + role for role in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")}
+_ROLE_KEYS = {role: "lokr_" + role for role in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")}
 SUFFIX_ROLES = {v: k for k, v in _ROLE_KEYS.items()}
 
 
@@ -36,7 +36,7 @@ def to_config(cfg: LoKrConfig, parts: dict[str, ModulePart], target_modules: lis
         "module_dropout": cfg.module_dropout,
         "decompose_both": cfg.decompose_both,
         "decompose_factor": cfg.decompose_factor,
-        "use_effective_conv2d": False,
+        "use_effective_conv2d": cfg.use_effective_conv2d,
         "init_weights": cfg.init_weights,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -45,9 +45,6 @@ def to_config(cfg: LoKrConfig, parts: dict[str, ModulePart], target_modules: lis
 
 def from_config(raw: dict, source: str) -> LoKrConfig:
     """A ``LoKrConfig`` from PEFT's dict (``target_modules`` already a list or a regex)."""
-    if raw.get("use_effective_conv2d"):
-        raise ValueError(f"{source}: use_effective_conv2d=True (LoKr's Tucker form for convolutions) is not "
-                         f"supported by deltatune yet")
     return LoKrConfig(
         r=int(raw.get("r", 8)),
         alpha=float(raw.get("alpha", 8)),
@@ -60,6 +57,7 @@ def from_config(raw: dict, source: str) -> LoKrConfig:
         rank_dropout=float(raw.get("rank_dropout", 0.0) or 0.0),
         rank_dropout_scale=bool(raw.get("rank_dropout_scale", False)),
         module_dropout=float(raw.get("module_dropout", 0.0) or 0.0),
+        use_effective_conv2d=bool(raw.get("use_effective_conv2d", False)),
         init_weights=raw.get("init_weights", True),
         modules_to_save=raw.get("modules_to_save"),
     )

@@ -2,9 +2,11 @@
 low-rank pairs, ``ΔW = scale * (W1a @ W1b) ⊙ (W2a @ W2b)`` with ``scale = alpha / r``.
 
 The product has rank up to r² from 4r(out + in) parameters. Shapes, init and forward follow PEFT's
-LoHa (``use_effective_conv2d=False``): on a convolution the 2-D ΔW is (out, in * prod(kernel)) and
-is applied as a convolution with the base's stride and padding; W1a, W1b, W2a start Kaiming-uniform
-and W2b at zero, so the model starts as the base. ΔW is built from the factors on every forward (the
+LoHa: on a convolution the 2-D ΔW is (out, in/groups * prod(kernel)) and is applied as a convolution
+with the base's stride, padding and groups. With ``use_effective_conv2d`` a convolution with a kernel
+larger than 1 takes PEFT's CP (Tucker) form instead: each pair becomes a core T (r, r, *kernel) with
+W_a (r, out) and W_b (r, in/groups), ``W_a^T ×₁ W_b^T ×₂ T`` (out, in, *kernel), as in LyCORIS.
+W1a, W1b, W2a (and the cores) start Kaiming-uniform and W2b at zero, so the model starts as the base. ΔW is built from the factors on every forward (the
 method has no activation-side form); training-time ``rank_dropout`` drops output rows of ΔW and
 rescales, ``module_dropout`` skips the whole delta for a step, both as in PEFT.
 """
@@ -25,9 +27,6 @@ from deltatune.adapters.method import register_method
 from deltatune.adapters.targeting import pattern_value
 
 __all__ = ["LoHaConfig", "LoHaDelta", "LOHA"]
-
-ROLES = ("w1_a", "w1_b", "w2_a", "w2_b")
-
 
 @dataclass
 class LoHaConfig:
@@ -51,6 +50,8 @@ class LoHaConfig:
     """Training only: probability of dropping each output row of ΔW (the rest rescaled)."""
     module_dropout: float = 0.0
     """Training only: probability of skipping the whole delta for a forward."""
+    use_effective_conv2d: bool = False
+    """Convolutions with a kernel larger than 1: each pair as a CP core (r, r, *kernel) with two (r, ...) factors."""
     init_weights: bool = True
     """W2b starts at zero (the base model); False: every factor Kaiming-uniform (tests)."""
     modules_to_save: list[str] | None = None
@@ -73,7 +74,8 @@ class LoHaConfig:
 
 
 class LoHaDelta(nn.Module):
-    """One LoHa adapter on one layer: the factors W1a, W2a (out, r) and W1b, W2b (r, in...)."""
+    """One LoHa adapter on one layer: the factors W1a, W2a (out, r) and W1b, W2b (r, in...), or in the CP
+    form the cores T1, T2 (r, r, *kernel) with W1a, W2a (r, out) and W1b, W2b (r, in)."""
 
     method = "loha"
     changes_base = False
@@ -81,13 +83,13 @@ class LoHaDelta(nn.Module):
     def __init__(self, factors: dict[str, torch.Tensor], rank: int, alpha: float, rank_dropout: float,
                  module_dropout: float):
         super().__init__()
-        for role in ROLES:
-            self.register_parameter(role, nn.Parameter(factors[role]))
+        for role, tensor in factors.items():
+            self.register_parameter(role, nn.Parameter(tensor))
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
 
     def roles(self) -> dict[str, nn.Parameter]:
-        return {role: getattr(self, role) for role in ROLES}
+        return dict(self._parameters)
 
     def settings(self) -> dict:
         return {"rank": self.rank, "alpha": self.alpha}
@@ -105,8 +107,12 @@ class LoHaDelta(nn.Module):
         return None  # ΔW is built from a Hadamard product: the plain forward runs
 
     def _delta_2d(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``scale * (W1a @ W1b) ⊙ (W2a @ W2b)``: (out, in...) as a 2-D matrix."""
+        """``scale * (W1a @ W1b) ⊙ (W2a @ W2b)`` (or the CP products): (out, in...) as a 2-D matrix."""
         f = {role: p if dtype is None else p.to(dtype) for role, p in self.roles().items()}
+        if "t1" in f:  # (r, r, k1, k2) cores -> (out, in, k1, k2); a Conv1d's core is (r, r, k, 1)
+            pair1 = torch.einsum("ijkl,jr,ip->prkl", f["t1"], f["w1_b"], f["w1_a"])
+            pair2 = torch.einsum("ijkl,jr,ip->prkl", f["t2"], f["w2_b"], f["w2_a"])
+            return (pair1 * pair2 * self.scale).flatten(1)
         return (f["w1_a"] @ f["w1_b"]) * (f["w2_a"] @ f["w2_b"]) * self.scale
 
     def merge_delta(self, layer: nn.Module) -> torch.Tensor:
@@ -151,12 +157,20 @@ class LoHaMethod:
         return {"rank": rank, "alpha": alpha}
 
     def shapes(self, geometry: Geometry, base: nn.Module, cfg: LoHaConfig, path: str) -> dict[str, tuple[int, ...]]:
-        if geometry.family == "conv" and base.groups != 1:
-            raise ValueError(f"LoHa on grouped convolutions (groups={base.groups}) is not supported")
         rank = self._rank_alpha(cfg, path)[0]
         out = geometry.features(base)[1]
-        fan_in = math.prod(base.weight.shape[1:]) if geometry.family == "conv" else geometry.features(base)[0]
-        return {"w1_a": (out, rank), "w1_b": (rank, fan_in), "w2_a": (out, rank), "w2_b": (rank, fan_in)}
+        if geometry.family != "conv":
+            fan_in = geometry.features(base)[0]
+            return {"w1_a": (out, rank), "w1_b": (rank, fan_in), "w2_a": (out, rank), "w2_b": (rank, fan_in)}
+        in_per_group, kernel = base.weight.shape[1], tuple(base.weight.shape[2:])  # (out, in/groups, *kernel)
+        if not (cfg.use_effective_conv2d and math.prod(kernel) > 1):  # PEFT: 1x1 kernels stay flat
+            fan_in = in_per_group * math.prod(kernel)
+            return {"w1_a": (out, rank), "w1_b": (rank, fan_in), "w2_a": (out, rank), "w2_b": (rank, fan_in)}
+        if len(kernel) > 2:
+            raise ValueError(f"{path}: use_effective_conv2d takes Conv1d/Conv2d kernels, not {kernel}")
+        core = (rank, rank, *kernel, 1) if len(kernel) == 1 else (rank, rank, *kernel)
+        return {"t1": core, "w1_a": (rank, out), "w1_b": (rank, in_per_group),
+                "t2": core, "w2_a": (rank, out), "w2_b": (rank, in_per_group)}
 
     def make_delta(self, layer: nn.Module, cfg: LoHaConfig, path: str, dtype: torch.dtype | None) -> LoHaDelta:
         shapes = self.shapes(layer.geometry, layer.base_module, cfg, path)

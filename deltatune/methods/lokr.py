@@ -4,9 +4,14 @@
 W1 is (l, m) and W2 is (k, n); each is a full matrix or, when the rank r is small against its sides
 (PEFT's rule: W2 when r < max(k, n) / 2, W1 only with ``decompose_both``), a low-rank product
 ``A @ B``. The split comes from ``factorization`` (the two divisors nearest the square root, or near
-``decompose_factor``). Shapes, init (W1 or W1a at zero), forward and merge follow PEFT's LoKr on
-linear layers (GPT-2 ``Conv1D`` and the 4-bit layer take the same math on their (out, in) weight);
-convolutions are not built here yet.
+``decompose_factor``). Shapes, init (W1 or W1a at zero), forward and merge follow PEFT's LoKr (GPT-2
+``Conv1D`` and the 4-bit layer take the linear math on their (out, in) weight).
+
+On a convolution (out, in/groups, *kernel) the split is of out and in/groups; W1 stays (l, m) and the
+kernel goes to W2: a full (k, n, *kernel), a flat product (k, r) @ (r, n * prod(kernel)), or with
+``use_effective_conv2d`` (kernels larger than 1) PEFT's CP form, a core T2 (r, r, *kernel) with W2a (r, k)
+and W2b (r, n). ΔW is ``kron`` of the two laid out as PEFT's ``make_kron`` does and read in the base
+weight's shape, so a Conv1d with a full W2 gets PEFT's own layout (``kron`` of a 2-D and a 3-D tensor).
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class LoKrConfig:
     """With rank_dropout: rescale the kept rows by the inverse of their share."""
     module_dropout: float = 0.0
     """Training only: probability of skipping the whole delta for a forward."""
+    use_effective_conv2d: bool = False
+    """Convolutions with a kernel larger than 1 and a decomposed W2: W2 as a CP core (r, r, *kernel) with two factors."""
     init_weights: bool | str = True
     """True: W1 (or W1a) at zero, the base model at init; "lycoris": W2 (or W2b) at zero instead; False: all random (tests)."""
     modules_to_save: list[str] | None = None
@@ -125,14 +132,21 @@ class LoKrDelta(nn.Module):
     def low_rank(self, training: bool):
         return None  # a Kronecker product: the plain forward runs
 
-    def _side(self, name: str, dtype) -> torch.Tensor:
-        p = self._parameters
-        w = p[name] if name in p else p[name + "_a"] @ p[name + "_b"]
-        return w if dtype is None else w.to(dtype)
-
     def _delta_2d(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``scale * W1 ⊗ W2``: (out, in)."""
-        return torch.kron(self._side("w1", dtype), self._side("w2", dtype).contiguous()) * self.scale
+        """``scale * W1 ⊗ W2``: (out, in...) as a 2-D matrix."""
+        p = {role: t if dtype is None else t.to(dtype) for role, t in self._parameters.items()}
+        w1 = p["w1"] if "w1" in p else p["w1_a"] @ p["w1_b"]  # (l, m)
+        if "w2" in p:  # (k, n) or (k, n, *kernel)
+            w2 = p["w2"]
+        elif "t2" in p:  # CP: (r, r, k1, k2) core -> (k, n, k1, k2); a Conv1d's core is (r, r, k, 1)
+            w2 = torch.einsum("ijkl,ip,jr->prkl", p["t2"], p["w2_a"], p["w2_b"])
+        else:
+            w2 = p["w2_a"] @ p["w2_b"]  # (k, n * prod(kernel))
+        if w2.dim() == 4:  # (l, m, 1, 1) ⊗ (k, n, k1, k2) = (out, in, k1, k2), as PEFT's make_kron
+            w1 = w1[:, :, None, None]
+        # canonical strides: einsum can leave a size-1 dim with a stride torch.kron's internal view rejects
+        delta = torch.kron(w1, w2.reshape(-1).view(w2.shape)) * self.scale
+        return delta.reshape(w1.shape[0] * w2.shape[0], -1)  # PEFT reshapes to the base weight: same order
 
     def merge_delta(self, layer: nn.Module) -> torch.Tensor:
         return layer.geometry.to_weight_layout(layer.base_module, self._delta_2d(torch.float32))
@@ -143,13 +157,18 @@ class LoKrDelta(nn.Module):
     def apply(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, active: bool) -> torch.Tensor:
         if not active or (self.training and self.module_dropout and torch.rand(1).item() <= self.module_dropout):
             return y
-        delta = self._delta_2d()  # (out, in)
+        delta = self._delta_2d()  # (out, in...)
         if self.training and self.rank_dropout:
             keep = (torch.rand(delta.shape[0]) > self.rank_dropout).to(delta.dtype)
             if self.rank_dropout_scale:
                 keep = keep / keep.mean()
             delta = delta * keep.to(delta.device)[:, None]
-        return y + F.linear(x.to(delta.dtype), delta).to(y.dtype)
+        geometry, h = layer.geometry, x.to(delta.dtype)
+        if geometry.family == "conv":
+            out = geometry.conv(layer, h, geometry.to_weight_layout(layer.base_module, delta))
+        else:
+            out = F.linear(h, delta)
+        return y + out.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, factors={sorted(self._parameters)}"
@@ -162,7 +181,7 @@ class LoKrMethod:
     config = LoKrConfig
 
     def supports(self, geometry: Geometry) -> bool:
-        return geometry.family == "linear"
+        return geometry.family in ("linear", "conv")
 
     def _rank_alpha(self, cfg: LoKrConfig, path: str) -> tuple[int, float]:
         return int(pattern_value(path, cfg.rank_pattern, cfg.r)), float(pattern_value(path, cfg.alpha_pattern, cfg.alpha))
@@ -173,17 +192,25 @@ class LoKrMethod:
 
     def shapes(self, geometry: Geometry, base: nn.Module, cfg: LoKrConfig, path: str) -> dict[str, tuple[int, ...]]:
         rank = self._rank_alpha(cfg, path)[0]
-        fan_in, fan_out = geometry.features(base)
+        if geometry.family == "conv":  # weight (out, in/groups, *kernel)
+            fan_out, fan_in, kernel = base.weight.shape[0], base.weight.shape[1], tuple(base.weight.shape[2:])
+        else:
+            (fan_in, fan_out), kernel = geometry.features(base), ()
         (l, k), (m, n) = factorization(fan_out, cfg.decompose_factor), factorization(fan_in, cfg.decompose_factor)
         shapes = {}
         if cfg.decompose_both and rank < max(l, m) / 2:
             shapes.update(w1_a=(l, rank), w1_b=(rank, m))
         else:
             shapes["w1"] = (l, m)
-        if rank < max(k, n) / 2:
-            shapes.update(w2_a=(k, rank), w2_b=(rank, n))
+        if rank >= max(k, n) / 2:
+            shapes["w2"] = (k, n, *kernel)
+        elif cfg.use_effective_conv2d and math.prod(kernel) > 1:  # PEFT: 1x1 kernels stay flat
+            if len(kernel) > 2:
+                raise ValueError(f"{path}: use_effective_conv2d takes Conv1d/Conv2d kernels, not {kernel}")
+            shapes.update(t2=(rank, rank, *kernel, 1) if len(kernel) == 1 else (rank, rank, *kernel),
+                          w2_a=(rank, k), w2_b=(rank, n))
         else:
-            shapes["w2"] = (k, n)
+            shapes.update(w2_a=(k, rank), w2_b=(rank, n * math.prod(kernel)))
         return shapes
 
     def make_delta(self, layer: nn.Module, cfg: LoKrConfig, path: str, dtype: torch.dtype | None) -> LoKrDelta:
