@@ -69,6 +69,7 @@ METHODS = {
     "rslora": lambda targets: dt.LoraConfig(r=2, alpha=4, targets=targets, use_rslora=True),
     "pissa": lambda targets: dt.LoraConfig(r=2, alpha=4, targets=targets, init="pissa"),
     "scale_only": lambda targets: ScaleOnlyConfig(targets=targets),
+    "dora": lambda targets: dt.LoraConfig(r=2, alpha=4, targets=targets, use_dora=True),
     "ia3": lambda targets: dt.IA3Config(targets=targets, feedforward=targets[-1:]),
     "loha": lambda targets: dt.LoHaConfig(r=2, alpha=4, targets=targets),
     "lokr": lambda targets: dt.LoKrConfig(r=2, alpha=4, targets=targets, decompose_both=True),

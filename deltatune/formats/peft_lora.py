@@ -1,8 +1,9 @@
 """PEFT's names for LoRA (``peft_type`` "LORA"): config keys and tensor keys by role.
 
 Tensors: ``<path>.lora_A.weight`` / ``lora_B.weight``, embeddings ``lora_embedding_A`` /
-``lora_embedding_B`` (no ``.weight``). Each module's actual rank and alpha are written into
-``rank_pattern``/``alpha_pattern`` where they differ from the global ones, keyed by its full path:
+``lora_embedding_B`` (no ``.weight``); with ``use_dora`` DoRA's magnitude ``lora_magnitude_vector`` (no
+``.weight`` either; shape (out,), conv (1, out, 1, ...)). Each module's actual rank and alpha are written
+into ``rank_pattern``/``alpha_pattern`` where they differ from the global ones, keyed by its full path:
 exact whatever patterns (or ``combine()``) produced them.
 """
 
@@ -16,8 +17,8 @@ PEFT_TYPE = "LORA"
 KEYS_READ = {"r", "lora_alpha", "lora_dropout", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights",
              "bias", "use_dora", "lora_bias"}
 
-_ROLE_KEYS = {"A": "lora_A.weight", "B": "lora_B.weight"}
-_EMBEDDING_ROLE_KEYS = {"A": "lora_embedding_A", "B": "lora_embedding_B"}
+_ROLE_KEYS = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+_EMBEDDING_ROLE_KEYS = {"A": "lora_embedding_A", "B": "lora_embedding_B", "magnitude": "lora_magnitude_vector"}
 SUFFIX_ROLES = {**{v: k for k, v in _ROLE_KEYS.items()}, **{v: k for k, v in _EMBEDDING_ROLE_KEYS.items()}}
 _INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "random": False}
 _INIT_FROM_PEFT = {True: "kaiming", "gaussian": "gaussian", "pissa": "pissa", False: "random"}
@@ -41,7 +42,7 @@ def to_config(cfg: LoraConfig, parts: dict[str, ModulePart], target_modules: lis
         "init_lora_weights": _INIT_TO_PEFT[cfg.init],
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
         "layers_to_transform": None,
         "layers_pattern": None,
     }
@@ -50,9 +51,8 @@ def to_config(cfg: LoraConfig, parts: dict[str, ModulePart], target_modules: lis
 def from_config(raw: dict, source: str) -> LoraConfig:
     """A ``LoraConfig`` from PEFT's dict (``target_modules`` already a list or a regex); unsupported
     settings raise naming ``source``."""
-    for key, bad in (("use_dora", True), ("lora_bias", True)):
-        if raw.get(key) == bad:
-            raise ValueError(f"{source}: {key}={bad} is not supported by deltatune yet")
+    if raw.get("lora_bias"):
+        raise ValueError(f"{source}: lora_bias=True is not supported by deltatune yet")
     if raw.get("bias", "none") != "none":
         raise ValueError(f"{source}: bias={raw['bias']!r} is not supported (only 'none')")
     init = raw.get("init_lora_weights", True)
@@ -71,4 +71,5 @@ def from_config(raw: dict, source: str) -> LoraConfig:
         use_rslora=bool(raw.get("use_rslora", False)),
         init=_INIT_FROM_PEFT[init],
         modules_to_save=raw.get("modules_to_save"),
+        use_dora=bool(raw.get("use_dora", False)),
     )

@@ -3,7 +3,8 @@
 With rsLoRA's scale (Kalajdzievski 2023, arXiv:2312.03732) and PiSSA's initialisation (Meng et al.
 2024, arXiv:2404.02948). Shapes follow PEFT per geometry family: linear A (r, in), B (out, r);
 conv A (r, in, *kernel) run with the base's stride and padding, B a 1x1 conv (out, r, 1, ...);
-embedding A (r, num) looked up by token id, B (dim, r), and no dropout on token ids.
+embedding A (r, num) looked up by token id, B (dim, r), and no dropout on token ids. ``use_dora``
+wraps the delta in DoRA's magnitude and direction (``methods/dora.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from deltatune.adapters.geometry import Geometry
 from deltatune.adapters.method import register_method
 from deltatune.adapters.targeting import pattern_value
+from deltatune.methods.dora import DoraDelta, magnitude_shape
 
 __all__ = ["LoraConfig", "LoraDelta", "LORA", "INIT_METHODS"]
 
@@ -61,6 +63,8 @@ class LoraConfig:
     """Module-name suffixes to train in full, as copies per adapter (e.g. a classification head)."""
     dtype: str | None = "float32"
     """Adapter parameter dtype ("float32", "bfloat16", "float16"), or None for the base weight's dtype."""
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024): W' = m ⊙ (W + s·BA) / ||W + s·BA||, a learned magnitude m per output feature."""
 
     def __post_init__(self):
         if isinstance(self.targets, tuple):
@@ -71,6 +75,8 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.init not in INIT_METHODS:
             raise ValueError(f"LoraConfig.init must be one of {INIT_METHODS}, got {self.init!r}")
+        if self.use_dora and self.init == "pissa":
+            raise ValueError("LoraConfig: use_dora does not combine with init='pissa'")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"LoraConfig.dtype must be float32, bfloat16, float16 or None, got {self.dtype!r}")
 
@@ -177,6 +183,14 @@ class LoraDelta(nn.Module):
         """The unscaled ``B @ A`` in the stored weight's layout."""
         return layer.geometry.to_weight_layout(layer.base_module, B.flatten(1) @ A.flatten(1))
 
+    def matrix(self) -> torch.Tensor:
+        """``scale * B @ A`` as the 2-D (out, in...) matrix ``Geometry.base_weight`` gives, in A's dtype."""
+        return self.scale * (self.B.flatten(1) @ self.A.flatten(1))
+
+    def update(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """``scale * B(A(h))`` on activations, without dropout (``h`` already in the adapter's dtype)."""
+        return self.scale * _low_rank_path(layer, h, self.A, self.B)
+
     def merge_delta(self, layer: nn.Module) -> torch.Tensor:
         return self.scale * self._weight(layer, self.A.float(), self.B.float())
 
@@ -224,11 +238,18 @@ class LoraMethod:
 
     def shapes(self, geometry: Geometry, base: nn.Module, cfg: LoraConfig, path: str) -> dict[str, tuple[int, ...]]:
         a_shape, b_shape = _shapes(geometry, base, self.rank_alpha(cfg, path)[0])
-        return {"A": tuple(a_shape), "B": tuple(b_shape)}
+        shapes = {"A": tuple(a_shape), "B": tuple(b_shape)}
+        if cfg.use_dora:  # DoRA's magnitude (methods/dora.py)
+            shapes["magnitude"] = magnitude_shape(geometry.family, tuple(b_shape))
+        return shapes
 
-    def make_delta(self, layer: nn.Module, cfg: LoraConfig, path: str, dtype: torch.dtype | None) -> LoraDelta:
+    def make_delta(self, layer: nn.Module, cfg: LoraConfig, path: str,
+                   dtype: torch.dtype | None) -> LoraDelta | DoraDelta:
         rank, alpha = self.rank_alpha(cfg, path)
-        return self.delta(layer, rank, alpha, cfg.dropout, cfg.use_rslora, cfg.init, dtype)
+        delta = self.delta(layer, rank, alpha, cfg.dropout, cfg.use_rslora, cfg.init, dtype)
+        if cfg.use_dora:  # DoRA: this LoRA delta plus a magnitude (methods/dora.py)
+            return DoraDelta(delta, layer.geometry.family)
+        return delta
 
     def delta(self, layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
               init: str = "kaiming", dtype: torch.dtype | None = None) -> LoraDelta:

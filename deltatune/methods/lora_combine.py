@@ -25,9 +25,9 @@ def combine(model: nn.Module, weights: dict[str, float], name: str, rank: int | 
         raise KeyError(f"combine: no adapter named {missing} (have {sorted(record.configs)})")
     if name in record.configs:
         raise ValueError(f"adapter {name!r} already exists on this model")
-    not_lora = [n for n in weights if not isinstance(record.configs[n], LoraConfig)]
+    not_lora = [n for n in weights if not isinstance(record.configs[n], LoraConfig) or record.configs[n].use_dora]
     if not_lora:
-        raise ValueError(f"combine: adapters {not_lora} are not LoRA adapters (only low-rank sums combine)")
+        raise ValueError(f"combine: adapters {not_lora} are not plain LoRA adapters (only low-rank sums combine)")
     if any(record.configs[n].modules_to_save for n in weights):
         raise ValueError("combine: adapters with modules_to_save cannot be combined (full copies have no low-rank sum)")
     report, built = {}, {}
