@@ -121,11 +121,23 @@ def test_unknown_config_keys_warn(saved):
         dt.load_adapter(_model(), saved)
 
 
-def test_unsupported_settings_raise(saved):
+@pytest.mark.parametrize("key, value, message", [
+    ("lora_bias", True, "lora_bias=True is not supported"),
+    ("bias", "all", "bias='all' is not supported"),
+])
+def test_unsupported_settings_raise(saved, key, value, message):
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    cfg[key] = value
+    (saved / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterFileError, match=message):
+        dt.load_adapter(_model(), saved)
+
+
+def test_dora_file_without_magnitudes_names_the_missing_keys(saved):
     cfg = json.loads((saved / "adapter_config.json").read_text())
     cfg["use_dora"] = True
     (saved / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(AdapterFileError, match="use_dora=True is not supported"):
+    with pytest.raises(AdapterFileError, match=r"no tensor for .*lora_magnitude_vector"):
         dt.load_adapter(_model(), saved)
 
 
