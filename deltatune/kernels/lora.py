@@ -28,6 +28,13 @@ over the rows, so the SwiGLU output is never written in backward. It saves x, th
 outputs and the small ``h`` factors. With quantized weights, gate and up are dequantized into one
 stacked weight (one matmul each way) whose spare columns carry ``diag(s B_g, s B_u)`` in backward, so
 ``[dg | du] @ stacked`` gives the adapters' ``g`` together with dx.
+
+A projection may carry a fourth element, an output scale ``f`` (out,) (DoRA's ``m / ||W + s·BA||``, the
+norm detached): ``y = f ⊙ (x W^T + s h B^T) + b``. The nodes above then run it without its bias and
+``_ScaleOutput`` scales their output z (saving z: ``df = Σ_tokens dy ⊙ z``, ``dz = f ⊙ dy`` into the
+node's backward). In the gated MLP with scaled gate/up, ``_ScaledSwiGLU`` scales them inside the SwiGLU
+node (saving only z_g, z_u, as the LoRA node saves its base outputs), and the down projection's input,
+the SwiGLU output, is saved by its node.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import torch.nn.functional as F
 from deltatune.kernels.functional import rms_norm_values, swiglu_lora_backward, swiglu_lora_forward
 from deltatune.kernels.lora_pack import (factor_groups, factors, flatten, grad_list, needs_grads, split_low_rank,
                                         unflatten)
+from deltatune.kernels.output_scale import ScaledSwiGLU, ScaleOutput, split_output_scales
 
 __all__ = ["lora_group", "lora_mlp", "recomputing"]
 
@@ -323,13 +331,21 @@ def lora_group(x: torch.Tensor, projections, norm=None) -> tuple[torch.Tensor, .
     Args:
         x: activations in the compute dtype (bf16 in training).
         projections: ``[(W (out, in), bias or None, [(A (r, in), B (out, r), scale), ...]), ...]``;
-            W and bias frozen, A and B in any dtype (fp32 master weights), cast to x's dtype here.
+            W and bias frozen, A and B in any dtype (fp32 master weights), cast to x's dtype here. A
+            projection may add an output scale f (out,) as a fourth element: ``f ⊙ (x W^T + low rank) + b``.
         norm: ``(x_pre, weight, eps)`` when x is ``rms_norm(x_pre, weight, eps)`` (as the caller knows: a
             Llama block's attention and MLP inputs): the node then saves x_pre, which the norm node
             keeps anyway, instead of x, and recomputes x in backward (``rms_norm_values``, bit for bit).
     Returns:
         one output (..., out_p) per projection, in x's dtype.
     """
+    inner, outer = split_output_scales(projections)
+    ys = _lora_group(x, inner, norm)
+    return tuple(y if o is None else ScaleOutput.apply(y, *o) for y, o in zip(ys, outer))
+
+
+def _lora_group(x: torch.Tensor, projections, norm=None) -> tuple[torch.Tensor, ...]:
+    """``lora_group`` of projections without output scales: the node itself."""
     spec, tensors = flatten(projections)
     cast, device = _autocast_input(x)
     norm = None if cast is not x or torch.compiler.is_compiling() else norm  # x_pre gives x, not its cast
@@ -450,10 +466,17 @@ def lora_mlp(x: torch.Tensor, gate, up, down, norm=None) -> torch.Tensor:
 
     Each of ``gate``, ``up``, ``down`` is ``(W, bias or None, [(A, B, scale), ...])`` as in
     ``lora_group``, and ``norm`` as there. Saves x (or the norm's input), the gate and up outputs and the
-    rank-sized factors, not the SwiGLU output. Returns (..., hidden) in x's dtype.
+    rank-sized factors, not the SwiGLU output. Returns (..., hidden) in x's dtype. With an output scale
+    on any of them (``lora_group``'s fourth element), three nodes: gate/up, the scaled SwiGLU, down.
     """
+    if any(len(p) > 3 and p[3] is not None for p in (gate, up, down)):
+        (gate, up), scales = split_output_scales([gate, up])
+        g, u = _lora_group(x, [gate, up], norm)
+        act = ScaledSwiGLU.apply(g, u, *(scales[0] or (None, None)), *(scales[1] or (None, None)))
+        return lora_group(act, [down])[0]
     spec, tensors = flatten([gate, up, down])
     cast, device = _autocast_input(x)
     norm = None if cast is not x or torch.compiler.is_compiling() else norm  # x_pre gives x, not its cast
     with torch.autocast(device, enabled=False):
         return _LoraMLP.apply(cast, spec, norm, *tensors)
+

@@ -19,7 +19,18 @@ factor broadcasts over the spatial dimensions. W is the base weight as the geome
 
 Merging is not additive: ``merge_delta`` gives ``W' - W`` and keeps the norm of that moment (outside
 the state dict), which ``unmerge_delta`` needs to recover ``W = W' / f - s·BA`` (PEFT caches it the
-same way). There is no low-rank form for the fused kernels (``low_rank`` is None: the plain forward).
+same way).
+
+The fused training path (``deltatune.fast``) takes DoRA as LoRA's low-rank form plus an output scale:
+``y = f ⊙ (W x + s·B A x) + b`` with the same f, which equals the forward above (``y - b`` is ``W x``).
+``low_rank`` gives ``(A, B, s, output_scale)``; ``output_scale(layer)`` computes f without the
+(out, in) matrix ``W + s·BA``, row by row:
+
+    ||W_i + s·(BA)_i||² = ||W_i||² + 2s·Σ_k B_ik (W Aᵀ)_ik + s²·(B (A Aᵀ) Bᵀ)_ii
+
+``||W_i||²`` is cached (keyed on the weight's storage and version and the layer's merged adapters, so a
+merge or a load recomputes it); ``W Aᵀ`` is the base projection applied to the r rows of A (the 4-bit
+base through its own dequantizing matmul), out·in·r work a step and no weight-sized temporary.
 """
 
 from __future__ import annotations
@@ -79,7 +90,50 @@ class DoraDelta(nn.Module):
         self.lora.detach(layer)
 
     def low_rank(self, training: bool):
-        return None
+        """LoRA's ``(A, B, scale)`` plus ``output_scale`` (the fused path's form, see the module docstring), or
+        None where LoRA has none (dropout while training)."""
+        low = self.lora.low_rank(training)
+        return None if low is None else (*low, self.output_scale)
+
+    def output_scale(self, layer: nn.Module) -> torch.Tensor:
+        """``f = m / ||W + s·BA||_c`` (out,) for the fused path, the norm detached; differentiable in m."""
+        return self.magnitude.reshape(-1) / self.fused_norm(layer)
+
+    @torch.no_grad()
+    def fused_norm(self, layer: nn.Module) -> torch.Tensor:
+        """``||W + s·BA||`` per output row (out,) from ``||W_i||²``, ``W Aᵀ`` and ``A Aᵀ`` (no (out, in) temporary)."""
+        exact = self._exact()
+        A, B, s = self.lora.A.to(exact), self.lora.B.to(exact), self.lora.scale
+        wa = self._base_rows(layer, self.lora.A).to(exact).T  # (out, r): W Aᵀ
+        gram = A @ A.T  # (r, r)
+        sq = self._weight_norm_sq(layer) + 2 * s * (B * wa).sum(1) + s * s * ((B @ gram) * B).sum(1)
+        return sq.clamp_min(0).sqrt()
+
+    @staticmethod
+    def _base_rows(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        """``rows @ Wᵀ`` (r, out) for the rows (r, in) by the layer's base weight, without the bias."""
+        weight = layer.fused_weight()
+        if isinstance(weight, torch.Tensor):
+            return rows.to(weight.dtype) @ weight.T
+        if getattr(layer, "bias", None) is None:  # a quantized base: its own (dequantizing) matmul
+            return layer.geometry.base_forward(layer, rows)
+        return rows @ weight.dequantize(rows.dtype).T
+
+    def _weight_norm_sq(self, layer: nn.Module) -> torch.Tensor:
+        """``||W_i||²`` (out,) in the exact dtype, cached until the base weight changes."""
+        weight = layer.fused_weight()
+        tensors = [weight] if isinstance(weight, torch.Tensor) else list(weight.tensors().values())
+        # merges write through ``.data`` (no version bump): the merged adapters are part of the key
+        key = (tuple(layer.merged), tuple((t.data_ptr(), t._version) for t in tensors))
+        cached = self.__dict__.get("_wsq")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        W = layer.geometry.base_weight(layer).flatten(1)  # (out, in); dequantized once for a 4-bit base
+        wsq = torch.cat([W[i:i + 1024].to(self._exact()).square().sum(1) for i in range(0, W.shape[0], 1024)])
+        capturing = W.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and not torch.compiler.is_compiling():  # (a graph's memory is not for keeping)
+            self.__dict__["_wsq"] = (key, wsq)
+        return wsq
 
     @staticmethod
     def _norm(W: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
