@@ -10,6 +10,7 @@ non-padding tokens of the steps after the first ``--warmup``.
 
     python bench/bench_train.py --model DIR --data FILE --steps 40 --json bench_train.json
     python bench/bench_train.py --make-model 1b --tokenizer DIR --model /tmp/m   # a random Llama-shaped model
+    python bench/bench_train.py --model /tmp/m8 --data FILE --quant nf4   # QLoRA (peers: bitsandbytes NF4)
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ DEFAULT_ROWS = "dt-default,dt-no-packing,hf-peft,hf-peft-flat"
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=False),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=True),
 }
@@ -47,7 +50,8 @@ def make_model(shape: str, tokenizer: str, out: str) -> None:
     cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPES[shape])
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # an 8B init takes minutes on a CPU
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
@@ -65,7 +69,7 @@ def run_deltatune(flags: list[str], args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         argv = ["train", "--model", args.model, "--data", args.data, "--output", out, "--max-steps", str(args.steps),
                 "--micro-batch", str(args.micro_batch), "--save-every", "0", "--no-progress", "--lr", "2e-4",
-                "--r", "16", "--alpha", "32", *flags]
+                "--r", "16", "--alpha", "32", *(["--quant", args.quant] if args.quant else []), *flags]
         code = main(argv)
         if code != 0:
             return {"error": f"deltatune train exited {code}"}
@@ -89,7 +93,13 @@ def run_hf(collator_kind: str, args) -> dict:
     tok = AutoTokenizer.from_pretrained(args.model)
     ds = load_dataset(args.data, tok, max_length=512, log=lambda *_: None)
     rows = [{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in ds.examples]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, attn_implementation="sdpa")
+    quant = {}
+    if args.quant:  # QLoRA as its paper and PEFT's docs set it up: bitsandbytes NF4, bf16 compute
+        from transformers import BitsAndBytesConfig
+
+        quant["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.quant,
+                                                          bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, attn_implementation="sdpa", **quant)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     base = (DataCollatorForSeq2Seq(tok, label_pad_token_id=-100) if collator_kind == "padded"
             else DataCollatorWithFlattening())
@@ -133,6 +143,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--json", default="bench_train.json")
+    ap.add_argument("--quant", choices=["nf4"], help="QLoRA: the base in 4 bits (ours; bitsandbytes for the peers)")
     ap.add_argument("--make-model", choices=list(SHAPES))
     ap.add_argument("--tokenizer")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # one row, in this process (what the parent runs)
@@ -148,7 +159,8 @@ def main(argv=None):
     results = []
     for name in args.rows.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--data", args.data, "--row", name,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--micro-batch", str(args.micro_batch)]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--micro-batch", str(args.micro_batch),
+               *(["--quant", args.quant] if args.quant else [])]
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's deltatune first
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -1,6 +1,7 @@
 """Padding-free packing: examples share rows but never attend across each other, so the loss of a
 packed batch is the sum of the examples' unpacked losses."""
 
+import contextlib
 import random
 
 import pytest
@@ -81,6 +82,37 @@ def test_packed_loss_equals_the_sum_of_unpacked_losses(fast):
     assert n == sum(k for _, k in alone)
     expected = sum(float(loss) for loss, _ in alone)
     assert abs(float(packed) - expected) <= 1e-5 * abs(expected), (float(packed), expected)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_packed_forward_reads_nothing_back_from_the_device(fast, monkeypatch):
+    """transformers branches on where the packed examples start; on a GPU reading that back stalls the host
+    once a micro-batch. The step answers it from the host copy (deltatune.train.packed_masks)."""
+    import traceback
+
+    model = _tiny_llama()
+    if fast:
+        from deltatune.fast import enable_fast_path
+
+        enable_fast_path(model)
+    batch = collate(pack(_examples(), 64), 0, "causal-lm")
+    reads = []
+    real_bool = torch.Tensor.__bool__
+
+    def watched(t):
+        frames = [f.filename for f in traceback.extract_stack(limit=6)[:-1]]
+        if any("transformers" in f for f in frames):
+            reads.append(frames[-1])
+        return real_bool(t)
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", watched)
+    with torch.no_grad():
+        loss, _, _ = batch_loss(model, batch, "causal-lm", "cpu", contextlib.nullcontext, fast=fast)
+    monkeypatch.undo()
+    assert reads == []
+    from transformers import masking_utils
+
+    assert masking_utils.find_packed_sequence_indices.__wrapped__(batch["position_ids"]) is not None  # it was packed
 
 
 def test_packing_without_masks_would_leak_across_examples():

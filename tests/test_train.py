@@ -495,3 +495,38 @@ def test_unknown_report_to_is_refused(tiny, tmp_path):
     with pytest.raises(TrainError, match="unknown --report-to 'wandb'"):
         train(*args_for(tiny, tmp_path / "run", report_to="wandb"), log=lambda s: None)
     assert not (tmp_path / "run").exists()  # nothing but the lock was written: no folder is left
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_a_step_waits_for_the_gpu_once(tiny, tmp_path, fast):
+    """No GPU->host sync per micro-batch: the loss and gradient norm are read once a step (issue 15)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from deltatune.train import loop
+
+    run = loop.setup(*args_for(tiny, tmp_path, device="cuda", precision="bf16", fast=fast, grad_accum=3,
+                               micro_batch=2, max_steps=8), log=lambda s: None)
+    loop.step(run, 0)  # first calls allocate, compile and autotune
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for i in range(1, 5):
+                loop.step(run, i)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 4, syncs  # one a step
+
+
+def test_the_next_steps_batches_are_collated_during_this_step(tiny, tmp_path):
+    from deltatune.train import loop
+
+    run = loop.setup(*args_for(tiny, tmp_path, grad_accum=2, micro_batch=2), log=lambda s: None)
+    loop.step(run, 0)
+    assert list(run.prefetched) == [1]
+    for got, want in zip(run.prefetched[1], loop._collated(run, 1)):
+        assert got.keys() == want.keys()
+        for k in want:  # tensors, and the longest example's length (an int) of packed rows
+            assert torch.equal(got[k], want[k]) if isinstance(want[k], torch.Tensor) else got[k] == want[k]

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from deltatune.adapters import prepare_batch
 from deltatune.train.args import DataArgs, resolve_device
 from deltatune.train.data import IGNORE, Dataset, collate, load_dataset
+from deltatune.train.packed_masks import host_packing
 from deltatune.train.packing import segments
 from deltatune.train.outputs import run_info
 
-__all__ = ["batch_loss", "evaluate", "eval_data_args", "evaluate_adapter"]
+__all__ = ["batch_loss", "labels_count", "evaluate", "eval_data_args", "evaluate_adapter"]
 
 
 def _model_inputs(batch: dict, device) -> dict:
@@ -26,8 +27,8 @@ def _model_inputs(batch: dict, device) -> dict:
     a KV cache: only then does transformers read restarting positions as example boundaries and confine
     attention to each example (``deltatune.train.packing``)."""
     if "position_ids" not in batch:
-        return {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
+    inputs = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
               if k not in ("labels", "attention_mask")}
     return {**inputs, "use_cache": False}
 
@@ -38,26 +39,35 @@ def batch_loss(model, batch: dict, task: str, device, autocast, fast: bool = Fal
     With ``fast`` (causal LM) the head and cross-entropy run fused (``deltatune.fast``) and no logits
     are returned.
     """
-    labels = batch["labels"].to(device)
+    # targets counted on the host copy: counting on the device would make the host wait for the GPU
+    n = labels_count(batch["labels"], task)
+    labels = batch["labels"].to(device, non_blocking=True)
     if fast and task == "causal-lm":
         from deltatune.fast import fused_causal_lm_loss
 
-        n = int((labels[:, 1:] != IGNORE).sum())
         inputs = _model_inputs(batch, device)
         # right padding under causal attention changes only padded positions, which carry no loss: without
         # the mask the fused attention runs (packed rows never pass one)
         inputs.pop("attention_mask", None)
-        with autocast():
+        with autocast(), host_packing(batch.get("position_ids"), device):
             mean = fused_causal_lm_loss(model, labels=labels, **inputs)
         return mean.float() * n, n, None
-    with autocast():
+    with autocast(), host_packing(batch.get("position_ids") if task != "classification" else None, device):
         logits = model(**_model_inputs(batch, device)).logits
     if task == "classification":
-        return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel(), logits
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), n, logits
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
     loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
-    return loss, int((shift_labels != IGNORE).sum()), logits
+    return loss, n, logits
+
+
+def labels_count(labels: torch.Tensor, task: str) -> int:
+    """The targets in a batch's ``labels``: one per row for classification, else the non-ignored labels
+    after the first position (position t predicts token t+1)."""
+    if task == "classification":
+        return labels.numel()
+    return int((labels[:, 1:] != IGNORE).sum())
 
 
 @torch.no_grad()

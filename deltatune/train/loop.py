@@ -36,8 +36,8 @@ from deltatune.train.args import (
     resolve_precision, run_record,
 )
 from deltatune.train.console import safe_print
-from deltatune.train.data import IGNORE, Dataset, collate, load_dataset, sample_index, split_validation
-from deltatune.train.evaluate import batch_loss, evaluate
+from deltatune.train.data import Dataset, collate, load_dataset, sample_index, split_validation
+from deltatune.train.evaluate import batch_loss, evaluate, labels_count
 from deltatune.train.outputs import (
     append_metrics, check_outputs, plot_metrics, save_outputs, truncate_metrics, write_json,
 )
@@ -92,6 +92,8 @@ class Run:
     """The newest checkpoint written or resumed from."""
     reporter: Optional[Reporter] = None
     """Where metrics also go (``--report-to``); opened by the loop."""
+    prefetched: Optional[dict] = None
+    """{step index: its collated micro-batches}, made while the previous step ran on the GPU."""
 
     @property
     def out(self) -> Path:
@@ -267,42 +269,55 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
 
 
+def _collated(run: Run, index: int) -> list[dict]:
+    """The collated micro-batches of optimizer step ``index`` (a pure function of seed and step), pinned
+    on a GPU run so their copies to the device overlap the work in flight."""
+    args, data = run.args, run.train_data
+    first, n = index * run.per_step, len(data)
+    micro = [collate([data.examples[sample_index(first + i * args.micro_batch + j, n, args.seed)]
+                      for j in range(args.micro_batch)], run.pad_id, data.task)
+             for i in range(args.grad_accum)]
+    if run.device.type == "cuda":
+        micro = [{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in micro]
+    return micro
+
+
 def step(run: Run, index: int) -> dict:
     """Optimizer step ``index`` (0-based): ``grad_accum`` micro-batches forward and backward, clip, update.
 
     Returns the step's metrics (step, loss, lr, grad_norm, tokens, tok_s). Raises ``NonFinite`` on a
-    NaN/inf loss or gradient norm, before the optimizer changed anything."""
+    NaN/inf loss or gradient norm, before the optimizer changed anything.
+
+    The host waits for the GPU once a step, for the loss and gradient norm after the last backward; the
+    next step's batches are collated before that wait, while the GPU still works on this one.
+    """
     args, model, optimizer, scaler = run.args, run.model, run.optimizer, run.scaler
-    task, n = run.train_data.task, len(run.train_data)
+    task = run.train_data.task
     t0 = time.perf_counter()
     # Dropout and any other randomness of this step depend on (seed, step) only.
     torch.manual_seed(_step_seed(args.seed, index))
-    first = index * run.per_step
-    micro = [prepare_batch(model, collate([run.train_data.examples[sample_index(first + i * args.micro_batch + j, n,
-                                                                                 args.seed)]
-                                           for j in range(args.micro_batch)], run.pad_id, task))
-             for i in range(args.grad_accum)]
+    collated = run.prefetched.pop(index, None) if run.prefetched else None
+    micro = [prepare_batch(model, b) for b in (collated or _collated(run, index))]
     # Normalise by the targets of the whole step, so accumulation equals one big batch.
-    if task == "classification":
-        targets = sum(b["labels"].numel() for b in micro)
-    else:
-        targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-    step_loss, tokens = 0.0, 0
+    targets = sum(labels_count(b["labels"], task) for b in micro)
+    losses, tokens = [], 0
     for batch in micro:
         loss_sum, _, _ = batch_loss(model, batch, task, run.device, run.autocast, run.fast)
-        value = loss_sum.detach().item()
-        if not math.isfinite(value):
-            raise NonFinite("loss", value, index + 1)
         loss = loss_sum / max(targets, 1)
         (scaler.scale(loss) if scaler else loss).backward()
-        step_loss += value
+        losses.append(loss_sum.detach().float())
         tokens += int(batch["attention_mask"].sum())
+    if index + 1 < run.max_steps:  # host work that overlaps this step's GPU work
+        run.prefetched = {index + 1: _collated(run, index + 1)}
     if scaler:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
-    if not torch.isfinite(norm) and scaler is None:
-        raise NonFinite("gradient norm", float(norm), index + 1)
+    step_loss, norm_value = torch.stack([torch.stack(losses).sum(), norm.float().to(losses[0].device)]).tolist()
+    if not math.isfinite(step_loss):
+        raise NonFinite("loss", step_loss, index + 1)
+    if not math.isfinite(norm_value) and scaler is None:
+        raise NonFinite("gradient norm", norm_value, index + 1)
     lr = optimizer.param_groups[0]["lr"]
     if scaler:
         scaler.step(optimizer)
@@ -313,7 +328,7 @@ def step(run: Run, index: int) -> dict:
     optimizer.zero_grad(set_to_none=True)
     loss_value = step_loss / max(targets, 1)
     dt_s = time.perf_counter() - t0
-    return {"step": index + 1, "loss": loss_value, "lr": lr, "grad_norm": float(norm), "tokens": tokens,
+    return {"step": index + 1, "loss": loss_value, "lr": lr, "grad_norm": norm_value, "tokens": tokens,
             "tok_s": tokens / dt_s}
 
 
