@@ -8,7 +8,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "deltatune"
 
 # Who may import whom, by top-level part of the package (a module's own part is always allowed).
-# Downward only: cli/demo -> train -> fast/quant/formats -> methods -> adapters; kernels import nothing of ours.
+# Downward only: cli/demo -> train, serve -> fast/quant/formats -> methods -> adapters; kernels import nothing of ours.
 ALLOWED = {
     "adapters": set(),
     "methods": {"adapters"},
@@ -18,9 +18,11 @@ ALLOWED = {
     "fast": {"kernels"},
     "hub": {"assets"},
     "train": {"__init__", "adapters", "methods", "formats", "quant", "fast", "kernels", "hub", "assets"},
+    "serve": {"__init__", "adapters", "methods", "formats", "quant", "fast", "kernels", "hub", "assets"},
     "benchmark": {"__init__", "adapters", "methods", "formats", "quant", "fast", "kernels", "hub", "train"},
     "demo": {"__init__", "train", "hub", "assets", "adapters", "methods", "formats"},
-    "cli": {"__init__", "train", "hub", "assets", "adapters", "methods", "formats", "demo", "benchmark", "quant"},
+    "cli": {"__init__", "train", "hub", "assets", "adapters", "methods", "formats", "demo", "benchmark", "quant",
+            "serve"},
     "assets": set(),
     "__init__": {"adapters", "methods", "formats"},
 }
