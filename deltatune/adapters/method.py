@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from deltatune.adapters.geometry import Geometry
 
-__all__ = ["Method", "register_method", "method_named", "method_for", "method_names"]
+__all__ = ["Method", "ModelMethod", "register_method", "method_named", "method_for", "method_names"]
 
 
 @runtime_checkable
@@ -41,14 +41,30 @@ class Method(Protocol):
         """Module ``path``'s own settings under ``cfg`` ({"rank": 8, ...}; may be empty)."""
 
 
+@runtime_checkable
+class ModelMethod(Protocol):
+    """An adapter method acting on the model as a whole rather than per layer (prompt tuning, prefixes):
+    it adds one module of its own to the model (an ``AdapterModule``, e.g. ``VirtualTokens``), so
+    targeting, deltas and per-layer shapes do not apply."""
+
+    name: str
+    config: type
+
+    def add_to(self, model: nn.Module, cfg, name: str) -> None:
+        """Add adapter ``name`` to ``model`` (its module created or extended), freshly initialised."""
+
+    def model_shapes(self, model: nn.Module, cfg) -> dict[str, tuple[int, ...]]:
+        """The shape of each role's tensor that ``add_to`` would create on ``model``."""
+
+
 _BY_NAME: dict[str, Method] = {}
 _BY_CONFIG: dict[type, Method] = {}
 
 
 def register_method(method: Method) -> Method:
     """Make ``method`` known by its name and its config type; returns it. Re-registering replaces."""
-    if not isinstance(method, Method):
-        raise TypeError(f"{method!r} does not implement deltatune.adapters.Method")
+    if not isinstance(method, (Method, ModelMethod)):
+        raise TypeError(f"{method!r} implements neither deltatune.adapters.Method nor ModelMethod")
     _BY_NAME[method.name] = method
     _BY_CONFIG[method.config] = method
     return method

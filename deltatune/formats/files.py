@@ -19,7 +19,7 @@ from deltatune.adapters import (
     FULL, FullCopies, DeltaLayer, adapter_params, add_adapter, adapter_record, describe_adapter, geometry_for,
     load_description, matches_name, method_for, remove_adapter, select_targets,
 )
-from deltatune.formats import native, peft
+from deltatune.formats import native, peft, peft_prompt
 from deltatune.formats.atomic import atomic_write
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_files", "AdapterFileError", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -62,6 +62,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     """Adapter ``name``'s tensors under its file format's keys (contiguous, on the CPU)."""
     fmt = _format_of(type(adapter_record(model).configs[name]).method)
     parts = describe_adapter(model, name)
+    if peft_prompt.carries(adapter_record(model).configs[name]):  # virtual tokens: PEFT's prompt-learning keys
+        return peft_prompt.state_dict(parts)
     order = sorted(parts, key=lambda p: parts[p].method == FULL)  # the method's tensors first, then copies
     return {fmt.file_key(path, parts[path].method, parts[path].geometry, role): t.contiguous().cpu()
             for path in order for role, t in parts[path].tensors.items()}
@@ -82,7 +84,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if name not in configs:
         raise KeyError(f"no adapter named {name!r} on this model (have {sorted(configs)})")
     cfg = configs[name]
-    if type(cfg).method in peft.METHODS:
+    if peft_prompt.carries(cfg):
+        base_model = base_model if base_model is not None else getattr(model, "name_or_path", None) or None
+        file_cfg = peft_prompt.to_peft_config(model, cfg, describe_adapter(model, name), base_model,
+                                              peft.task_type(task, type(model).__name__), revision)
+    elif type(cfg).method in peft.METHODS:
         parts = describe_adapter(model, name)
         paths = [p for p, part in parts.items() if part.method != FULL]
         base_model = base_model if base_model is not None else getattr(model, "name_or_path", None) or None
@@ -119,6 +125,8 @@ def read_adapter_files(path: str | os.PathLike):
     try:
         if native.METHOD_KEY in raw and "peft_type" not in raw:
             cfg = native.from_native_config(raw, source=str(config_path))
+        elif raw.get("peft_type") in peft_prompt.PEFT_TYPES:
+            cfg = peft_prompt.from_peft_config(raw, source=str(config_path))
         else:
             cfg = peft.from_peft_config(raw, source=str(config_path))
     except (ValueError, TypeError) as e:
@@ -140,8 +148,8 @@ def read_adapter_files(path: str | os.PathLike):
 def _expected(model: nn.Module, cfg, fmt, config_path: Path) -> tuple[dict, dict]:
     """{file key: (module path, role, shape, settings)} of the method's tensors and of full copies."""
     method = method_for(cfg)
-    try:
-        targets = select_targets(model, cfg, method.supports)
+    try:  # targets=None: no layer of its own (a pattern without LoRA), only modules_to_save
+        targets = [] if cfg.targets is None else select_targets(model, cfg, method.supports)
     except ValueError as e:
         raise AdapterFileError(f"{config_path}: {e}") from None
     expected = {}
@@ -176,6 +184,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     """
     cfg, tensors, weights_path = read_adapter_files(path)
     config_path = Path(path) / CONFIG_NAME
+    if peft_prompt.carries(cfg):
+        parts = _virtual_token_parts(model, cfg, tensors, weights_path, config_path)
+        return _add_and_load(model, cfg, name, parts, activate, trainable)
     fmt = _format_of(type(cfg).method)
     expected, copies = _expected(model, cfg, fmt, config_path)
     for key, value in tensors.items():
@@ -210,6 +221,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     for key, (module_path, role, _, _) in {**expected, **copies}.items():
         if key in tensors:
             parts.setdefault(module_path, {})[role] = tensors[key]
+    return _add_and_load(model, cfg, name, parts, activate, trainable)
+
+
+def _add_and_load(model: nn.Module, cfg, name: str, parts: dict, activate: bool, trainable: bool) -> nn.Module:
+    """Add adapter ``name`` and copy the checked ``{module path: {role: tensor}}`` into it."""
     add_adapter(model, cfg, name, activate=activate)
     try:
         load_description(model, name, parts)
@@ -220,3 +236,48 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         for p in adapter_params(model, name):
             p.requires_grad_(False)
     return model
+
+
+def _virtual_token_parts(model: nn.Module, cfg, tensors: dict, weights_path: Path, config_path: Path) -> dict:
+    """A prompt-learning file's tensors checked against the model: ``prompt_embeddings`` with the shape
+    the config gives on this model, the encoder's weights all or none, full copies of real modules."""
+    from deltatune.adapters.virtual_tokens import ATTRIBUTE  # where the adapter's module sits on the model
+
+    try:
+        shapes = method_for(cfg).model_shapes(model, cfg)
+    except ValueError as e:
+        raise AdapterFileError(f"{config_path}: {e}") from None
+    own: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        split = peft_prompt.split_key(key)
+        if split is None:
+            raise AdapterFileError(f"{weights_path}: key {key!r} is not a key of a {cfg.method} adapter file")
+        path, role = split
+        if path:  # a modules_to_save copy
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                raise AdapterFileError(f"{weights_path}: key {key!r}: module {path!r} is not a module of this model") from None
+            base = module.base_module if isinstance(module, FullCopies) else module
+            if not cfg.modules_to_save or not matches_name(path, cfg.modules_to_save) or role not in base.state_dict():
+                raise AdapterFileError(f"{weights_path}: key {key!r} is not part of a modules_to_save module of this model")
+            parts.setdefault(path, {})[role] = value
+            continue
+        if role not in shapes:
+            raise AdapterFileError(f"{weights_path}: key {key!r}: a {cfg.method} adapter has no tensor {role!r} "
+                                   f"(it has {sorted(shapes)})")
+        if tuple(value.shape) != tuple(shapes[role]):
+            raise AdapterFileError(f"{weights_path}: key {key!r} has shape {tuple(value.shape)}, but {cfg.method} with "
+                                   f"{cfg.num_virtual_tokens} virtual tokens on {type(model).__name__} from "
+                                   f"{config_path.name} needs {tuple(shapes[role])}")
+        own[role] = value
+    if peft_prompt.OUTPUT not in own:
+        raise AdapterFileError(f"{weights_path}: no tensor {peft_prompt.OUTPUT!r} (the virtual tokens)")
+    encoder = set(shapes) - {peft_prompt.OUTPUT}
+    if set(own) - {peft_prompt.OUTPUT} and encoder - set(own):
+        missing = sorted(peft_prompt.ENCODER_PREFIX + r for r in encoder - set(own))
+        raise AdapterFileError(f"{weights_path}: the encoder's weights are incomplete: no {missing[:3]} (a file holds all "
+                               f"of them or none)")
+    parts[ATTRIBUTE] = own
+    return parts

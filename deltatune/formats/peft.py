@@ -27,7 +27,7 @@ METHODS = tuple(MAPPINGS)
 
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
 """deltatune's task names -> PEFT's ``task_type``, which picks the class ``AutoPeftModel*`` builds."""
-_CLASS_SUFFIXES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+_CLASS_SUFFIXES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
                    "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
                    "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
 
