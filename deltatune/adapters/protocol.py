@@ -56,14 +56,16 @@ class AdapterModule(Protocol):
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
     """``(path, module)`` of every adapter module of ``model``, in ``named_modules()`` order.
 
-    Adapter modules are not searched inside (a full copy of a module is no separate adapter module).
+    Adapter modules are not searched inside (a full copy of a module is no separate adapter module),
+    except those with ``nests_adapters = True`` (a bottleneck block, whose children are the base's own).
     """
     inside = None  # path of the adapter module being skipped over, with a trailing dot
     for path, module in model.named_modules():
         if inside is not None and path.startswith(inside):
             continue
         if isinstance(module, AdapterModule):
-            inside = path + "."
+            if not getattr(module, "nests_adapters", False):
+                inside = path + "."
             yield path, module
 
 

@@ -20,7 +20,7 @@ from deltatune.adapters.full_copies import FullCopies
 from deltatune.adapters.geometry import geometry_for
 from deltatune.adapters.layer import DeltaLayer
 from deltatune.adapters.method import method_for
-from deltatune.adapters.protocol import adapter_modules
+from deltatune.adapters.protocol import AdapterModule, adapter_modules
 from deltatune.adapters.targeting import matches_name, select_targets, set_module
 
 __all__ = [
@@ -102,8 +102,9 @@ def add_adapter(model: nn.Module, cfg, name: str = "default", activate: bool = T
     dtype = _DTYPES[getattr(cfg, "dtype", "float32")]
     for target in targets:
         module = model.get_submodule(target)
-        if not isinstance(module, DeltaLayer):
-            module = DeltaLayer(module, geometry_for(module))
+        if not isinstance(module, AdapterModule):
+            geometry = geometry_for(module)  # a module-level geometry brings its own wrapper (a bottleneck block)
+            module = (getattr(geometry, "wrapper", None) or DeltaLayer)(module, geometry)
             set_module(model, target, module)
         module.add(name, method.make_delta(module, cfg, target, dtype))
     for target in saved:
@@ -180,9 +181,22 @@ def _names(names) -> list[str] | None:
     return [names] if isinstance(names, str) else list(names)
 
 
+def _check_mergeable(model: nn.Module, names: list[str] | None) -> None:
+    """Raise before anything changes if one of ``names`` (default: the active adapters) is of a method
+    whose ``mergeable`` is False (a bottleneck adapter is non-linear in its input)."""
+    configs = adapter_record(model).configs
+    wanted = names if names is not None else {n for _, m in adapter_modules(model) for n in m.active}
+    for n in sorted(wanted):
+        method = method_for(configs[n]) if n in configs else None
+        if method is not None and not getattr(method, "mergeable", True):
+            raise ValueError(f"adapter {n!r} is a {method.name} adapter: its output is not linear in the base "
+                             f"weights, so it cannot be merged into them (keep it unmerged)")
+
+
 def merge(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
     """Fold the given adapters (default: the active ones) into the base weights. Idempotent."""
     names = _names(names)
+    _check_mergeable(model, names)
     for _, layer in delta_layers(model):
         for n in (layer.active if names is None else names):
             if n in layer.deltas:

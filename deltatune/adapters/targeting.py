@@ -43,13 +43,16 @@ def select_targets(model: nn.Module, cfg, supports=None) -> list[str]:
     """Names of the modules ``cfg`` (any config with ``targets``/``exclude``/``modules_to_save``) selects,
     in ``named_modules()`` order.
 
-    ``supports(geometry) -> bool`` tells whether the method can wrap a geometry. Raises ValueError if
-    nothing matches, naming the targets, or if a matched module has no registered geometry (or one the
-    method does not support).
+    ``supports(geometry) -> bool`` tells whether the method can wrap a geometry. A config with a
+    ``find_targets(model)`` method (bottleneck adapters) gives its own target spec from the model's
+    structure. Raises ValueError if nothing matches, naming the targets, or if a matched module has no
+    registered geometry (or one the method does not support).
     """
+    find = getattr(cfg, "find_targets", None)
+    spec = find(model) if find is not None else cfg.targets
     head = output_head(model)
     # under "all-linear", modules trained in full as copies (and everything inside them) are no targets
-    fenced = [] if cfg.targets != "all-linear" else [
+    fenced = [] if spec != "all-linear" else [
         n for n, m in model.named_modules()
         if isinstance(m, FullCopies) or (n and cfg.modules_to_save and matches_name(n, cfg.modules_to_save))]
     names = []
@@ -57,10 +60,10 @@ def select_targets(model: nn.Module, cfg, supports=None) -> list[str]:
         if not name or any(name == f or name.startswith(f + ".") for f in fenced):
             continue
         geometry = geometry_for(module)
-        if cfg.targets == "all-linear":
+        if spec == "all-linear":
             hit = geometry is not None and geometry.is_linear and module is not head and name != "lm_head"
         else:
-            hit = matches_name(name, cfg.targets)
+            hit = matches_name(name, spec)
         if not hit or (cfg.exclude and matches_name(name, cfg.exclude)):
             continue
         method = getattr(type(cfg), "method", type(cfg).__name__)
@@ -72,10 +75,10 @@ def select_targets(model: nn.Module, cfg, supports=None) -> list[str]:
                              f"{method} cannot wrap")
         names.append(name)
     if not names:
-        raise ValueError(f"no module of {type(model).__name__} matches targets={cfg.targets!r}"
+        raise ValueError(f"no module of {type(model).__name__} matches targets={spec!r}"
                          + (f" (exclude={cfg.exclude!r})" if cfg.exclude else ""))
-    if isinstance(cfg.targets, list):
-        unmatched = [t for t in cfg.targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if isinstance(spec, list):
+        unmatched = [t for t in spec if not any(n == t or n.endswith("." + t) for n in names)]
         if unmatched:
             warnings.warn(f"targets {unmatched} match no module of {type(model).__name__}", stacklevel=3)
     return names

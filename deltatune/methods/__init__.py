@@ -9,8 +9,9 @@ from deltatune.methods.lora import LORA, LoraConfig  # registers "lora"
 from deltatune.methods.ia3 import IA3, IA3Config  # registers "ia3"
 from deltatune.methods.loha import LOHA, LoHaConfig  # registers "loha"
 from deltatune.methods.lokr import LOKR, LoKrConfig  # registers "lokr"
+from deltatune.methods.bottleneck import BOTTLENECK, BottleneckConfig  # registers "bottleneck"
 
-__all__ = ["LoraConfig", "LORA", "IA3Config", "IA3", "LoHaConfig", "LOHA", "LoKrConfig", "LOKR", "register_method", "method_named", "method_for", "method_names", "config_class"]
+__all__ = ["LoraConfig", "LORA", "IA3Config", "IA3", "LoHaConfig", "LOHA", "LoKrConfig", "LOKR", "BottleneckConfig", "BOTTLENECK", "register_method", "method_named", "method_for", "method_names", "config_class"]
 
 
 def config_class(name: str) -> type:
