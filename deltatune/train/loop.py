@@ -44,6 +44,7 @@ from deltatune.train.outputs import (
 from deltatune.train.prepare import (
     base_dtype, cast_frozen, enable_checkpointing, enable_fast, lr_lambda, make_optimizer, prepare_model,
 )
+from deltatune.train.throughput import Meter
 from deltatune.train.tracking import Reporter, best_val_loss, check_reporter, open_reporter
 from deltatune.train.report import OOM_ADVICE, count_params, estimate_memory, gib
 
@@ -92,6 +93,8 @@ class Run:
     """The newest checkpoint written or resumed from."""
     reporter: Optional[Reporter] = None
     """Where metrics also go (``--report-to``); opened by the loop."""
+    meter: Optional[Meter] = None
+    """Tokens/s, memory and MFU of each step (made at the first step)."""
     prefetched: Optional[dict] = None
     """{step index: its collated micro-batches}, made while the previous step ran on the GPU."""
 
@@ -285,7 +288,8 @@ def _collated(run: Run, index: int) -> list[dict]:
 def step(run: Run, index: int) -> dict:
     """Optimizer step ``index`` (0-based): ``grad_accum`` micro-batches forward and backward, clip, update.
 
-    Returns the step's metrics (step, loss, lr, grad_norm, tokens, tok_s). Raises ``NonFinite`` on a
+    Returns the step's metrics (step, loss, lr, grad_norm, and ``Meter.measure``'s tokens, tok_s, padded
+    tokens/s, memory, MFU). Raises ``NonFinite`` on a
     NaN/inf loss or gradient norm, before the optimizer changed anything.
 
     The host waits for the GPU once a step, for the loss and gradient norm after the last backward; the
@@ -300,13 +304,12 @@ def step(run: Run, index: int) -> dict:
     micro = [prepare_batch(model, b) for b in (collated or _collated(run, index))]
     # Normalise by the targets of the whole step, so accumulation equals one big batch.
     targets = sum(labels_count(b["labels"], task) for b in micro)
-    losses, tokens = [], 0
+    losses = []
     for batch in micro:
         loss_sum, _, _ = batch_loss(model, batch, task, run.device, run.autocast, run.fast)
         loss = loss_sum / max(targets, 1)
         (scaler.scale(loss) if scaler else loss).backward()
         losses.append(loss_sum.detach().float())
-        tokens += int(batch["attention_mask"].sum())
     if index + 1 < run.max_steps:  # host work that overlaps this step's GPU work
         run.prefetched = {index + 1: _collated(run, index + 1)}
     if scaler:
@@ -327,9 +330,10 @@ def step(run: Run, index: int) -> dict:
     run.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     loss_value = step_loss / max(targets, 1)
-    dt_s = time.perf_counter() - t0
-    return {"step": index + 1, "loss": loss_value, "lr": lr, "grad_norm": norm_value, "tokens": tokens,
-            "tok_s": tokens / dt_s}
+    meter = run.meter or Meter(model, run.device, run.amp_dtype)
+    run.meter = meter
+    return {"step": index + 1, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
+            **meter.measure(micro, time.perf_counter() - t0)}
 
 
 def _save(run: Run, done: int) -> Path:
@@ -465,7 +469,7 @@ def _run(run: Run, on_step, log) -> TrainResult:
                     if run.reporter is not None:
                         run.reporter.log(rec)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_s']:.0f}")
+                    bar.set_postfix(_postfix(rec))
                     bar.update(1)
                 if run.val_data is not None and args.eval_every > 0 and done % args.eval_every == 0 \
                         and done < run.max_steps:
@@ -491,6 +495,16 @@ def _run(run: Run, on_step, log) -> TrainResult:
         bar.close()
     result.final_loss = loss_value
     return finish(run, result, log)
+
+
+def _postfix(rec: dict) -> dict:
+    """The progress bar's numbers: loss, lr, real tokens/s, and on a GPU memory and MFU."""
+    out = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}", "tok/s": f"{rec['tok_s']:.0f}"}
+    if "mem_gib" in rec:
+        out["mem"] = f"{rec['mem_gib']:.1f}/{rec['mem_reserved_gib']:.1f}G"
+    if "mfu" in rec:
+        out["mfu"] = f"{100 * rec['mfu']:.0f}%"
+    return out
 
 
 def _stop_nan(result: TrainResult, error: NonFinite, last_ckpt, bar, log) -> TrainResult:

@@ -9,7 +9,7 @@ import torch
 if TYPE_CHECKING:
     from deltatune.train.args import TrainArgs
 
-__all__ = ["count_params", "estimate_memory", "gib", "OOM_ADVICE"]
+__all__ = ["count_params", "quantized_layers", "estimate_memory", "gib", "OOM_ADVICE"]
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -23,12 +23,12 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
     for p in model.parameters():  # deduplicated: a tied parameter is seen once
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    for _, module in _quantized_layers(model):
+    for _, module in quantized_layers(model):
         total += module.out_features * module.in_features
     return trainable, total
 
 
-def _quantized_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+def quantized_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """``(path, module)`` of each quantized layer once: the innermost modules with a ``quant_kind`` (an
     adapter wrapper that holds the QuantLinear it wraps is not counted again)."""
     found = [(path, m) for path, m in model.named_modules() if hasattr(m, "quant_kind")]
