@@ -1,6 +1,7 @@
 """LoRA training speed against PEFT on one GPU: a thin wrapper of ``deltatune.benchmark`` (``deltatune bench``).
 
     python bench/bench_lora.py --shapes 1b,8b --longest 8192,16384,32768,65536 --json bench_lora.json
+    python bench/bench_lora.py --shapes 1b --methods fast,peft --use-dora --json bench_dora.json  # DoRA beside LoRA
 """
 
 import pathlib

@@ -7,7 +7,10 @@ the same random tokens with the same LoRA settings and AdamW over the adapter pa
 * ``peft``: ``get_peft_model`` with PEFT's defaults (fp32 adapter weights), ``model(..., labels).loss``;
 * ``plain``: deltatune's plain PyTorch path, same loss call;
 * ``fast``: deltatune's fast path (``enable_fast_path`` + ``fused_causal_lm_loss``); ``fast-lora``,
-  ``fast-lora-ce`` and ``fast-cudnn`` are its partial steps, for measuring each change.
+  ``fast-lora-ce`` and ``fast-cudnn`` are its partial steps, for measuring each change;
+* ``peft-dora``, ``plain-dora``, ``fast-dora``: the same with DoRA (``use_dora=True`` in both libraries);
+  ``--use-dora`` adds them beside the chosen ``peft``/``plain``/``fast``, and the table gives each DoRA
+  row's step time over its LoRA row's (``DoRA/LoRA step``).
 
 It prints a table (tokens/s, peak memory, MFU against a measured bf16 matmul peak, ratio to PEFT) and
 writes JSON. ``--longest`` also searches the longest sequence (batch 1) that trains for PEFT and the fast
@@ -43,6 +46,7 @@ METHODS = ("frozen", "peft", "plain", "fast")
 # Steps of the fast path, for measuring each change: fused LoRA linears only; + fused head and loss;
 # everything (+ attention/MLP/RMSNorm kernels) = "fast"; "fast-cudnn" with cuDNN attention.
 VARIANTS = ("fast-lora", "fast-lora-ce", "fast-cudnn")
+DORA = ("peft-dora", "plain-dora", "fast-dora")  # DoRA (use_dora) in PEFT and on our two paths
 
 
 def build_model(shape: str, layers: int | None = None, device: str = "cuda"):
@@ -135,33 +139,36 @@ class Method:
         import deltatune as dt
 
         m, a = self.model, self.args
-        if self.name == "frozen":
+        name, dora = self.name.removesuffix("-dora"), self.name.endswith("-dora")
+        if name == "frozen":
             m.enable_input_require_grads()
             if self.ckpt:
                 _hf_checkpointing(m, True)
             self.params = []
             return self._hf_loss(m)
-        if self.name == "peft":
+        if name == "peft":
             import peft
 
-            cfg = peft.LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=TARGETS)
+            cfg = peft.LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=TARGETS,
+                                  use_dora=dora)
             if self.ckpt:
                 _hf_checkpointing(m, True)
             self.peft_model = peft.get_peft_model(m, cfg)
             self.params = [p for p in self.peft_model.parameters() if p.requires_grad]
             return self._hf_loss(self.peft_model)
-        dt.add_adapter(m, dt.LoraConfig(r=a.rank, alpha=a.alpha, targets=TARGETS, dtype="float32"), name="bench")
+        dt.add_adapter(m, dt.LoraConfig(r=a.rank, alpha=a.alpha, targets=TARGETS, dtype="float32", use_dora=dora),
+                       name="bench")
         self.params = dt.adapter_params(m)
-        if self.name == "plain":
+        if name == "plain":
             if self.ckpt:
                 _hf_checkpointing(m, True)
             return self._hf_loss(m)
         from deltatune.fast import enable_fast_path, fused_causal_lm_loss
 
-        kernels = self.name in ("fast", "fast-cudnn")
+        kernels = name in ("fast", "fast-cudnn")
         enable_fast_path(m, kernels=kernels, checkpoint=self.ckpt, offload=self.offload,
-                         attention="cudnn" if self.name == "fast-cudnn" else "sdpa")
-        if self.name == "fast-lora":
+                         attention="cudnn" if name == "fast-cudnn" else "sdpa")
+        if name == "fast-lora":
             return self._hf_loss(m)
         return lambda ids: fused_causal_lm_loss(m, ids, ids)
 
@@ -175,7 +182,7 @@ class Method:
         m = self.model
         if self.name == "frozen":
             m.disable_input_require_grads()
-        elif self.name == "peft":
+        elif self.name.startswith("peft"):
             self.peft_model.unload()
         else:
             if self.name.startswith("fast"):
@@ -249,11 +256,16 @@ def run_shape(model, shape, args, batch, seq, checkpoint, peak_flops, log):
     if args.profile:
         with Method("fast", model, args, checkpoint) as loss_fn:
             log(profile(loss_fn, _params_of(model, "fast"), ids))
-    base = next((r for r in rows if r["method"] == "peft" and "error" not in r), None)
-    for r in rows:
-        if base and "error" not in r:
+    done = {r["method"]: r for r in rows if "error" not in r}
+    for r in done.values():
+        dora = r["method"].endswith("-dora")
+        base = done.get("peft-dora" if dora else "peft")  # DoRA rows beside PEFT's DoRA
+        if base:
             r["vs_peft_speed"] = r["tokens_per_s"] / base["tokens_per_s"]
             r["vs_peft_memory"] = r["peak_gib"] / base["peak_gib"]
+        lora = done.get(r["method"].removesuffix("-dora")) if dora else None
+        if lora:  # the measure: DoRA's step time over LoRA's, same path
+            r["dora_vs_lora_step"] = r["step_s"] / lora["step_s"]
     return rows
 
 
@@ -273,7 +285,7 @@ def _params_of(model, name):
 
     if name == "frozen":
         return []
-    if name == "peft":
+    if name.startswith("peft"):
         return [p for n, p in model.named_parameters() if p.requires_grad]
     return dt.adapter_params(model)
 
@@ -309,15 +321,16 @@ def longest(model, args, method, lengths, log):
 
 def format_table(rows, peak_flops) -> str:
     lines = [f"bf16 matmul peak measured: {peak_flops / 1e12:.0f} TFLOP/s",
-             "| shape | batch x seq | ckpt | method | tokens/s | peak GiB | MFU | speed vs PEFT | memory vs PEFT |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| shape | batch x seq | ckpt | method | tokens/s | peak GiB | MFU | speed vs PEFT | memory vs PEFT "
+             "| DoRA/LoRA step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         head = f"| {r['shape']} | {r['batch']}x{r['seq']} | {'yes' if r['checkpoint'] else 'no'} | {r['method']} |"
         if "error" in r:
-            lines.append(head + " OOM | | | | |")
+            lines.append(head + " OOM | | | | | |")
             continue
         vs = f"{r['vs_peft_speed']:.2f}x | {r['vs_peft_memory']:.2f}x" if "vs_peft_speed" in r else "| "
-        lines.append(head + f" {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {100 * r['mfu']:.0f}% | {vs} |")
+        dora = f"{r['dora_vs_lora_step']:.2f}x" if "dora_vs_lora_step" in r else ""
+        lines.append(head + f" {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {100 * r['mfu']:.0f}% | {vs} | {dora} |")
     return "\n".join(lines)
 
 
@@ -326,7 +339,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="deltatune bench", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="1b,8b", help="comma-separated: 1b, 8b, tiny (a CPU check of the harness)")
     p.add_argument("--device", default="cuda", help="cuda; cpu only to check the harness (no timings that matter)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS + VARIANTS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated: " + ", ".join(METHODS + VARIANTS + DORA))
+    p.add_argument("--use-dora", action="store_true",
+                   help="also run DoRA beside each of peft, plain, fast chosen (peft-dora, plain-dora, fast-dora)")
     p.add_argument("--profile", action="store_true", help="profile two fast-path steps per shape (top kernels)")
     p.add_argument("--batch-1b", type=int, default=4)
     p.add_argument("--seq-1b", type=int, default=2048)
@@ -341,6 +357,8 @@ def main(argv=None):
     p.add_argument("--json", default="bench_lora.json")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
+    if args.use_dora:
+        args.methods += [f"{m}-dora" for m in args.methods if f"{m}-dora" in DORA and f"{m}-dora" not in args.methods]
     _DEVICE[0] = args.device
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("deltatune bench needs a CUDA GPU (or --device cpu --shapes tiny to check the harness)")
