@@ -19,7 +19,7 @@ from deltatune.adapters import (
     FULL, FullCopies, DeltaLayer, adapter_params, add_adapter, adapter_record, describe_adapter, geometry_for,
     load_description, matches_name, method_for, remove_adapter, select_targets,
 )
-from deltatune.formats import native, peft, peft_prompt
+from deltatune.formats import adapterhub, native, peft, peft_prompt
 from deltatune.formats.atomic import atomic_write
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_files", "AdapterFileError", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -180,8 +180,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 
     Everything is checked before the model is touched: every key must name a module the model has,
     with the shape the config and the module give; on any error the model is left as it was.
-    With ``trainable=False`` the loaded parameters do not require grad. Returns ``model``.
+    With ``trainable=False`` the loaded parameters do not require grad. AdapterHub's bottleneck
+    adapters (saved with safetensors) load too (``formats/adapterhub.py``). Returns ``model``.
     """
+    if adapterhub.is_adapterhub_dir(path):
+        return adapterhub.load_adapterhub(model, path, name, activate, trainable, error=AdapterFileError)
     cfg, tensors, weights_path = read_adapter_files(path)
     config_path = Path(path) / CONFIG_NAME
     if peft_prompt.carries(cfg):

@@ -14,7 +14,7 @@ Where they go is found from the model's structure (``find_sites``): BERT-style p
 outputs (``BertSelfOutput``/``BertOutput``: the whole block is wrapped, ``methods/bottleneck_block.py``,
 so the adapter sits after the dropout exactly where AdapterHub puts it) and pre-norm decoder layers
 (Llama/Qwen2/Mistral ``self_attn.o_proj`` / ``mlp.down_proj``, GPT-2 ``attn.c_proj`` / ``mlp.c_proj``:
-a ``BottleneckDelta`` on that projection's output; ``parallel`` wraps the ``mlp``). ``targets`` names
+a ``BottleneckDelta`` on that projection's output; ``parallel`` wraps the ``mlp``). ``targets`` can name
 the modules instead; on a single linear layer the delta is ``y + a(y)`` (``parallel``: ``y + a(x)``).
 
 A bottleneck is non-linear: merging is refused with a clear error, and the fused path runs it plainly.
@@ -65,8 +65,8 @@ class BottleneckConfig:
     """"mam_adapter": down Kaiming-uniform, up zero (exactly the base model at init); "bert": both N(0, 0.02) (AdapterHub's default); "houlsby": both N(0, 1e-2) truncated."""
     train_layer_norms: bool = False
     """Each adapted post-norm block (BERT) gets its own trainable copy of its LayerNorm (Houlsby et al. Sec. 2.1); pre-norm decoders: use modules_to_save=["input_layernorm", "post_attention_layernorm"]."""
-    targets: list[str] | str | None = None
-    """Modules to adapt (suffixes or a full-name regex); None: found from the model's structure by placement."""
+    targets: list[str] | str = "auto"
+    """Modules to adapt (suffixes or a full-name regex); "auto": found from the model's structure by placement."""
     exclude: list[str] | str | None = None
     """Modules never adapted: suffixes or a full-name regex."""
     modules_to_save: list[str] | None = None
@@ -91,10 +91,10 @@ class BottleneckConfig:
         return dataclasses.replace(self, **changes)
 
     def find_targets(self, model: nn.Module) -> list[str] | str:
-        """The target spec the core selects with: ``targets`` if given, else the sites ``find_sites`` finds
+        """The target spec the core selects with: ``targets``, or for "auto" the sites ``find_sites`` finds
         for ``placement`` (ValueError naming what was looked for where there are none)."""
-        sites = find_sites(model, required=self.targets is None)  # also makes the blocks it finds wrappable
-        if self.targets is not None:
+        sites = find_sites(model, required=self.targets == "auto")  # also makes the blocks it finds wrappable
+        if self.targets != "auto":
             return self.targets
         if self.placement == "houlsby":
             paths = [p for kind, p in sites if kind in ("post_norm_attention", "post_norm_ffn", "attention_out", "ffn_out")]

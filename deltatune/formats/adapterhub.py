@@ -1,0 +1,191 @@
+"""AdapterHub (``adapters`` library) bottleneck adapters saved with safetensors, read into ``BottleneckConfig``.
+
+AdapterHub's ``model.save_adapter(dir, name, use_safetensors=True)`` writes ``adapter_config.json``
+(``{"config": {BnConfig fields}, "name", "model_class", "model_type", "hidden_size", "version":
+"adapters.1.x"}``) and ``adapter.safetensors`` with keys
+``<block path>.adapters.<name>.adapter_down.0.{weight,bias}`` / ``.adapter_up.{weight,bias}``, where the
+block is a post-norm sublayer output (``encoder.layer.0.attention.output``, ``...layer.0.output``).
+Its pickle file (``pytorch_adapter.bin``) is never opened.
+
+Of AdapterHub's bottleneck configs, the ones deltatune computes identically are read: ``double_seq_bn``
+(Houlsby), ``seq_bn`` (Pfeiffer) and ``par_bn`` (parallel), with any reduction factor, non-linearity
+(relu / gelu / swish / silu / tanh), float scaling, dropout and init; anything else (adapter layer norms,
+gating, PHM layers, learned scaling, per-layer reduction factors, ``leave_out``, invertible adapters)
+is refused naming the field. Decoder models are refused: AdapterHub's hooks there add the adapter on
+the residual stream, which is not where deltatune's decoder bottlenecks sit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch.nn as nn
+
+from deltatune.adapters import (
+    add_adapter, adapter_params, geometry_for, load_description, method_for, remove_adapter, select_targets,
+)
+from deltatune.methods.bottleneck import BottleneckConfig
+from deltatune.methods.bottleneck_block import ACTIVATIONS, is_post_norm_output
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "is_adapterhub_dir", "from_adapterhub_config",
+           "read_adapterhub", "load_adapterhub"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+PICKLE_NAME = "pytorch_adapter.bin"
+
+_KEY = re.compile(r"^(?P<block>.+)\.adapters\.(?P<name>[^.]+)\.(?P<part>adapter_down\.0|adapter_up)\.(?P<kind>weight|bias)$")
+_ROLE = {("adapter_down.0", "weight"): "down_weight", ("adapter_down.0", "bias"): "down_bias",
+         ("adapter_up", "weight"): "up_weight", ("adapter_up", "bias"): "up_bias"}
+# BnConfig fields that must have these values (what deltatune's bottleneck computes)
+_REQUIRED = {"ln_before": False, "ln_after": False, "use_gating": False, "phm_layer": False, "inv_adapter": None,
+             "cross_adapter": False, "original_ln_after": True, "residual_before_ln": True}
+
+
+def _raw_config(path) -> dict | None:
+    try:
+        raw = json.loads((Path(path) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def is_adapterhub_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds an AdapterHub adapter: its ``adapter_config.json`` has AdapterHub's layout."""
+    raw = _raw_config(path)
+    if raw is None or "peft_type" in raw or "deltatune_method" in raw or not isinstance(raw.get("config"), dict):
+        return False
+    return str(raw.get("version", "")).startswith("adapters.") or "mh_adapter" in raw["config"]
+
+
+def from_adapterhub_config(raw: dict, source: str = CONFIG_NAME) -> BottleneckConfig:
+    """The ``BottleneckConfig`` of an AdapterHub ``adapter_config.json``; ValueError naming ``source`` and
+    the field where deltatune would compute something else."""
+    c = raw.get("config") or {}
+    if c.get("architecture", "bottleneck") not in (None, "bottleneck"):
+        raise ValueError(f"{source}: an AdapterHub {c['architecture']!r} adapter; only bottleneck adapters are read")
+    for key, want in _REQUIRED.items():
+        if key in c and c[key] != want:
+            raise ValueError(f"{source}: config.{key} = {c[key]!r} is not supported (deltatune reads AdapterHub's "
+                             f"double_seq_bn, seq_bn and par_bn bottlenecks, which have {key} = {want!r})")
+    if c.get("leave_out"):
+        raise ValueError(f"{source}: config.leave_out = {c['leave_out']!r} is not supported")
+    if c.get("stochastic_depth"):
+        raise ValueError(f"{source}: config.stochastic_depth = {c['stochastic_depth']!r} is not supported")
+    mh, out, before = bool(c.get("mh_adapter")), bool(c.get("output_adapter")), bool(c.get("original_ln_before"))
+    if c.get("is_parallel"):
+        placement = "parallel" if out and not mh else None
+    elif mh and out and not before:
+        placement = "houlsby"
+    elif out and not mh and before:
+        placement = "pfeiffer"
+    else:
+        placement = None
+    if placement is None:
+        raise ValueError(f"{source}: mh_adapter={mh}, output_adapter={out}, original_ln_before={before}, "
+                         f"is_parallel={bool(c.get('is_parallel'))} is none of double_seq_bn (Houlsby), seq_bn "
+                         f"(Pfeiffer) or par_bn (parallel)")
+    factor = c.get("reduction_factor")
+    if isinstance(factor, dict):
+        if set(factor) != {"default"}:
+            raise ValueError(f"{source}: per-layer config.reduction_factor {factor!r} is not supported")
+        factor = factor["default"]
+    scaling = c.get("scaling", 1.0)
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise ValueError(f"{source}: config.scaling = {scaling!r} is not supported (a number only)")
+    activation = str(c.get("non_linearity", "relu")).lower()
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{source}: config.non_linearity = {activation!r} is not supported "
+                         f"(known: {sorted(ACTIVATIONS)})")
+    try:
+        return BottleneckConfig(placement=placement, reduction_factor=float(factor), activation=activation,
+                                scaling=float(scaling), dropout=float(c.get("dropout", 0.0)),
+                                init=c.get("init_weights", "bert"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _match(block: str, targets: list[str]) -> list[str]:
+    """Our target paths that are AdapterHub's ``block`` up to a leading prefix on either side (the
+    model's base-model prefix, "bert.")."""
+    return [t for t in targets if t == block or t.endswith("." + block) or block.endswith("." + t)]
+
+
+def read_adapterhub(model: nn.Module, path: str | os.PathLike) -> tuple[BottleneckConfig, dict]:
+    """Read and check an AdapterHub adapter directory against ``model``: ``(config, {module path: {role:
+    tensor}})``. Every key and shape is checked; ValueError naming the file and the key otherwise."""
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    config_path, weights_path = root / CONFIG_NAME, root / WEIGHTS_NAME
+    cfg = from_adapterhub_config(_raw_config(root) or {}, source=str(config_path))
+    if not weights_path.is_file():
+        if (root / PICKLE_NAME).exists():
+            raise ValueError(f"{root / PICKLE_NAME}: pickle files are never loaded (they can run code); save the "
+                             f"adapter with AdapterHub's save_adapter(..., use_safetensors=True)")
+        raise ValueError(f"{weights_path}: missing")
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    method = method_for(cfg)
+    try:
+        targets = select_targets(model, cfg, method.supports)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from None
+    names, parts = set(), {}
+    for key, value in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise ValueError(f"{weights_path}: key {key!r} is not an AdapterHub bottleneck tensor "
+                             f"(<block>.adapters.<name>.adapter_down.0 / adapter_up .weight / .bias)")
+        names.add(m["name"])
+        hits = _match(m["block"], targets)
+        if len(hits) != 1:
+            raise ValueError(f"{weights_path}: key {key!r}: block {m['block']!r} is "
+                             + ("none of the " + cfg.placement + " sites of " + type(model).__name__ if not hits
+                                else f"ambiguous ({hits})"))
+        target = hits[0]
+        module = model.get_submodule(target)
+        base = getattr(module, "_base", (module,))[0]
+        if not is_post_norm_output(base):
+            raise ValueError(f"{weights_path}: key {key!r}: module {target!r} ({type(base).__name__}) is not a "
+                             f"post-norm block; AdapterHub's decoder bottlenecks sit on the residual stream, "
+                             f"which deltatune does not reproduce")
+        role = _ROLE[(m["part"], m["kind"])]
+        shape = method.shapes(geometry_for(module), module, cfg, target)[role]
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{weights_path}: key {key!r} has shape {tuple(value.shape)}, but module {target!r} "
+                             f"with reduction_factor {cfg.reduction_factor} from {config_path.name} needs {tuple(shape)}")
+        parts.setdefault(target, {})[role] = value
+    if len(names) > 1:
+        raise ValueError(f"{weights_path}: tensors of several adapters {sorted(names)}; expected one")
+    missing = [f"{t}/{r}" for t in targets for r in ("down_weight", "down_bias", "up_weight", "up_bias")
+               if r not in parts.get(t, {})]
+    if missing:
+        raise ValueError(f"{weights_path}: no tensor for {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                         f"({len(missing)} that {cfg.placement} adapters on {type(model).__name__} need)")
+    return cfg, parts
+
+
+def load_adapterhub(model: nn.Module, path: str | os.PathLike, name: str = "default", activate: bool = True,
+                    trainable: bool = False, error: type = ValueError) -> nn.Module:
+    """Load the AdapterHub adapter in directory ``path`` into ``model`` as adapter ``name`` (checked first:
+    on any error, raised as ``error``, the model is left as it was). Returns ``model``."""
+    try:
+        cfg, parts = read_adapterhub(model, path)
+    except ValueError as e:
+        raise error(str(e)) from None
+    add_adapter(model, cfg, name, activate=activate)
+    try:
+        load_description(model, name, parts)
+    except BaseException:
+        remove_adapter(model, name)
+        raise
+    if not trainable:
+        for p in adapter_params(model, name):
+            p.requires_grad_(False)
+    return model
