@@ -1,0 +1,414 @@
+"""``AdapterPool``: many LoRA adapters for one base model, held as stacked slots, each token its own adapter.
+
+An adapter registered here is never added to the model: the pool keeps its factors and makes the
+model's target layers compute with them inside ``pool.routed(model, rows)``:
+
+* **register** reads a PEFT-format LoRA directory (PEFT's or ours; rank/alpha patterns, rsLoRA),
+  resolves its ``target_modules`` on the model by PEFT's rules (``adapters.select_targets``: the same
+  layers ``load_adapter`` would wrap), and checks every key, shape and value before accepting it; a bad
+  file raises ``AdapterFileError`` naming the file and key, and the pool is unchanged. The factors stay
+  on the host (pinned when the pool's device is a GPU), in the pool's dtype.
+* **slots**: per target layer, ``A`` (S, R, in), ``B`` (S, out, R) and ``scales`` (S,) on the device, R the
+  largest rank registered for that layer (smaller ranks padded with zeros, which add exact zeros).
+  S = ``max_resident``, lowered to what ``max_bytes`` allows. An adapter is loaded into a free slot of
+  every layer when a batch first needs it; when none is free the least recently used adapter not in
+  the batch is evicted (its host copy stays: reloading is one host-to-device copy).
+* **routed(model, rows)**: ``rows`` names each token's adapter (None: the base model), per dimension-0
+  row of the layer inputs as in ``adapters.routed`` (a (B, L, in) input: row b's L tokens), or per
+  token of the flattened leading dimensions. Each target layer computes ``base(x) + scale_a B_a A_a x``
+  for its tokens (``serve.lora_mixed``: SGMV/BGMV kernels on a GPU, the PyTorch reference elsewhere).
+  Base tokens are left out of the index arrays, so they cost nothing beyond the base layer. The index
+  arrays are built once a call on the host and shared by every layer. Names of adapters added to the
+  model itself (``add_adapter``/``load_adapter``) may be routed too; those go through
+  ``adapters.routing`` on their own layers.
+
+Target layers are found by path: plain ``nn.Linear``-family modules get a forward hook adding the
+terms; ``DeltaLayer``s get a routing object (their own unmerged adapters still apply only to the rows
+that name them). Only LoRA on linear layers (incl. GPT-2 ``Conv1D`` and quantized linear layers) is
+pooled; DoRA, embeddings, convolutions and ``modules_to_save`` are refused at ``register``.
+Imports torch only (triton on the first kernel launch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from deltatune.adapters import DeltaLayer, Routing, delta_layers, geometry_for, list_adapters, select_targets
+from deltatune.formats import peft
+from deltatune.formats.files import CONFIG_NAME, AdapterFileError, read_adapter_files
+from deltatune.methods.lora import LORA, LoraConfig
+from deltatune.serve.lora_mixed import SlotBatch, mixed_lora, slot_batch
+
+__all__ = ["AdapterPool", "PoolError"]
+
+
+class PoolError(RuntimeError):
+    """The pool cannot do what was asked (capacity, budget, unknown names); it keeps serving."""
+
+
+@dataclass(frozen=True)
+class _Factors:
+    """One adapter on one layer, on the host: A (r, in), B (out, r), its scale."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+@dataclass(frozen=True)
+class _Adapter:
+    name: str
+    path: str
+    layers: dict[str, _Factors]  # by module path
+
+    def nbytes(self) -> int:
+        return sum(f.A.nbytes + f.B.nbytes for f in self.layers.values())
+
+
+class _LayerSlots:
+    """One target layer's slots on the device: A (S, R, in), B (S, out, R), scales (S,), and per slot
+    (host) its rank, 0 where the slot's adapter does not target this layer."""
+
+    def __init__(self, S: int, R: int, fan_in: int, fan_out: int, device: torch.device, dtype: torch.dtype):
+        self.A = torch.zeros(S, R, fan_in, device=device, dtype=dtype)
+        self.B = torch.zeros(S, fan_out, R, device=device, dtype=dtype)
+        self.scales = torch.zeros(S, device=device, dtype=torch.float32)
+        self.ranks = [0] * S
+
+    def load(self, slot: int, factors: _Factors | None) -> None:
+        """Put ``factors`` into ``slot`` (zero-padded to R), or mark the slot absent here (None)."""
+        if factors is None:
+            self.ranks[slot] = 0
+            return
+        r = factors.rank
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self.A[slot, :r].copy_(factors.A, non_blocking=True)
+        self.B[slot, :, :r].copy_(factors.B, non_blocking=True)
+        self.scales[slot] = factors.scale
+        self.ranks[slot] = r
+
+    def present(self) -> frozenset[int]:
+        return frozenset(s for s, r in enumerate(self.ranks) if r)
+
+    def nbytes(self) -> int:
+        return self.A.nbytes + self.B.nbytes + self.scales.nbytes
+
+
+class AdapterPool:
+    """LoRA adapters for ``model`` by name, up to ``max_resident`` of them in device slots at a time.
+
+    ``device``/``dtype``: where and in what the slots live (default: the model's first parameter's device,
+    its first floating parameter's dtype). ``max_bytes``: a budget for the slots (all layers' A, B and
+    scales); the slot count is lowered to fit it. ``max_rank``: fix each layer's padded rank (registering
+    a larger rank is refused); by default it grows with the largest rank registered, which reallocates
+    the slots (resident adapters reload on their next use).
+    """
+
+    def __init__(self, model: nn.Module, max_resident: int = 64, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, max_bytes: int | None = None, max_rank: int | None = None):
+        if max_resident < 1:
+            raise ValueError(f"max_resident must be at least 1, got {max_resident}")
+        first = next(model.parameters(), None)
+        floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        self.model = model
+        self.max_resident = max_resident
+        self.device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+        self.dtype = dtype or (floats[0] if floats else torch.float32)
+        self.max_bytes = max_bytes
+        self.max_rank = max_rank
+        self._adapters: dict[str, _Adapter] = {}
+        self._shapes: dict[str, tuple[int, int, int]] = {}  # module path -> (R, in, out) of its slots
+        self._slots: dict[str, _LayerSlots] | None = None  # allocated on first use
+        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
+
+    # -- registration ---------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """The registered adapters' names, sorted."""
+        return sorted(self._adapters)
+
+    def resident(self) -> list[str]:
+        """The adapters in device slots now, least recently used first."""
+        return list(self._resident)
+
+    def register(self, name: str, path: str | os.PathLike) -> None:
+        """Read and check the LoRA adapter directory ``path`` and hold it as ``name``.
+
+        Raises ``AdapterFileError`` (naming the file and key) for a file that cannot be served on this
+        model, ``ValueError`` for a name already taken, ``PoolError`` if one slot would exceed
+        ``max_bytes`` or the rank ``max_rank``; the pool is unchanged then.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+        if name in self._adapters:
+            raise ValueError(f"adapter {name!r} is already registered; unregister() it first or pick another name")
+        if name in list_adapters(self.model):
+            raise ValueError(f"adapter {name!r} is already an adapter of the model (add_adapter/load_adapter); "
+                             f"a batch could not tell the two apart: pick another name")
+        adapter = self._read(name, Path(path))
+        shapes = dict(self._shapes)
+        for module, f in adapter.layers.items():
+            R, fan_in, fan_out = shapes.get(module, (0, f.A.shape[1], f.B.shape[0]))
+            if self.max_rank is not None and f.rank > self.max_rank:
+                raise PoolError(f"adapter {name!r} ({path}): module {module!r} has rank {f.rank}, over the pool's "
+                                f"max_rank={self.max_rank}")
+            shapes[module] = (self.max_rank or max(R, f.rank), fan_in, fan_out)
+        self._slot_count(shapes)  # raises if not one slot fits the budget
+        if shapes != self._shapes:  # a new layer or a larger rank: new slots, filled again on demand
+            self._shapes, self._slots = shapes, None
+            self._resident.clear()
+        self._adapters[name] = adapter
+
+    def unregister(self, name: str) -> None:
+        """Forget adapter ``name`` (its slot is freed; the slots keep their shapes)."""
+        if name not in self._adapters:
+            raise KeyError(f"no adapter {name!r} in the pool (have {len(self._adapters)}: {self.names()[:5]}...)")
+        del self._adapters[name]
+        slot = self._resident.pop(name, None)
+        if slot is not None and self._slots is not None:
+            for layer in self._slots.values():
+                layer.load(slot, None)
+
+    def _read(self, name: str, root: Path) -> _Adapter:
+        """The checked host copy of the adapter at ``root`` (AdapterFileError names what is wrong)."""
+        cfg, tensors, weights_path = read_adapter_files(root)
+        config_path = root / CONFIG_NAME
+        if not isinstance(cfg, LoraConfig):
+            raise AdapterFileError(f"{config_path}: the adapter pool serves LoRA adapters; this is a "
+                                   f"{type(cfg).method} adapter (load it into the model with load_adapter instead)")
+        if cfg.use_dora:
+            raise AdapterFileError(f"{config_path}: use_dora is set: DoRA's output scale depends on the adapter and "
+                                   f"is not additive, so the pool does not batch it (use load_adapter + routed)")
+        if cfg.modules_to_save:
+            raise AdapterFileError(f"{config_path}: modules_to_save {cfg.modules_to_save} are full module copies, "
+                                   f"which the pool does not hold (load_adapter + routed serves them)")
+        try:
+            targets = select_targets(self.model, cfg, LORA.supports)
+        except ValueError as e:
+            raise AdapterFileError(f"{config_path}: {e}") from None
+        expected = {}
+        for target in targets:
+            module = self.model.get_submodule(target)
+            geometry = geometry_for(module)
+            if geometry.family != "linear":
+                raise AdapterFileError(f"{config_path}: target {target!r} is a {geometry.name} layer; the pool serves "
+                                       f"LoRA on linear layers only")
+            base = module.base_module if isinstance(module, DeltaLayer) else module
+            shapes = LORA.shapes(geometry, base, cfg, target)
+            for role, shape in shapes.items():
+                expected[peft.file_key(target, "lora", geometry.name, role)] = (target, role, tuple(shape))
+        extra = sorted(set(tensors) - set(expected))
+        if extra:
+            raise AdapterFileError(f"{weights_path}: key {extra[0]!r} is not a LoRA tensor of a module the config's "
+                                   f"target_modules select on {type(self.model).__name__}"
+                                   + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise AdapterFileError(f"{weights_path}: no tensor for key {missing[0]!r}"
+                                   + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                                   + " that the config's target_modules call for")
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, (target, role, shape) in expected.items():
+            value = tensors[key]
+            if tuple(value.shape) != shape:
+                rank, alpha = LORA.rank_alpha(cfg, target)
+                raise AdapterFileError(f"{weights_path}: key {key!r} has shape {tuple(value.shape)}, but module "
+                                       f"{target!r} with rank {rank} needs {shape}")
+            if not value.is_floating_point() or not torch.isfinite(value).all():
+                raise AdapterFileError(f"{weights_path}: key {key!r} holds non-finite or non-float values")
+            parts.setdefault(target, {})[role] = value
+        pin = self.device.type == "cuda"
+        layers = {}
+        for target, roles in parts.items():
+            rank, alpha = LORA.rank_alpha(cfg, target)
+            scale = alpha / math.sqrt(rank) if cfg.use_rslora else alpha / rank
+            A, B = (roles[r].to(self.dtype).contiguous() for r in ("A", "B"))
+            layers[target] = _Factors(A.pin_memory() if pin else A, B.pin_memory() if pin else B, scale)
+        return _Adapter(name, str(root), layers)
+
+    # -- memory ---------------------------------------------------------------------------------------
+    def slot_bytes(self, shapes: dict[str, tuple[int, int, int]] | None = None) -> int:
+        """Device bytes one slot takes over all target layers (A, B, scale)."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return sum(R * (fan_in + fan_out) * size + 4 for R, fan_in, fan_out in (shapes or self._shapes).values())
+
+    def _slot_count(self, shapes: dict[str, tuple[int, int, int]]) -> int:
+        """S: ``max_resident``, lowered to what ``max_bytes`` allows; PoolError if not one slot fits."""
+        if self.max_bytes is None or not shapes:
+            return self.max_resident
+        per_slot = self.slot_bytes(shapes)
+        if per_slot > self.max_bytes:
+            raise PoolError(f"one slot needs {per_slot} bytes over {len(shapes)} layers, over the pool's budget "
+                            f"max_bytes={self.max_bytes}")
+        return min(self.max_resident, self.max_bytes // per_slot)
+
+    @property
+    def capacity(self) -> int:
+        """How many adapters can be resident at once (S)."""
+        return self._slot_count(self._shapes)
+
+    def resident_bytes(self) -> int:
+        """Device bytes the slots take now (0 before the first routed call)."""
+        return sum(layer.nbytes() for layer in (self._slots or {}).values())
+
+    def host_bytes(self) -> int:
+        """Host bytes the registered adapters' factors take."""
+        return sum(a.nbytes() for a in self._adapters.values())
+
+    # -- residency ------------------------------------------------------------------------------------
+    def _ensure_slots(self) -> dict[str, _LayerSlots]:
+        if self._slots is None:
+            S = self.capacity
+            self._slots = {m: _LayerSlots(S, R, fan_in, fan_out, self.device, self.dtype)
+                           for m, (R, fan_in, fan_out) in self._shapes.items()}
+        return self._slots
+
+    def make_resident(self, names: list[str]) -> dict[str, int]:
+        """Load ``names`` (registered adapters) into slots, evicting the least recently used others;
+        returns {name: slot}. PoolError if they are more than the slots."""
+        wanted = list(dict.fromkeys(names))
+        unknown = [n for n in wanted if n not in self._adapters]
+        if unknown:
+            raise KeyError(f"adapters {unknown} are not registered in the pool")
+        slots = self._ensure_slots()
+        S = self.capacity
+        if len(wanted) > S:
+            raise PoolError(f"a batch names {len(wanted)} distinct pooled adapters; the pool holds {S} at once "
+                            f"(max_resident={self.max_resident}"
+                            + (f", max_bytes={self.max_bytes}" if self.max_bytes is not None else "") + ")")
+        for name in wanted:
+            if name in self._resident:
+                self._resident.move_to_end(name)
+                continue
+            used = set(self._resident.values())
+            free = [s for s in range(S) if s not in used]
+            if free:
+                slot = free[0]
+            else:  # evict the least recently used adapter this batch does not need
+                victim = next(n for n in self._resident if n not in wanted)
+                slot = self._resident.pop(victim)
+            adapter = self._adapters[name]
+            for module, layer in slots.items():
+                layer.load(slot, adapter.layers.get(module))
+            self._resident[name] = slot
+        return {n: self._resident[n] for n in wanted}
+
+    # -- serving --------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def routed(self, model: nn.Module, rows: list[str | None]):
+        """Context in which ``model``'s calls apply adapter ``rows[i]`` to row (or token) ``i``.
+
+        ``rows`` holds names of pooled adapters, of adapters on the model itself, or None for the base.
+        Raises KeyError for a name neither has, PoolError for more distinct pooled adapters than slots.
+        Yields ``model``.
+        """
+        rows = list(rows)
+        own = list_adapters(model)
+        pooled = [n for n in dict.fromkeys(rows) if n is not None and n in self._adapters]
+        both = [n for n in pooled if n in own]
+        if both:
+            raise ValueError(f"adapters {both} are both in the pool and on the model; rename one")
+        unknown = sorted({n for n in rows if n is not None and n not in self._adapters and n not in own})
+        if unknown:
+            raise KeyError(f"routing names adapters {unknown} that neither the pool nor the model has")
+        slot_of = self.make_resident(pooled) if pooled else {}
+        token_slots = [slot_of.get(n, -1) if n is not None else -1 for n in rows]
+        model_rows = None if not own else Routing(tuple(n if n in own else None for n in rows))
+        call = _Call(self, token_slots, model_rows)
+        handles = []
+        slots = self._slots or {}
+        for path, module in model.named_modules():
+            layer = slots.get(path) if pooled else None
+            if isinstance(module, DeltaLayer):
+                if layer is None and model_rows is None:
+                    continue
+                handles.append(module.register_forward_pre_hook(call.pass_routing(path, layer), with_kwargs=True))
+            elif layer is not None:
+                handles.append(module.register_forward_hook(call.add_terms(path, layer)))
+        try:
+            yield model
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+class _Call:
+    """One ``routed`` context: the token slots, and the slot batches built from them (once per input
+    layout and per set of slots present on a layer), shared by every layer."""
+
+    def __init__(self, pool: AdapterPool, token_slots: list[int], model_rows: Routing | None):
+        self.pool, self.token_slots, self.model_rows = pool, token_slots, model_rows
+        self.used = frozenset(s for s in token_slots if s >= 0)
+        self._batches: dict[tuple, SlotBatch] = {}
+
+    def batch(self, x: torch.Tensor, present: frozenset[int]) -> SlotBatch:
+        """The slot batch for input ``x`` (rows per dim-0 row, or per token of the leading dimensions) on a
+        layer where the slots ``present`` hold adapters (tokens of other slots take the base there)."""
+        tokens = x.shape[:-1].numel()
+        n = len(self.token_slots)
+        here = self.used & present
+        key = (tokens, x.shape[0] if x.dim() > 1 else 1, here)
+        if key not in self._batches:
+            if x.dim() > 1 and x.shape[0] == n:  # one entry per dim-0 row: each row's tokens
+                per_token = [s for s in self.token_slots for _ in range(tokens // n)]
+            elif tokens == n:
+                per_token = self.token_slots
+            else:
+                raise ValueError(f"routing gives {n} rows; the layer input {tuple(x.shape)} has {x.shape[0]} rows "
+                                 f"and {tokens} tokens")
+            if here != self.used:
+                per_token = [s if s in here else -1 for s in per_token]
+            self._batches[key] = slot_batch(per_token, x.device)
+        return self._batches[key]
+
+    def terms(self, layer: _LayerSlots, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` plus the pooled adapters' terms for ``x``'s tokens."""
+        batch = self.batch(x, layer.present())
+        if not batch.segments:
+            return y
+        out = mixed_lora(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), layer.A, layer.B, layer.scales,
+                         batch, layer.ranks)
+        return out.view(y.shape)
+
+    def add_terms(self, path: str, layer: _LayerSlots):
+        """A forward hook for a plain layer: its output plus the pooled terms."""
+        def hook(module, args, output):
+            return self.terms(layer, args[0], output)
+        return hook
+
+    def pass_routing(self, path: str, layer: _LayerSlots | None):
+        """A forward pre-hook for a DeltaLayer: passes it a routing that does both parts."""
+        routing = _LayerRouting(self, layer)
+
+        def hook(module, args, kwargs):
+            return args, {**kwargs, "routing": routing}
+        return hook
+
+
+class _LayerRouting:
+    """What ``DeltaLayer.forward(x, routing=...)`` calls: the model's own adapters by rows (or the bare
+    base), then the pooled terms."""
+
+    def __init__(self, call: _Call, layer: _LayerSlots | None):
+        self.call, self.layer = call, layer
+
+    def forward(self, module: DeltaLayer, x: torch.Tensor) -> torch.Tensor:
+        if self.call.model_rows is not None and len(module.deltas):
+            y = self.call.model_rows.forward(module, x)
+        else:
+            if module.merged:
+                raise ValueError(f"per-row routing needs unmerged adapters; {module.merged} are merged into this layer")
+            y = module.geometry.base_forward(module, x)
+        return y if self.layer is None else self.call.terms(self.layer, x, y)
