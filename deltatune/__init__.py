@@ -9,7 +9,9 @@ from deltatune.adapters import (
     disabled, list_adapters, merge, register_geometry, remove_adapter, routed, set_active, unmerge,
 )
 from deltatune.formats.files import AdapterFileError, load_adapter, save_adapter
-from deltatune.methods import BottleneckConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, register_method
+from deltatune.methods import (
+    BottleneckConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, register_method,
+)
 from deltatune.methods.lora_combine import combine
 
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ import torch.nn as nn
 from deltatune.adapters.full_copies import FullCopies
 from deltatune.adapters.geometry import geometry_for
 from deltatune.adapters.layer import DeltaLayer
-from deltatune.adapters.method import method_for
+from deltatune.adapters.method import ModelMethod, method_for
 from deltatune.adapters.protocol import AdapterModule, adapter_modules
 from deltatune.adapters.targeting import matches_name, select_targets, set_module
 
@@ -89,8 +89,11 @@ def add_adapter(model: nn.Module, cfg, name: str = "default", activate: bool = T
     """
     _check_name(model, name)
     method = method_for(cfg)
-    targets = select_targets(model, cfg, method.supports)
+    model_level = isinstance(method, ModelMethod)  # prompt / prefix methods add one module, not per-layer deltas
+    targets = [] if model_level else select_targets(model, cfg, method.supports)
     saved = _full_copy_targets(model, cfg, targets)
+    if model_level:  # first: a bad config raises before anything of the model changes
+        method.add_to(model, cfg, name)
     record = adapter_record(model, create=True)
     if record.requires_grad is None:
         record.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -134,7 +137,12 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
         if name in module.adapter_names():
             module.remove(name)
         if not module.adapter_names():
-            set_module(model, path, module.restore())
+            original = module.restore()
+            if original is None:  # a module of the adapter's own (virtual tokens): nothing to put back
+                parent, _, attr = path.rpartition(".")
+                delattr(model.get_submodule(parent) if parent else model, attr)
+            else:
+                set_module(model, path, original)
     del record.configs[name]
     if not record.configs:
         flags = record.requires_grad or {}
@@ -194,9 +202,15 @@ def _check_mergeable(model: nn.Module, names: list[str] | None) -> None:
 
 
 def merge(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
-    """Fold the given adapters (default: the active ones) into the base weights. Idempotent."""
+    """Fold the given adapters (default: the active ones) into the base weights. Idempotent. Raises
+    ValueError for an adapter that cannot fold (virtual tokens), before anything is merged."""
     names = _names(names)
     _check_mergeable(model, names)
+    for _, module in adapter_modules(model):
+        if not isinstance(module, DeltaLayer):  # full copies: a no-op; virtual tokens: a clear refusal
+            for n in (module.active if names is None else names):
+                if n in module.adapter_names():
+                    module.merge(n)
     for _, layer in delta_layers(model):
         for n in (layer.active if names is None else names):
             if n in layer.deltas:

@@ -120,10 +120,9 @@ class PromptTuningMethod:
         n = cfg.num_virtual_tokens
         check_length(model, n, self.name)
         embeddings = model.get_input_embeddings()
+        table = nn.Embedding(n, token_dim(model)).weight.detach()  # N(0, 1); drawn first, as PEFT does
         ids = init_token_ids(model, cfg, n)
-        if ids is None:
-            table = nn.Embedding(n, token_dim(model)).weight.detach()  # N(0, 1), as PEFT's nn.Embedding
-        else:
+        if ids is not None:
             with torch.no_grad():
                 table = embeddings(ids.to(embeddings.weight.device)).detach().float()
         table = table.to(device=embeddings.weight.device, dtype=torch.float32)

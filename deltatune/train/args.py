@@ -17,7 +17,7 @@ import torch
 from deltatune.methods import config_class, method_names
 
 __all__ = ["TrainArgs", "DataArgs", "TrainError", "RESUMABLE_CHANGES", "FULL", "METHOD_DEFAULTS", "FLAG_ALIASES",
-           "method_choices", "method_config_class", "method_config", "run_record", "check_resume", "resolve_device",
+           "METHOD_ALIASES", "method_choices", "method_config_class", "method_config", "run_record", "check_resume", "resolve_device",
            "resolve_precision"]
 
 FULL = "full"
@@ -28,6 +28,9 @@ METHOD_DEFAULTS: dict[str, dict] = {"lora": {"r": 16, "alpha": 32.0}}
 
 FLAG_ALIASES: dict[str, dict[str, str]] = {"lora": {"lora_dropout": "dropout"}}
 """Older flag/YAML names of method fields, per method: ``--lora-dropout`` sets LoraConfig.dropout."""
+
+METHOD_ALIASES: dict[str, str] = {"prompt": "prompt_tuning", "ptuning": "p_tuning", "prefix": "prefix_tuning"}
+"""Short names for --method (the registered names follow PEFT's: prompt_tuning, p_tuning, prefix_tuning)."""
 
 # Settings that may change on --resume without changing the computation.
 RESUMABLE_CHANGES = {"resume", "save_every", "keep", "eval_every", "log_every", "progress", "merge", "max_steps",
@@ -142,8 +145,8 @@ class DataArgs:
     """Stop if more than this fraction of the data rows is bad (they are listed by line number)."""
     max_classes: int = 100
     """Classification: refuse a label column with more distinct values than this, or with about one per row (a text column named by mistake); 0 = no check."""
-    task: Literal["auto", "causal-lm", "classification"] = "auto"
-    """Model head: "auto" takes classification for TSV/CSV data and causal-lm otherwise (eval: as recorded)."""
+    task: Literal["auto", "causal-lm", "classification", "sst2", "mrpc", "cola", "rte", "gsm8k"] = "auto"
+    """Model head ("auto": classification for TSV/CSV data, else causal-lm; eval: as recorded), or a named task (sst2, mrpc, cola, rte, gsm8k) that also fixes the columns, labels and official metric (deltatune.train.tasks)."""
 
 
 # -- the method, by name ---------------------------------------------------------------------------------------
@@ -158,6 +161,7 @@ def method_config_class(name: str) -> Optional[type]:
     Raises ``TrainError`` naming the known methods for an unknown name."""
     if name == FULL:
         return None
+    name = METHOD_ALIASES.get(name, name)
     choices = method_choices()
     if name not in choices:
         raise TrainError(f"unknown --method {name!r}; choose one of {choices}")
@@ -171,7 +175,7 @@ def method_config(name: str, **fields):
         if fields:
             raise TrainError(f"--method full takes no method settings, got {sorted(fields)}")
         return None
-    return cls(**{**METHOD_DEFAULTS.get(name, {}), **fields})
+    return cls(**{**METHOD_DEFAULTS.get(METHOD_ALIASES.get(name, name), {}), **fields})
 
 
 # -- what a run records, and what --resume may change -------------------------------------------------------------

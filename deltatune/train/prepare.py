@@ -74,6 +74,11 @@ def enable_fast(model, args: TrainArgs, device: torch.device, log) -> bool:
     use = args.fast if args.fast is not None else device.type == "cuda"
     if not use or args.method == FULL:
         return False
+    feeding = _input_adapters(model)
+    if feeding:  # the fused loss takes token ids; these adapters feed embeddings / a cache through forward
+        log(f"fast path off: {feeding} adapters feed virtual tokens through the model's own forward, which the "
+            f"fused path does not run; using the plain path")
+        return False
     try:
         from deltatune.fast import enable_fast_path
     except ImportError as e:
@@ -88,8 +93,19 @@ def enable_fast(model, args: TrainArgs, device: torch.device, log) -> bool:
     return True
 
 
+def _input_adapters(model) -> list[str]:
+    """Names of the virtual-token methods (prompt / P- / prefix tuning) of the model's adapters."""
+    from deltatune.adapters import virtual_tokens
+
+    module = virtual_tokens(model)
+    return sorted({enc.method for enc in module.encoders.values()}) if module is not None else []
+
+
 def enable_checkpointing(model) -> None:
     """transformers' activation checkpointing (the plain path; the fast path has its own)."""
+    if "prefix_tuning" in _input_adapters(model):
+        raise TrainError("--gradient-checkpointing does not combine with prefix tuning: recomputed layers would add "
+                         "the prefix to the cache twice (as in PEFT); train without it")
     # Newer transformers call it activation_checkpointing_enable; older ones gradient_checkpointing_enable.
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
