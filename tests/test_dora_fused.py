@@ -267,6 +267,47 @@ def check_fused_dora(device, dtype):
     return out
 
 
+def check_dora_kernels(dtype):
+    """The scaled output's backward and the scaled SwiGLU alone (the Triton kernels where enabled) against
+    float64 autograd, at sizes off the tiles and on column blocks of wider tensors: {name: rel error}."""
+    from deltatune.kernels.output_scale import ScaledSwiGLU, ScaleOutput
+
+    g = torch.Generator().manual_seed(8)
+    n, i = 37, 150
+    wide = torch.randn(n, 2 * i + 3, generator=g).to(dtype)
+    zg, zu = (wide[:, :i].detach().requires_grad_(), wide[:, i + 3:].detach().requires_grad_())  # strided
+    fg, fu = ((1 + 0.3 * torch.randn(i, generator=g)).requires_grad_() for _ in range(2))
+    bg = torch.randn(i, generator=g).to(dtype)
+    dh = torch.randn(n, i, generator=g).to(dtype)
+    z = torch.randn(2, 19, i, generator=g).to(dtype).requires_grad_()
+    dy = torch.randn(2, 19, i, generator=g).to(dtype)
+    leaves = [zg, zu, fg, fu, z]
+
+    def run(cast):
+        for t in leaves:
+            t.grad = None
+        zg_, zu_, fg_, fu_, z_ = (cast(t) for t in leaves)
+        act = ScaledSwiGLU.apply(zg_, zu_, fg_, cast(bg), fu_, None) if cast is _same else (
+            torch.nn.functional.silu(zg_ * fg_ + cast(bg)) * (zu_ * fu_))
+        y = ScaleOutput.apply(z_, fg_, None) if cast is _same else z_ * fg_
+        ((act * cast(dh)).sum() + (y * cast(dy)).sum()).backward()
+        return [act.detach().double(), y.detach().double()] + [t.grad.double().clone() for t in leaves]
+
+    got, want = run(_same), run(lambda t: t.double())
+    names = ["act", "y", "dzg", "dzu", "dfg+dfy", "dfu", "dz"]
+    return {k: rel(a, b) for k, a, b in zip(names, got, want)}
+
+
+def _same(t):
+    return t
+
+
+def test_dora_kernels_in_pytorch_equal_float64():
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        errs = check_dora_kernels(dtype)
+        assert max(errs.values()) <= tol, (dtype, errs)
+
+
 def _assert_accurate(errs, dtype):
     if dtype == "float32":
         assert max(errs.values()) <= 1e-4, errs
@@ -287,8 +328,9 @@ def test_fused_dora_with_triton_interpreted():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(results) == {"float32", "bfloat16"}
     for dtype, errs in results.items():
-        assert errs["kernels"] > 0, dtype
-        errs.pop("kernels")
+        assert errs.pop("kernels") > 0 and errs.pop("dora_kernels") > 0, dtype  # Triton ran, ours included
+        units = errs.pop("units")
+        assert max(units.values()) <= (1e-5 if dtype == "float32" else 1e-2), (dtype, units)
         _assert_accurate(errs, dtype)
 
 
@@ -304,12 +346,15 @@ def test_fused_dora_gpu():
 
 if __name__ == "__main__":  # the subprocess: TRITON_INTERPRET=1 is set before triton is imported
     import deltatune.kernels.functional as functional
+    import deltatune.kernels.output_scale as output_scale
 
-    launched = []  # the Triton kernel modules asked for (so an all-PyTorch run fails the test)
-    functional_k = functional._k
+    launched, ours = [], []  # the Triton kernel modules asked for (so an all-PyTorch run fails the test)
+    functional_k, ours_k = functional._k, output_scale._kernels
     functional._k = lambda name: (launched.append(name), functional_k(name))[1]
+    output_scale._kernels = lambda: (ours.append(1), ours_k())[1]
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
-        launched.clear()
-        out[str(dtype)[6:]] = dict(check_fused_dora("cpu", dtype), kernels=len(launched))
+        launched.clear(), ours.clear()
+        out[str(dtype)[6:]] = dict(check_fused_dora("cpu", dtype), units=check_dora_kernels(dtype))
+        out[str(dtype)[6:]].update(kernels=len(launched), dora_kernels=len(ours))
     print(json.dumps(out))

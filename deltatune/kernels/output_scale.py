@@ -10,13 +10,16 @@ f's gradient reaches m only). The node runs the projection without its bias and:
   (as the LoRA MLP node saves its base gate and up outputs) and recomputes the scaled values and the
   SwiGLU in backward (``swiglu_forward``/``swiglu_backward``: the Triton kernels on a GPU).
 
-Elementwise over (N, out): a small part of a projection's time next to its matmuls.
+Elementwise over (N, out): a small part of a projection's time next to its matmuls. On a GPU the
+backwards and the scaled SwiGLU are Triton kernels (``triton_dora.py``) that read each (N, out) input
+once and sum df on the way; elsewhere (and for float64) the same math in PyTorch.
 """
 
 from __future__ import annotations
 
 import torch
 
+from deltatune.kernels.backend import load, triton_enabled
 from deltatune.kernels.functional import swiglu_backward, swiglu_forward
 
 __all__ = ["ScaleOutput", "ScaledSwiGLU", "split_output_scales"]
@@ -42,13 +45,25 @@ def _scaled(z, f, bias):
     return y if bias is None else y.add_(bias.to(z.dtype))
 
 
+def _fast(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels (``triton_dora.py``) take ``t``: where ``triton_enabled``, 16/32-bit floats."""
+    return t.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_enabled(t)
+
+
+def _kernels():
+    return load("deltatune.kernels.triton_dora")
+
+
 def _scale_grads(dy, z, f, bias_dtype, needs):
     """Gradients of ``_scaled`` for (z, f, bias): ``f ⊙ dy``, ``Σ_tokens dy ⊙ z`` (fp32 sums), ``Σ_tokens dy``."""
     n = z.shape[-1]
+    db = dy.reshape(-1, n).sum(0, dtype=torch.float32).to(bias_dtype) if needs[2] else None
+    if needs[1] and _fast(dy):  # one pass: dz and the partial sums of df
+        dz, df = _kernels().scale_backward(dy, z, f)
+        return (dz if needs[0] else None), df.to(f.dtype), db
     dz = torch.addcmul(dy, dy, (f - 1).to(dy.dtype)) if needs[0] else None
     df = torch.sum(dy.reshape(-1, n) * z.reshape(-1, n), 0, dtype=torch.promote_types(f.dtype, torch.float32)) \
         if needs[1] else None
-    db = dy.reshape(-1, n).sum(0, dtype=torch.float32).to(bias_dtype) if needs[2] else None
     return dz, None if df is None else df.to(f.dtype), db
 
 
@@ -68,25 +83,37 @@ class ScaleOutput(torch.autograd.Function):
 
 
 class ScaledSwiGLU(torch.autograd.Function):
-    """``silu(f_g ⊙ z_g + b_g) * (f_u ⊙ z_u + b_u)``, each scale optional (None: z as it is); saves z_g and z_u
-    (2 x (N, I), as the LoRA MLP node saves its gate and up outputs) and recomputes the scaled values."""
+    """``silu(f_g ⊙ z_g + b_g) * (f_u ⊙ z_u + b_u)`` (..., I), each scale optional (None: z as it is, and no
+    b); saves z_g and z_u (as the LoRA MLP node saves its gate and up outputs) and recomputes the rest.
+    On a GPU one Triton kernel each way (``triton_dora.py``), which also sums df_g, df_u."""
 
     @staticmethod
     def forward(ctx, zg, zu, fg, bg, fu, bu):
-        zg, zu = zg.contiguous(), zu.contiguous()
         ctx.save_for_backward(zg, zu, fg, bg, fu, bu)
+        if _fast(zg):
+            i = zg.shape[-1]
+            flat = [t.reshape(-1, i) for t in (zg, zu)]
+            flat = [t if t.stride(1) == 1 else t.contiguous() for t in flat]
+            return _kernels().scaled_swiglu_forward(*flat, fg, bg, fu, bu).view(zg.shape)
         g = zg if fg is None else _scaled(zg, fg, bg)
         u = zu if fu is None else _scaled(zu, fu, bu)
-        return swiglu_forward(g, u)
+        return swiglu_forward(g.contiguous(), u.contiguous())
 
     @staticmethod
     def backward(ctx, dh):
         zg, zu, fg, bg, fu, bu = ctx.saved_tensors
+        need = ctx.needs_input_grad  # zg, zu, fg, bg, fu, bu
+        if _fast(zg) and not need[3] and not need[5]:  # (no bias gradients: frozen biases, as always here)
+            i = zg.shape[-1]
+            flat = [t.reshape(-1, i) for t in (dh, zg, zu)]
+            flat = [t if t.stride(1) == 1 else t.contiguous() for t in flat]
+            dzg, dzu, sg, su = _kernels().scaled_swiglu_backward(*flat, fg, bg, fu, bu)
+            return (dzg.view(zg.shape), dzu.view(zu.shape), None if fg is None else sg.to(fg.dtype), None,
+                    None if fu is None else su.to(fu.dtype), None)
         g = zg if fg is None else _scaled(zg, fg, bg)
         u = zu if fu is None else _scaled(zu, fu, bu)
-        _, dg, du = swiglu_backward(dh.contiguous().clone(), g, u)  # clone: dg is written over it
+        _, dg, du = swiglu_backward(dh.contiguous().clone(), g.contiguous(), u.contiguous())  # dg over the clone
         del g, u
-        need = ctx.needs_input_grad  # zg, zu, fg, bg, fu, bu
         grads = []
         for dz, z, f, b, needs in ((dg, zg, fg, bg, (need[0], need[2], need[3])),
                                    (du, zu, fu, bu, (need[1], need[4], need[5]))):
