@@ -83,7 +83,7 @@ def tokenize_chat(tokenizer, messages, tools=None) -> tuple[list[int], list[int]
 def load_dataset(path: str | Path, tokenizer, fmt: str = "auto", max_length: int = 1024, packing: bool = False,
                  max_bad_fraction: float = 0.05, text_columns: list[str] | None = None,
                  label_column: str | None = None, label_names: list[str] | None = None,
-                 max_classes: int = 100, log=print) -> Dataset:
+                 max_classes: int = 100, unknown_labels: str = "skip", log=print) -> Dataset:
     """Read ``path`` and tokenize it for training.
 
     Args:
@@ -95,6 +95,8 @@ def load_dataset(path: str | Path, tokenizer, fmt: str = "auto", max_length: int
         label_names: class names in id order (for a validation file, the training file's).
         max_classes: without ``label_names``, refuse a label column with more distinct values than
             this or about one per row (``formats.check_label_count``; 0: no check).
+        unknown_labels: a label not in ``label_names``: "skip" the row (a bad row) or "error" (raise
+            ``DataError`` naming the labels: evaluating data of other labels than the model learned).
     Returns a ``Dataset``; bad rows are reported through ``log``.
     """
     records, bad, total, fmt = read_records(path, fmt, text_columns, label_column,
@@ -106,6 +108,10 @@ def load_dataset(path: str | Path, tokenizer, fmt: str = "auto", max_length: int
             numeric = all(s.lstrip("-").isdigit() for s in found)
             label_names = sorted(found, key=int) if numeric else sorted(found)
         index = {n: i for i, n in enumerate(label_names)}
+        unknown = sorted({r.label for r in records} - set(index))
+        if unknown and unknown_labels == "error":
+            raise DataError(f"{path}: labels {unknown[:10]} are not among the labels the model was trained on "
+                            f"({list(label_names)})")
         for r in records:
             if r.label not in index:
                 bad.append(BadRow(r.line, r.index, f"unknown label {r.label!r} (known: {label_names})"))

@@ -17,7 +17,10 @@ from deltatune.train.args import DataArgs, resolve_device
 from deltatune.train.data import IGNORE, Dataset, collate, load_dataset
 from deltatune.train.packed_masks import host_packing
 from deltatune.train.packing import segments
+from deltatune.train.answers import answer_accuracy
+from deltatune.train.metrics import classification_metrics
 from deltatune.train.outputs import run_info
+from deltatune.train.tasks import TASKS, apply_task, head_of, named_task, task_score
 
 __all__ = ["batch_loss", "labels_count", "evaluate", "eval_data_args", "evaluate_adapter"]
 
@@ -73,7 +76,8 @@ def labels_count(labels: torch.Tensor, task: str) -> int:
 @torch.no_grad()
 def evaluate(model, ds: Dataset, batch_size: int = 8, device=None, autocast=None,
              progress: bool = False) -> dict[str, float]:
-    """Loss and, by task, perplexity, accuracy (classification) and exact match (instruction data).
+    """Loss and, by task, perplexity and exact match (instruction data), or accuracy, macro-F1, Matthews
+    correlation and (two classes) the F1 of class 1 (classification; ``deltatune.train.metrics``).
 
     Exact match is greedy-decoding exact match computed in one teacher-forced pass: greedy decoding
     reproduces the target iff the argmax at every target position is the target token.
@@ -82,7 +86,8 @@ def evaluate(model, ds: Dataset, batch_size: int = 8, device=None, autocast=None
     autocast = autocast or contextlib.nullcontext
     was_training = model.training
     model.eval()
-    total, count, correct, exact, examples = 0.0, 0, 0, 0, 0
+    total, count, exact, examples = 0.0, 0, 0, 0
+    predicted, gold = [], []
     pad = 0
     starts = range(0, len(ds), batch_size)
     if progress:  # a pass over a large validation set takes long enough to look frozen without one
@@ -95,7 +100,8 @@ def evaluate(model, ds: Dataset, batch_size: int = 8, device=None, autocast=None
         total += float(loss)
         count += n
         if ds.task == "classification":
-            correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
+            predicted += logits.argmax(-1).cpu().tolist()
+            gold += batch["labels"].tolist()
         else:
             labels = batch["labels"][:, 1:]
             pred = logits[:, :-1].argmax(-1).cpu()
@@ -108,7 +114,7 @@ def evaluate(model, ds: Dataset, batch_size: int = 8, device=None, autocast=None
     model.train(was_training)
     out = {"loss": total / max(count, 1)}
     if ds.task == "classification":
-        out["accuracy"] = correct / len(ds)
+        out.update(classification_metrics(predicted, gold, max(len(ds.label_names or ()), max(gold + predicted) + 1)))
     else:
         out["perplexity"] = math.exp(min(out["loss"], 50.0))
         out["exact_match"] = exact / max(examples, 1)
@@ -131,12 +137,14 @@ def eval_data_args(data: DataArgs, info: dict, explicit: Collection[str] = ()) -
     changes = {name: info[name] for name in recorded
                if info.get(name) is not None and name not in explicit
                and getattr(data, name) == getattr(defaults, name)}
+    if info.get("task_name") in TASKS and "task" not in explicit and data.task == defaults.task:
+        changes["task"] = info["task_name"]  # the named task the run trained on (its columns and metric)
     return dataclasses.replace(data, **changes)
 
 
 def evaluate_adapter(data: DataArgs, adapter: Optional[str] = None, model: Optional[str] = None,
                      batch_size: int = 8, device: str = "auto", explicit: Collection[str] = (),
-                     progress: bool = False, log=None) -> dict[str, float]:
+                     progress: bool = False, log=None, max_new_tokens: int = 256) -> dict[str, float]:
     """Evaluate base model ``model`` (default: the one ``adapter`` records), with ``adapter`` loaded if
     given, on ``data.data``; returns ``evaluate``'s metrics plus ``examples``. The adapter's files are
     checked before anything loads; ``log`` (default: silent) hears what was read and loaded, and
@@ -145,7 +153,10 @@ def evaluate_adapter(data: DataArgs, adapter: Optional[str] = None, model: Optio
     The task, the data format and the columns come from ``data`` where set (or named in
     ``explicit``: e.g. a format given as "auto" on purpose), else from the adapter's
     ``deltatune_train.json``, else from the file. Raises ``ValueError`` (``DataError``,
-    ``AdapterFileError``) or ``ModelLoadError`` on unusable input, naming it."""
+    ``AdapterFileError``) or ``ModelLoadError`` on unusable input, naming it; labels the adapter was not
+    trained on are such an error. A named task (``--task sst2``, or the one the run recorded) adds
+    ``task`` and its official ``score``; GSM8K also generates answers (``max_new_tokens`` each) for its
+    answer accuracy (``deltatune.train.answers``)."""
     import deltatune as dt
     from deltatune.formats.files import read_adapter_files
     from deltatune.hub import load_model, load_tokenizer
@@ -158,11 +169,15 @@ def evaluate_adapter(data: DataArgs, adapter: Optional[str] = None, model: Optio
     if not model_path or not data.data:
         raise ValueError("evaluation needs --data and --model (or an --adapter that records its base model)")
     data = eval_data_args(data, info, explicit)
+    named, data = named_task(data.task), apply_task(data)
+    generate = named is not None and named.metric == "answer_accuracy"
+    labels = info.get("label_names") or (list(named.label_names) if named and named.label_names else None)
     tok = load_tokenizer(model_path)
-    ds = load_dataset(data.data, tok, fmt=data.data_format, max_length=data.max_length, packing=data.packing,
-                      text_columns=data.text_columns, label_column=data.label_column,
-                      label_names=info.get("label_names"), max_bad_fraction=data.max_bad_fraction)
-    task = ds.task if data.task == "auto" else data.task
+    ds = load_dataset(data.data, tok, fmt=data.data_format, max_length=data.max_length,
+                      packing=data.packing and not generate, text_columns=data.text_columns,
+                      label_column=data.label_column, label_names=labels, max_bad_fraction=data.max_bad_fraction,
+                      unknown_labels="error" if labels else "skip")
+    task = ds.task if data.task == "auto" else head_of(data.task)
     if task != ds.task:
         raise ValueError(f"{data.data}: read as {ds.fmt} data ({ds.task}), but the task is {task}; "
                          f"pass --data-format to read it as the task needs")
@@ -176,5 +191,9 @@ def evaluate_adapter(data: DataArgs, adapter: Optional[str] = None, model: Optio
         dt.load_adapter(net, adapter, name="default")
     net.to(resolve_device(device))
     result = evaluate(net, ds, batch_size, progress=progress)
+    if generate:
+        result.update(answer_accuracy(net, tok, ds, max_new_tokens, batch_size, progress=progress))
+    if named is not None:
+        result["task"], result["score"] = named.name, task_score(named, result)
     result["examples"] = len(ds)
     return result

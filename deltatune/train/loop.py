@@ -44,7 +44,8 @@ from deltatune.train.outputs import (
 from deltatune.train.prepare import (
     base_dtype, cast_frozen, enable_checkpointing, enable_fast, lr_lambda, make_optimizer, prepare_model,
 )
-from deltatune.train.throughput import Meter
+from deltatune.train.tasks import apply_task, head_of, named_task
+from deltatune.train.throughput import Meter, bar_postfix
 from deltatune.train.tracking import Reporter, best_val_loss, check_reporter, open_reporter
 from deltatune.train.report import OOM_ADVICE, count_params, estimate_memory, gib
 
@@ -159,10 +160,12 @@ def load_data(args: TrainArgs, data: DataArgs, tokenizer, log=print) -> tuple[Da
     """The training and validation sets that ``data`` describes (``args.seed`` picks subsets)."""
     if not data.data:
         raise TrainError("no training data: set DataArgs.data (--data)")
+    named, data = named_task(data.task), apply_task(data)
     kw = dict(fmt=data.data_format, max_length=data.max_length, packing=data.packing,
               max_bad_fraction=data.max_bad_fraction, text_columns=data.text_columns,
               label_column=data.label_column, max_classes=data.max_classes, log=log)
-    train_ds = load_dataset(data.data, tokenizer, **kw)
+    fixed = list(named.label_names) if named is not None and named.label_names else None
+    train_ds = load_dataset(data.data, tokenizer, label_names=fixed, **kw)
     if 0 < data.max_examples < len(train_ds):
         keep = sorted(random.Random(args.seed).sample(range(len(train_ds)), data.max_examples))
         train_ds.examples = [train_ds.examples[i] for i in keep]
@@ -206,7 +209,7 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
     if train_data is None:
         train_data, val_data = load_data(args, data, tokenizer, log)
         log(train_data.summary())
-    task = train_data.task if data.task == "auto" else data.task
+    task = train_data.task if data.task == "auto" else head_of(data.task)
     if model is None:
         from deltatune.hub import load_model
 
@@ -469,7 +472,7 @@ def _run(run: Run, on_step, log) -> TrainResult:
                     if run.reporter is not None:
                         run.reporter.log(rec)
                 if bar is not None:
-                    bar.set_postfix(_postfix(rec))
+                    bar.set_postfix(bar_postfix(rec))
                     bar.update(1)
                 if run.val_data is not None and args.eval_every > 0 and done % args.eval_every == 0 \
                         and done < run.max_steps:
@@ -495,16 +498,6 @@ def _run(run: Run, on_step, log) -> TrainResult:
         bar.close()
     result.final_loss = loss_value
     return finish(run, result, log)
-
-
-def _postfix(rec: dict) -> dict:
-    """The progress bar's numbers: loss, lr, real tokens/s, and on a GPU memory and MFU."""
-    out = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}", "tok/s": f"{rec['tok_s']:.0f}"}
-    if "mem_gib" in rec:
-        out["mem"] = f"{rec['mem_gib']:.1f}/{rec['mem_reserved_gib']:.1f}G"
-    if "mfu" in rec:
-        out["mfu"] = f"{100 * rec['mfu']:.0f}%"
-    return out
 
 
 def _stop_nan(result: TrainResult, error: NonFinite, last_ckpt, bar, log) -> TrainResult:

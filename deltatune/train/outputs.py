@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from deltatune.train.tasks import TASKS
+
 if TYPE_CHECKING:
     from deltatune.train.args import DataArgs, TrainArgs
     from deltatune.train.data import Dataset
@@ -114,7 +116,7 @@ def save_outputs(model, tokenizer, args: TrainArgs, data: DataArgs, out: Path, t
     base = base_reference(args.model)
     info = {"base_model": base["base_model"], "task": train_data.task, "label_names": train_data.label_names,
             "method": args.method, "data_format": train_data.fmt, "text_columns": data.text_columns,
-            "label_column": data.label_column}
+            "label_column": data.label_column, "task_name": data.task if data.task in TASKS else None}
     if args.method == "full":
         target = out / "model"
         target.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import torch
 
 from deltatune.train.report import quantized_layers
 
-__all__ = ["Meter", "example_lengths", "matmul_params", "attention_shape", "step_flops", "peak_flops", "PEAK_BF16"]
+__all__ = ["Meter", "bar_postfix", "example_lengths", "matmul_params", "attention_shape", "step_flops", "peak_flops", "PEAK_BF16"]
 
 PEAK_BF16 = {  # dense bf16/fp16 tensor FLOP/s, from the vendors' data sheets (SXM parts where both exist)
     "H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
@@ -114,3 +114,13 @@ class Meter:
             flops = step_flops(self.params, tokens, lengths, self.layers, self.width)
             out["mfu"] = round(flops / seconds / self.peak, 4)
         return out
+
+
+def bar_postfix(rec: dict) -> dict:
+    """The progress bar's numbers: loss, lr, real tokens/s, and on a GPU memory and MFU."""
+    out = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}", "tok/s": f"{rec['tok_s']:.0f}"}
+    if "mem_gib" in rec:
+        out["mem"] = f"{rec['mem_gib']:.1f}/{rec['mem_reserved_gib']:.1f}G"
+    if "mfu" in rec:
+        out["mfu"] = f"{100 * rec['mfu']:.0f}%"
+    return out
