@@ -73,6 +73,9 @@ METHODS = {
     "ia3": lambda targets: dt.IA3Config(targets=targets, feedforward=targets[-1:]),
     "loha": lambda targets: dt.LoHaConfig(r=2, alpha=4, targets=targets),
     "lokr": lambda targets: dt.LoKrConfig(r=2, alpha=4, targets=targets, decompose_both=True),
+    "bottleneck": lambda targets: dt.BottleneckConfig(targets=targets, reduction_factor=4, activation="swish"),
+    "bottleneck_parallel": lambda targets: dt.BottleneckConfig(placement="parallel", targets=targets, reduction_factor=4,
+                                                                  activation="gelu"),
 }
 PATHS = ["plain", "fused"]
 
@@ -171,28 +174,33 @@ def test_contract(layer, method, path, tmp_path):
         with dt.disabled(model):
             torch.testing.assert_close(model(x), y_base, atol=tol, rtol=tol)
         weights_before = {k: v.clone() for k, v in model.state_dict().items()}
-        targets = _weight_targets(model, "merge_delta") if quantized else None
-        dt.merge(model)
-        y_merged = model(x)
-        weights_merged = {k: v.clone() for k, v in model.state_dict().items()}
-        for _ in range(2):  # merge is idempotent
-            dt.merge(model)
-        assert all(torch.equal(v, weights_merged[k]) for k, v in model.state_dict().items())
-        if quantized:  # a merge into a 4-bit base requantizes W + delta and records what that lost
-            _check_requantized(model, targets)
+        if not getattr(method_for(cfg), "mergeable", True):  # non-linear (bottleneck): refused, nothing changes
+            with pytest.raises(ValueError, match="cannot be merged"):
+                dt.merge(model)
+            assert all(torch.equal(v, weights_before[k]) for k, v in model.state_dict().items())
         else:
-            torch.testing.assert_close(y_merged, y_adapted, atol=1e-4, rtol=1e-4)
-            with dt.disabled(model):  # disabled() takes merged adapters out meanwhile
-                torch.testing.assert_close(model(x), y_base, atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(model(x), y_merged)
-        targets = _weight_targets(model, "unmerge_delta") if quantized else None
-        dt.unmerge(model)
-        dt.unmerge(model)
-        if quantized:
-            _check_requantized(model, targets)
-        else:  # merge + unmerge restores W
-            for k, v in model.state_dict().items():
-                torch.testing.assert_close(v, weights_before[k], atol=1e-5, rtol=1e-5)
+            targets = _weight_targets(model, "merge_delta") if quantized else None
+            dt.merge(model)
+            y_merged = model(x)
+            weights_merged = {k: v.clone() for k, v in model.state_dict().items()}
+            for _ in range(2):  # merge is idempotent
+                dt.merge(model)
+            assert all(torch.equal(v, weights_merged[k]) for k, v in model.state_dict().items())
+            if quantized:  # a merge into a 4-bit base requantizes W + delta and records what that lost
+                _check_requantized(model, targets)
+            else:
+                torch.testing.assert_close(y_merged, y_adapted, atol=1e-4, rtol=1e-4)
+                with dt.disabled(model):  # disabled() takes merged adapters out meanwhile
+                    torch.testing.assert_close(model(x), y_base, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(model(x), y_merged)
+            targets = _weight_targets(model, "unmerge_delta") if quantized else None
+            dt.unmerge(model)
+            dt.unmerge(model)
+            if quantized:
+                _check_requantized(model, targets)
+            else:  # merge + unmerge restores W
+                for k, v in model.state_dict().items():
+                    torch.testing.assert_close(v, weights_before[k], atol=1e-5, rtol=1e-5)
 
     # save/load round trip: into a fresh copy of the base, the same outputs
     dt.save_adapter(model, tmp_path / "adapter")
