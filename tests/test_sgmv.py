@@ -59,11 +59,11 @@ def check_kernels(device, dtype):
         ref = _reference(x, y, A, B, scales, slots)
         denom = (ref - y.double()).norm().item()
         base = [t for t, s in enumerate(slots) if s < 0]
-        for block_m in (16, 64):
+        for block_m in (16, 64, 128):
             batch = slot_batch(slots, device, block_m=block_m)
             runs = {"sgmv": lambda: sgmv.sgmv(x, y.clone(), A, B, scales, batch.order, batch.tiles, batch.block_m),
                     "bgmv": lambda: sgmv.bgmv(x, y.clone(), A, B, scales, batch.order, batch.pos_slots)}
-            if block_m == 64:
+            if block_m > 16:
                 runs = {"sgmv": runs["sgmv"]}
             for kernel, run in runs.items():
                 got = run()

@@ -160,12 +160,13 @@ def sgmv(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sca
     block_k = 64 if block_r <= 64 else 32
     _sgmv_shrink[(n_tiles, 1)](x, x.stride(0), A, A.stride(0), A.stride(1), h, order, tiles, R, K,
                                BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, K_TILES=triton.cdiv(K, block_k),
-                               IEEE=ieee, num_warps=4)
+                               IEEE=ieee, num_warps=8 if block_m >= 128 else 4)
     n_out = B.shape[1]
     block_n = 64 if block_m >= 64 else 128
     _sgmv_expand[(n_tiles, triton.cdiv(n_out, block_n))](h, B, B.stride(0), B.stride(1), scales, y, y.stride(0),
                                                          order, tiles, R, n_out, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                         BLOCK_R=block_r, IEEE=ieee, num_warps=4)
+                                                         BLOCK_R=block_r, IEEE=ieee,
+                                                         num_warps=8 if block_m >= 128 else 4)
     return y
 
 

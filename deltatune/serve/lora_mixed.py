@@ -75,8 +75,8 @@ def slot_batch(token_slots: list[int], device: torch.device | str, block_m: int 
             segments.append((token_slots[order[start]], start, pos))
             start = pos
     longest = max((end - start for _, start, end in segments), default=0)
-    if block_m is None:
-        block_m = 64 if longest >= 64 else 16
+    if block_m is None:  # long segments: fewer tiles, each reading its slot's A and B once
+        block_m = 128 if longest >= 128 else 64 if longest >= 64 else 16
     tiles = [(lo, min(lo + block_m, end), s) for s, start, end in segments for lo in range(start, end, block_m)]
     pos_slots = [token_slots[t] for t in order]
     flat = torch.tensor(list(token_slots) + order + pos_slots + [v for tile in tiles for v in tile], dtype=torch.int32)

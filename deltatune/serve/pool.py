@@ -86,11 +86,13 @@ class _LayerSlots:
         self.B = torch.zeros(S, fan_out, R, device=device, dtype=dtype)
         self.scales = torch.zeros(S, device=device, dtype=torch.float32)
         self.ranks = [0] * S
+        self._present = frozenset()
 
     def load(self, slot: int, factors: _Factors | None) -> None:
         """Put ``factors`` into ``slot`` (zero-padded to R), or mark the slot absent here (None)."""
         if factors is None:
             self.ranks[slot] = 0
+            self._present = self._present - {slot}
             return
         r = factors.rank
         self.A[slot].zero_()
@@ -99,9 +101,11 @@ class _LayerSlots:
         self.B[slot, :, :r].copy_(factors.B, non_blocking=True)
         self.scales[slot] = factors.scale
         self.ranks[slot] = r
+        self._present = self._present | {slot}
 
     def present(self) -> frozenset[int]:
-        return frozenset(s for s, r in enumerate(self.ranks) if r)
+        """The slots holding an adapter that targets this layer."""
+        return self._present
 
     def nbytes(self) -> int:
         return self.A.nbytes + self.B.nbytes + self.scales.nbytes
