@@ -52,6 +52,8 @@ class EvalArgs:
     """"auto", "cpu", "cuda", ..."""
     progress: bool = True
     """Show what is loaded and a progress bar over the evaluation batches (on stderr)."""
+    method: Optional[str] = None
+    """"pattern": evaluate a template and verbalizer zero-shot (--template, --verbalizer, ...), no adapter needed."""
 
 
 EVAL_DATA_EXCLUDE = ("val_data", "val_fraction")
@@ -331,7 +333,12 @@ def cmd_train(argv: list[str]) -> int:
             print(f"deltatune train: error: --{name} is required ({where})", file=sys.stderr)
             return 2
     try:
-        result = train(args, data, method)
+        if args.method == "pattern":  # the data and model a pattern needs (deltatune.train.pattern)
+            from deltatune.train.pattern import train_pattern
+
+            result = train_pattern(args, data, method)
+        else:
+            result = train(args, data, method)
     except (TrainError, DataError, ModelLoadError, CheckpointError) as e:
         print(f"deltatune train: error: {e}", file=sys.stderr)
         return 2
@@ -353,8 +360,15 @@ def parse_eval_args(argv: list[str], prog: str = "deltatune eval"):
     parser = _new_parser(prog, (EvalArgs.__doc__ or "").strip().splitlines()[0])
     _add_fields(parser, EvalArgs)
     _add_fields(parser.add_argument_group("data"), DataArgs, exclude=EVAL_DATA_EXCLUDE, defaults=EVAL_DATA_DEFAULTS)
+    pattern = method_from_argv(argv) == "pattern"
+    if pattern:
+        from deltatune.methods.pattern import PatternConfig
+
+        _add_fields(parser.add_argument_group("method pattern (PatternConfig)"), PatternConfig)
     ns = _parse(parser, argv)
     args = EvalArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(EvalArgs)})
+    if pattern:  # the zero-shot pattern rides on the returned args
+        args.pattern = PatternConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(PatternConfig)})
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(DataArgs) if f.name not in EVAL_DATA_EXCLUDE}
     as_recorded = {name for name, default in EVAL_DATA_DEFAULTS.items() if default is None}
     given = {name for name in as_recorded if values[name] is not None}
@@ -368,11 +382,20 @@ def cmd_eval(argv: list[str]) -> int:
     from deltatune.hub import ModelLoadError
     from deltatune.train.evaluate import evaluate_adapter
 
-    args, data, given = parse_eval_args(argv)
     try:
-        result = evaluate_adapter(data, adapter=args.adapter, model=args.model, batch_size=args.batch_size,
-                                  device=args.device, explicit=given, progress=args.progress,
-                                  log=(lambda message: print(message, file=sys.stderr)) if args.progress else None)
+        args, data, given = parse_eval_args(argv)
+    except ValueError as e:  # a PatternConfig that rejects its settings
+        fail("deltatune eval", str(e))
+    log = (lambda message: print(message, file=sys.stderr)) if args.progress else None
+    try:
+        from deltatune.train.pattern import evaluate_pattern, is_pattern_adapter
+
+        if args.method == "pattern" or is_pattern_adapter(args.adapter):  # a cloze question on the LM head
+            result = evaluate_pattern(data, getattr(args, "pattern", None), adapter=args.adapter, model=args.model,
+                                      batch_size=args.batch_size, device=args.device, progress=args.progress, log=log)
+        else:
+            result = evaluate_adapter(data, adapter=args.adapter, model=args.model, batch_size=args.batch_size,
+                                      device=args.device, explicit=given, progress=args.progress, log=log)
     except (ModelLoadError, ValueError) as e:  # DataError and AdapterFileError are ValueErrors
         print(f"deltatune eval: error: {e}", file=sys.stderr)
         return 2

@@ -117,7 +117,7 @@ def load_tokenizer(path: str):
 
 def load_model(path: str, task: str = "causal-lm", dtype: str = "float32", label_names: list[str] | None = None,
                tokenizer=None):
-    """Load model ``path`` for ``task`` ("causal-lm" or "classification"); returns (model, tokenizer).
+    """Load model ``path`` for ``task`` ("causal-lm", "masked-lm" or "classification"); returns (model, tokenizer).
 
     For classification the head has ``len(label_names)`` outputs and is freshly initialised when
     the checkpoint has none (seed torch first for a reproducible head).
@@ -142,8 +142,10 @@ def load_model(path: str, task: str = "causal-lm", dtype: str = "float32", label
                 model.config.pad_token_id = tok.pad_token_id
         elif task == "causal-lm":
             model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], **kw)
+        elif task == "masked-lm":  # a pattern's cloze questions on an encoder (BERT-style MLM head)
+            model = transformers.AutoModelForMaskedLM.from_pretrained(src, dtype=DTYPES[dtype], **kw)
         else:
-            raise ValueError(f"task must be causal-lm or classification, got {task!r}")
+            raise ValueError(f"task must be causal-lm, masked-lm or classification, got {task!r}")
     except OSError as e:
         raise ModelLoadError(f"cannot load {path}: {e}") from None
     finally:
