@@ -305,6 +305,12 @@ def test_deltatune_train_method_bottleneck_from_the_command_line(tmp_path):
 
     model, data = make_tiny_llama(tmp_path / "model"), write_task(tmp_path / "task.jsonl")
     out = tmp_path / "run"
+    try:
+        code = main(["train", "--model", str(model), "--data", str(data), "--output", str(out), "--method",
+                     "bottleneck", "--merge", "--max-steps", "1", "--no-progress"])
+    except SystemExit as e:
+        code = e.code
+    assert code != 0 and not (out / "adapter").exists()  # refused before training
     code = main(["train", "--model", str(model), "--data", str(data), "--output", str(out), "--method", "bottleneck",
                  "--placement", "parallel", "--reduction-factor", "4", "--activation", "swish", "--scaling", "2.0",
                  "--max-steps", "3", "--lr", "1e-2", "--no-progress"])

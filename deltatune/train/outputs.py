@@ -92,6 +92,12 @@ def check_outputs(model, args: TrainArgs, out: Path) -> None:
         raise TrainError(f"--output {out}: cannot write there ({e.strerror or e})") from None
     if args.method != "full" and not args.merge:
         return
+    if args.method != "full":
+        from deltatune.methods import method_named
+
+        if not getattr(method_named(args.method), "mergeable", True):
+            raise TrainError(f"--merge: {args.method} adapters are not linear in the base weights and cannot be "
+                             f"merged into them; train without --merge")
     what = "--method full" if args.method == "full" else "--merge"
     try:
         plain_config(model)
