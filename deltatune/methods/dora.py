@@ -101,19 +101,23 @@ class DoraDelta(nn.Module):
 
     @torch.no_grad()
     def fused_norm(self, layer: nn.Module) -> torch.Tensor:
-        """``||W + s·BA||`` per output row (out,) from ``||W_i||²``, ``W Aᵀ`` and ``A Aᵀ`` (no (out, in) temporary)."""
+        """``||W + s·BA||`` per output row (out,) from ``||W_i||²``, ``W Aᵀ`` and ``A Aᵀ`` (no (out, in) temporary).
+
+        A handful of launches a layer (the fast path's step is partly bound by the host's launches):
+        ``n² = ||W_i||² + Σ_k B_ik C_ik`` with ``C = 2s·W Aᵀ + s²·B (A Aᵀ)`` (out, r) in one addmm."""
         exact = self._exact()
         A, B, s = self.lora.A.to(exact), self.lora.B.to(exact), self.lora.scale
-        wa = self._base_rows(layer, self.lora.A).to(exact).T  # (out, r): W Aᵀ
-        gram = A @ A.T  # (r, r)
-        sq = self._weight_norm_sq(layer) + 2 * s * (B * wa).sum(1) + s * s * ((B @ gram) * B).sum(1)
-        return sq.clamp_min(0).sqrt()
+        wa = self._base_rows(layer, self.lora.A).T.to(exact)  # (out, r): W Aᵀ
+        inner = torch.addmm(wa, B, A @ A.T, beta=2 * s, alpha=s * s)  # (out, r)
+        return torch.linalg.vecdot(B, inner).add_(self._weight_norm_sq(layer)).clamp_min_(0).sqrt_()
 
     @staticmethod
     def _base_rows(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
         """``rows @ Wᵀ`` (r, out) for the rows (r, in) by the layer's base weight, without the bias."""
         weight = layer.fused_weight()
         if isinstance(weight, torch.Tensor):
+            if weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):  # fp32 out: no rounding of W Aᵀ
+                return torch.mm(rows.to(weight.dtype), weight.T, out_dtype=torch.float32)
             return rows.to(weight.dtype) @ weight.T
         if getattr(layer, "bias", None) is None:  # a quantized base: its own (dequantizing) matmul
             return layer.geometry.base_forward(layer, rows)
