@@ -95,8 +95,9 @@ class _LayerSlots:
             self._present = self._present - {slot}
             return
         r = factors.rank
-        self.A[slot].zero_()
-        self.B[slot].zero_()
+        if r < self.A.shape[1]:  # the padding: what a previous occupant left there must add nothing
+            self.A[slot, r:].zero_()
+            self.B[slot, :, r:].zero_()
         self.A[slot, :r].copy_(factors.A, non_blocking=True)
         self.B[slot, :, :r].copy_(factors.B, non_blocking=True)
         self.scales[slot] = factors.scale

@@ -1,0 +1,214 @@
+"""Mixed-adapter layers on one GPU: the base projections vs deltatune's AdapterPool vs PEFT ``adapter_names=``.
+
+The model is the seven projections of each decoder layer of a Llama shape (q, k, v, o, gate, up, down;
+SwiGLU between gate/up and down, a residual add; attention left out, so the rows measure the linear
+layers alone), bf16, random weights. Adapters: LoRA on all seven projections, ranks cycling through
+``--ranks`` (alpha = 2 r), random factors, made and saved by PEFT (adapter dtype bf16 in both, PEFT
+without its fp32 autocast of adapters). Rows:
+
+* prefill: ``--prefill-rows`` sequences of ``--prefill-len`` tokens, each sequence its own adapter
+  (16 distinct); tokens/s;
+* decode: ``--decode-rows`` sequences of one token, all distinct adapters (64); ms per step;
+* decode, base rows: the pool with every row routed to None (base rows should cost nothing);
+* decode, reloads: the pool holding ``--decode-rows`` slots with ``--registered`` adapters registered and
+  each step naming ``--decode-rows`` adapters not resident (every slot reloaded from pinned host memory).
+
+Each pool step includes entering ``pool.routed`` (index arrays built and copied once per step). Checks:
+the pool's outputs against PEFT's on the same batch (relative error; bf16) and against the base (the
+adapters change the output). Prints a table and writes JSON:
+
+    python bench/bench_serve_layers.py --shape 1b --json bench_serve_layers.json
+    python bench/bench_serve_layers.py --shape tiny   # a CPU check of the harness (the PyTorch reference)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import pathlib
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from deltatune.serve import AdapterPool  # noqa: E402
+
+SHAPES = {  # hidden, intermediate, layers, q/o width, k/v width (Llama-3.2-1B, Llama-3.1-8B)
+    "1b": (2048, 8192, 16, 2048, 512),
+    "8b": (4096, 14336, 32, 4096, 1024),
+    "tiny": (64, 160, 2, 64, 32),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Block(nn.Module):
+    def __init__(self, hidden: int, inter: int, q: int, kv: int):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(hidden, q, False), nn.Linear(hidden, kv, False), \
+            nn.Linear(hidden, kv, False)
+        self.o_proj = nn.Linear(q, hidden, False)
+        self.gate_proj, self.up_proj = nn.Linear(hidden, inter, False), nn.Linear(hidden, inter, False)
+        self.down_proj = nn.Linear(inter, hidden, False)
+
+    def forward(self, x):
+        q = self.q_proj(x)
+        self.k_proj(x), self.v_proj(x)
+        x = x + self.o_proj(q)
+        return x + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Projections(nn.Module):
+    """The decoder layers' projections of a Llama shape (no attention, no norms)."""
+
+    def __init__(self, shape: str):
+        super().__init__()
+        hidden, inter, layers, q, kv = SHAPES[shape]
+        self.layers = nn.ModuleList(Block(hidden, inter, q, kv) for _ in range(layers))
+        self.hidden = hidden
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def timed(fn, iters: int, warmup: int, cuda: bool) -> float:
+    """Mean milliseconds of ``fn()`` over ``iters`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def make_adapters(base: nn.Module, n: int, ranks: list[int], root: pathlib.Path):
+    """PEFT with ``n`` LoRA adapters a0..a{n-1} on ``base``'s projections, each saved under ``root/<name>``."""
+    import peft
+
+    torch.manual_seed(0)
+    model = None
+    for i in range(n):
+        r = ranks[i % len(ranks)]
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if model is None:
+                model = peft.get_peft_model(base, cfg, adapter_name=f"a{i}", autocast_adapter_dtype=False)
+            else:
+                model.add_adapter(f"a{i}", cfg)
+    with torch.no_grad():  # factors of a trained adapter's size: outputs change by a few percent
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.mul_(0.2)
+    for i in range(n):
+        model.save_pretrained(str(root), selected_adapters=[f"a{i}"])
+    paths = {f"a{i}": (root / f"a{i}" if (root / f"a{i}").is_dir() else root) for i in range(n)}
+    return model.eval(), paths
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    ap.add_argument("--ranks", default="8,16,32,64", help="adapter ranks, cycled")
+    ap.add_argument("--prefill-rows", type=int, default=16)
+    ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument("--decode-rows", type=int, default=64)
+    ap.add_argument("--registered", type=int, default=128, help="adapters registered for the reload row")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    ranks = [int(r) for r in args.ranks.split(",")]
+    n = max(args.prefill_rows, args.decode_rows)
+
+    torch.manual_seed(0)
+    base = Projections(args.shape).to(device, dtype).eval()
+    tmp = tempfile.TemporaryDirectory()
+    peft_model, paths = make_adapters(copy.deepcopy(base), n, ranks, pathlib.Path(tmp.name))
+    t0 = time.perf_counter()
+    pool = AdapterPool(base, max_resident=args.decode_rows, device=device, dtype=dtype)
+    for name, p in paths.items():
+        pool.register(name, p)
+    register_s = time.perf_counter() - t0
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    prefill_x = torch.randn(args.prefill_rows, args.prefill_len, base.hidden, generator=g).to(device, dtype)
+    decode_x = torch.randn(args.decode_rows, 1, base.hidden, generator=g).to(device, dtype)
+    prefill_names = [f"a{i}" for i in range(args.prefill_rows)]
+    decode_names = [f"a{i}" for i in range(args.decode_rows)]
+
+    def pool_step(x, rows):
+        with pool.routed(base, rows):
+            return base(x)
+
+    results, checks = [], {}
+    with torch.inference_mode():
+        for case, x, rows in (("prefill", prefill_x, prefill_names), ("decode", decode_x, decode_names)):
+            ms = {
+                "base": timed(lambda: base(x), args.iters, args.warmup, cuda),
+                "deltatune pool": timed(lambda: pool_step(x, rows), args.iters, args.warmup, cuda),
+                "PEFT adapter_names": timed(lambda: peft_model(x, adapter_names=rows), args.iters, args.warmup, cuda),
+            }
+            if case == "decode":
+                ms["pool, base rows only"] = timed(lambda: pool_step(x, [None] * len(rows)), args.iters, args.warmup,
+                                                   cuda)
+            results.append((case, x.shape[0] * x.shape[1], ms))
+            ours, theirs, plain = pool_step(x, rows), peft_model(x, adapter_names=rows), base(x)
+            checks[case] = {"pool_vs_peft": rel(ours, theirs), "peft_vs_base": rel(theirs, plain),
+                            "pool_vs_base": rel(ours, plain)}
+        # reloads: every step names adapters that are not resident
+        extra = {f"r{i}": paths[f"a{i % n}"] for i in range(args.registered)}
+        t0 = time.perf_counter()
+        for name, p in extra.items():
+            pool.register(name, p)
+        register_s += time.perf_counter() - t0
+        groups = [[f"r{(j * args.decode_rows + i) % args.registered}" for i in range(args.decode_rows)]
+                  for j in range(max(2, args.registered // args.decode_rows))]
+        step = iter(range(10 ** 9))
+        reload_ms = timed(lambda: pool_step(decode_x, groups[next(step) % len(groups)]), args.iters, args.warmup, cuda)
+        results[1][2]["pool, all slots reloaded each step"] = reload_ms
+
+    print(f"\n{args.shape} projections, {device} {str(dtype)[6:]}, ranks {ranks}; registered {len(pool.names())} "
+          f"adapters in {register_s:.1f} s; pool slots {pool.resident_bytes() / 2**30:.2f} GiB "
+          f"({pool.capacity} x {pool.slot_bytes() / 2**20:.1f} MiB)\n")
+    print("| case | row | ms | tokens/s | x base |")
+    print("|---|---|---|---|---|")
+    for case, tokens, ms in results:
+        for row, v in ms.items():
+            print(f"| {case} ({tokens} tokens) | {row} | {v:.3f} | {tokens / v * 1e3:,.0f} | {v / ms['base']:.3f} |")
+    print(f"\nchecks: {json.dumps(checks)}")
+    if args.json:
+        out = {"shape": args.shape, "device": torch.cuda.get_device_name() if cuda else "cpu", "ranks": ranks,
+               "register_s": register_s, "resident_bytes": pool.resident_bytes(), "checks": checks,
+               "rows": [{"case": c, "tokens": t, "ms": ms} for c, t, ms in results]}
+        pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
