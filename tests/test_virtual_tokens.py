@@ -183,3 +183,22 @@ def test_ptuning_run_resumes_from_its_saved_adapter(tmp_path):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_rows_of_one_batch_take_different_adapters(method):
+    """The virtual tokens are a per-row input: one call with rows of adapters "a" and "b" (``feed``)
+    gives each row what a call with that adapter alone gives (the serving seam)."""
+    model = _llama()
+    make = CONFIGS[method]
+    dt.add_adapter(model, make(), name="a")
+    dt.add_adapter(model, make(), name="b")
+    inputs = {k: v for k, v in batch("llama").items() if k != "labels"}
+    alone = {}
+    for name in ("a", "b"):
+        dt.set_active(model, name)
+        alone[name] = logits_and_loss(model, inputs)[0]
+    mixed = model.virtual_tokens.feed(inputs, rows=["b", "a"])
+    got = logits_and_loss(model, mixed)[0]  # the hook ("b" active) takes the fed call as prepared
+    assert (got[0] - alone["b"][0]).abs().max() <= TOL and (got[1] - alone["a"][1]).abs().max() <= TOL
+    assert (alone["a"] - alone["b"]).abs().max() > 100 * TOL

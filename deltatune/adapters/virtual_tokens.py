@@ -197,9 +197,15 @@ class VirtualTokens(nn.Module):
         kwargs = dict(kwargs)
         if args and "input_ids" not in kwargs and "inputs_embeds" not in kwargs:
             kwargs["input_ids"], args = args[0], args[1:]
-        return args, self._feed(kwargs, encoder)
+        return args, self.feed(kwargs)
 
-    def _feed(self, kwargs: dict, encoder: nn.Module) -> dict:
+    def feed(self, kwargs: dict, rows: list[str] | None = None) -> dict:
+        """A call's keyword inputs with the virtual tokens fed in (what the forward hook does), each row
+        with adapter ``rows[i]`` (default: the active adapter for every row). A serving engine batching
+        rows of different prompts calls this and passes the result to the model: the hook takes
+        ``inputs_embeds``, an extended mask and a filled cache as prepared."""
+        kwargs = dict(kwargs)
+        encoder = self.current() if rows is None else self.encoders[rows[0]]
         n = encoder.num_virtual_tokens
         key = "past_key_values" if "past_key_values" in kwargs and self._cache_key != "past_key_values" else None
         if key:  # an older name for the cache
@@ -212,7 +218,9 @@ class VirtualTokens(nn.Module):
             return kwargs
         B, T = x.shape[:2]
         weight = self._root[0].get_input_embeddings().weight
-        rows = [self.active[0]] * B
+        rows = rows if rows is not None else [self.active[0]] * B
+        if len(rows) != B:
+            raise ValueError(f"virtual tokens: {len(rows)} row adapters for a batch of {B} rows")
         if encoder.kind == "prompt":
             kwargs.pop("position_ids", None)  # PEFT ignores position ids: positions count over prompt + input
             if past == 0 and ids is not None:
@@ -229,9 +237,11 @@ class VirtualTokens(nn.Module):
             if past == 0:
                 kv, _ = self.inputs(rows, weight.dtype, weight.device)
                 kwargs[self._cache_key] = _fill_cache(cache, kv, self._root[0])
-            if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = kwargs["position_ids"] + n
             seen = (past if past else n) - n + T
+            mask = kwargs.get("attention_mask")
+            prepared = mask is not None and mask.ndim == 2 and mask.shape[1] == seen + n
+            if kwargs.get("position_ids") is not None and not prepared:  # positions after the prefix, as PEFT's
+                kwargs["position_ids"] = kwargs["position_ids"] + n
             self._check_context(n, seen + n)
         kwargs["attention_mask"] = _extend(kwargs.get("attention_mask"), n, seen, 1)
         return kwargs
