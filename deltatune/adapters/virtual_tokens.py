@@ -13,8 +13,9 @@ prefix tuning), as one ``AdapterModule`` attached to the model.
 | ``roles()``, ``load_roles(tensors)``, ``method`` | the file's tensors by role, and the method's name |
 
 The virtual tokens are a per-row *input*, never model state: every call computes them from the
-adapter of each row (``inputs(...)`` takes one adapter name per row, so a serving engine can batch rows
-of different prompts and pass ``inputs_embeds`` / ``cache`` itself). Two seams feed them in:
+adapter of each row (``feed(kwargs, rows)`` takes one adapter name per row, so a serving engine can
+batch rows of different prompts and pass the resulting ``inputs_embeds`` / ``cache``). Two seams feed
+them in:
 
 - ``prepare_batch(batch)`` (the training step and evaluation call it, ``adapters.prepare_batch``): one
   example a row (packed rows are split), the attention mask and causal-LM labels extended by n;
