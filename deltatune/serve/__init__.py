@@ -3,7 +3,9 @@
 * ``pool.py``: ``AdapterPool``, trained LoRA adapters (PEFT-format directories) held as stacked,
   rank-padded slots per target module, LRU-resident on the device, and ``pool.routed(model, rows)``;
 * ``lora_mixed.py``: the mixed-adapter layer math, ``base(x) + Σ scale_a · B_a(A_a x)`` per token,
-  in PyTorch (the reference, any device) and through the SGMV/BGMV kernels (``kernels/sgmv.py``).
+  in PyTorch (the reference, any device) and through the SGMV/BGMV kernels (``kernels/sgmv.py``);
+* ``engine.py``: ``Engine``, generation with continuous batching over a paged KV cache
+  (``kv_cache.py``, ``scheduler.py``, ``model_runner.py``) and per-request sampling (``sampling.py``).
 
 Nothing here is imported with ``deltatune``; each name below loads its module on first use, and the
 modules import torch only (triton on the first kernel launch).
@@ -19,6 +21,10 @@ _EXPORTS = {
     "PoolError": "deltatune.serve.pool",
     "SlotBatch": "deltatune.serve.lora_mixed",
     "mixed_lora": "deltatune.serve.lora_mixed",
+    "Engine": "deltatune.serve.engine",
+    "GenerationOutput": "deltatune.serve.engine",
+    "RequestRefused": "deltatune.serve.scheduler",
+    "SamplingParams": "deltatune.serve.sampling",
 }
 
 __all__ = sorted(_EXPORTS)

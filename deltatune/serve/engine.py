@@ -1,0 +1,313 @@
+"""The serving engine: requests in, tokens out, many adapters on one base model in every batch.
+
+    from deltatune.serve import Engine
+
+    eng = Engine(model, tokenizer)                     # or Engine.from_pretrained("dir" or "file.gguf")
+    eng.add_adapter("sql", "runs/sql/adapter")
+    outs = eng.generate(["prompt a", "prompt b"], adapters=["sql", None], max_new_tokens=32)
+    outs[0].text, outs[0].token_ids
+    for piece in eng.stream("Once upon", temperature=0.8, seed=1): print(piece, end="")
+    eng.chat([{"role": "user", "content": "Hi"}]).text
+
+One ``step()`` asks the scheduler for a batch (prefill chunks and decode tokens of any requests, each
+with its own adapter or none), runs it through the model runner over the paged KV cache, samples
+each finished row with its request's settings and ends the requests that stop. ``generate``,
+``stream`` and ``chat`` are loops over ``step()``; requests added meanwhile (``add_request``) share
+the steps. Adapters are routed per token by ``deltatune.adapters.routed``, or by an adapter pool
+(``pool=``, its ``routed`` and ``register``) when one is given.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+import torch
+
+from deltatune.serve.kv_cache import bytes_per_block, plan_num_blocks
+from deltatune.serve.model_runner import ModelRunner
+from deltatune.serve.sampling import Sampler, SamplingParams
+from deltatune.serve.scheduler import RequestRefused, Scheduler, Sequence
+
+__all__ = ["Engine", "GenerationOutput", "RequestRefused"]
+
+_PARAM_NAMES = {f.name for f in fields(SamplingParams)}
+
+
+@dataclass
+class GenerationOutput:
+    """A finished request."""
+
+    request_id: int
+    text: str
+    """The generated text (special tokens skipped; cut before a stop string)."""
+    token_ids: list[int]
+    """The generated token ids (an EOS or stop token that ended it included)."""
+    prompt_token_ids: list[int]
+    finish_reason: str
+    """"stop" (EOS, a stop token or string), "length" (max_new_tokens or the model's length), "abort"."""
+    adapter: str | None = None
+    latency: float = 0.0
+    """Seconds from the request's arrival to its last token."""
+    time_to_first_token: float = 0.0
+
+
+class Engine:
+    """Continuous-batching generation over a Llama-family model with per-request adapters.
+
+    Args:
+        model: a transformers Llama / Qwen2 / Mistral causal LM (its device and dtype are used).
+        tokenizer: its tokenizer (None: prompts must be token id lists, outputs carry no text).
+        max_resident_adapters: adapters held at once (without a pool, all added adapters are resident).
+        pool: an adapter pool (``routed(model, rows)``, ``register(name, path)``, ``unregister(name)``);
+            True: a new ``AdapterPool(model, max_resident=max_resident_adapters)``; None: the plain routing
+            (adapters loaded into the model, ``deltatune.adapters.routed``).
+        num_blocks: KV-cache blocks; None: from ``gpu_memory_fraction`` (CUDA) or ``cpu_cache_bytes``.
+        gpu_memory_fraction: share of the GPU's memory that weights, adapters and the cache may take.
+        block_size: tokens per KV block.
+        max_num_batched_tokens: tokens computed per step (prefill chunks plus decode tokens).
+        max_num_seqs: requests running at once.
+        max_model_len: tokens a sequence may reach; default: the config's max_position_embeddings.
+        seed: seeds the generators of sampled requests that give no seed.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer=None, *, max_resident_adapters: int = 64, pool=None,
+                 num_blocks: int | None = None, gpu_memory_fraction: float = 0.9, cpu_cache_bytes: int = 1 << 30,
+                 block_size: int = 16, max_num_batched_tokens: int = 512, max_num_seqs: int = 256,
+                 max_model_len: int | None = None, seed: int | None = None):
+        from deltatune.adapters.routing import routed
+
+        if pool is True:
+            from deltatune.serve.pool import AdapterPool
+
+            pool = AdapterPool(model, max_resident=max_resident_adapters)
+        self.model, self.tokenizer, self.pool = model.eval(), tokenizer, pool
+        self.max_resident_adapters = max_resident_adapters
+        self.runner = ModelRunner(model, pool.routed if pool is not None else routed)
+        r = self.runner
+        per_block = bytes_per_block(r.num_layers, r.num_kv_heads, r.head_dim, block_size, r.dtype)
+        hidden = model.config.hidden_size
+        # a step's activations: projections of max_num_batched_tokens tokens, logits of max_num_seqs rows
+        reserve = 4 * max_num_batched_tokens * (6 * hidden + 3 * getattr(model.config, "intermediate_size", 4 * hidden))
+        reserve += 4 * max_num_seqs * model.config.vocab_size + (256 << 20)
+        blocks = plan_num_blocks(per_block, r.device, num_blocks, gpu_memory_fraction, cpu_cache_bytes,
+                                 reserve_bytes=reserve if num_blocks is None else 0)
+        self.cache = r.new_cache(blocks, block_size)
+        max_len = max_model_len or getattr(model.config, "max_position_embeddings", None)
+        self.scheduler = Scheduler(self.cache, max_num_batched_tokens, max_num_seqs, max_len)
+        self.sampler = Sampler(seed)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._adapters: dict[str, str] = {}
+        self._seqs: dict[int, Sequence] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: str = "auto", device: str = "auto", **kwargs) -> "Engine":
+        """An engine over model ``path`` (HF directory, .gguf file or hub id) and its tokenizer.
+
+        ``dtype`` "auto": bfloat16 on a GPU that has it, float32 elsewhere; ``device`` "auto": CUDA if
+        present. ``kwargs`` go to ``Engine``."""
+        from deltatune.hub import load_model
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+        model, tok = load_model(path, dtype=dtype)
+        return cls(model.to(device), tok, **kwargs)
+
+    # -- adapters ----------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, path: str) -> None:
+        """Make the adapter directory ``path`` (PEFT format) servable as ``name``.
+        Raises ValueError for a name in use or too many adapters, AdapterFileError for a bad file."""
+        if name in self._adapters:
+            raise ValueError(f"an adapter named {name!r} is already added (from {self._adapters[name]})")
+        if self.pool is not None:
+            self.pool.register(name, path)
+        else:
+            if len(self._adapters) >= self.max_resident_adapters:
+                raise ValueError(f"max_resident_adapters={self.max_resident_adapters} adapters are added; remove "
+                                 f"one first, or serve through an adapter pool (pool=) to register more")
+            from deltatune.formats.files import load_adapter
+
+            load_adapter(self.model, path, name)
+        self._adapters[name] = str(path)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name``; raises KeyError if unknown, ValueError while requests use it."""
+        if name not in self._adapters:
+            raise KeyError(f"no adapter named {name!r} (added: {sorted(self._adapters)})")
+        busy = [s.seq_id for s in self._seqs.values() if s.adapter == name and s.status != "finished"]
+        if busy:
+            raise ValueError(f"adapter {name!r} is in use by requests {busy}; wait for them or abort them")
+        if self.pool is not None:
+            (getattr(self.pool, "unregister", None) or self.pool.remove)(name)
+        else:
+            from deltatune.adapters.surgery import remove_adapter
+
+            remove_adapter(self.model, name)
+        del self._adapters[name]
+
+    def adapters(self) -> list[str]:
+        """Names of the adapters added."""
+        return list(self._adapters)
+
+    # -- requests ----------------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], adapter: str | None = None,
+                    params: SamplingParams | None = None, **sampling) -> int:
+        """Queue one request; returns its id. ``sampling``: SamplingParams fields (if ``params`` is None).
+        Raises RequestRefused (a ValueError) for a request that can never fit, KeyError for an unknown adapter."""
+        if adapter is not None and adapter not in self._adapters:
+            raise KeyError(f"no adapter named {adapter!r} (added: {sorted(self._adapters)})")
+        unknown = set(sampling) - _PARAM_NAMES
+        if unknown:
+            raise TypeError(f"unknown sampling settings {sorted(unknown)}; known: {sorted(_PARAM_NAMES)}")
+        params = params or SamplingParams(**sampling)
+        seq = Sequence(next(self._ids), self._encode(prompt), params, adapter)
+        seq.generator = self.sampler.generator(params, self.runner.device)
+        self.scheduler.add(seq)
+        self._seqs[seq.seq_id] = seq
+        return seq.seq_id
+
+    def abort(self, request_id: int) -> None:
+        """End a request now (its blocks are freed; finish reason "abort")."""
+        seq = self._seqs.get(request_id)
+        if seq is not None and seq.status != "finished":
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Sequence]:
+        """Run one batch; returns the sequences that got a token (finished ones included)."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        logits = self.runner.forward(chunks, self.cache)
+        done = []
+        for c in chunks:
+            seq = self._seqs[c.seq_id]
+            seq.num_computed += len(c.token_ids)
+            if c.want_logits:
+                done.append(seq)
+        tokens = self.sampler(logits, [s.params for s in done], [s.prompt_ids for s in done],
+                              [s.output_ids for s in done], [s.generator for s in done])
+        for seq, token in zip(done, tokens):
+            self._append(seq, token)
+        return done
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        """Add ``token`` to ``seq``'s output and end ``seq`` if it stops."""
+        seq.output_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
+        p = seq.params
+        reason = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            reason = "stop"
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            cuts = [i for i in (seq.text.find(s) for s in p.stop) if i >= 0]
+            if cuts:
+                seq.text, reason = seq.text[: min(cuts)], "stop"
+        if reason is None and (len(seq.output_ids) >= p.max_new_tokens
+                               or seq.num_tokens >= self.scheduler.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+
+    def output(self, request_id: int) -> GenerationOutput:
+        """The result of request ``request_id`` (finished or not) so far."""
+        s = self._seqs[request_id]
+        end = s.finish_time or s.arrival
+        return GenerationOutput(s.seq_id, s.text, list(s.output_ids), list(s.prompt_ids), s.finish_reason or "",
+                                s.adapter, max(0.0, end - s.arrival),
+                                max(0.0, (s.first_token_time or s.arrival) - s.arrival))
+
+    def pop_output(self, request_id: int) -> GenerationOutput:
+        """The result of a finished request, forgotten by the engine afterwards."""
+        out = self.output(request_id)
+        del self._seqs[request_id]
+        return out
+
+    # -- the loops -------------------------------------------------------------------------------------
+    def generate(self, prompts: str | list, adapters: str | list | None = None,
+                 params: SamplingParams | list[SamplingParams] | None = None, **sampling) -> list[GenerationOutput]:
+        """Generate for every prompt (text or token ids), each with ``adapters[i]`` (a name or None;
+        one name or None for all) and ``params`` (one or one per prompt) or the ``sampling`` fields.
+        Returns one GenerationOutput per prompt, in order."""
+        prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
+        adapters = adapters if isinstance(adapters, (list, tuple)) else [adapters] * len(prompts)
+        params = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(adapters) != len(prompts) or len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts, {len(adapters)} adapters, {len(params)} params: give one each")
+        ids = []
+        try:
+            for prompt, adapter, p in zip(prompts, adapters, params):
+                ids.append(self.add_request(prompt, adapter, p, **sampling))
+            while any(self._seqs[i].status != "finished" for i in ids):
+                self.step()
+        except BaseException:
+            for i in ids:
+                self.abort(i)
+            raise
+        return [self.pop_output(i) for i in ids]
+
+    def stream(self, prompt: str | list[int], adapter: str | None = None, params: SamplingParams | None = None,
+               **sampling) -> Iterator[str]:
+        """Generate for one prompt, yielding the text as it grows (pieces; no piece of a stop string).
+        Closing the iterator early (or Ctrl-C) aborts the request."""
+        if self.tokenizer is None:
+            raise ValueError("streaming text needs a tokenizer")
+        rid = self.add_request(prompt, adapter, params, **sampling)
+        seq, sent = self._seqs[rid], 0
+        hold = max((len(s) for s in seq.params.stop), default=1) - 1
+        try:
+            while seq.status != "finished":
+                self.step()
+                final = seq.text if seq.status == "finished" else seq.text[: max(sent, len(seq.text) - hold)]
+                final = final.rstrip("\ufffd") if seq.status != "finished" else final  # half a character
+                if len(final) > sent:
+                    yield final[sent:]
+                    sent = len(final)
+        finally:
+            self.abort(rid)
+            self._seqs.pop(rid, None)
+
+    def chat(self, messages: list[dict], adapter: str | None = None, stream: bool = False, **sampling):
+        """Answer a conversation (``[{"role": ..., "content": ...}, ...]``) through the tokenizer's chat
+        template. Returns a GenerationOutput, or with ``stream=True`` an iterator of text pieces."""
+        ids = self.chat_prompt(messages)
+        return self.stream(ids, adapter, **sampling) if stream else self.generate([ids], [adapter], **sampling)[0]
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of ``messages`` through the chat template, ending where the assistant speaks."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template; use generate() with a plain prompt")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or give Engine a tokenizer")
+            return list(self.tokenizer(prompt)["input_ids"])
+        ids = [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        return ids
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids: the generation config's (one or a list) and the tokenizer's."""
+    found = set()
+    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                  getattr(model.config, "eos_token_id", None) if not hasattr(model, "generation_config") else None,
+                  getattr(tokenizer, "eos_token_id", None)):
+        found |= set(value if isinstance(value, (list, tuple)) else [] if value is None else [value])
+    return found

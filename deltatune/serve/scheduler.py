@@ -1,0 +1,161 @@
+"""Continuous batching: which tokens of which sequences the next step computes.
+
+Every step the scheduler fills a token budget (``max_num_batched_tokens``): first the running
+sequences, oldest first (a decode token each, or the next chunk of a prompt still prefilling), then
+waiting requests in arrival order while blocks, budget and ``max_num_seqs`` allow. A long prompt is
+thus prefilled in chunks beside other sequences' decode steps (chunked prefill, as in Sarathi and
+vLLM V1), and requests join and leave between any two steps (Orca's iteration-level scheduling).
+
+When a running sequence needs a block and none is free, the newest running sequence is preempted:
+its blocks are freed and it waits at the head of the queue to be recomputed from its prompt and
+the tokens it has generated (vLLM's recompute preemption). A request that could not fit even
+alone in the whole cache, or whose prompt reaches the model's length, is refused when it is added.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from deltatune.serve.kv_cache import PagedKVCache
+from deltatune.serve.model_runner import Chunk
+from deltatune.serve.sampling import SamplingParams
+
+__all__ = ["RequestRefused", "Sequence", "Scheduler"]
+
+
+class RequestRefused(ValueError):
+    """A request the engine can never serve (too long for the cache or the model); the message says why."""
+
+
+@dataclass
+class Sequence:
+    """One request: its prompt, settings, generated tokens and how much of it the cache holds."""
+
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    """Tokens (prompt, then output) whose keys and values are in the cache."""
+    status: str = "waiting"
+    """"waiting", "running" or "finished"."""
+    finish_reason: str | None = None
+    """"stop" (EOS, a stop token or string), "length" (max_new_tokens or the model's length)."""
+    generator: torch.Generator | None = None
+    text: str = ""
+    """Decoded output so far (cut before a stop string)."""
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        return [self.token(i) for i in range(start, stop)]
+
+
+class Scheduler:
+    """Waiting and running sequences over one paged cache; ``schedule()`` plans a step."""
+
+    def __init__(self, cache: PagedKVCache, max_num_batched_tokens: int = 512, max_num_seqs: int = 256,
+                 max_model_len: int | None = None):
+        if max_num_batched_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        self.cache = cache
+        self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
+        self.max_model_len = max_model_len or cache.capacity_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def max_tokens(self, seq: Sequence) -> int:
+        """Tokens (prompt and output) ``seq`` may reach."""
+        return min(len(seq.prompt_ids) + seq.params.max_new_tokens, self.max_model_len)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue ``seq``; raises RequestRefused when it can never be served."""
+        n = len(seq.prompt_ids)
+        if n == 0:
+            raise RequestRefused("the prompt is empty: give at least one token")
+        if n >= self.max_model_len:
+            raise RequestRefused(f"the prompt has {n} tokens; the model takes at most {self.max_model_len} "
+                                 f"(max_model_len), with room for one generated token")
+        need = self.cache.blocks_for(self.max_tokens(seq))
+        if need > self.cache.num_blocks:
+            raise RequestRefused(
+                f"the request needs up to {self.max_tokens(seq)} tokens ({n} prompt + max_new_tokens "
+                f"{seq.params.max_new_tokens}) = {need} KV blocks of {self.cache.block_size}; the cache holds "
+                f"{self.cache.num_blocks} blocks ({self.cache.capacity_tokens} tokens): lower max_new_tokens, "
+                f"shorten the prompt or give the cache more memory (gpu_memory_fraction / num_blocks)")
+        seq.status = "waiting"
+        self.waiting.append(seq)
+
+    def schedule(self) -> list[Chunk]:
+        """The chunks of the next step (at most the token budget); blocks for them are reserved."""
+        budget, chunks, planned = self.max_num_batched_tokens, [], set()
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status != "running":  # preempted below, earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.cache.can_hold(seq.seq_id, seq.num_computed + n):
+                victim = next(s for s in reversed(self.running) if s.seq_id not in planned)
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status != "running":
+                continue
+            chunks.append(self._chunk(seq, n))
+            planned.add(seq.seq_id)
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.cache.can_hold(seq.seq_id, seq.num_computed + n):
+                break  # first come, first served: later requests wait behind it
+            self.waiting.popleft()
+            seq.status = "running"
+            self.running.append(seq)
+            chunks.append(self._chunk(seq, n))
+            budget -= n
+        return chunks
+
+    def _chunk(self, seq: Sequence, n: int) -> Chunk:
+        start = seq.num_computed
+        self.cache.reserve(seq.seq_id, start + n)
+        return Chunk(seq.seq_id, seq.tokens(start, start + n), start, seq.adapter,
+                     want_logits=start + n == seq.num_tokens)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free ``seq``'s blocks and queue it first, to be recomputed (its output so far is kept)."""
+        self.cache.free(seq.seq_id)
+        self.running.remove(seq)
+        seq.num_computed, seq.status = 0, "waiting"
+        seq.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End ``seq`` (running or waiting) and free its blocks."""
+        self.cache.free(seq.seq_id)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status, seq.finish_reason, seq.finish_time = "finished", reason, time.perf_counter()
