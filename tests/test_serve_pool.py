@@ -307,3 +307,34 @@ def test_memory_accounting_and_budget(llama):
     fixed = AdapterPool(base, max_rank=8)
     with pytest.raises(PoolError, match="max_rank=8"):
         fixed.register("d", paths["d"])
+
+
+def test_gpt2_conv1d_and_4bit_linear_layers(tmp_path):
+    """Other linear geometries: GPT-2's transposed Conv1D (against the merged model) and the 4-bit
+    QuantLinear (against the reference routing of the adapter loaded into the model)."""
+    torch.manual_seed(0)
+    gpt2 = _models.gpt2().eval()
+    path = _ours(gpt2, tmp_path / "g", 1, r=4, targets=["c_attn", "c_proj", "c_fc"])
+    ids = _models.inputs("gpt2")
+    want = _models.output(dt.merge(dt.load_adapter(copy.deepcopy(gpt2), path)), ids)
+    pool = _pool(gpt2, {"g": path})
+    with pool.routed(gpt2, ["g", None]):
+        out = _models.output(gpt2, ids)
+    assert (out[0] - want[0]).abs().max() <= TOL
+    assert torch.equal(out[1], _models.output(gpt2, ids)[1])
+    assert (want[0] - out[1]).abs().max() > 1e-2
+
+    from deltatune.quant import quantize_model
+
+    llama = _models.llama().eval()
+    path = _ours(llama, tmp_path / "q", 2, r=4, targets=["q_proj", "down_proj"])
+    q = quantize_model(llama)
+    reference = dt.load_adapter(copy.deepcopy(q), path, "q")
+    ids = _ids(2)
+    with dt.routed(reference, ["q", None]):
+        want = _models.output(reference, {"input_ids": ids})
+    pool = _pool(q, {"q": path})
+    with pool.routed(q, ["q", None]):
+        out = _models.output(q, {"input_ids": ids})
+    assert (out - want).abs().max() <= TOL
+    assert (want[0] - _models.output(q, {"input_ids": ids})[0]).abs().max() > 1e-2
