@@ -338,3 +338,16 @@ def test_gpt2_conv1d_and_4bit_linear_layers(tmp_path):
         out = _models.output(q, {"input_ids": ids})
     assert (out - want).abs().max() <= TOL
     assert (want[0] - _models.output(q, {"input_ids": ids})[0]).abs().max() > 1e-2
+
+
+def test_serve_imports_stay_light():
+    """``deltatune.serve`` and the pool import torch only until used (no triton, transformers, peft)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, deltatune\nassert 'deltatune.serve' not in sys.modules\n"
+            "from deltatune.serve import AdapterPool, mixed_lora\n"
+            "print(sorted(m for m in ('triton', 'transformers', 'peft', 'safetensors') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
