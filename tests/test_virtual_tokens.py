@@ -202,3 +202,25 @@ def test_rows_of_one_batch_take_different_adapters(method):
     got = logits_and_loss(model, mixed)[0]  # the hook ("b" active) takes the fed call as prepared
     assert (got[0] - alone["b"][0]).abs().max() <= TOL and (got[1] - alone["a"][1]).abs().max() <= TOL
     assert (alone["a"] - alone["b"]).abs().max() > 100 * TOL
+
+
+def test_classification_prompt_with_its_head_both_ways_with_peft(tmp_path):
+    """BERT sequence classification: a prompt plus a fully trained head (modules_to_save), PEFT's
+    SEQ_CLS files both ways (PEFT lists its default head names whether the model has them or not)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = _models.bert().eval()
+    ids = _models.inputs("bert")["input_ids"]
+    inputs = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}
+    ours = dt.add_adapter(copy.deepcopy(base), dt.PromptTuningConfig(num_virtual_tokens=4, modules_to_save=["classifier"]))
+    with torch.no_grad():
+        ours.classifier.copies["default"].weight.mul_(3)
+    dt.save_adapter(ours.eval(), tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert type(theirs).__name__ == "PeftModelForSequenceClassification"
+    assert (logits_and_loss(ours, inputs)[0] - logits_and_loss(theirs, inputs)[0]).abs().max() <= TOL
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(
+        task_type="SEQ_CLS", num_virtual_tokens=4, modules_to_save=["classifier"])).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = dt.load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
+    assert (logits_and_loss(ours, inputs)[0] - logits_and_loss(theirs, inputs)[0]).abs().max() <= TOL

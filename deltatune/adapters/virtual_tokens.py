@@ -230,6 +230,7 @@ class VirtualTokens(nn.Module):
                 kwargs["inputs_embeds"] = torch.cat([prompts.to(tokens.dtype), tokens], dim=1)
                 kwargs["input_ids"] = None
                 kwargs["labels"] = _extend(kwargs.get("labels"), n, T, IGNORE_INDEX)
+                kwargs["token_type_ids"] = _extend(kwargs.get("token_type_ids"), n, T, 0)  # PEFT: segment 0
                 seen = T  # the input the mask and labels must now cover, without the prompt
             else:  # prepared embeddings, or a decoding step after the prompt is in the cache
                 seen = past - n + T if past else T - n

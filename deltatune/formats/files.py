@@ -188,6 +188,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     cfg, tensors, weights_path = read_adapter_files(path)
     config_path = Path(path) / CONFIG_NAME
     if peft_prompt.carries(cfg):
+        if cfg.modules_to_save:  # PEFT adds its defaults ("classifier", "score") whether the model has them or not
+            names = [n for n, _ in model.named_modules() if n]
+            kept = [s for s in dict.fromkeys(cfg.modules_to_save) if any(n == s or n.endswith("." + s) for n in names)]
+            cfg = cfg.replace(modules_to_save=kept or None)
         parts = _virtual_token_parts(model, cfg, tensors, weights_path, config_path)
         return _add_and_load(model, cfg, name, parts, activate, trainable)
     fmt = _format_of(type(cfg).method)

@@ -97,7 +97,12 @@ def init_token_ids(model: nn.Module, cfg: PromptTuningConfig, n: int) -> torch.T
                          "or hub id>) (the model records no name_or_path)")
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(source)(cfg.init_text)["input_ids"]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"prompt tuning: init='text' cannot load the tokenizer {source!r} ({type(e).__name__}: {e}); "
+                         f"set PromptTuningConfig(tokenizer=<directory or hub id>)") from None
+    ids = tokenizer(cfg.init_text)["input_ids"]
     if not ids:
         raise ValueError(f"prompt tuning: init_text {cfg.init_text!r} gives no tokens")
     ids = (ids * math.ceil(n / len(ids)))[:n]  # cut or repeat to n, as PEFT does
