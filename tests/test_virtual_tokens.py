@@ -91,6 +91,17 @@ def test_packed_rows_train_as_one_example_a_row(method):
     loss_rows, n_rows, _ = batch_loss(model, prepare_batch(model, collate(examples, 0, "causal-lm")), "causal-lm",
                                       "cpu", _null)
     assert n_packed == n_rows and abs(loss_packed.item() - loss_rows.item()) <= 1e-4 * loss_rows.item()
+    # evaluation counts each example once, packed or not (exact match over the split rows)
+    from deltatune.train.data import Dataset
+    from deltatune.train.evaluate import evaluate
+
+    model.eval()  # one example exactly right: its targets are the model's own greedy continuation
+    seq = model.generate(input_ids=torch.tensor([examples[0]["input_ids"][:1]]), max_new_tokens=4, do_sample=False,
+                         pad_token_id=0)[0].tolist()
+    examples[0] = {"input_ids": seq, "labels": [-100] + seq[1:]}
+    packed_eval = evaluate(model, Dataset(pack(examples, 12), "causal-lm"), batch_size=2)
+    rows_eval = evaluate(model, Dataset(examples, "causal-lm"), batch_size=2)
+    assert packed_eval["exact_match"] == rows_eval["exact_match"] == 0.25
 
 
 def _null():

@@ -106,7 +106,9 @@ def evaluate(model, ds: Dataset, batch_size: int = 8, device=None, autocast=None
             labels = batch["labels"][:, 1:]
             pred = logits[:, :-1].argmax(-1).cpu()
             hit = (pred == labels) | (labels == IGNORE)  # (B, T-1): position t predicts token t+1
-            rows = [ex.get("position_ids") for ex in ds.examples[start:start + batch_size]]
+            # a prepared batch without position ids holds one example a row (virtual tokens split packed rows)
+            rows = [ex.get("position_ids") for ex in ds.examples[start:start + batch_size]] \
+                if "position_ids" in batch else [None] * hit.shape[0]
             for i, positions in enumerate(rows):  # a packed row holds several examples: each counts alone
                 spans = segments(positions) if positions is not None else [(0, hit.shape[1] + 1)]
                 exact += sum(int(hit[i, a:b - 1].all()) for a, b in spans)
