@@ -22,7 +22,8 @@ ALLOWED = {
     "benchmark": {"__init__", "adapters", "methods", "formats", "quant", "fast", "kernels", "hub", "train"},
     "demo": {"__init__", "train", "hub", "assets", "adapters", "methods", "formats"},
     "cli": {"__init__", "train", "hub", "assets", "adapters", "methods", "formats", "demo", "benchmark", "quant",
-            "serve"},
+            "serve", "cli_args"},
+    "cli_args": set(),  # the flag parsing shared by the commands: jsonargparse only
     "assets": set(),
     "__init__": {"adapters", "methods", "formats"},
 }
