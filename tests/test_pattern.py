@@ -270,6 +270,13 @@ def test_labels_outside_the_verbalizer_name_file_and_line(tmp_path):
     path.write_text("sentence\tlabel\ngood\tpos\nmeh\tneutral\n")
     with pytest.raises(DataError, match=r"d.tsv: labels \['neutral'\] \(first at line 3\) are not in the verbalizer"):
         pattern_dataset(str(path), model, DataArgs(), log=lambda m: None)
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("premise\thypothesis\tlabel\ngood\tok\tpos\n")
+    with pytest.raises(DataError, match=r"rows have 2 text column\(s\), the template .* places 1"):
+        pattern_dataset(str(pairs), model, DataArgs(), log=lambda m: None)
+    two = PatternModel(model.lm, PatternConfig(template="{text}/{text2}:{mask}", verbalizer=CAUSAL["verbalizer"]), tok)
+    ds = pattern_dataset(str(pairs), two, DataArgs(), log=lambda m: None)
+    assert ds.examples == [{"input_ids": tok("good/ok:", add_special_tokens=False)["input_ids"], "label": 1}]
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from deltatune.methods.pattern import PatternConfig, PatternModel, context_of
+from deltatune.methods.pattern import PatternConfig, PatternModel, Template, context_of
 from deltatune.train.args import DataArgs, TrainArgs, TrainError, resolve_device
 from deltatune.train.data import Dataset, split_validation
 from deltatune.train.formats import DataError, check_bad_rows, read_records
@@ -94,6 +94,11 @@ def pattern_dataset(path: str, model: PatternModel, data: DataArgs, log=print) -
         where = next(r.line for r in records if r.label in unknown)
         raise DataError(f"{path}: labels {unknown} (first at line {where}) are not in the verbalizer, which has "
                         f"{labels}; add them to --verbalizer or fix the label column")
+    columns = max((len(r.text) if isinstance(r.text, list) else 1) for r in records) if records else 1
+    wanted = Template(pattern.cfg.template).texts
+    if columns != wanted:
+        raise DataError(f"{path}: rows have {columns} text column(s), the template {pattern.cfg.template!r} places "
+                        f"{wanted} ({{text}}, {{text2}}); choose columns with --text-columns or change the template")
     limit = min(data.max_length, context_of(model.lm) or data.max_length)
     ds = Dataset([], "classification", str(path), fmt, bad, total, label_names=list(labels))
     for r in records:
