@@ -235,3 +235,15 @@ def test_classification_prompt_with_its_head_both_ways_with_peft(tmp_path):
     theirs.save_pretrained(tmp_path / "peft")
     ours = dt.load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
     assert (logits_and_loss(ours, inputs)[0] - logits_and_loss(theirs, inputs)[0]).abs().max() <= TOL
+
+
+def test_training_switches_the_fast_path_off_and_refuses_checkpointing_a_prefix():
+    from deltatune.train import TrainArgs, TrainError
+    from deltatune.train.prepare import enable_checkpointing, enable_fast
+
+    model = dt.add_adapter(_llama(), CONFIGS["prefix_tuning"]())
+    logs = []
+    assert enable_fast(model, TrainArgs(method="prefix_tuning", fast=True), torch.device("cpu"), logs.append) is False
+    assert logs and "fast path off: ['prefix_tuning']" in logs[0]
+    with pytest.raises(TrainError, match="gradient-checkpointing does not combine with prefix tuning"):
+        enable_checkpointing(model)

@@ -229,8 +229,9 @@ class VirtualTokens(nn.Module):
                 tokens = self._root[0].get_input_embeddings()(ids)
                 kwargs["inputs_embeds"] = torch.cat([prompts.to(tokens.dtype), tokens], dim=1)
                 kwargs["input_ids"] = None
-                kwargs["labels"] = _extend(kwargs.get("labels"), n, T, IGNORE_INDEX)
-                kwargs["token_type_ids"] = _extend(kwargs.get("token_type_ids"), n, T, 0)  # PEFT: segment 0
+                for key, fill in (("labels", IGNORE_INDEX), ("token_type_ids", 0)):  # PEFT: no loss, segment 0
+                    if kwargs.get(key) is not None:
+                        kwargs[key] = _extend(kwargs[key], n, T, fill)
                 seen = T  # the input the mask and labels must now cover, without the prompt
             else:  # prepared embeddings, or a decoding step after the prompt is in the cache
                 seen = past - n + T if past else T - n
@@ -245,7 +246,8 @@ class VirtualTokens(nn.Module):
             if kwargs.get("position_ids") is not None and not prepared:  # positions after the prefix, as PEFT's
                 kwargs["position_ids"] = kwargs["position_ids"] + n
             self._check_context(n, seen + n)
-        kwargs["attention_mask"] = _extend(kwargs.get("attention_mask"), n, seen, 1)
+        if kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = _extend(kwargs["attention_mask"], n, seen, 1)
         return kwargs
 
     def prepare_batch(self, batch: dict) -> dict:
