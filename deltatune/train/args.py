@@ -65,6 +65,8 @@ class TrainArgs:
     """Examples per forward/backward pass."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (effective batch = micro_batch * grad_accum)."""
+    tokens_per_step: int = 0
+    """If > 0, batch by token budget instead of --micro-batch: each micro-batch takes as many examples (or packed rows) as fit in tokens_per_step / grad_accum padded tokens, so every step carries about the same work."""
     lr: float = 2e-4
     """Peak learning rate (AdamW)."""
     lr_b_ratio: float = 1.0

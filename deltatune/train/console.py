@@ -15,8 +15,9 @@ import contextlib
 import os
 import signal
 import sys
+from typing import Optional
 
-__all__ = ["SafeStream", "guarded_console", "safe_print"]
+__all__ = ["SafeStream", "guarded_console", "safe_print", "StopSignals"]
 
 
 class SafeStream:
@@ -105,3 +106,31 @@ def guarded_console():
         sys.stdout, sys.stderr = old_out, old_err
         if old_pipe is not None:
             signal.signal(signal.SIGPIPE, old_pipe)
+
+
+class StopSignals:
+    """Turn SIGTERM/SIGINT into a request to save and stop at the end of the current step."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second Ctrl-C: stop now, without saving
+            raise KeyboardInterrupt
+        self.received = signum
+        # Under `... | tee log` the pipe's reader got the signal too and is gone: the message may go nowhere.
+        safe_print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
+                   f"(send again to stop without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

@@ -21,7 +21,6 @@ import json
 import math
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +34,8 @@ from deltatune.train.args import (
     FULL, DataArgs, TrainArgs, TrainError, check_resume, method_config, method_config_class, resolve_device,
     resolve_precision, run_record,
 )
-from deltatune.train.console import safe_print
-from deltatune.train.data import Dataset, collate, load_dataset, sample_index, split_validation
+from deltatune.train.console import StopSignals
+from deltatune.train.data import Dataset, collate, load_dataset, split_validation
 from deltatune.train.evaluate import batch_loss, evaluate, labels_count
 from deltatune.train.outputs import (
     append_metrics, check_outputs, plot_metrics, save_outputs, truncate_metrics, write_json,
@@ -46,6 +45,7 @@ from deltatune.train.prepare import (
 )
 from deltatune.train.tasks import apply_task, head_of, named_task
 from deltatune.train.throughput import Meter, bar_postfix
+from deltatune.train.token_budget import BudgetSchedule, step_examples
 from deltatune.train.tracking import Reporter, best_val_loss, check_reporter, open_reporter
 from deltatune.train.report import OOM_ADVICE, count_params, estimate_memory, gib
 
@@ -96,6 +96,8 @@ class Run:
     """Where metrics also go (``--report-to``); opened by the loop."""
     meter: Optional[Meter] = None
     """Tokens/s, memory and MFU of each step (made at the first step)."""
+    schedule: Optional[BudgetSchedule] = None
+    """The micro-batches under --tokens-per-step (None: --micro-batch examples each)."""
     prefetched: Optional[dict] = None
     """{step index: its collated micro-batches}, made while the previous step ran on the GPU."""
 
@@ -118,6 +120,9 @@ class Run:
     def per_step(self) -> int:
         """Examples per optimizer step."""
         return self.args.micro_batch * self.args.grad_accum
+
+    def samples_before(self, step: int) -> int:  # examples drawn before ``step``
+        return self.schedule.samples_before(step) if self.schedule else step * self.per_step
 
     @property
     def pad_id(self) -> int:
@@ -232,7 +237,14 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
     model.train()
 
     per_step = args.micro_batch * args.grad_accum
-    max_steps = math.ceil(args.epochs * len(train_data) / per_step) if args.epochs > 0 else args.max_steps
+    lengths = [len(ex["input_ids"]) for ex in train_data.examples]
+    try:
+        schedule = BudgetSchedule(lengths, args.seed, args.tokens_per_step, args.grad_accum) \
+            if args.tokens_per_step else None
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    max_steps = args.max_steps if args.epochs <= 0 else schedule.steps_for_epochs(args.epochs) if schedule \
+        else math.ceil(args.epochs * len(train_data) / per_step)
     if max_steps <= 0:
         raise TrainError("nothing to train: --max-steps (or --epochs) gives 0 steps")
     trainable, total = count_params(model)
@@ -240,11 +252,12 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
         raise TrainError("no parameter requires grad after preparing the model")
     seq = max(len(ex["input_ids"]) for ex in train_data.examples)
     mem = estimate_memory(model, args, seq, task)
-    lengths = [len(ex["input_ids"]) for ex in train_data.examples]
+    shape = (f"at most {args.tokens_per_step:,} padded tokens a step" if schedule else
+             f"about {round(sum(lengths) / len(lengths) * per_step):,} tokens a step ({args.micro_batch} x "
+             f"{args.grad_accum} rows")
     log(f"{device}, {args.precision}, {'fused' if fast else 'plain'} path, "
-        f"{'packed rows' if 'position_ids' in train_data.examples[0] else 'one example a row'}: about "
-        f"{round(sum(lengths) / len(lengths) * per_step):,} tokens a step ({args.micro_batch} x {args.grad_accum} "
-        f"rows, the longest {seq} tokens)")
+        f"{'packed rows' if 'position_ids' in train_data.examples[0] else 'one example a row'}: {shape}"
+        f"{', ' if schedule else ''}the longest {seq} tokens{'' if schedule else ')'}")
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     log(f"estimated peak memory: {gib(mem['total'])} (weights {gib(mem['weights'])}, grads+AdamW "
         f"{gib(mem['optimizer'])}, activations {gib(mem['activations'])}, logits {gib(mem['logits'])}) "
@@ -267,7 +280,7 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
         metrics_path.write_text("")
     write_json(args_path, run_record(args, data, method))
     return Run(args, data, method, model, tokenizer, train_data, val_data, device, fast, optimizer, scheduler, scaler,
-               amp_dtype, max_steps, seq, start, resume_from)
+               amp_dtype, max_steps, seq, start, resume_from, schedule=schedule)
 
 
 # -- one step --------------------------------------------------------------------------------------------------
@@ -279,10 +292,8 @@ def _collated(run: Run, index: int) -> list[dict]:
     """The collated micro-batches of optimizer step ``index`` (a pure function of seed and step), pinned
     on a GPU run so their copies to the device overlap the work in flight."""
     args, data = run.args, run.train_data
-    first, n = index * run.per_step, len(data)
-    micro = [collate([data.examples[sample_index(first + i * args.micro_batch + j, n, args.seed)]
-                      for j in range(args.micro_batch)], run.pad_id, data.task)
-             for i in range(args.grad_accum)]
+    micro = [collate([data.examples[i] for i in picked], run.pad_id, data.task) for picked in
+             step_examples(run.schedule, index, len(data), args.micro_batch, args.grad_accum, args.seed)]
     if run.device.type == "cuda":
         micro = [{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in micro]
     return micro
@@ -341,7 +352,7 @@ def step(run: Run, index: int) -> dict:
 
 def _save(run: Run, done: int) -> Path:
     run.checkpoint = ckpt.save_checkpoint(run.ckpt_dir, done, run.model, run.optimizer, run.scheduler, run.scaler,
-                                          keep=run.args.keep, extra={"samples_seen": done * run.per_step,
+                                          keep=run.args.keep, extra={"samples_seen": run.samples_before(done),
                                                                      "max_steps": run.max_steps})
     return run.checkpoint
 
@@ -382,34 +393,6 @@ def finish(run: Run, result: TrainResult, log=print) -> TrainResult:
     png = plot_metrics(run.metrics_path, run.out / "loss.png")
     log(f"saved {result.adapter}" + (f", loss curve {png}" if png else "") + f", metrics {run.metrics_path}")
     return result
-
-
-class _Signals:
-    """Turn SIGTERM/SIGINT into a request to save and stop at the end of the current step."""
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None:  # a second Ctrl-C: stop now, without saving
-            raise KeyboardInterrupt
-        self.received = signum
-        # Under `... | tee log` the pipe's reader got the signal too and is gone: the message may go nowhere.
-        safe_print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
-                   f"(send again to stop without saving)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 # -- the whole run ---------------------------------------------------------------------------------------------
@@ -459,7 +442,7 @@ def _run(run: Run, on_step, log) -> TrainResult:
 
         bar = tqdm(total=run.max_steps, initial=run.start, desc="train", dynamic_ncols=True)
     loss_value = None
-    with _Signals() as signals:
+    with StopSignals() as signals:
         try:
             for index in range(run.start, run.max_steps):
                 try:
