@@ -288,7 +288,7 @@ class AdapterPool:
         if unknown:
             raise KeyError(f"adapters {unknown} are not registered in the pool")
         slots = self._ensure_slots()
-        S = self.capacity
+        S = len(next(iter(slots.values())).ranks) if slots else self.capacity
         if len(wanted) > S:
             raise PoolError(f"a batch names {len(wanted)} distinct pooled adapters; the pool holds {S} at once "
                             f"(max_resident={self.max_resident}"
