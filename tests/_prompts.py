@@ -26,9 +26,10 @@ def logits_and_loss(model, inputs: dict):
 def greedy_by_forward(model, ids: torch.Tensor, steps: int) -> list:
     """Greedy tokens by running the whole sequence again each step (no cache): the reference decoder.
 
-    PEFT's own ``generate`` is no oracle with transformers 5 here: it looks for ``past_key_values``,
-    which transformers 5 calls ``cache``, so it feeds the prompt again at every decoding step (prompt
-    and P-tuning) and its prefix cache is dropped (prefix tuning)."""
+    PEFT's own ``generate`` with the cache is no oracle with transformers 5 here: it looks for
+    ``past_key_values``, which transformers 5 calls ``cache``, so it feeds the prompt again at every
+    decoding step (prompt and P-tuning) and its prefix cache is dropped (prefix tuning). Without the
+    cache (``use_cache=False``) it agrees with this for prompts, not for prefixes on Llama."""
     for _ in range(steps):
         with torch.no_grad():
             nxt = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].argmax(-1)

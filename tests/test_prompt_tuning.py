@@ -53,7 +53,9 @@ def test_peft_parity_both_ways_and_greedy_generation(name, method, tmp_path):
     # greedy decoding with the KV cache equals decoding by PEFT's forward; disabled, the base model's
     ids = _models.inputs(name)["input_ids"][:, :5]
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert ours.generate(**kw).tolist() == greedy_by_forward(theirs, ids, 6)
+    expected = greedy_by_forward(theirs, ids, 6)
+    assert ours.generate(**kw).tolist() == expected
+    assert theirs.generate(**kw, use_cache=False).tolist() == expected  # PEFT's generate, where it holds (no cache)
     with dt.disabled(ours):
         assert ours.generate(**kw).tolist() == greedy_by_forward(base, ids, 6)
 
