@@ -247,3 +247,7 @@ def test_training_switches_the_fast_path_off_and_refuses_checkpointing_a_prefix(
     assert logs and "fast path off: ['prefix_tuning']" in logs[0]
     with pytest.raises(TrainError, match="gradient-checkpointing does not combine with prefix tuning"):
         enable_checkpointing(model)
+    with pytest.raises(TrainError, match="--merge"):
+        from deltatune.train.prepare import prepare_model
+
+        prepare_model(_llama(), TrainArgs(method="prompt_tuning", merge=True))

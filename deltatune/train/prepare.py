@@ -49,6 +49,9 @@ def prepare_model(model: torch.nn.Module, args: TrainArgs, method=None, task: st
             raise TrainError(f"--quant {args.quant} needs deltatune.quant, which is not available here ({e})") from None
         quantize_model(model, kind=args.quant, skip=save or None)  # what trains in full stays unquantized
     dt.add_adapter(model, method.replace(modules_to_save=save or None), name="default")
+    if args.merge and _input_adapters(model):  # said before training, not after it
+        raise TrainError(f"--merge: {_input_adapters(model)} adapters are virtual tokens fed into every call, not a "
+                         f"weight change; they cannot be merged (train without --merge)")
     return model
 
 
