@@ -29,12 +29,9 @@ outputs and the small ``h`` factors. With quantized weights, gate and up are deq
 stacked weight (one matmul each way) whose spare columns carry ``diag(s B_g, s B_u)`` in backward, so
 ``[dg | du] @ stacked`` gives the adapters' ``g`` together with dx.
 
-A projection may carry a fourth element, an output scale ``f`` (out,) (DoRA's ``m / ||W + s·BA||``, the
-norm detached): ``y = f ⊙ (x W^T + s h B^T) + b``. The nodes above then run it without its bias and
-``_ScaleOutput`` scales their output z (saving z: ``df = Σ_tokens dy ⊙ z``, ``dz = f ⊙ dy`` into the
-node's backward). In the gated MLP with scaled gate/up, ``_ScaledSwiGLU`` scales them inside the SwiGLU
-node (saving only z_g, z_u, as the LoRA node saves its base outputs), and the down projection's input,
-the SwiGLU output, is saved by its node.
+A projection may carry a fourth element, an output scale ``f`` (out,) (DoRA's): ``y = f ⊙ (x W^T + s h
+B^T) + b``. The nodes run it without its bias and ``kernels/output_scale.py`` scales their outputs; a
+gated MLP with scales is three nodes (gate/up, the scaled SwiGLU, down) instead of one.
 """
 
 from __future__ import annotations
@@ -479,4 +476,3 @@ def lora_mlp(x: torch.Tensor, gate, up, down, norm=None) -> torch.Tensor:
     norm = None if cast is not x or torch.compiler.is_compiling() else norm  # x_pre gives x, not its cast
     with torch.autocast(device, enabled=False):
         return _LoraMLP.apply(cast, spec, norm, *tensors)
-

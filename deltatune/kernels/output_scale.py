@@ -8,7 +8,7 @@ f's gradient reaches m only). The node runs the projection without its bias and:
   then gives dA, dB, dx as for LoRA) and ``df = Σ_tokens dy ⊙ z`` (fp32 sums), ``db = Σ_tokens dy``;
 * ``ScaledSwiGLU`` is the gated MLP's ``silu(g) * u`` with g, u scaled inside it: it saves z_g and z_u
   (as the LoRA MLP node saves its base gate and up outputs) and recomputes the scaled values and the
-  SwiGLU in backward (``swiglu_forward``/``swiglu_backward``: the Triton kernels on a GPU).
+  SwiGLU in backward.
 
 Elementwise over (N, out): a small part of a projection's time next to its matmuls. On a GPU the
 backwards and the scaled SwiGLU are Triton kernels (``triton_dora.py``) that read each (N, out) input
