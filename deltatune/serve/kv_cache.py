@@ -116,11 +116,10 @@ class PagedKVCache:
         return len(table)
 
     # -- reading and writing ---------------------------------------------------------------------------
-    def slots(self, seq_id: int, start: int, count: int, device: torch.device) -> torch.Tensor:
+    def slots(self, seq_id: int, start: int, count: int) -> list[int]:
         """Flat slot indices of tokens ``start .. start+count-1`` of ``seq_id`` (its blocks reserved)."""
-        table = torch.tensor(self.tables[seq_id], dtype=torch.long)
-        pos = torch.arange(start, start + count)
-        return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(device)
+        table, size = self.tables[seq_id], self.block_size
+        return [table[p // size] * size + p % size for p in range(start, start + count)]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys and values (T, num_kv_heads, head_dim) of T tokens at flat ``slots`` (T,)."""

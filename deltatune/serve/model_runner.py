@@ -139,7 +139,8 @@ class ModelRunner:
         ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=device)
         positions = torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks]).to(device)
         rows = [c.adapter for c in chunks for _ in c.token_ids]
-        slots = torch.cat([cache.slots(c.seq_id, c.start, len(c.token_ids), device) for c in chunks])
+        slots = torch.tensor([s for c in chunks for s in cache.slots(c.seq_id, c.start, len(c.token_ids))],
+                             dtype=torch.long, device=device)  # one host-to-device copy for the step
         offsets, at = [], 0
         for c in chunks:
             offsets.append(at)

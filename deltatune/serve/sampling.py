@@ -79,15 +79,22 @@ class Sampler:
                  outputs: list[list[int]], generators: list[torch.Generator | None]) -> list[int]:
         """The next token of each row of ``logits`` (R, vocab): row ``i`` with ``params[i]``, its
         prompt and output token ids so far (for the penalties) and its generator."""
-        tokens = []
-        for row, p, prompt, out, gen in zip(logits.float(), params, prompts, outputs, generators):
-            row = penalize(row, p, prompt, out)
-            if p.greedy:
-                tokens.append(int(row.argmax()))
+        if not params:
+            return []
+        logits = logits.float()
+        plain = [p.greedy and p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty)
+                 for p in params]
+        picked = logits.argmax(-1)  # (R,) the greedy rows' answer, computed for all rows at once
+        for i, (p, prompt, out, gen) in enumerate(zip(params, prompts, outputs, generators)):
+            if plain[i]:
                 continue
-            probs = torch.softmax(filter_top(row / p.temperature, p.top_k, p.top_p), dim=-1)
-            tokens.append(int(torch.multinomial(probs, 1, generator=gen)))
-        return tokens
+            row = penalize(logits[i], p, prompt, out)
+            if p.greedy:
+                picked[i] = row.argmax()
+            else:
+                probs = torch.softmax(filter_top(row / p.temperature, p.top_k, p.top_p), dim=-1)
+                picked[i] = torch.multinomial(probs, 1, generator=gen)[0]
+        return picked.tolist()  # one device-to-host copy for the batch
 
 
 def penalize(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
