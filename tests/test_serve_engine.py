@@ -280,3 +280,20 @@ def test_smollm2_greedy_equals_hf_generate(smollm2):
     eng = Engine(model, tok, num_blocks=64, max_num_batched_tokens=8)
     outs = eng.generate(prompts, max_new_tokens=16, ignore_eos=True)
     assert [o.token_ids for o in outs] == want
+
+
+def test_mistral_sliding_window_logits_equal_the_model():
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=_models.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=5)).eval()  # a window shorter than the prompt
+    prompt = _prompts([13])[0]
+    runner = ModelRunner(model, __import__("deltatune").routed)
+    cache = runner.new_cache(num_blocks=4, block_size=4)
+    cache.reserve(0, 13)
+    first = runner.forward([Chunk(0, prompt[:9], 0)], cache)
+    last = runner.forward([Chunk(0, prompt[9:], 9)], cache)
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(first[0], ref[8], atol=1e-4, rtol=0)
+    torch.testing.assert_close(last[0], ref[12], atol=1e-4, rtol=0)
