@@ -24,7 +24,7 @@ from deltatune.cli_args import (  # noqa: F401  (_field_docs: still importable f
 __all__ = ["main", "dataclass_parser", "parse_dataclass", "train_parser", "parse_train_args", "parse_eval_args",
            "EvalArgs", "MergeArgs", "ExportArgs"]
 
-USAGE = """usage: deltatune {demo,train,eval,merge,export,generate,chat,bench,models} ...
+USAGE = """usage: deltatune {demo,train,eval,merge,export,generate,chat,serve,bench,models} ...
 
   demo    fine-tune SmolLM2-135M-Instruct with LoRA on a built-in task, on CPU, in minutes
   train   train an adapter (or the full model): deltatune train --model M --data D --output O
@@ -33,6 +33,7 @@ USAGE = """usage: deltatune {demo,train,eval,merge,export,generate,chat,bench,mo
   export  write a model (an adapter merged in) as one GGUF file for llama.cpp / Ollama
   generate continue a prompt with a model (and an adapter): deltatune generate --model M --prompt "..."
   chat    talk to a model (and an adapter) through its chat template, one message a line
+  serve   an OpenAI-compatible HTTP server: deltatune serve --model M --adapter NAME=DIR ...
   bench   speed and memory benchmarks (deltatune bench --help)
   models  paths of the installed real models (SmolLM2 GGUF, MiniLM), to pass as --model
 
@@ -346,6 +347,16 @@ def cmd_serve(argv: list[str], command: str = "generate") -> int:
     return run(args)
 
 
+def cmd_http(argv: list[str]) -> int:
+    """``deltatune serve``: the OpenAI-compatible HTTP server (deltatune/serve/serve_command.py)."""
+    from deltatune.serve.serve_command import ServeArgs, gather_adapter_flags, run_serve
+
+    rest, adapters = gather_adapter_flags(argv)  # --adapter NAME=DIR may repeat
+    args = parse_dataclass(ServeArgs, rest, "deltatune serve")
+    args.adapter = list(args.adapter) + adapters
+    return run_serve(args)
+
+
 def cmd_bench(argv: list[str]) -> int:
     try:
         from deltatune.benchmark import main as bench_main
@@ -358,7 +369,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export, "demo": cmd_demo,
             "bench": cmd_bench, "models": cmd_models, "generate": cmd_serve,
-            "chat": functools.partial(cmd_serve, command="chat")}
+            "chat": functools.partial(cmd_serve, command="chat"), "serve": cmd_http}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
