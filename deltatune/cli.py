@@ -57,6 +57,8 @@ class EvalArgs:
     """Show what is loaded and a progress bar over the evaluation batches (on stderr)."""
     method: Optional[str] = None
     """"pattern": evaluate a template and verbalizer zero-shot (--template, --verbalizer, ...), no adapter needed."""
+    max_new_tokens: int = 256
+    """--task gsm8k: tokens generated for each answer (greedy) when scoring answer accuracy."""
 
 
 EVAL_DATA_EXCLUDE = ("val_data", "val_fraction")
@@ -248,7 +250,8 @@ def cmd_eval(argv: list[str]) -> int:
                                       batch_size=args.batch_size, device=args.device, progress=args.progress, log=log)
         else:
             result = evaluate_adapter(data, adapter=args.adapter, model=args.model, batch_size=args.batch_size,
-                                      device=args.device, explicit=given, progress=args.progress, log=log)
+                                      device=args.device, explicit=given, progress=args.progress, log=log,
+                                      max_new_tokens=args.max_new_tokens)
     except (ModelLoadError, ValueError) as e:  # DataError and AdapterFileError are ValueErrors
         print(f"deltatune eval: error: {e}", file=sys.stderr)
         return 2

@@ -257,7 +257,7 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
              f"{args.grad_accum} rows")
     log(f"{device}, {args.precision}, {'fused' if fast else 'plain'} path, "
         f"{'packed rows' if 'position_ids' in train_data.examples[0] else 'one example a row'}: {shape}"
-        f"{', ' if schedule else ''}the longest {seq} tokens{'' if schedule else ')'}")
+        f", the longest {seq} tokens{'' if schedule else ')'}")
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     log(f"estimated peak memory: {gib(mem['total'])} (weights {gib(mem['weights'])}, grads+AdamW "
         f"{gib(mem['optimizer'])}, activations {gib(mem['activations'])}, logits {gib(mem['logits'])}) "
