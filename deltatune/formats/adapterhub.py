@@ -24,14 +24,12 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from deltatune.adapters import (
-    add_adapter, adapter_params, geometry_for, load_description, method_for, remove_adapter, select_targets,
-)
+from deltatune.adapters import geometry_for, method_for, select_targets
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.bottleneck_block import ACTIVATIONS, is_post_norm_output
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME", "is_adapterhub_dir", "from_adapterhub_config",
-           "read_adapterhub", "load_adapterhub"]
+           "read_adapterhub"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -169,23 +167,3 @@ def read_adapterhub(model: nn.Module, path: str | os.PathLike) -> tuple[Bottlene
         raise ValueError(f"{weights_path}: no tensor for {missing[:3]}{' ...' if len(missing) > 3 else ''} "
                          f"({len(missing)} that {cfg.placement} adapters on {type(model).__name__} need)")
     return cfg, parts
-
-
-def load_adapterhub(model: nn.Module, path: str | os.PathLike, name: str = "default", activate: bool = True,
-                    trainable: bool = False, error: type = ValueError) -> nn.Module:
-    """Load the AdapterHub adapter in directory ``path`` into ``model`` as adapter ``name`` (checked first:
-    on any error, raised as ``error``, the model is left as it was). Returns ``model``."""
-    try:
-        cfg, parts = read_adapterhub(model, path)
-    except ValueError as e:
-        raise error(str(e)) from None
-    add_adapter(model, cfg, name, activate=activate)
-    try:
-        load_description(model, name, parts)
-    except BaseException:
-        remove_adapter(model, name)
-        raise
-    if not trainable:
-        for p in adapter_params(model, name):
-            p.requires_grad_(False)
-    return model

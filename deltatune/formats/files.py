@@ -184,7 +184,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     adapters (saved with safetensors) load too (``formats/adapterhub.py``). Returns ``model``.
     """
     if adapterhub.is_adapterhub_dir(path):
-        return adapterhub.load_adapterhub(model, path, name, activate, trainable, error=AdapterFileError)
+        try:
+            cfg, parts = adapterhub.read_adapterhub(model, path)
+        except ValueError as e:
+            raise AdapterFileError(str(e)) from None
+        return _add_and_load(model, cfg, name, parts, activate, trainable)
     cfg, tensors, weights_path = read_adapter_files(path)
     config_path = Path(path) / CONFIG_NAME
     if peft_prompt.carries(cfg):

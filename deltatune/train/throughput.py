@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from deltatune.train.packing import segments
 from deltatune.train.report import quantized_layers
 
 __all__ = ["Meter", "bar_postfix", "example_lengths", "matmul_params", "attention_shape", "step_flops", "peak_flops", "PEAK_BF16"]
@@ -86,8 +87,7 @@ def example_lengths(batch: dict) -> list[int]:
         return [int(n) for n in mask.sum(1)]
     out = []
     for positions, real in zip(batch["position_ids"].tolist(), mask.tolist()):
-        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
-        out += [b - a for a, b in zip(starts[:-1], starts[1:]) if real[a]]
+        out += [b - a for a, b in segments(positions) if real[a]]
     return out
 
 
