@@ -29,6 +29,8 @@ ROWS = {
     "dt-fp32-padded": ["--precision", "fp32", "--no-packing"],  # the defaults before issue 15
     "hf-peft": "padded",
     "hf-peft-flat": "flattening",
+    "hf-peft-flat-liger": "flattening+liger",  # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear CE)
+    "trl-padding-free": "trl",  # TRL SFTTrainer(padding_free=True) on the same tokenized rows
 }
 DEFAULT_ROWS = "dt-default,dt-no-packing,hf-peft,hf-peft-flat"
 SHAPES = {
@@ -93,6 +95,11 @@ def run_hf(collator_kind: str, args) -> dict:
     tok = AutoTokenizer.from_pretrained(args.model)
     ds = load_dataset(args.data, tok, max_length=512, log=lambda *_: None)
     rows = [{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in ds.examples]
+    if collator_kind.endswith("+liger"):  # patch the Llama classes before the model is built
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
+        collator_kind = collator_kind.removesuffix("+liger")
     quant = {}
     if args.quant:  # QLoRA as its paper and PEFT's docs set it up: bitsandbytes NF4, bf16 compute
         from transformers import BitsAndBytesConfig
@@ -101,13 +108,13 @@ def run_hf(collator_kind: str, args) -> dict:
                                                           bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, attn_implementation="sdpa", **quant)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
-    base = (DataCollatorForSeq2Seq(tok, label_pad_token_id=-100) if collator_kind == "padded"
-            else DataCollatorWithFlattening())
+    base = [DataCollatorForSeq2Seq(tok, label_pad_token_id=-100) if collator_kind == "padded"
+            else DataCollatorWithFlattening()]  # TRL's row: replaced by the trainer's own collator below
     counted = []
 
     def collate(features):
         counted.append(sum(len(f["input_ids"]) for f in features))  # the real tokens of this batch
-        return base(features)
+        return base[0](features)
 
     times = []
 
@@ -118,12 +125,21 @@ def run_hf(collator_kind: str, args) -> dict:
             times.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as out:
-        targs = TrainingArguments(output_dir=out, per_device_train_batch_size=args.micro_batch, max_steps=args.steps,
-                                  learning_rate=2e-4, bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
-                                  logging_steps=1, save_strategy="no",
-                                  report_to=[], remove_unused_columns=False, lr_scheduler_type="cosine",
-                                  dataloader_num_workers=0, disable_tqdm=True)
-        trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[Clock()])
+        settings = dict(output_dir=out, per_device_train_batch_size=args.micro_batch, max_steps=args.steps,
+                        learning_rate=2e-4, bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+                        logging_steps=1, save_strategy="no", report_to=[], remove_unused_columns=False,
+                        lr_scheduler_type="cosine", dataloader_num_workers=0, disable_tqdm=True)
+        if collator_kind == "trl":  # SFTTrainer on pre-tokenized rows with labels: no re-tokenization
+            from datasets import Dataset
+            from trl import SFTConfig, SFTTrainer
+
+            sargs = SFTConfig(**settings, padding_free=True, max_length=None,
+                              dataset_kwargs={"skip_prepare_dataset": True})
+            trainer = SFTTrainer(model=model, args=sargs, train_dataset=Dataset.from_list(rows), callbacks=[Clock()])
+            base[0], trainer.data_collator = trainer.data_collator, collate  # it refuses a custom one: wrap its own
+        else:
+            trainer = Trainer(model=model, args=TrainingArguments(**settings), train_dataset=rows,
+                              data_collator=collate, callbacks=[Clock()])
         result = trainer.train()
     # counted[i] is collated before step i; steps warmup.. are timed between consecutive step ends
     tokens = sum(counted[args.warmup + 1:args.steps])
