@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["ServeArgs", "run_serve", "gather_adapter_flags", "adapter_specs"]
+__all__ = ["ServeArgs", "run_serve", "gather_adapter_flags", "adapter_specs", "check_limits"]
 
 PROG = "deltatune serve"
 
@@ -70,6 +70,22 @@ def adapter_specs(specs: list[str]) -> dict[str, str]:
     return found
 
 
+def check_limits(args: ServeArgs) -> None:
+    """ValueError naming the first flag of ``args`` whose value the server cannot use (before the model loads)."""
+    checks = [(bool(args.host), "--host", "an address to bind (127.0.0.1, 0.0.0.0, ::1, ...)"),
+              (0 <= args.port <= 65535, "--port", "a TCP port in 0..65535"),
+              (args.api_key is None or bool(args.api_key.strip()), "--api-key", "a non-empty key"),
+              (args.max_resident_adapters >= 1, "--max-resident-adapters", "at least 1"),
+              (args.max_concurrent_requests >= 1, "--max-concurrent-requests", "at least 1"),
+              (args.max_request_bytes >= 1, "--max-request-bytes", "at least 1"),
+              (args.max_tokens_limit is None or args.max_tokens_limit >= 1, "--max-tokens-limit", "at least 1"),
+              (args.graceful_timeout >= 0, "--graceful-timeout", "seconds, at least 0")]
+    for ok, flag, wanted in checks:
+        if not ok:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            raise ValueError(f"{flag} {value!r}: give {wanted}")
+
+
 def run_serve(args: ServeArgs) -> int:
     """Load the model and adapters, then serve until SIGTERM / Ctrl-C; returns the exit status."""
     try:
@@ -88,6 +104,7 @@ def run_serve(args: ServeArgs) -> int:
         return 2
     api_key = args.api_key or os.environ.get("DELTATUNE_API_KEY") or None
     try:
+        check_limits(args)
         adapters = adapter_specs(args.adapter)
         if args.allow_adapter_loading and not args.adapter_root:
             raise ValueError("--allow-adapter-loading needs --adapter-root DIR: adapters load from under it only")
