@@ -106,6 +106,110 @@ def test_decoder_sites_follow_the_equations_in_float64(placement):
         assert (placement == "houlsby") == ("default" in getattr(o_proj, "deltas", {}))
 
 
+def _rms(v, weight, eps):
+    """LlamaRMSNorm / Qwen2RMSNorm in float64: v / sqrt(mean(v^2) + eps) * weight."""
+    return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decoder_layer_norms_train_as_the_adapters_own_copies(arch, tmp_path):
+    torch.manual_seed(0)
+    model = getattr(_models, arch)().eval()
+    base = copy.deepcopy(model)
+    batch = _models.inputs(arch)
+    keys, y0 = list(model.state_dict()), _models.output(model, batch)
+    norms = {n: p.clone() for n, p in model.named_parameters() if "layernorm" in n}
+    assert len(norms) == 4  # input_layernorm and post_attention_layernorm of two layers
+    dt.add_adapter(model, dt.BottleneckConfig(placement="houlsby", train_layer_norms=True), name="h")
+    dt.add_adapter(model, dt.BottleneckConfig(placement="pfeiffer"), name="p")
+    dt.set_active(model, "h")
+    layer = model.model.layers[1]
+    copies = {n: layer.get_submodule(n).describe("h") for n in ("input_layernorm", "post_attention_layernorm")}
+    assert all(set(c) == {"weight"} for c in copies.values())
+    for n, c in copies.items():  # identity at init: the copy is the base norm, so the model is the base model
+        assert torch.equal(c["weight"], norms[f"model.layers.1.{n}.weight"])
+    assert "p" not in layer.input_layernorm.adapter_names()  # pfeiffer without train_layer_norms: no copies
+    assert torch.equal(_models.output(model, batch), y0)
+
+    # only the bottlenecks and the norm copies train; the base norms stay untouched
+    h_params = {id(p) for p in dt.adapter_params(model, "h")}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in dt.adapter_params(model)}
+    assert len(h_params) == 2 * (2 * 4 + 2)  # per layer: two bottlenecks of four tensors, two norm weights
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n in copies:
+            w = layer.get_submodule(n).deltas["h"].weight
+            w.copy_(1 + 0.5 * torch.randn(w.shape, generator=g))
+    model.train()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    model.eval()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert "model.layers.1.input_layernorm.deltas.h.weight" in grads
+    assert "model.layers.1.post_attention_layernorm.deltas.h.weight" in grads
+    assert not any(n.endswith("layernorm.weight") for n in grads)
+    model.zero_grad()
+    y_h = _models.output(model, batch)
+    assert not torch.allclose(y_h, y0, atol=1e-4)
+    for n, w in norms.items():
+        assert torch.equal(model.get_parameter(n), w)
+
+    # the norm runs with the active adapter's copy (float64 reference), with the base weights otherwise
+    x = torch.randn(2, 5, 32, generator=g)
+    eps = layer.input_layernorm.base_module.variance_epsilon
+    w_h = copies["input_layernorm"]["weight"].double()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.input_layernorm(x).double(), _rms(x.double(), w_h, eps), atol=1e-6, rtol=1e-6)
+        w_base = norms["model.layers.1.input_layernorm.weight"].double()
+        for off in ("p", None):
+            if off is None:
+                ctx = dt.disabled(model)
+            else:
+                dt.set_active(model, off)
+                ctx = torch.no_grad()
+            with ctx:
+                torch.testing.assert_close(layer.input_layernorm(x).double(), _rms(x.double(), w_base, eps),
+                                           atol=1e-6, rtol=1e-6)
+        dt.set_active(model, "h")
+        with dt.disabled(model):
+            torch.testing.assert_close(_models.output(model, batch), y0)
+
+    # saved with the adapter, under the norm's own parameter names
+    dt.save_adapter(model, tmp_path / "h", name="h")
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "h" / "adapter_model.safetensors")
+    assert "model.layers.1.input_layernorm/weight" in tensors
+    assert sum(k.endswith("layernorm/weight") for k in tensors) == 4
+    fresh = copy.deepcopy(base)
+    dt.load_adapter(fresh, tmp_path / "h")
+    torch.testing.assert_close(_models.output(fresh, batch), y_h)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        dt.merge(model, "h")
+
+    dt.remove_adapter(model, "h")
+    dt.remove_adapter(model, "p")
+    assert list(model.state_dict()) == keys
+    assert [type(m) for m in model.modules()] == [type(m) for m in base.modules()]
+    assert torch.equal(_models.output(model, batch), y0)
+
+
+def test_decoder_norm_copies_keep_the_models_dtype_and_follow_explicit_targets():
+    torch.manual_seed(0)
+    model = _models.llama().to(torch.bfloat16).eval()
+    batch = _models.inputs("llama")
+    y0 = _models.output(model, batch)
+    dt.add_adapter(model, dt.BottleneckConfig(targets=["layers.0.mlp.down_proj"], train_layer_norms=True))
+    got = [p for p, m in dt.adapter_modules(model) if m.adapter_names()]
+    assert got == ["model.layers.0.mlp.down_proj", "model.layers.0.input_layernorm",
+                   "model.layers.0.post_attention_layernorm"]  # the norms of the layer that holds the target
+    norm = model.model.layers[0].input_layernorm
+    assert norm.deltas["default"].weight.dtype == torch.float32  # the adapter's dtype ...
+    x = torch.randn(2, 3, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert norm(x).dtype == torch.bfloat16  # ... but the norm's output stays the model's
+    assert torch.equal(_models.output(model, batch), y0)
+
+
 @pytest.mark.parametrize("arch", ["bert", "llama", "qwen2", "mistral", "gpt2"])
 def test_sites_are_found_from_the_structure(arch):
     torch.manual_seed(0)

@@ -17,6 +17,11 @@ so the adapter sits after the dropout exactly where AdapterHub puts it) and pre-
 a ``BottleneckDelta`` on that projection's output; ``parallel`` wraps the ``mlp``). ``targets`` can name
 the modules instead; on a single linear layer the delta is ``y + a(y)`` (``parallel``: ``y + a(x)``).
 
+Trainable layer norms (``train_layer_norms``): a post-norm block's LayerNorm gets the adapter's own copy
+inside the block (``Bottleneck.norm_weight`` / ``norm_bias``); a pre-norm decoder layer's norms
+(``input_layernorm`` / ``post_attention_layernorm``, GPT-2's ``ln_1`` / ``ln_2``) are modules of their own
+and get a ``NormCopy`` each (``methods/bottleneck_norm.py``).
+
 A bottleneck is non-linear: merging is refused with a clear error, and the fused path runs it plainly.
 Files: deltatune's own format (``formats/native.py``); AdapterHub's safetensors files load through
 ``formats/adapterhub.py``.
@@ -33,9 +38,11 @@ import torch.nn as nn
 
 from deltatune.adapters.geometry import Geometry, register_geometry
 from deltatune.adapters.method import register_method
+from deltatune.adapters.targeting import matches_name
 from deltatune.methods.bottleneck_block import (
     ACTIVATIONS, BLOCK, BlockBottleneck, Bottleneck, BottleneckBlock, block_width, is_post_norm_output,
 )
+from deltatune.methods.bottleneck_norm import NORM, NormCopy, is_layer_norm
 
 __all__ = ["BottleneckConfig", "BottleneckDelta", "BottleneckMethod", "BOTTLENECK", "find_sites", "PLACEMENTS"]
 
@@ -64,7 +71,7 @@ class BottleneckConfig:
     init: Literal["mam_adapter", "bert", "houlsby"] = "mam_adapter"
     """"mam_adapter": down Kaiming-uniform, up zero (exactly the base model at init); "bert": both N(0, 0.02) (AdapterHub's default); "houlsby": both N(0, 1e-2) truncated."""
     train_layer_norms: bool = False
-    """Each adapted post-norm block (BERT) gets its own trainable copy of its LayerNorm (Houlsby et al. Sec. 2.1); pre-norm decoders: use modules_to_save=["input_layernorm", "post_attention_layernorm"]."""
+    """The adapter trains its own copies of the layer norms (Houlsby et al. Sec. 2.1): an adapted post-norm block's (BERT) LayerNorm; every norm of a pre-norm decoder layer holding an adapted module (Llama/Qwen2/Mistral input_layernorm, post_attention_layernorm; GPT-2 ln_1, ln_2). The base norms stay as they are."""
     targets: list[str] | str = "auto"
     """Modules to adapt (suffixes or a full-name regex); "auto": found from the model's structure by placement."""
     exclude: list[str] | str | None = None
@@ -95,19 +102,19 @@ class BottleneckConfig:
         for ``placement`` (ValueError naming what was looked for where there are none)."""
         sites = find_sites(model, required=self.targets == "auto")  # also makes the blocks it finds wrappable
         if self.targets != "auto":
-            return self.targets
-        if self.placement == "houlsby":
+            if not self.train_layer_norms:
+                return self.targets
+            paths = [n for n, _ in model.named_modules() if n and matches_name(n, self.targets)]
+        elif self.placement == "houlsby":
             paths = [p for kind, p in sites if kind in ("post_norm_attention", "post_norm_ffn", "attention_out", "ffn_out")]
         elif self.placement == "pfeiffer":
             paths = [p for kind, p in sites if kind in ("post_norm_ffn", "ffn_out")]
         else:
             paths = [p for kind, p in sites if kind in ("post_norm_ffn", "mlp")]
-        if self.train_layer_norms:
-            pre_norm = [p for kind, p in sites if kind in ("attention_out", "ffn_out", "mlp") and p in paths]
-            if pre_norm:
-                raise ValueError(f"train_layer_norms copies the LayerNorm of post-norm (BERT-style) blocks; "
-                                 f"{type(model).__name__} is a pre-norm decoder ({pre_norm[0]!r}): train its norms "
-                                 f"with modules_to_save=['input_layernorm', 'post_attention_layernorm']")
+        if self.train_layer_norms:  # the norms of the decoder layers that hold an adapted module
+            norms = [p for kind, p in sites if kind == "norm"
+                     and any(t.startswith(p.rpartition(".")[0] + ".") for t in paths) and p not in paths]
+            paths = paths + norms
         return paths
 
 
@@ -120,9 +127,10 @@ def find_sites(model: nn.Module, required: bool = True) -> list[tuple[str, str]]
 
     Kinds: "post_norm_attention" / "post_norm_ffn" (a BERT-style sublayer output, see
     ``is_post_norm_output``; attention when its parent also holds the attention itself as ``self``),
-    "attention_out" / "ffn_out" (a pre-norm decoder layer's attention and MLP output projections) and
-    "mlp" (that layer's MLP). The blocks found are registered as block geometry (``BLOCK``) so the core
-    can wrap them. With ``required``, raises ValueError naming what was looked for when there is no site.
+    "attention_out" / "ffn_out" (a pre-norm decoder layer's attention and MLP output projections),
+    "mlp" (that layer's MLP) and "norm" (each of that layer's own layer norms, ``is_layer_norm``). The
+    blocks found are registered as block geometry (``BLOCK``), the norms as ``NORM``, so the core can
+    wrap them. With ``required``, raises ValueError naming what was looked for when there is no site.
     """
     sites, skip = [], []
     for path, module in model.named_modules():
@@ -145,6 +153,10 @@ def find_sites(model: nn.Module, required: bool = True) -> list[tuple[str, str]]
             sites += [("attention_out", f"{path}.{attn}.{attn_out}"), ("ffn_out", f"{path}.{ffn}.{ffn_out}"),
                       ("mlp", f"{path}.{ffn}")]
             register_geometry(type(getattr(f, "_base", (f,))[0]), BLOCK)
+            for name, child in children.items():
+                if is_layer_norm(child):
+                    register_geometry(type(getattr(child, "base_module", child)), NORM)
+                    sites.append(("norm", f"{path}.{name}" if path else name))
             break
     if not sites and required:
         raise ValueError(
@@ -208,7 +220,7 @@ class BottleneckMethod:
     mergeable = False
 
     def supports(self, geometry: Geometry) -> bool:
-        return geometry.family in ("linear", "block")
+        return geometry.family in ("linear", "block", "norm")
 
     def _dims(self, geometry: Geometry, base: nn.Module, cfg: BottleneckConfig) -> tuple[int, int, int, bool]:
         """(d_in, size, d_out, post-norm block?) of the bottleneck at ``base``."""
@@ -219,6 +231,8 @@ class BottleneckMethod:
         return (fan_in if cfg.placement == "parallel" else fan_out), _size(fan_out, cfg), fan_out, False
 
     def shapes(self, geometry: Geometry, base: nn.Module, cfg: BottleneckConfig, path: str) -> dict[str, tuple[int, ...]]:
+        if geometry.family == "norm":  # a pre-norm decoder's own norm: the adapter's copy of its parameters
+            return {name: tuple(p.shape) for name, p in base.named_parameters(recurse=False)}
         d_in, size, d_out, post_norm = self._dims(geometry, base, cfg)
         shapes = {"down_weight": (size, d_in), "down_bias": (size,), "up_weight": (d_out, size), "up_bias": (d_out,)}
         if cfg.train_layer_norms and post_norm:
@@ -231,11 +245,13 @@ class BottleneckMethod:
     def make_delta(self, layer: nn.Module, cfg: BottleneckConfig, path: str, dtype: torch.dtype | None):
         geometry = layer.geometry
         base = layer.base_module if not isinstance(layer, BottleneckBlock) else layer
-        d_in, size, d_out, post_norm = self._dims(geometry, base, cfg)
         weight = next(iter(layer.parameters()), None)  # the block's (or layer's) first tensor: device, dtype
         device = weight.device if weight is not None else None
         if dtype is None:
             dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+        if geometry.family == "norm":
+            return NormCopy(base, device=device, dtype=dtype)
+        d_in, size, d_out, post_norm = self._dims(geometry, base, cfg)
         norm = layer.LayerNorm if cfg.train_layer_norms and post_norm else None
         bottleneck = Bottleneck(d_in, size, d_out, cfg.activation, cfg.scaling, cfg.dropout, cfg.init,
                                 norm=getattr(norm, "base_module", norm), device=device, dtype=dtype)
