@@ -10,7 +10,7 @@ from deltatune.adapters import (
 )
 from deltatune.formats.files import AdapterFileError, load_adapter, save_adapter
 from deltatune.methods import (
-    BottleneckConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PatternConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, register_method,
+    BlockExpansionConfig, BottleneckConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PatternConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, register_method,
 )
 from deltatune.methods.lora_combine import combine
 

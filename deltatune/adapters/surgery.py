@@ -134,6 +134,8 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     if name not in record.configs:
         raise KeyError(f"no adapter named {name!r} on this model (have {sorted(record.configs)})")
     for path, module in list(adapter_modules(model)):
+        if not _in_tree(model, path, module):  # left with an outer module's restore (new blocks' LoRA layers)
+            continue
         if name in module.adapter_names():
             module.remove(name)
         if not module.adapter_names():
@@ -150,6 +152,14 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
             p.requires_grad_(flags.get(n, p.requires_grad))
         del model.__dict__[_RECORD]
     return model
+
+
+def _in_tree(model: nn.Module, path: str, module: nn.Module) -> bool:
+    """Whether ``module`` still stands at ``path`` of ``model``."""
+    try:
+        return model.get_submodule(path) is module
+    except AttributeError:
+        return False
 
 
 def set_active(model: nn.Module, names: str | list[str]) -> nn.Module:

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from deltatune.adapters import (
-    FULL, FullCopies, DeltaLayer, adapter_params, add_adapter, adapter_record, describe_adapter, geometry_for,
-    load_description, matches_name, method_for, remove_adapter, select_targets,
+    FULL, FullCopies, DeltaLayer, Method, ModelMethod, adapter_params, add_adapter, adapter_record, describe_adapter,
+    geometry_for, load_description, matches_name, method_for, remove_adapter, select_targets,
 )
 from deltatune.formats import adapterhub, native, peft, peft_prompt
 from deltatune.formats.atomic import atomic_write
@@ -164,6 +164,11 @@ def _expected(model: nn.Module, cfg, fmt, config_path: Path) -> tuple[dict, dict
         settings = method.settings(cfg, target)
         for role, shape in shapes.items():
             expected[fmt.file_key(target, method.name, geometry.name, role)] = (target, role, tuple(shape), settings)
+    return expected, _copies(model, cfg, fmt)
+
+
+def _copies(model: nn.Module, cfg, fmt) -> dict:
+    """{file key: (module path, key, shape, {})} of the config's modules_to_save copies."""
     copies = {}
     if cfg.modules_to_save:
         for n, m in model.named_modules():
@@ -171,7 +176,18 @@ def _expected(model: nn.Module, cfg, fmt, config_path: Path) -> tuple[dict, dict
                 base = m.base_module if isinstance(m, FullCopies) else m
                 for k, v in base.state_dict().items():
                     copies[fmt.file_key(n, FULL, "", k)] = (n, k, tuple(v.shape), {})
-    return expected, copies
+    return copies
+
+
+def _model_expected(model: nn.Module, cfg, method, fmt, config_path: Path) -> dict:
+    """{file key: (module path, role, shape, {})} of a model-level method's tensors (``model_shapes``:
+    modules it creates itself, such as new decoder blocks)."""
+    try:
+        shapes = method.model_shapes(model, cfg)
+    except ValueError as e:
+        raise AdapterFileError(f"{config_path}: {e}") from None
+    return {fmt.file_key(path, method.name, "", role): (path, role, tuple(shape), {})
+            for path, roles in shapes.items() for role, shape in roles.items()}
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", activate: bool = True,
@@ -199,15 +215,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         parts = _virtual_token_parts(model, cfg, tensors, weights_path, config_path)
         return _add_and_load(model, cfg, name, parts, activate, trainable)
     fmt = _format_of(type(cfg).method)
-    expected, copies = _expected(model, cfg, fmt, config_path)
+    method = method_for(cfg)
+    if isinstance(method, ModelMethod) and not isinstance(method, Method):  # new blocks: shapes from the whole model
+        expected, copies = _model_expected(model, cfg, method, fmt, config_path), _copies(model, cfg, fmt)
+    else:
+        expected, copies = _expected(model, cfg, fmt, config_path)
     for key, value in tensors.items():
         if key in expected or key in copies:
             target, _, shape, settings = expected.get(key) or copies[key]
             if tuple(value.shape) != shape:
                 at = ", ".join(f"{k} {v}" for k, v in settings.items())
+                kind = type(model.get_submodule(target)).__name__ if _has_module(model, target) else "to be created"
                 raise AdapterFileError(
                     f"{weights_path}: key {key!r} has shape {tuple(value.shape)}, but module {target!r} "
-                    f"({type(model.get_submodule(target)).__name__})" + (f" with {at}" if at else "")
+                    f"({kind})" + (f" with {at}" if at else "")
                     + f" from {config_path.name} needs {shape}")
             continue
         split = fmt.split_key(key)
@@ -233,6 +254,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         if key in tensors:
             parts.setdefault(module_path, {})[role] = tensors[key]
     return _add_and_load(model, cfg, name, parts, activate, trainable)
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def _add_and_load(model: nn.Module, cfg, name: str, parts: dict, activate: bool, trainable: bool) -> nn.Module:

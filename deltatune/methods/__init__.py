@@ -14,9 +14,11 @@ from deltatune.methods.pattern import PATTERN, PatternConfig  # registers "patte
 from deltatune.methods.prompt_tuning import PROMPT_TUNING, PromptTuningConfig  # registers "prompt_tuning"
 from deltatune.methods.p_tuning import P_TUNING, PTuningConfig  # registers "p_tuning"
 from deltatune.methods.prefix_tuning import PREFIX_TUNING, PrefixTuningConfig  # registers "prefix_tuning"
+from deltatune.methods.block_expansion import BLOCK_EXPANSION, BlockExpansionConfig  # registers "block_expansion"
 
 __all__ = ["LoraConfig", "LORA", "IA3Config", "IA3", "LoHaConfig", "LOHA", "LoKrConfig", "LOKR", "BottleneckConfig", "BOTTLENECK", "PatternConfig", "PATTERN", "PromptTuningConfig", "PROMPT_TUNING",
-           "PTuningConfig", "P_TUNING", "PrefixTuningConfig", "PREFIX_TUNING", "register_method", "method_named", "method_for", "method_names", "config_class"]
+           "PTuningConfig", "P_TUNING", "PrefixTuningConfig", "PREFIX_TUNING", "BlockExpansionConfig", "BLOCK_EXPANSION",
+           "register_method", "method_named", "method_for", "method_names", "config_class"]
 
 
 def config_class(name: str) -> type:

@@ -166,8 +166,9 @@ def merged_state(model):
     dt.merge(model)
     try:
         state = _base_state(model)
-        for path, module in adapter_modules(model):  # modules_to_save: the active copy is the merged module
-            if isinstance(module, FullCopies) and module.active:
+        for path, module in adapter_modules(model):  # modules_to_save: the active copy is the merged module;
+            # new blocks (holds_model_weights): their tensors are the merged model's, under its keys
+            if (isinstance(module, FullCopies) or getattr(module, "holds_model_weights", False)) and module.active:
                 for key, value in module.describe(module.active[0]).items():
                     state[f"{path}.{key}"] = value
         yield state
