@@ -24,7 +24,7 @@ from deltatune.cli_args import (  # noqa: F401  (_field_docs: still importable f
 __all__ = ["main", "dataclass_parser", "parse_dataclass", "train_parser", "parse_train_args", "parse_eval_args",
            "EvalArgs", "MergeArgs", "ExportArgs"]
 
-USAGE = """usage: deltatune {demo,train,eval,merge,export,generate,chat,serve,bench,models} ...
+USAGE = """usage: deltatune {demo,train,eval,merge,export,generate,chat,serve,bench,models,distill-data} ...
 
   demo    fine-tune SmolLM2-135M-Instruct with LoRA on a built-in task, on CPU, in minutes
   train   train an adapter (or the full model): deltatune train --model M --data D --output O
@@ -36,6 +36,7 @@ USAGE = """usage: deltatune {demo,train,eval,merge,export,generate,chat,serve,be
   serve   an OpenAI-compatible HTTP server: deltatune serve --model M --adapter NAME=DIR ...
   bench   speed and memory benchmarks (deltatune bench --help)
   models  paths of the installed real models (SmolLM2 GGUF, MiniLM), to pass as --model
+  distill-data  the model rewrites a data file's responses in its own words, kept where a check passes (SDFT)
 
 Run `deltatune COMMAND --help` for the flags of a command."""
 
@@ -360,6 +361,15 @@ def cmd_http(argv: list[str]) -> int:
     return run_serve(args)
 
 
+def cmd_distill_data(argv: list[str]) -> int:
+    """``deltatune distill-data``: self-distillation data through the serving engine (deltatune/train/distill_data.py)."""
+    from deltatune.serve.engine import Engine, RequestRefused
+    from deltatune.train.distill_data import DistillDataArgs, run_distill_data
+
+    return run_distill_data(parse_dataclass(DistillDataArgs, argv, "deltatune distill-data"), Engine.from_pretrained,
+                            refusal=RequestRefused)
+
+
 def cmd_bench(argv: list[str]) -> int:
     try:
         from deltatune.benchmark import main as bench_main
@@ -372,7 +382,8 @@ def cmd_bench(argv: list[str]) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export, "demo": cmd_demo,
             "bench": cmd_bench, "models": cmd_models, "generate": cmd_serve,
-            "chat": functools.partial(cmd_serve, command="chat"), "serve": cmd_http}
+            "chat": functools.partial(cmd_serve, command="chat"), "serve": cmd_http,
+            "distill-data": cmd_distill_data}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

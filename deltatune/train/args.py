@@ -120,6 +120,14 @@ class TrainArgs:
     keep_best: bool = False
     """Keep the adapter (or model) with the lowest validation loss in <output>/best, with best.json saying its step."""
 
+    # -- knowledge distillation (deltatune.train.distill) -------------------------------------------------
+    teacher: Optional[str] = None
+    """Distill from a teacher: "base" (the base model, adapters off: a regulariser against forgetting) or a causal LM (directory, .gguf, hub id) with the student's vocabulary; the loss becomes (1 - distill_weight)·CE + distill_weight·T²·KL(teacher ‖ student) over the target tokens."""
+    distill_temperature: float = 1.0
+    """With --teacher: the temperature T both distributions are softened by (the KL term is scaled by T²)."""
+    distill_weight: float = 0.5
+    """With --teacher: the weight α in [0, 1] of the distillation term (0: plain fine-tuning, 1: distillation only)."""
+
 
 @dataclass
 class DataArgs:

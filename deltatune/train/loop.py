@@ -36,6 +36,7 @@ from deltatune.train.args import (
 )
 from deltatune.train.console import StopSignals
 from deltatune.train.data import Dataset, collate, load_dataset, split_validation
+from deltatune.train.distill import Distillation, distill_metrics, make_distillation
 from deltatune.train.evaluate import batch_loss, evaluate, labels_count
 from deltatune.train.outputs import (
     append_metrics, check_outputs, plot_metrics, save_outputs, truncate_metrics, write_json,
@@ -100,6 +101,8 @@ class Run:
     """The micro-batches under --tokens-per-step (None: --micro-batch examples each)."""
     prefetched: Optional[dict] = None
     """{step index: its collated micro-batches}, made while the previous step ran on the GPU."""
+    distill: Optional[Distillation] = None
+    """The teacher and the KD term's settings (--teacher); None: cross-entropy alone."""
 
     @property
     def out(self) -> Path:
@@ -232,6 +235,7 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
     fast = enable_fast(model, args, device, log)
     if args.cuda_graphs and not fast:
         raise TrainError("--cuda-graphs needs the fast path (--fast, the default on CUDA)")
+    distill = make_distillation(args, model, tokenizer, task, device, frozen_dtype, fast, log)
     if args.gradient_checkpointing and not fast:
         enable_checkpointing(model)
     model.train()
@@ -280,7 +284,7 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
         metrics_path.write_text("")
     write_json(args_path, run_record(args, data, method))
     return Run(args, data, method, model, tokenizer, train_data, val_data, device, fast, optimizer, scheduler, scaler,
-               amp_dtype, max_steps, seq, start, resume_from, schedule=schedule)
+               amp_dtype, max_steps, seq, start, resume_from, schedule=schedule, distill=distill)
 
 
 # -- one step --------------------------------------------------------------------------------------------------
@@ -318,9 +322,14 @@ def step(run: Run, index: int) -> dict:
     micro = [prepare_batch(model, b) for b in (collated or _collated(run, index))]
     # Normalise by the targets of the whole step, so accumulation equals one big batch.
     targets = sum(labels_count(b["labels"], task) for b in micro)
-    losses = []
+    losses, kd_parts = [], []
     for batch in micro:
-        loss_sum, _, _ = batch_loss(model, batch, task, run.device, run.autocast, run.fast)
+        # distillation needs the student's logits: the fused head + cross-entropy gives none
+        loss_sum, _, logits = batch_loss(model, batch, task, run.device, run.autocast,
+                                         run.fast and run.distill is None)
+        if run.distill is not None:  # (1 - α)·CE + α·T²·KL(teacher ‖ student), summed (deltatune.train.distill)
+            loss_sum, part = run.distill.loss(model, batch, loss_sum, logits, run.device, run.autocast)
+            kd_parts.append(part)
         loss = loss_sum / max(targets, 1)
         (scaler.scale(loss) if scaler else loss).backward()
         losses.append(loss_sum.detach().float())
@@ -347,6 +356,7 @@ def step(run: Run, index: int) -> dict:
     meter = run.meter or Meter(model, run.device, run.amp_dtype)
     run.meter = meter
     return {"step": index + 1, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
+            **(distill_metrics(kd_parts, targets) if kd_parts else {}),
             **meter.measure(micro, time.perf_counter() - t0)}
 
 
