@@ -60,6 +60,14 @@ class EvalArgs:
     """"pattern": evaluate a template and verbalizer zero-shot (--template, --verbalizer, ...), no adapter needed."""
     max_new_tokens: int = 256
     """--task gsm8k: tokens generated for each answer (greedy) when scoring answer accuracy."""
+    retention: Optional[str] = None
+    """Forgetting: measure a suite of held-out general data ("general", "text", "sst2"; docs/training.md) on the model and on its base, reported as the change (--data then optional)."""
+    retention_rows: int = 8
+    """--retention: rows of each part of the suite (the first ones of each file)."""
+    retention_data: Optional[str] = None
+    """--retention: the data folder (tinyshakespeare/, alpaca/, chat/, sst2/); default: shared/data beside the checkout, else ../shared/data."""
+    retention_base: Optional[str] = None
+    """--retention: the base model to compare with, loaded apart (needed for a fully fine-tuned model unless its deltatune_train.json names it); default: the adapter disabled."""
 
 
 EVAL_DATA_EXCLUDE = ("val_data", "val_fraction")
@@ -246,18 +254,48 @@ def cmd_eval(argv: list[str]) -> int:
     try:
         from deltatune.train.pattern import evaluate_pattern, is_pattern_adapter
 
-        if args.method == "pattern" or is_pattern_adapter(args.adapter):  # a cloze question on the LM head
+        retention = _retention_measure(args, log)
+        if args.retention and not data.data:  # forgetting only: the suite on the model and its base
+            from deltatune.train.retention import evaluate_retention
+
+            result = {"retention": evaluate_retention(args.retention, args.adapter, args.model, args.retention_base,
+                                                     args.retention_rows, args.retention_data, args.batch_size,
+                                                     args.device, log)}
+        elif args.method == "pattern" or is_pattern_adapter(args.adapter):  # a cloze question on the LM head
             result = evaluate_pattern(data, getattr(args, "pattern", None), adapter=args.adapter, model=args.model,
-                                      batch_size=args.batch_size, device=args.device, progress=args.progress, log=log)
+                                      batch_size=args.batch_size, device=args.device, progress=args.progress, log=log,
+                                      extra=retention)
         else:
             result = evaluate_adapter(data, adapter=args.adapter, model=args.model, batch_size=args.batch_size,
                                       device=args.device, explicit=given, progress=args.progress, log=log,
-                                      max_new_tokens=args.max_new_tokens)
+                                      max_new_tokens=args.max_new_tokens, extra=retention)
     except (ModelLoadError, ValueError) as e:  # DataError and AdapterFileError are ValueErrors
         print(f"deltatune eval: error: {e}", file=sys.stderr)
         return 2
+    if "retention" in result:
+        from deltatune.train.retention import format_table
+
+        print(format_table(result["retention"]), file=sys.stderr)
     print(json.dumps(result))
     return 0
+
+
+def _retention_measure(args: EvalArgs, log):
+    """``deltatune eval --retention`` beside ``--data``: a callable (model, tokenizer) -> {"retention": report}
+    that the evaluation calls on the model it loaded (None without --retention). The suite is checked now."""
+    if not args.retention:
+        return None
+    from deltatune.train.outputs import base_of
+    from deltatune.train.retention import Suite, check_suite, report
+
+    check_suite(args.retention, args.retention_rows, args.retention_data)
+    base = args.retention_base or (None if args.adapter else base_of(args.model))
+
+    def measure(model, tokenizer) -> dict:
+        suite = Suite(args.retention, tokenizer, args.retention_data, args.retention_rows)
+        return {"retention": report(suite, model, base, args.batch_size, log=log)}
+
+    return measure
 
 
 def cmd_merge(argv: list[str]) -> int:

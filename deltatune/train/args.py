@@ -35,7 +35,7 @@ METHOD_ALIASES: dict[str, str] = {"prompt": "prompt_tuning", "ptuning": "p_tunin
 # Settings that may change on --resume without changing the computation.
 RESUMABLE_CHANGES = {"resume", "save_every", "keep", "eval_every", "log_every", "progress", "merge", "max_steps",
                      "epochs", "output", "device", "fast", "max_classes",
-                     "report_to", "keep_best"}
+                     "report_to", "keep_best", "retention", "retention_rows", "retention_data"}
 
 
 class TrainError(RuntimeError):
@@ -119,6 +119,12 @@ class TrainArgs:
     """Experiment logging besides metrics.jsonl: "tensorboard" writes event files to <output>/tensorboard (needs tensorboardX)."""
     keep_best: bool = False
     """Keep the adapter (or model) with the lowest validation loss in <output>/best, with best.json saying its step."""
+    retention: Optional[str] = None
+    """Forgetting: at each evaluation (every --eval-every steps and at the end) measure a suite of held-out general data ("general", "text", "sst2"; docs/training.md) and log retention_<metric> and its _change against the base in metrics.jsonl."""
+    retention_rows: int = 8
+    """--retention: rows of each part of the suite (the first ones of each file)."""
+    retention_data: Optional[str] = None
+    """--retention: the data folder (tinyshakespeare/, alpaca/, chat/, sst2/); default: shared/data beside the checkout, else ../shared/data."""
 
     # -- knowledge distillation (deltatune.train.distill) -------------------------------------------------
     teacher: Optional[str] = None

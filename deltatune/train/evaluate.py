@@ -146,7 +146,7 @@ def eval_data_args(data: DataArgs, info: dict, explicit: Collection[str] = ()) -
 
 def evaluate_adapter(data: DataArgs, adapter: Optional[str] = None, model: Optional[str] = None,
                      batch_size: int = 8, device: str = "auto", explicit: Collection[str] = (),
-                     progress: bool = False, log=None, max_new_tokens: int = 256) -> dict[str, float]:
+                     progress: bool = False, log=None, max_new_tokens: int = 256, extra=None) -> dict[str, float]:
     """Evaluate base model ``model`` (default: the one ``adapter`` records), with ``adapter`` loaded if
     given, on ``data.data``; returns ``evaluate``'s metrics plus ``examples``. The adapter's files are
     checked before anything loads; ``log`` (default: silent) hears what was read and loaded, and
@@ -158,7 +158,8 @@ def evaluate_adapter(data: DataArgs, adapter: Optional[str] = None, model: Optio
     ``AdapterFileError``) or ``ModelLoadError`` on unusable input, naming it; labels the adapter was not
     trained on are such an error. A named task (``--task sst2``, or the one the run recorded) adds
     ``task`` and its official ``score``; GSM8K also generates answers (``max_new_tokens`` each) for its
-    answer accuracy (``deltatune.train.answers``)."""
+    answer accuracy (``deltatune.train.answers``). ``extra`` (optional) is called as ``extra(model, tokenizer)``
+    on the loaded model after the evaluation; its dict joins the result (``deltatune eval --retention``)."""
     import deltatune as dt
     from deltatune.formats.files import read_adapter_files
     from deltatune.hub import load_model, load_tokenizer
@@ -198,4 +199,6 @@ def evaluate_adapter(data: DataArgs, adapter: Optional[str] = None, model: Optio
     if named is not None:
         result["task"], result["score"] = named.name, task_score(named, result)
     result["examples"] = len(ds)
+    if extra is not None:
+        result.update(extra(net, tok))
     return result

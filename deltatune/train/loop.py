@@ -95,6 +95,8 @@ class Run:
     """The newest checkpoint written or resumed from."""
     reporter: Optional[Reporter] = None
     """Where metrics also go (``--report-to``); opened by the loop."""
+    retention: Optional[object] = None
+    """--retention: the suite and its base's numbers (``deltatune.train.retention.Retention``); opened by the loop."""
     meter: Optional[Meter] = None
     """Tokens/s, memory and MFU of each step (made at the first step)."""
     schedule: Optional[BudgetSchedule] = None
@@ -193,6 +195,10 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
     if not 0.0 < args.checkpoint_fraction <= 1.0:
         raise TrainError(f"--checkpoint-fraction must be in (0, 1], got {args.checkpoint_fraction}")
     check_reporter(args.report_to)
+    if args.retention:  # an unknown suite or missing data fails before the model loads
+        from deltatune.train.retention import check_retention
+
+        check_retention(args)
     method = resolve_method(args, method)
     out = Path(args.output)
     ckpt_dir, metrics_path, args_path = out / "checkpoints", out / "metrics.jsonl", out / "train_args.json"
@@ -393,10 +399,21 @@ def _save_best(run: Run, done: int, res: dict) -> None:
     write_json(target / "best.json", {"step": done, **{f"val_{k}": v for k, v in res.items()}})
 
 
+def _retain(run: Run, done: int, log) -> None:
+    """--retention: the suite on the model of step ``done`` against its base, into the metrics log."""
+    record = run.retention.record(run.model, done)
+    append_metrics(run.metrics_path, record)
+    if run.reporter is not None:
+        run.reporter.log(record)
+    log(run.retention.line(record))
+
+
 # -- finish ----------------------------------------------------------------------------------------------------
 def finish(run: Run, result: TrainResult, log=print) -> TrainResult:
     """After the last step: evaluate on the validation data, save the adapter (or model) and the loss plot."""
     result.checkpoint = run.checkpoint
+    if run.retention is not None:
+        _retain(run, run.max_steps, log)
     if run.val_data is not None:
         result.eval = _validate(run, run.max_steps, log)
     result.adapter = save_outputs(run.model, run.tokenizer, run.args, run.data, run.out, run.train_data)
@@ -446,6 +463,10 @@ def _run(run: Run, on_step, log) -> TrainResult:
     """The steps from ``run.start`` to ``run.max_steps``, checkpoints, validation, signals, then ``finish``."""
     args = run.args
     result = TrainResult("done", run.start, run.out)
+    if args.retention and run.retention is None:  # the base's numbers, before this process's first step
+        from deltatune.train.retention import open_retention
+
+        run.retention = open_retention(run, log)
     bar = None
     if args.progress:
         from tqdm import tqdm
@@ -467,6 +488,9 @@ def _run(run: Run, on_step, log) -> TrainResult:
                 if bar is not None:
                     bar.set_postfix(bar_postfix(rec))
                     bar.update(1)
+                if run.retention is not None and args.eval_every > 0 and done % args.eval_every == 0 \
+                        and done < run.max_steps:
+                    _retain(run, done, log)
                 if run.val_data is not None and args.eval_every > 0 and done % args.eval_every == 0 \
                         and done < run.max_steps:
                     _validate(run, done, log)

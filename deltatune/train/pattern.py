@@ -165,10 +165,11 @@ def train_pattern(args: TrainArgs, data: DataArgs, cfg: PatternConfig, log=print
 
 def evaluate_pattern(data: DataArgs, cfg: Optional[PatternConfig] = None, adapter: Optional[str] = None,
                      model: Optional[str] = None, batch_size: int = 8, device: str = "auto", progress: bool = False,
-                     log=None) -> dict:
+                     log=None, extra=None) -> dict:
     """Loss and accuracy of a pattern on ``data.data``: zero-shot from ``cfg`` (template, verbalizer), or
     the pattern adapter at ``adapter`` (its config and soft tokens, LoRA; base model from its run
-    record unless ``model``). Returns ``evaluate``'s metrics plus ``examples``."""
+    record unless ``model``). Returns ``evaluate``'s metrics plus ``examples``, and what ``extra(model,
+    tokenizer)`` returns when given (called on the loaded ``PatternModel``: ``deltatune eval --retention``)."""
     import deltatune as dt
     from deltatune.formats.files import read_adapter_files
     from deltatune.train.evaluate import evaluate
@@ -189,7 +190,7 @@ def evaluate_pattern(data: DataArgs, cfg: Optional[PatternConfig] = None, adapte
     if not model or not data.data:
         raise ValueError("evaluation needs --data and --model (or an --adapter that records its base model)")
     log(f"loading {model} ...")
-    net, _ = load_pattern_model(model, cfg)
+    net, tok = load_pattern_model(model, cfg)
     ds = pattern_dataset(data.data, net, data, log)
     if data.max_examples:
         ds = Dataset(ds.examples[:data.max_examples], ds.task, ds.path, ds.fmt, label_names=ds.label_names)
@@ -199,4 +200,6 @@ def evaluate_pattern(data: DataArgs, cfg: Optional[PatternConfig] = None, adapte
     net.to(resolve_device(device))
     result = evaluate(net, ds, batch_size, progress=progress)
     result["examples"] = len(ds)
+    if extra is not None:
+        result.update(extra(net, tok))
     return result

@@ -33,12 +33,15 @@ from typing import Callable, Optional
 import torch
 
 from deltatune.adapters import adapter_modules, disabled
+from deltatune.methods.pattern import PatternConfig, PatternModel, lm_kind
+from deltatune.train.args import TrainError
 from deltatune.train.data import Dataset, load_dataset
 from deltatune.train.evaluate import evaluate
+from deltatune.train.formats import read_records
 
 __all__ = ["PARTS", "SUITES", "LENGTH", "ROWS", "Part", "Suite", "suite_parts", "find_data_dir", "check_suite",
            "language_model", "compare", "format_table", "report", "evaluate_retention", "Retention",
-           "open_retention"]
+           "check_retention", "open_retention"]
 
 LENGTH = 128
 """Tokens of each Shakespeare block, and the most tokens of an Alpaca record or a chat (longer ones are cut)."""
@@ -123,8 +126,6 @@ def check_suite(name: str, rows: int = ROWS, data_dir: Optional[str] = None) -> 
 def language_model(model: torch.nn.Module) -> torch.nn.Module:
     """The causal LM inside ``model`` (a ``PatternModel``'s ``lm``, else the model itself); ``ValueError``
     for a model that is not a causal LM (a classification head predicts no text)."""
-    from deltatune.methods.pattern import PatternModel, lm_kind
-
     lm = model.lm if isinstance(model, PatternModel) else model
     try:
         kind = lm_kind(lm)
@@ -180,10 +181,6 @@ class Suite:
 
     def _pattern(self, lm):
         """A ``PatternModel`` around ``lm`` asking the SST-2 question (in ``lm``'s train/eval mode)."""
-        from deltatune.methods.pattern import PatternConfig, PatternModel
-        from deltatune.train.args import DataArgs
-        from deltatune.train.pattern import pattern_dataset
-
         try:
             model = PatternModel(lm, PatternConfig(**SST2_PATTERN), self.tokenizer)
         except ValueError as e:
@@ -191,10 +188,20 @@ class Suite:
                              f"use the suite 'text'") from None
         model.train(lm.training)  # a fresh module is in training mode; evaluate() restores this one's mode
         if self._sst2 is None:
-            data = DataArgs(data_format="classification", max_length=LENGTH, max_bad_fraction=1.0)
-            ds = pattern_dataset(self.data_dir / PARTS["sst2"].file, model, data, log=lambda message: None)
-            self._sst2 = _first(ds, self.rows)
+            self._sst2 = self._sst2_rows(model.pattern)
         return model
+
+    def _sst2_rows(self, pattern) -> Dataset:
+        """The first ``rows`` SST-2 rows rendered through ``pattern``: ``input_ids`` and the class index."""
+        path = self.data_dir / PARTS["sst2"].file
+        records, _, _, fmt = read_records(path, "classification")
+        classes = {name: i for i, name in enumerate(pattern.label_names)}
+        picked = [r for r in records if r.label in classes][:self.rows]
+        if not picked:
+            raise ValueError(f"{path}: no row labelled {list(classes)}")
+        examples = [{**pattern.encode(r.text if isinstance(r.text, list) else [r.text], LENGTH)[0],
+                     "label": classes[r.label]} for r in picked]
+        return Dataset(examples, "classification", str(path), fmt, label_names=list(classes))
 
     @torch.no_grad()
     def measure(self, model, batch_size: int = 8, device=None, autocast=None) -> dict[str, float]:
@@ -276,7 +283,6 @@ def evaluate_retention(suite: str, adapter: Optional[str] = None, model: Optiona
     from deltatune.hub import load_model, load_tokenizer
     from deltatune.train.args import resolve_device
     from deltatune.train.outputs import base_of
-    from deltatune.train.pattern import is_pattern_adapter, load_pattern_model
 
     log = log or (lambda message: None)
     check_suite(suite, rows, data_dir)  # before any model loads
@@ -289,10 +295,9 @@ def evaluate_retention(suite: str, adapter: Optional[str] = None, model: Optiona
     tok = load_tokenizer(path)
     measured = Suite(suite, tok, data_dir, rows)
     log(f"loading {path} ...")
-    if adapter and is_pattern_adapter(adapter):
-        net, _ = load_pattern_model(path, saved, tokenizer=tok)
-    else:
-        net, _ = load_model(path, task="causal-lm", tokenizer=tok)
+    net, _ = load_model(path, task="causal-lm", tokenizer=tok)
+    if isinstance(saved, PatternConfig):  # a pattern adapter (soft tokens, LoRA) goes on the LM in its PatternModel
+        net = PatternModel(net, saved, tok)
     if adapter:
         dt.load_adapter(net, adapter, name="default")
     net.to(resolve_device(device)).eval()
@@ -322,19 +327,35 @@ class Retention:
             f"{k[len('retention_'):]} {record[k]:.4g} ({record[k + '_change']:+.3g})" for k in keys)
 
 
+def check_retention(args) -> None:
+    """Before a training run loads anything: ``TrainError`` for an unknown ``args.retention`` suite, bad
+    ``retention_rows`` or a missing data file."""
+    try:
+        check_suite(args.retention, args.retention_rows, args.retention_data)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
 def open_retention(run, log=print) -> Optional[Retention]:
     """The ``Retention`` of a prepared training run (``deltatune.train.loop.Run``), None without
     ``--retention``. The base's numbers: from ``<output>/retention_base.json`` when it matches the
     suite, rows, data and model; else measured now with the adapters disabled, or, for --method full,
-    on the model as it is before its first step (a resumed full run loads ``args.model`` apart)."""
+    on the model as it is before its first step (a resumed full run loads ``args.model`` apart).
+    Raises ``TrainError`` for what it cannot measure (no tokenizer, several processes, not a causal LM)."""
     args = run.args
     if not getattr(args, "retention", None):
         return None
     if run.tokenizer is None:
-        from deltatune.train.args import TrainError
-
         raise TrainError("--retention needs the model's tokenizer (pass tokenizer= to train())")
-    suite = Suite(args.retention, run.tokenizer, args.retention_data, args.retention_rows)
+    world = getattr(run, "world", None)
+    if world is not None and getattr(world, "size", 1) > 1:
+        raise TrainError("--retention measures on one process; run it without torchrun, or evaluate the saved "
+                         "adapter with deltatune eval --retention")
+    try:
+        suite = Suite(args.retention, run.tokenizer, args.retention_data, args.retention_rows)
+        language_model(run.model)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     key = {"suite": suite.name, "rows": suite.rows, "data": str(suite.data_dir.resolve()), "model": args.model,
            "length": LENGTH}
     cache = Path(run.out) / BASE_CACHE
@@ -346,8 +367,7 @@ def open_retention(run, log=print) -> Optional[Retention]:
             saved = {}
         if saved.get("key") == key:
             base = saved.get("metrics")
-    autocast = run.autocast
-    batch = args.micro_batch
+    autocast, batch = run.autocast, args.micro_batch
     if base is None:
         if _has_adapters(run.model):
             with disabled(run.model):

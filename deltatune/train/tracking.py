@@ -15,7 +15,7 @@ REPORTERS = ("none", "tensorboard")
 
 class Reporter:
     """Sends each metrics record (``{"step": n, "loss": ..., "val_loss": ...}``) to TensorBoard as
-    scalars ``train/<name>`` and ``val/<name>``; the event files go to ``<output>/tensorboard``."""
+    scalars ``train/<name>``, ``val/<name>`` and ``retention/<name>``; the event files go to ``<output>/tensorboard``."""
 
     def __init__(self, out: Path):
         from tensorboardX import SummaryWriter
@@ -27,7 +27,8 @@ class Reporter:
         step = int(record["step"])
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
-                name = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+                name = f"val/{key[4:]}" if key.startswith("val_") else f"retention/{key[10:]}" \
+                    if key.startswith("retention_") else f"train/{key}"
                 self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
