@@ -198,6 +198,12 @@ def test_bad_input_is_refused_before_anything_changes(tmp_path):
     with pytest.raises(ValueError, match="before other adapters"):
         dt.add_adapter(lora_first, dt.BlockExpansionConfig(num_blocks=1), name="blocks")
 
+    from deltatune.quant import quantize_model
+
+    quantized = quantize_model(llama(), kind="nf4")
+    with pytest.raises(ValueError, match="quantized base"):
+        dt.add_adapter(quantized, dt.BlockExpansionConfig(num_blocks=1))
+
     deeper = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=L + 2, num_attention_heads=4,
         num_key_value_heads=2))

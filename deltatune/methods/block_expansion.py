@@ -175,10 +175,12 @@ def _plan(model: nn.Module, cfg: BlockExpansionConfig) -> tuple[str, nn.ModuleLi
         if nested:
             raise ValueError(f"block_expansion: layer {i} already carries adapters at {nested[:3]}; add the block "
                              f"expansion before other adapters (its copies must be of the base's own weights)")
-        odd = [n for n, p in block.named_parameters() if not p.is_floating_point()]
+        tensors = [*block.named_parameters(), *block.named_buffers()]
+        odd = [n for n, t in tensors if not t.is_floating_point()]
+        odd += [p for p in ZEROED if not isinstance(getattr(block.get_submodule(p), "weight", None), nn.Parameter)]
         if odd:
-            raise ValueError(f"block_expansion: layer {i} has non-float weights {odd[:3]} (a quantized base); "
-                             f"new blocks copy the base's float weights, so expand before quantizing")
+            raise ValueError(f"block_expansion: layer {i} has non-float or no plain weights at {odd[:3]} (a quantized base); "
+                             f"new blocks are copies of the base's float weights: use a float base (no --quant)")
         if cfg.train == "lora":
             _lora_targets(block, cfg)  # ValueError if the targets match no linear of the block
     return path, layers, after
