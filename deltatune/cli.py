@@ -24,7 +24,7 @@ from deltatune.cli_args import (  # noqa: F401  (_field_docs: still importable f
 __all__ = ["main", "dataclass_parser", "parse_dataclass", "train_parser", "parse_train_args", "parse_eval_args",
            "EvalArgs", "MergeArgs", "ExportArgs"]
 
-USAGE = """usage: deltatune {demo,train,eval,merge,export,generate,chat,serve,bench,models,distill-data} ...
+USAGE = """usage: deltatune {demo,train,eval,merge,export,generate,chat,serve,bench,models,distill-data,convert} ...
 
   demo    fine-tune SmolLM2-135M-Instruct with LoRA on a built-in task, on CPU, in minutes
   train   train an adapter (or the full model): deltatune train --model M --data D --output O
@@ -36,6 +36,7 @@ USAGE = """usage: deltatune {demo,train,eval,merge,export,generate,chat,serve,be
   serve   an OpenAI-compatible HTTP server: deltatune serve --model M --adapter NAME=DIR ...
   bench   speed and memory benchmarks (deltatune bench --help)
   models  paths of the installed real models (SmolLM2 GGUF, MiniLM), to pass as --model
+  convert a kohya / LyCORIS LoRA file <-> PEFT adapter directories: deltatune convert IN OUT --to peft|kohya
   distill-data  the model rewrites a data file's responses in its own words, kept where a check passes (SDFT)
 
 Run `deltatune COMMAND --help` for the flags of a command."""
@@ -408,6 +409,30 @@ def cmd_distill_data(argv: list[str]) -> int:
                             refusal=RequestRefused)
 
 
+def cmd_convert(argv: list[str]) -> int:
+    """``deltatune convert IN OUT --to peft|kohya``: whole adapter files, no model (formats/kohya_convert.py)."""
+    import argparse
+
+    from deltatune.formats.kohya_convert import convert
+
+    prog = "deltatune convert"
+    parser = argparse.ArgumentParser(prog=prog, description="Convert a kohya / LyCORIS file (Stable Diffusion LoRA, "
+                                     "LoCon, LoHa, LoKr) into PEFT adapter directories OUT/<component>, or back.")
+    parser.add_argument("input", help="a kohya .safetensors file (--to peft) or PEFT directories (--to kohya)")
+    parser.add_argument("output", help="the directory of PEFT directories (--to peft) or the kohya file (--to kohya)")
+    parser.add_argument("--to", required=True, choices=("peft", "kohya"), help="the format to write")
+    parser.add_argument("--component", default=None, help="--to kohya from one PEFT directory: its component "
+                        "(unet, text_encoder, text_encoder_2; default: as recorded, else unet)")
+    args = parser.parse_args(argv)
+    try:
+        written = convert(args.input, args.output, args.to, args.component)
+    except (ValueError, OSError) as e:
+        fail(prog, str(e))
+    for path in written if isinstance(written, list) else [written]:
+        print(f"written: {path}")
+    return 0
+
+
 def cmd_bench(argv: list[str]) -> int:
     try:
         from deltatune.benchmark import main as bench_main
@@ -419,7 +444,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export, "demo": cmd_demo,
-            "bench": cmd_bench, "models": cmd_models, "generate": cmd_serve,
+            "bench": cmd_bench, "models": cmd_models, "convert": cmd_convert, "generate": cmd_serve,
             "chat": functools.partial(cmd_serve, command="chat"), "serve": cmd_http,
             "distill-data": cmd_distill_data}
 

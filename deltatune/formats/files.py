@@ -19,7 +19,7 @@ from deltatune.adapters import (
     FULL, FullCopies, DeltaLayer, Method, ModelMethod, adapter_params, add_adapter, adapter_record, describe_adapter,
     geometry_for, load_description, matches_name, method_for, remove_adapter, select_targets,
 )
-from deltatune.formats import adapterhub, native, peft, peft_prompt
+from deltatune.formats import adapterhub, kohya, native, peft, peft_prompt
 from deltatune.formats.atomic import atomic_write
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_files", "AdapterFileError", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -70,16 +70,27 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, base_model: str | None = None,
-                 task: str | None = None, revision: str | None = None) -> Path:
+                 task: str | None = None, revision: str | None = None, format: str = "peft",
+                 component: str | None = None, metadata: dict[str, str] | None = None) -> Path:
     """Write adapter ``name`` of ``model`` to directory ``path``; returns the directory.
 
     LoRA adapters are written in PEFT's format (PEFT loads them); other methods in deltatune's own.
     ``base_model`` (a hub id or a local directory; default: the model's ``name_or_path``, as PEFT
     records it), ``task`` ("causal-lm" or "classification"; default: from the model's class) and
     ``revision`` are recorded so that PEFT's ``AutoPeftModelFor*.from_pretrained(path)`` finds the base.
+    ``format="kohya"`` writes the kohya / LyCORIS file ``path`` instead (LoRA, LoHa, LoKr of a Stable
+    Diffusion ``component``: "unet", "text_encoder", "text_encoder_2"; ``metadata`` such as ``ss_*``
+    recorded; other components already in the file kept; ``formats/kohya.py``); returns the file.
     """
     from safetensors.torch import save_file
 
+    if format == "kohya":
+        try:
+            return kohya.save_for_model(model, path, name, component=component, metadata=metadata)
+        except ValueError as e:
+            raise AdapterFileError(str(e)) from None
+    if format != "peft":
+        raise ValueError(f"format {format!r}: expected 'peft' (PEFT's or deltatune's directory) or 'kohya'")
     configs = adapter_record(model).configs
     if name not in configs:
         raise KeyError(f"no adapter named {name!r} on this model (have {sorted(configs)})")
@@ -191,14 +202,23 @@ def _model_expected(model: nn.Module, cfg, method, fmt, config_path: Path) -> di
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", activate: bool = True,
-                 trainable: bool = False) -> nn.Module:
+                 trainable: bool = False, *, component: str | None = None, format: str | None = None) -> nn.Module:
     """Load an adapter directory (PEFT-made or ours) from ``path`` as adapter ``name``.
 
     Everything is checked before the model is touched: every key must name a module the model has,
     with the shape the config and the module give; on any error the model is left as it was.
     With ``trainable=False`` the loaded parameters do not require grad. AdapterHub's bottleneck
-    adapters (saved with safetensors) load too (``formats/adapterhub.py``). Returns ``model``.
+    adapters (saved with safetensors) load too (``formats/adapterhub.py``). A ``.safetensors`` file
+    (or ``format="kohya"``) is read as a kohya / LyCORIS file: the modules of ``component`` ("unet",
+    "text_encoder", "text_encoder_2"; default: from the model's class) are applied, the others counted
+    in a ``KohyaSkipped`` warning (``formats/kohya.py``). Returns ``model``.
     """
+    if format == "kohya" or (format is None and Path(path).suffix == ".safetensors" and not Path(path).is_dir()):
+        try:
+            cfg, parts, _ = kohya.parts_for_model(model, path, component)
+        except ValueError as e:
+            raise AdapterFileError(str(e)) from None
+        return _add_and_load(model, cfg, name, parts, activate, trainable)
     if adapterhub.is_adapterhub_dir(path):
         try:
             cfg, parts = adapterhub.read_adapterhub(model, path)
