@@ -6,7 +6,9 @@ virtual environment (a clean one, not seeing our transformers 5) under ~/.cache/
 that builds a tiny random BERT with Houlsby (double_seq_bn), Pfeiffer (seq_bn) and parallel (par_bn)
 adapters, saves the base weights and each adapter with safetensors plus the outputs on fixed inputs;
 then here the base weights go into our transformers-5 ``BertModel``, each adapter directory loads with
-``dt.load_adapter`` (``formats/adapterhub.py``) and the outputs must agree to 1e-5.
+``dt.load_adapter`` (``formats/adapterhub.py``) and the outputs must agree to 1e-5. The other way round,
+adapters we write with ``dt.save_adapter(..., format="adapterhub")`` load with the library's
+``load_adapter`` there (a second script) with outputs equal to ours, also to 1e-5.
 
 Skipped with the reason where the environment cannot be made (no network). DELTATUNE_TEST_VENVS moves
 the cache; DELTATUNE_ADAPTERHUB_VENV=0 skips instead of making it.
@@ -66,6 +68,35 @@ for name, config in {made}.items():
     model.set_active_adapters(None)
 save_file({{k: v.contiguous() for k, v in tensors.items()}}, out + "/outputs.safetensors")
 print(adapters.__version__, transformers.__version__)
+"""
+
+
+# name: our config (written with format="adapterhub", loaded by the library)
+WRITTEN = {
+    "houlsby": dict(placement="houlsby", activation="swish", reduction_factor=4, scaling=0.5),
+    "pfeiffer": dict(placement="pfeiffer", activation="gelu", reduction_factor=8, scaling=2.0, init="houlsby"),
+    "parallel": dict(placement="parallel", activation="relu", reduction_factor=2.5, scaling=4.0),
+}
+
+LOAD_SCRIPT = """
+import sys, torch, transformers, adapters
+from safetensors.torch import load_file, save_file
+out, names = sys.argv[1], sys.argv[2:]
+model = transformers.BertModel(transformers.BertConfig(**{bert})).eval()
+model.load_state_dict(load_file(out + "/base.safetensors"), strict=True)
+adapters.init(model)
+ref = load_file(out + "/ours.safetensors")
+outputs = {{}}
+for name in names:
+    info = {{}}
+    loaded = model.load_adapter(out + "/" + name, use_safetensors=True, loading_info=info)
+    assert loaded == name and not info["missing_keys"] and not info["unexpected_keys"], info
+    model.set_active_adapters(name)
+    with torch.no_grad():
+        outputs[name] = model(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"]).last_hidden_state
+    model.set_active_adapters(None)
+    model.delete_adapter(name)
+save_file(outputs, out + "/theirs.safetensors")
 """
 
 
@@ -157,3 +188,33 @@ def test_adapterhub_adapter_roundtrips_through_our_format(adapterhub_files, tmp_
     fresh = _our_bert(adapterhub_files)
     dt.load_adapter(fresh, tmp_path / "ours")
     assert (_out(fresh, ref) - ref["pfeiffer"]).abs().max().item() <= 1e-5
+
+
+def test_our_adapterhub_files_load_in_the_adapters_library_with_equal_outputs(adapterhub_files, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ref = load_file(str(adapterhub_files / "outputs.safetensors"))
+    (tmp_path / "base.safetensors").symlink_to(adapterhub_files / "base.safetensors")
+    ours = {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]}
+    g = torch.Generator().manual_seed(3)
+    for name, cfg in WRITTEN.items():
+        model = _our_bert(adapterhub_files)
+        dt.add_adapter(model, dt.BottleneckConfig(**cfg), name=name)
+        model.eval()
+        with torch.no_grad():  # weights well away from the init, so the adapter changes the output
+            for p in dt.adapter_params(model, name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        ours[name] = _out(model, ref)
+        assert (ours[name] - ref["base"]).abs().max().item() > 1e-2
+        dt.save_adapter(model, tmp_path / name, name=name, format="adapterhub")
+    save_file(ours, str(tmp_path / "ours.safetensors"))
+    script = tmp_path / "load.py"
+    script.write_text(textwrap.dedent(LOAD_SCRIPT).format(bert=BERT))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    run = subprocess.run([str(_adapterhub_python()), str(script), str(tmp_path), *WRITTEN], capture_output=True,
+                         text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = load_file(str(tmp_path / "theirs.safetensors"))
+    for name in WRITTEN:
+        diff = (theirs[name] - ours[name]).abs().max().item()
+        assert diff <= 1e-5, (name, diff)

@@ -402,6 +402,68 @@ def test_adapterhub_files_load_and_bad_ones_fail_naming_what(tmp_path):
     assert not dt.list_adapters(fresh)
 
 
+@pytest.mark.parametrize("cfg", [
+    dict(placement="houlsby", activation="swish", reduction_factor=4, scaling=0.5, init="bert"),
+    dict(placement="pfeiffer", activation="gelu", reduction_factor=2.5, dropout=0.1, init="houlsby"),
+    dict(placement="parallel", activation="relu", scaling=4.0),
+])
+def test_adapterhub_files_written_read_back_equal(tmp_path, cfg):
+    from safetensors.torch import load_file
+
+    from deltatune.formats.adapterhub import read_adapterhub
+
+    torch.manual_seed(0)
+    model = _models.bert().eval()
+    base = copy.deepcopy(model)
+    batch = _models.inputs("bert")
+    config = dt.BottleneckConfig(**cfg)
+    dt.add_adapter(model, config, name="task")
+    model.eval()  # the new modules train (dropout on)
+    _randomize(model)
+    want = _models.output(model, batch)
+    out = dt.save_adapter(model, tmp_path / "hub", name="task", format="adapterhub")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    raw = json.loads((out / "adapter_config.json").read_text())
+    assert raw["name"] == "task" and raw["model_class"] == "BertForSequenceClassification"
+    assert raw["version"].startswith("adapters.") and raw["config"]["non_linearity"] == cfg["activation"]
+    tensors = load_file(out / "adapter.safetensors")
+    sites = [p for p, m in dt.adapter_modules(model) if m.adapter_names()]
+    assert sorted(tensors) == sorted(f"{p}.adapters.task.{part}" for p in sites for part in (
+        "adapter_down.0.weight", "adapter_down.0.bias", "adapter_up.weight", "adapter_up.bias"))
+
+    fresh = copy.deepcopy(base)
+    read_cfg, parts = read_adapterhub(fresh, out)
+    assert read_cfg == config
+    assert sorted(parts) == sorted(sites)
+    for path in sites:
+        described = model.get_submodule(path).describe("task")
+        assert parts[path].keys() == described.keys()
+        assert all(torch.equal(parts[path][r], described[r]) for r in described)
+    dt.load_adapter(fresh, out, name="task")
+    fresh.eval()
+    assert dt.list_adapters(fresh)["task"] == config
+    torch.testing.assert_close(_models.output(fresh, batch), want, atol=0, rtol=0)
+
+
+def test_what_adapterhub_files_cannot_hold_is_refused_naming_it(tmp_path):
+    torch.manual_seed(0)
+    bert, llama = _models.bert().eval(), _models.llama().eval()
+    dt.add_adapter(bert, dt.BottleneckConfig(train_layer_norms=True), name="ln")
+    dt.add_adapter(bert, dt.BottleneckConfig(modules_to_save=["classifier"]), name="head")
+    dt.add_adapter(bert, dt.LoraConfig(r=2, targets=["query"]), name="lora")
+    dt.add_adapter(llama, dt.BottleneckConfig(placement="pfeiffer"), name="dec")
+    cases = [(bert, "ln", r"adapter 'ln': train_layer_norms=True cannot be written in AdapterHub's format"),
+             (bert, "head", r"modules_to_save=\['classifier'\] cannot be written"),
+             (bert, "lora", r"adapter 'lora' is a lora adapter; AdapterHub's format is written for bottleneck"),
+             (llama, "dec", r"module 'model.layers.0.mlp.down_proj' \(DeltaLayer\) is not a post-norm block")]
+    for model, name, match in cases:
+        with pytest.raises(dt.AdapterFileError, match=match):
+            dt.save_adapter(model, tmp_path / name, name=name, format="adapterhub")
+        assert not (tmp_path / name).exists()  # checked before anything is written
+    with pytest.raises(ValueError, match="expected 'peft'.*'adapterhub'"):
+        dt.save_adapter(bert, tmp_path / "x", name="ln", format="adapterhub-v2")
+
+
 def test_deltatune_train_method_bottleneck_from_the_command_line(tmp_path):
     from test_train import make_tiny_llama, write_task
 

@@ -81,6 +81,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     ``format="kohya"`` writes the kohya / LyCORIS file ``path`` instead (LoRA, LoHa, LoKr of a Stable
     Diffusion ``component``: "unet", "text_encoder", "text_encoder_2"; ``metadata`` such as ``ss_*``
     recorded; other components already in the file kept; ``formats/kohya.py``); returns the file.
+    ``format="adapterhub"`` writes a bottleneck adapter as AdapterHub's ``adapters`` library saves one
+    (``adapter_config.json`` + ``adapter.safetensors``; ``formats/adapterhub.py``).
     """
     from safetensors.torch import save_file
 
@@ -89,8 +91,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             return kohya.save_for_model(model, path, name, component=component, metadata=metadata)
         except ValueError as e:
             raise AdapterFileError(str(e)) from None
+    if format == "adapterhub":
+        try:
+            return adapterhub.write_adapterhub(model, path, name)
+        except ValueError as e:
+            raise AdapterFileError(str(e)) from None
     if format != "peft":
-        raise ValueError(f"format {format!r}: expected 'peft' (PEFT's or deltatune's directory) or 'kohya'")
+        raise ValueError(f"format {format!r}: expected 'peft' (PEFT's or deltatune's directory), 'kohya' or "
+                         f"'adapterhub'")
     configs = adapter_record(model).configs
     if name not in configs:
         raise KeyError(f"no adapter named {name!r} on this model (have {sorted(configs)})")
