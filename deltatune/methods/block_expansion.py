@@ -230,19 +230,19 @@ class ExpandedLayers(nn.ModuleList):
         self._base_config = {k: copy.copy(getattr(config, k)) for k in ("num_hidden_layers", "layer_types")
                              if hasattr(config, k)}
         types = getattr(config, "layer_types", None)
-        self._types = None if types is None else [types[i] for i, _ in self._origins()]
+        self._types = None if types is None else [types[i] for i in self._sources()]
         self._active: list[str] = []
         self._enabled = True
         self._hooks: dict[int, object] = {}
         self.merged: list[str] = []  # new blocks are already the model's own weights: nothing to fold
         self._renumber(list(self), len(self), self._types)
 
-    def _origins(self) -> list[tuple[int, bool]]:
-        """(base layer index, is new) by expanded index: a new block's is the layer it copies."""
+    def _sources(self) -> list[int]:
+        """The base layer of each expanded index: its own, or for a new block the layer it copies."""
         out, i = [], -1
         for new in self.is_new:
             i += 0 if new else 1
-            out.append((i, new))
+            out.append(i)
         return out
 
     def _renumber(self, blocks: list[nn.Module], count: int, types) -> None:
