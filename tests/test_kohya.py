@@ -478,3 +478,61 @@ def test_component_without_modules_and_pickles_are_refused(tmp_path):
     with pytest.raises(dt.AdapterFileError, match="pickle"):
         dt.load_adapter(unet, tmp_path / "x.ckpt", name="x", format="kohya")
     assert _untouched(te) and _untouched(unet)
+
+
+# -- several style files at chosen strengths -----------------------------------------------------------------
+def test_weighted_styles_match_diffusers_set_adapters(tmp_path):
+    unet = sd_unet()
+    a = save(lora_tensors(unet, "lora_unet_", seed=1, where=("attentions",)), tmp_path / "a.safetensors")
+    b = save(lora_tensors(unet, "lora_unet_", seed=2, rank=2, alpha=1.0), tmp_path / "b.safetensors")
+    ref = copy.deepcopy(unet)
+    diffusers_unet(ref, a, name="a")
+    diffusers_unet(ref, b, name="b")
+    ref.set_adapters(["a", "b"], weights=[0.7, 0.4])
+    expected = unet_out(ref)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    dt.load_adapter(unet, a, name="a")
+    dt.load_adapter(unet, b, name="b")
+    dt.set_active(unet, {"a": 0.7, "b": 0.4})
+    torch.testing.assert_close(unet_out(unet), expected, atol=ATOL, rtol=0)
+    dt.merge(unet)  # each folded in at its weight
+    torch.testing.assert_close(unet_out(unet), expected, atol=ATOL, rtol=0)
+    dt.set_active(unet, {"a": 1.0, "b": 1.0})  # a merge keeps the weight it was made with
+    dt.unmerge(unet)
+    after = unet.state_dict()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, atol=1e-6, rtol=0)
+
+
+def test_weighted_loha_and_refused_weighted_dora_merge(tmp_path):
+    from lycoris.modules import LoConModule, LohaModule
+
+    unet = sd_unet()
+    path, _ = _lycoris_file(unet, {p: (LohaModule, dict(lora_dim=2, alpha=1.0)) for p in (ATTN, CONV3)},
+                            tmp_path / "h.safetensors")
+    base = unet_out(unet)
+    dt.load_adapter(unet, path, name="h")
+    full = unet_out(unet)
+    dt.set_active(unet, {"h": 0.5})
+    half = unet_out(unet)
+    # a single layer adapted at weight 0.5 moves its output half way; the network is not linear, so check a layer
+    layer = unet.get_submodule(ATTN)
+    x = torch.randn(2, 3, layer.in_features)
+    with torch.no_grad():
+        y_half = layer(x)
+        dt.set_active(unet, "h")
+        y_full = layer(x)
+        with dt.disabled(unet):
+            y_base = layer(x)
+    torch.testing.assert_close(y_half, y_base + 0.5 * (y_full - y_base), atol=ATOL, rtol=0)
+    assert (half - base).abs().max() > 0 and (half - full).abs().max() > 0
+
+    dora = sd_unet()
+    path, _ = _lycoris_file(dora, {ATTN: (LoConModule, dict(lora_dim=4, alpha=2.0, weight_decompose=True))},
+                            tmp_path / "d.safetensors")
+    dt.load_adapter(dora, path, name="d")
+    dt.set_active(dora, {"d": 0.5})
+    w = dora.get_submodule(ATTN).weight.clone()
+    with pytest.raises(ValueError, match="merges only at weight 1"):
+        dt.merge(dora)
+    assert torch.equal(dora.get_submodule(ATTN).weight, w)

@@ -49,6 +49,10 @@ class DeltaLayer(nn.Module):
         self.deltas = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
+        # Per-adapter strengths other than 1 (``set_active(model, {name: weight})``): the delta's effect is
+        # scaled by it, unmerged and merged alike; ``_merged_weights`` keeps the one each merge used.
+        self.weights: dict[str, float] = {}
+        self._merged_weights: dict[str, float] = {}
         self.enabled = True
         # The execution path: a callable ``impl(layer, x) -> y`` computing what ``plain_forward`` does
         # (the fused training path sets it), or None for the plain forward.
@@ -83,6 +87,7 @@ class DeltaLayer(nn.Module):
         del self.deltas[name]
         if name in self.active:
             self.active.remove(name)
+        self.weights.pop(name, None)
 
     def restore(self) -> nn.Module:
         base = self.base_module
@@ -94,19 +99,28 @@ class DeltaLayer(nn.Module):
 
     def merge(self, name: str) -> None:
         if name not in self.merged:
+            weight = self.weights.get(name, 1.0)
+            delta = self.deltas[name]
+            if weight != 1.0 and not getattr(delta, "additive", False):
+                raise ValueError(f"adapter {name!r} ({delta.method}) merges only at weight 1: its ΔW depends on the "
+                                 f"weight it is merged into, so a scaled merge could not be taken back out")
             with torch.no_grad():
-                delta = self.deltas[name]
                 bias = self._bias_delta(delta, merging=True)  # from the bias before the weight changes
-                self.geometry.add_to_weight(self, delta.merge_delta(self))
+                change = delta.merge_delta(self)
+                self.geometry.add_to_weight(self, change if weight == 1.0 else weight * change)
                 self._add_to_bias(bias)
             self.merged.append(name)
+            if weight != 1.0:
+                self._merged_weights[name] = weight
 
     def unmerge(self, name: str) -> None:
         if name in self.merged:
+            weight = self._merged_weights.pop(name, 1.0)
             with torch.no_grad():
                 delta = self.deltas[name]
                 bias = self._bias_delta(delta, merging=False)
-                self.geometry.add_to_weight(self, delta.unmerge_delta(self))
+                change = delta.unmerge_delta(self)
+                self.geometry.add_to_weight(self, change if weight == 1.0 else weight * change)
                 self._add_to_bias(bias)
             self.merged.remove(name)
 
@@ -147,7 +161,12 @@ class DeltaLayer(nn.Module):
         y = self.geometry.base_forward(self, x)
         for name, delta in self.deltas.items():
             if name not in self.merged:
-                y = delta.apply(self, x, y, self.enabled and name in self.active)
+                on = self.enabled and name in self.active
+                weight = self.weights.get(name, 1.0) if on else 1.0
+                if weight == 1.0:
+                    y = delta.apply(self, x, y, on)
+                else:  # the delta's effect scaled: linear in W, so merged and unmerged agree
+                    y = y + weight * (delta.apply(self, x, y, True) - y)
         return y
 
     # -- what the fused path and CUDA graphs ask --------------------------------------------------
@@ -173,13 +192,18 @@ class DeltaLayer(nn.Module):
             low_rank = self.deltas[name].low_rank(self.training)
             if low_rank is None:
                 return None
+            strength = self.weights.get(name, 1.0)
+            if strength != 1.0:
+                if len(low_rank) != 3:  # an output scale (DoRA) does not scale linearly: the plain forward
+                    return None
+                low_rank = (low_rank[0], low_rank[1], low_rank[2] * strength)
             factors.append(low_rank)
         return weight, getattr(self, "bias", None), factors
 
     def state_signature(self) -> tuple:
         """What a CUDA-graph capture of this layer depends on besides its tensors."""
         return (self.enabled, tuple(self.merged), self.forward_impl,
-                tuple((n, self.deltas[n].signature()) for n in self.active if n in self.deltas))
+                tuple((n, self.deltas[n].signature(), self.weights.get(n, 1.0)) for n in self.active if n in self.deltas))
 
     def extra_repr(self) -> str:
         return f"{type(self.base_module).__name__}, active={self.active}, merged={self.merged}"

@@ -162,16 +162,30 @@ def _in_tree(model: nn.Module, path: str, module: nn.Module) -> bool:
         return False
 
 
-def set_active(model: nn.Module, names: str | list[str]) -> nn.Module:
-    """Make ``names`` (one name, or a list whose outputs are summed) the active adapters."""
+def set_active(model: nn.Module, names: str | list[str] | dict[str, float]) -> nn.Module:
+    """Make ``names`` (one name, or a list whose outputs are summed) the active adapters.
+
+    A dict ``{name: weight}`` also scales each adapter's effect (several style files at chosen strengths);
+    ``merge`` folds an adapter in at its weight then (deltas with ``additive = True``, whose ΔW does not
+    depend on W, such as LoRA's) and ``unmerge`` takes out what the merge put in. Weights apply to weight deltas; an adapter with full copies or
+    virtual tokens takes weight 1 only.
+    """
+    weights = dict(names) if isinstance(names, dict) else {}
     names = [names] if isinstance(names, str) else list(names)
     known = adapter_record(model).configs
     unknown = [n for n in names if n not in known]
     if unknown:
         raise KeyError(f"no adapter named {unknown} on this model (have {sorted(known)})")
+    scaled = {n: float(w) for n, w in weights.items() if float(w) != 1.0}
+    for path, module in adapter_modules(model):
+        if not isinstance(module, DeltaLayer) and set(scaled) & set(module.adapter_names()):
+            raise ValueError(f"adapter(s) {sorted(set(scaled) & set(module.adapter_names()))} at {path!r} "
+                             f"({type(module).__name__}) cannot take a weight other than 1")
     for _, module in adapter_modules(model):
         held = module.adapter_names()
         module.active = [n for n in names if n in held]
+        if isinstance(module, DeltaLayer):
+            module.weights = {n: w for n, w in scaled.items() if n in held}
     return model
 
 

@@ -131,6 +131,7 @@ class LoraDelta(nn.Module):
     """One LoRA adapter on one layer: parameters ``A`` and ``B``, and its rank, alpha, scale, dropout."""
 
     method = "lora"
+    additive = True  # ΔW does not depend on W: merging at a weight w adds w·ΔW, unmerging takes it out
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, rank: int, alpha: float, scale: float, dropout: float,
                  init: str = "kaiming"):
