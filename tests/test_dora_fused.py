@@ -31,7 +31,7 @@ def _scale_magnitudes(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in dt.adapter_params(model, role="magnitude"):
-            p.mul_((1.0 + 0.3 * torch.randn(p.shape, generator=g)).to(p.dtype))
+            p.mul_((1.0 + 0.3 * torch.randn(p.shape, generator=g)).to(p.device, p.dtype))
 
 
 def tiny_llama(dtype=torch.float32, quant=None, device="cpu", seed=0, layers=2):

@@ -516,7 +516,8 @@ def test_a_step_waits_for_the_gpu_once(tiny, tmp_path, fast):
                 loop.step(run, i)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    # torch also warns once that the debug mode "is a prototype feature": that notice is not a sync
+    syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
     assert len(syncs) <= 4, syncs  # one a step
 
 
