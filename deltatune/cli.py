@@ -71,7 +71,7 @@ class EvalArgs:
     """--retention: the base model to compare with, loaded apart (needed for a fully fine-tuned model unless its deltatune_train.json names it); default: the adapter disabled."""
 
 
-EVAL_DATA_EXCLUDE = ("val_data", "val_fraction")
+EVAL_DATA_EXCLUDE = ("val_data", "val_fraction", "resolution", "instance_prompt", "class_data", "class_prompt")
 """DataArgs fields that mean nothing to ``deltatune eval``."""
 EVAL_DATA_DEFAULTS = {"max_bad_fraction": 1.0, "data_format": None, "task": None, "text_columns": None,
                       "label_column": None}
@@ -180,6 +180,7 @@ def parse_train_args(argv: list[str], prog: str = "deltatune train"):
 def cmd_train(argv: list[str]) -> int:
     from deltatune.hub import ModelLoadError
     from deltatune.train import CheckpointError, DataError, TrainError, train
+    from deltatune.train.diffusion_run import is_diffusion_model, train_diffusion
 
     try:
         args, data, method = parse_train_args(argv)
@@ -202,6 +203,8 @@ def cmd_train(argv: list[str]) -> int:
             from deltatune.train.pattern import train_pattern
 
             result = train_pattern(args, data, method)
+        elif data.task == "diffusion" or (data.task == "auto" and is_diffusion_model(args.model)):
+            result = train_diffusion(args, data, method)  # a diffusers pipeline directory
         else:
             result = train(args, data, method)
     except (TrainError, DataError, ModelLoadError, CheckpointError) as e:

@@ -134,6 +134,14 @@ class TrainArgs:
     distill_weight: float = 0.5
     """With --teacher: the weight α in [0, 1] of the distillation term (0: plain fine-tuning, 1: distillation only)."""
 
+    # -- diffusion models (deltatune.train.diffusion) ---------------------------------------------------------
+    train_text_encoder: bool = False
+    """Diffusion: also put the adapter on the text encoder's attention projections (default: the UNet's only)."""
+    prior_loss_weight: float = 1.0
+    """Diffusion with --class-data: the weight of the class images' loss (DreamBooth's prior preservation)."""
+    prediction_type: Literal["auto", "epsilon", "v_prediction", "sample"] = "auto"
+    """Diffusion: what the UNet learns to predict; "auto": the scheduler config's prediction_type."""
+
 
 @dataclass
 class DataArgs:
@@ -161,8 +169,16 @@ class DataArgs:
     """Stop if more than this fraction of the data rows is bad (they are listed by line number)."""
     max_classes: int = 100
     """Classification: refuse a label column with more distinct values than this, or with about one per row (a text column named by mistake); 0 = no check."""
-    task: Literal["auto", "causal-lm", "classification", "sst2", "mrpc", "cola", "rte", "gsm8k"] = "auto"
-    """Model head ("auto": classification for TSV/CSV data, else causal-lm; eval: as recorded), or a named task (sst2, mrpc, cola, rte, gsm8k) that also fixes the columns, labels and official metric (deltatune.train.tasks)."""
+    task: Literal["auto", "causal-lm", "classification", "sst2", "mrpc", "cola", "rte", "gsm8k", "diffusion"] = "auto"
+    """Model head ("auto": classification for TSV/CSV data, diffusion for a diffusers pipeline directory, else causal-lm; eval: as recorded), or a named task (sst2, mrpc, cola, rte, gsm8k) that also fixes the columns, labels and official metric (deltatune.train.tasks)."""
+    resolution: int = 512
+    """Diffusion: images are resized (shorter side) and center-cropped to this many pixels square."""
+    instance_prompt: Optional[str] = None
+    """Diffusion: the caption of images without one (DreamBooth's instance prompt, e.g. "a photo of sks dog")."""
+    class_data: Optional[str] = None
+    """Diffusion: a folder (or JSONL) of class images for prior preservation (DreamBooth); each step adds their loss."""
+    class_prompt: Optional[str] = None
+    """Diffusion: the caption of class images without their own .txt (e.g. "a photo of a dog")."""
 
 
 # -- the method, by name ---------------------------------------------------------------------------------------

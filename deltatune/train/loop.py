@@ -35,11 +35,12 @@ from deltatune.train.args import (
     resolve_precision, run_record,
 )
 from deltatune.train.console import StopSignals
-from deltatune.train.data import Dataset, collate, load_dataset, split_validation
+from deltatune.train.data import Dataset, load_dataset, split_validation
 from deltatune.train.distill import Distillation, distill_metrics, make_distillation
-from deltatune.train.evaluate import batch_loss, evaluate, labels_count
+from deltatune.train.evaluate import evaluate
+from deltatune.train.objective import Objective, TokenObjective
 from deltatune.train.outputs import (
-    append_metrics, check_outputs, plot_metrics, save_outputs, truncate_metrics, write_json,
+    append_metrics, check_outputs, plot_metrics, truncate_metrics, write_json,
 )
 from deltatune.train.prepare import (
     base_dtype, cast_frozen, enable_checkpointing, enable_fast, lr_lambda, make_optimizer, prepare_model,
@@ -99,6 +100,8 @@ class Run:
     """--retention: the suite and its base's numbers (``deltatune.train.retention.Retention``); opened by the loop."""
     meter: Optional[Meter] = None
     """Tokens/s, memory and MFU of each step (made at the first step)."""
+    objective: Optional[Objective] = None
+    """What a step computes: collate, targets, loss, meter, outputs (``TokenObjective`` unless given)."""
     schedule: Optional[BudgetSchedule] = None
     """The micro-batches under --tokens-per-step (None: --micro-batch examples each)."""
     prefetched: Optional[dict] = None
@@ -188,10 +191,12 @@ def load_data(args: TrainArgs, data: DataArgs, tokenizer, log=print) -> tuple[Da
 
 
 def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=None,
-          train_data: Optional[Dataset] = None, val_data: Optional[Dataset] = None, log=print) -> Run:
+          train_data: Optional[Dataset] = None, val_data: Optional[Dataset] = None, log=print,
+          objective: Optional[Objective] = None) -> Run:
     """Everything before the first step: check the output directory and --resume, load the tokenizer,
     data and model (unless given), apply the method, build the optimizer and schedule, and restore
-    the newest checkpoint when resuming. ``model`` must not have the method applied yet."""
+    the newest checkpoint when resuming. ``model`` must not have the method applied yet; ``objective``
+    (default: ``TokenObjective``, cross-entropy over tokens) is what each step computes."""
     if not 0.0 < args.checkpoint_fraction <= 1.0:
         raise TrainError(f"--checkpoint-fraction must be in (0, 1], got {args.checkpoint_fraction}")
     check_reporter(args.report_to)
@@ -265,13 +270,15 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
     shape = (f"at most {args.tokens_per_step:,} padded tokens a step" if schedule else
              f"about {round(sum(lengths) / len(lengths) * per_step):,} tokens a step ({args.micro_batch} x "
              f"{args.grad_accum} rows")
-    log(f"{device}, {args.precision}, {'fused' if fast else 'plain'} path, "
-        f"{'packed rows' if 'position_ids' in train_data.examples[0] else 'one example a row'}: {shape}"
-        f", the longest {seq} tokens{'' if schedule else ')'}")
+    if objective is None:  # token data (another objective describes its own batches)
+        log(f"{device}, {args.precision}, {'fused' if fast else 'plain'} path, "
+            f"{'packed rows' if 'position_ids' in train_data.examples[0] else 'one example a row'}: {shape}"
+            f", the longest {seq} tokens{'' if schedule else ')'}")
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    log(f"estimated peak memory: {gib(mem['total'])} (weights {gib(mem['weights'])}, grads+AdamW "
-        f"{gib(mem['optimizer'])}, activations {gib(mem['activations'])}, logits {gib(mem['logits'])}) "
-        f"at micro-batch {args.micro_batch} x {seq} tokens on {device}")
+    if objective is None:
+        log(f"estimated peak memory: {gib(mem['total'])} (weights {gib(mem['weights'])}, grads+AdamW "
+            f"{gib(mem['optimizer'])}, activations {gib(mem['activations'])}, logits {gib(mem['logits'])}) "
+            f"at micro-batch {args.micro_batch} x {seq} tokens on {device}")
 
     optimizer = make_optimizer(model, args, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, max_steps))
@@ -290,7 +297,8 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
         metrics_path.write_text("")
     write_json(args_path, run_record(args, data, method))
     return Run(args, data, method, model, tokenizer, train_data, val_data, device, fast, optimizer, scheduler, scaler,
-               amp_dtype, max_steps, seq, start, resume_from, schedule=schedule, distill=distill)
+               amp_dtype, max_steps, seq, start, resume_from, schedule=schedule, distill=distill,
+               objective=objective or TokenObjective(task, getattr(tokenizer, "pad_token_id", None) or 0))
 
 
 # -- one step --------------------------------------------------------------------------------------------------
@@ -302,7 +310,7 @@ def _collated(run: Run, index: int) -> list[dict]:
     """The collated micro-batches of optimizer step ``index`` (a pure function of seed and step), pinned
     on a GPU run so their copies to the device overlap the work in flight."""
     args, data = run.args, run.train_data
-    micro = [collate([data.examples[i] for i in picked], run.pad_id, data.task) for picked in
+    micro = [run.objective.collate([data.examples[i] for i in picked]) for picked in
              step_examples(run.schedule, index, len(data), args.micro_batch, args.grad_accum, args.seed)]
     if run.device.type == "cuda":
         micro = [{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in micro]
@@ -320,19 +328,18 @@ def step(run: Run, index: int) -> dict:
     next step's batches are collated before that wait, while the GPU still works on this one.
     """
     args, model, optimizer, scaler = run.args, run.model, run.optimizer, run.scaler
-    task = run.train_data.task
     t0 = time.perf_counter()
     # Dropout and any other randomness of this step depend on (seed, step) only.
     torch.manual_seed(_step_seed(args.seed, index))
     collated = run.prefetched.pop(index, None) if run.prefetched else None
     micro = [prepare_batch(model, b) for b in (collated or _collated(run, index))]
     # Normalise by the targets of the whole step, so accumulation equals one big batch.
-    targets = sum(labels_count(b["labels"], task) for b in micro)
+    targets = sum(run.objective.targets(b) for b in micro)
     losses, kd_parts = [], []
     for batch in micro:
         # distillation needs the student's logits: the fused head + cross-entropy gives none
-        loss_sum, _, logits = batch_loss(model, batch, task, run.device, run.autocast,
-                                         run.fast and run.distill is None)
+        loss_sum, _, logits = run.objective.batch_loss(model, batch, run.device, run.autocast,
+                                                       run.fast and run.distill is None)
         if run.distill is not None:  # (1 - α)·CE + α·T²·KL(teacher ‖ student), summed (deltatune.train.distill)
             loss_sum, part = run.distill.loss(model, batch, loss_sum, logits, run.device, run.autocast)
             kd_parts.append(part)
@@ -359,7 +366,7 @@ def step(run: Run, index: int) -> dict:
     run.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     loss_value = step_loss / max(targets, 1)
-    meter = run.meter or Meter(model, run.device, run.amp_dtype)
+    meter = run.meter or run.objective.meter(model, run.device, run.amp_dtype)
     run.meter = meter
     return {"step": index + 1, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
             **(distill_metrics(kd_parts, targets) if kd_parts else {}),
@@ -416,7 +423,7 @@ def finish(run: Run, result: TrainResult, log=print) -> TrainResult:
         _retain(run, run.max_steps, log)
     if run.val_data is not None:
         result.eval = _validate(run, run.max_steps, log)
-    result.adapter = save_outputs(run.model, run.tokenizer, run.args, run.data, run.out, run.train_data)
+    result.adapter = run.objective.save_outputs(run)
     png = plot_metrics(run.metrics_path, run.out / "loss.png")
     log(f"saved {result.adapter}" + (f", loss curve {png}" if png else "") + f", metrics {run.metrics_path}")
     return result
@@ -425,7 +432,8 @@ def finish(run: Run, result: TrainResult, log=print) -> TrainResult:
 # -- the whole run ---------------------------------------------------------------------------------------------
 def train(args: TrainArgs, data: Optional[DataArgs] = None, method=None, *, model=None, tokenizer=None,
           train_data: Optional[Dataset] = None, val_data: Optional[Dataset] = None,
-          on_step: Optional[Callable[[int, dict], None]] = None, log: Callable[[str], None] = print) -> TrainResult:
+          on_step: Optional[Callable[[int, dict], None]] = None, log: Callable[[str], None] = print,
+          objective: Optional[Objective] = None) -> TrainResult:
     """Run (or resume) the training that ``args``, ``data`` and ``method`` describe; returns a ``TrainResult``.
 
     Args:
@@ -436,6 +444,7 @@ def train(args: TrainArgs, data: Optional[DataArgs] = None, method=None, *, mode
         model, tokenizer, train_data, val_data: objects you already have, instead of loading them from
             ``args.model`` and ``data``; ``model`` must not have the method applied yet.
         on_step: called as ``on_step(step, metrics)`` after every optimizer step.
+        objective: what each step computes (``deltatune.train.objective``); default: cross-entropy over tokens.
     Holds the lock of the output directory while it runs (``CheckpointError`` if another training
     holds it). Raises ``TrainError`` on out-of-memory or settings that conflict with a checkpoint,
     ``DataError`` on unusable data.
@@ -446,7 +455,7 @@ def train(args: TrainArgs, data: Optional[DataArgs] = None, method=None, *, mode
     out.mkdir(parents=True, exist_ok=True)
     with ckpt.run_lock(out):
         try:
-            run = setup(args, data, method, model, tokenizer, train_data, val_data, log)
+            run = setup(args, data, method, model, tokenizer, train_data, val_data, log, objective)
             run.reporter = open_reporter(args.report_to, run.out)
             try:
                 return _run(run, on_step, log)

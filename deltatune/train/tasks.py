@@ -19,7 +19,7 @@ from typing import Optional
 
 __all__ = ["Task", "TASKS", "HEADS", "named_task", "apply_task", "head_of", "task_score"]
 
-HEADS = ("auto", "causal-lm", "classification")
+HEADS = ("auto", "causal-lm", "classification", "diffusion")
 """Values of ``--task`` that name a model head rather than a task."""
 
 

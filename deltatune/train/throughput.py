@@ -118,7 +118,11 @@ class Meter:
 
 def bar_postfix(rec: dict) -> dict:
     """The progress bar's numbers: loss, lr, real tokens/s, and on a GPU memory and MFU."""
-    out = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}", "tok/s": f"{rec['tok_s']:.0f}"}
+    out = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}"}
+    if "tok_s" in rec:  # an objective over other data (images) reports its own rate
+        out["tok/s"] = f"{rec['tok_s']:.0f}"
+    if "images_s" in rec:
+        out["img/s"] = f"{rec['images_s']:.1f}"
     if "mem_gib" in rec:
         out["mem"] = f"{rec['mem_gib']:.1f}/{rec['mem_reserved_gib']:.1f}G"
     if "mfu" in rec:

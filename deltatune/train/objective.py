@@ -1,0 +1,75 @@
+"""What a training step computes on one kind of data: the seam between the one loop and a task.
+
+The loop (``deltatune.train.loop``) asks an objective to collate a micro-batch from a dataset's
+examples, to count its targets (the loss is normalised by the targets of the whole optimizer step,
+so gradient accumulation equals one big batch), for the summed loss of a micro-batch, for the
+step's throughput meter and, after the last step, to save what was trained. ``TokenObjective`` is
+the default: next-token or class cross-entropy over tokenized examples. Diffusion models plug in
+``deltatune.train.diffusion.DiffusionObjective`` (noise-prediction loss on cached VAE latents).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import torch
+
+from deltatune.train.data import collate
+from deltatune.train.evaluate import batch_loss, labels_count
+from deltatune.train.throughput import Meter
+
+if TYPE_CHECKING:
+    from deltatune.train.loop import Run
+
+__all__ = ["Objective", "TokenObjective"]
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """A task's part of a training step (see the module docstring)."""
+
+    def collate(self, examples: list[dict]) -> dict:
+        """One micro-batch (tensors on the host) from a dataset's ``examples``."""
+
+    def targets(self, batch: dict) -> int:
+        """The number of targets in ``batch`` that its summed loss adds up."""
+
+    def batch_loss(self, model, batch: dict, device, autocast, fast: bool):
+        """(summed loss, targets, logits or None) of one micro-batch, as ``evaluate.batch_loss`` gives it."""
+
+    def meter(self, model, device: torch.device, amp_dtype) -> object:
+        """An object whose ``measure(batches, seconds) -> dict`` gives a step's throughput metrics."""
+
+    def save_outputs(self, run: "Run") -> Path:
+        """Write the trained result of ``run`` (the adapter, ...); returns its directory."""
+
+
+class TokenObjective:
+    """Cross-entropy over tokenized examples: causal LM (token t predicts t+1) or classification (one
+    label a row), through ``evaluate.batch_loss``; the fused path where the run has it."""
+
+    def __init__(self, task: str, pad_id: int):
+        self.task, self.pad_id = task, pad_id
+
+    def collate(self, examples: list[dict]) -> dict:
+        """Right-padded ids, mask and labels (``data.collate``)."""
+        return collate(examples, self.pad_id, self.task)
+
+    def targets(self, batch: dict) -> int:
+        """Target tokens (causal LM) or rows (classification)."""
+        return labels_count(batch["labels"], self.task)
+
+    def batch_loss(self, model, batch: dict, device, autocast, fast: bool):
+        """``evaluate.batch_loss`` for this task."""
+        return batch_loss(model, batch, self.task, device, autocast, fast)
+
+    def meter(self, model, device: torch.device, amp_dtype) -> Meter:
+        """Tokens/s, memory and MFU (``throughput.Meter``)."""
+        return Meter(model, device, amp_dtype)
+
+    def save_outputs(self, run: "Run") -> Path:
+        """The adapter in PEFT's format (or the full model), merged if asked (``outputs.save_outputs``)."""
+        from deltatune.train.outputs import save_outputs
+
+        return save_outputs(run.model, run.tokenizer, run.args, run.data, run.out, run.train_data)
