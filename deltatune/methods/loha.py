@@ -8,7 +8,8 @@ larger than 1 takes PEFT's CP (Tucker) form instead: each pair becomes a core T 
 W_a (r, out) and W_b (r, in/groups), ``W_a^T ×₁ W_b^T ×₂ T`` (out, in, *kernel), as in LyCORIS.
 W1a, W1b, W2a (and the cores) start Kaiming-uniform and W2b at zero, so the model starts as the base. ΔW is built from the factors on every forward (the
 method has no activation-side form); training-time ``rank_dropout`` drops output rows of ΔW and
-rescales, ``module_dropout`` skips the whole delta for a step, both as in PEFT.
+rescales, ``module_dropout`` skips the whole delta for a step, both as in PEFT. The forward, the
+dropouts, merging and the CP form's pieces are shared with LoKr (``methods/lycoris.py``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from deltatune.adapters.geometry import Geometry
 from deltatune.adapters.method import register_method
-from deltatune.adapters.targeting import pattern_value
+from deltatune.methods.lycoris import (
+    FactorDelta, conv_weight_shape, cp_core_shape, cp_weight, factor_dtype, init_factors, rank_alpha, supports_factors,
+)
 
 __all__ = ["LoHaConfig", "LoHaDelta", "LOHA"]
 
@@ -73,71 +75,24 @@ class LoHaConfig:
         return dataclasses.replace(self, **changes)
 
 
-class LoHaDelta(nn.Module):
+class LoHaDelta(FactorDelta):
     """One LoHa adapter on one layer: the factors W1a, W2a (out, r) and W1b, W2b (r, in...), or in the CP
     form the cores T1, T2 (r, r, *kernel) with W1a, W2a (r, out) and W1b, W2b (r, in)."""
 
     method = "loha"
-    changes_base = False
 
     def __init__(self, factors: dict[str, torch.Tensor], rank: int, alpha: float, rank_dropout: float,
                  module_dropout: float):
-        super().__init__()
-        for role, tensor in factors.items():
-            self.register_parameter(role, nn.Parameter(tensor))
-        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
-
-    def roles(self) -> dict[str, nn.Parameter]:
-        return dict(self._parameters)
-
-    def settings(self) -> dict:
-        return {"rank": self.rank, "alpha": self.alpha}
-
-    def signature(self) -> tuple:
-        return (self.scale, self.rank_dropout, self.module_dropout)
-
-    def attach(self, layer: nn.Module) -> None:
-        pass
-
-    def detach(self, layer: nn.Module) -> None:
-        pass
-
-    def low_rank(self, training: bool):
-        return None  # ΔW is built from a Hadamard product: the plain forward runs
+        super().__init__(factors, rank, alpha, rank_dropout, True, module_dropout)  # PEFT's LoHa always rescales
 
     def _delta_2d(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``scale * (W1a @ W1b) ⊙ (W2a @ W2b)`` (or the CP products): (out, in...) as a 2-D matrix."""
-        f = {role: p if dtype is None else p.to(dtype) for role, p in self.roles().items()}
-        if "t1" in f:  # (r, r, k1, k2) cores -> (out, in, k1, k2); a Conv1d's core is (r, r, k, 1)
-            pair1 = torch.einsum("ijkl,jr,ip->prkl", f["t1"], f["w1_b"], f["w1_a"])
-            pair2 = torch.einsum("ijkl,jr,ip->prkl", f["t2"], f["w2_b"], f["w2_a"])
+        f = self._factors(dtype)
+        if "t1" in f:  # (r, r, k1, k2) cores -> (out, in, k1, k2)
+            pair1 = cp_weight(f["t1"], f["w1_a"], f["w1_b"])
+            pair2 = cp_weight(f["t2"], f["w2_a"], f["w2_b"])
             return (pair1 * pair2 * self.scale).flatten(1)
         return (f["w1_a"] @ f["w1_b"]) * (f["w2_a"] @ f["w2_b"]) * self.scale
-
-    def merge_delta(self, layer: nn.Module) -> torch.Tensor:
-        return layer.geometry.to_weight_layout(layer.base_module, self._delta_2d(torch.float32))
-
-    def unmerge_delta(self, layer: nn.Module) -> torch.Tensor:
-        return -self.merge_delta(layer)
-
-    def apply(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, active: bool) -> torch.Tensor:
-        if not active or (self.training and self.module_dropout and torch.rand(1).item() <= self.module_dropout):
-            return y
-        delta = self._delta_2d()  # (out, in...)
-        if self.training and self.rank_dropout:
-            keep = (torch.rand(delta.shape[0]) > self.rank_dropout).to(delta.dtype)
-            delta = delta * (keep / keep.mean()).to(delta.device)[:, None]
-        geometry = layer.geometry
-        h = x.to(delta.dtype)
-        if geometry.family == "conv":
-            out = geometry.conv(layer, h, geometry.to_weight_layout(layer.base_module, delta))
-        else:
-            out = F.linear(h, delta)
-        return y + out.to(y.dtype)
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}"
 
 
 class LoHaMethod:
@@ -147,44 +102,31 @@ class LoHaMethod:
     config = LoHaConfig
 
     def supports(self, geometry: Geometry) -> bool:
-        return geometry.family in ("linear", "conv")
-
-    def _rank_alpha(self, cfg: LoHaConfig, path: str) -> tuple[int, float]:
-        return int(pattern_value(path, cfg.rank_pattern, cfg.r)), float(pattern_value(path, cfg.alpha_pattern, cfg.alpha))
+        return supports_factors(geometry)
 
     def settings(self, cfg: LoHaConfig, path: str) -> dict:
-        rank, alpha = self._rank_alpha(cfg, path)
+        rank, alpha = rank_alpha(cfg, path)
         return {"rank": rank, "alpha": alpha}
 
     def shapes(self, geometry: Geometry, base: nn.Module, cfg: LoHaConfig, path: str) -> dict[str, tuple[int, ...]]:
-        rank = self._rank_alpha(cfg, path)[0]
+        rank = rank_alpha(cfg, path)[0]
         out = geometry.features(base)[1]
         if geometry.family != "conv":
             fan_in = geometry.features(base)[0]
             return {"w1_a": (out, rank), "w1_b": (rank, fan_in), "w2_a": (out, rank), "w2_b": (rank, fan_in)}
-        in_per_group, kernel = base.weight.shape[1], tuple(base.weight.shape[2:])  # (out, in/groups, *kernel)
-        if not (cfg.use_effective_conv2d and math.prod(kernel) > 1):  # PEFT: 1x1 kernels stay flat
+        _, in_per_group, kernel = conv_weight_shape(base)
+        core = cp_core_shape(rank, kernel, cfg.use_effective_conv2d, path)
+        if core is None:
             fan_in = in_per_group * math.prod(kernel)
             return {"w1_a": (out, rank), "w1_b": (rank, fan_in), "w2_a": (out, rank), "w2_b": (rank, fan_in)}
-        if len(kernel) > 2:
-            raise ValueError(f"{path}: use_effective_conv2d takes Conv1d/Conv2d kernels, not {kernel}")
-        core = (rank, rank, *kernel, 1) if len(kernel) == 1 else (rank, rank, *kernel)
         return {"t1": core, "w1_a": (rank, out), "w1_b": (rank, in_per_group),
                 "t2": core, "w2_a": (rank, out), "w2_b": (rank, in_per_group)}
 
     def make_delta(self, layer: nn.Module, cfg: LoHaConfig, path: str, dtype: torch.dtype | None) -> LoHaDelta:
         shapes = self.shapes(layer.geometry, layer.base_module, cfg, path)
-        weight = layer.geometry.base_weight(layer)
-        dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
-        factors = {}
-        for role, shape in shapes.items():
-            t = torch.empty(shape, dtype=torch.float32, device=weight.device)
-            if role == "w2_b" and cfg.init_weights:
-                nn.init.zeros_(t)
-            else:
-                nn.init.kaiming_uniform_(t, a=math.sqrt(5))
-            factors[role] = t.to(dtype)
-        rank, alpha = self._rank_alpha(cfg, path)
+        device, dtype = factor_dtype(layer, dtype)
+        factors = init_factors(shapes, ("w2_b",) if cfg.init_weights else (), device, dtype)
+        rank, alpha = rank_alpha(cfg, path)
         return LoHaDelta(factors, rank, alpha, cfg.rank_dropout, cfg.module_dropout)
 
 
