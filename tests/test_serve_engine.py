@@ -297,3 +297,20 @@ def test_mistral_sliding_window_logits_equal_the_model():
         ref = model(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(first[0], ref[8], atol=1e-4, rtol=0)
     torch.testing.assert_close(last[0], ref[12], atol=1e-4, rtol=0)
+
+
+def test_requests_for_more_adapters_than_pool_slots_wait_for_a_slot(tmp_path):
+    """Four requests over two adapters and a one-slot pool: each step names one adapter at most (a batch
+    naming more than the pool holds would raise PoolError), and the results stay exact."""
+    peft = pytest.importorskip("peft")
+    pool_module = pytest.importorskip("deltatune.serve.pool")
+    model = _model("llama")
+    dirs = _peft_adapters(model, tmp_path)
+    prompts, rows = _prompts([6, 9, 5, 8]), ["sql", "chat", "chat", "sql"]
+    references = {a: peft.PeftModel.from_pretrained(copy.deepcopy(model), p).eval() for a, p in dirs.items()}
+    want = [hf_greedy(references[a], p, 6) for p, a in zip(prompts, rows)]
+    served = copy.deepcopy(model)
+    eng = Engine(served, None, num_blocks=32, pool=pool_module.AdapterPool(served, max_resident=1))
+    for adapter, path in dirs.items():
+        eng.add_adapter(adapter, str(path))
+    assert [o.token_ids for o in eng.generate(prompts, max_new_tokens=6, adapters=rows)] == want

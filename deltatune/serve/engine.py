@@ -96,7 +96,8 @@ class Engine:
                                  reserve_bytes=reserve if num_blocks is None else 0)
         self.cache = r.new_cache(blocks, block_size)
         max_len = max_model_len or getattr(model.config, "max_position_embeddings", None)
-        self.scheduler = Scheduler(self.cache, max_num_batched_tokens, max_num_seqs, max_len)
+        capacity = (lambda: pool.capacity) if hasattr(pool, "capacity") else None  # a batch fits the pool's slots
+        self.scheduler = Scheduler(self.cache, max_num_batched_tokens, max_num_seqs, max_len, max_adapters=capacity)
         self.sampler = Sampler(seed)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._adapters: dict[str, str] = {}

@@ -70,12 +70,15 @@ class Scheduler:
     """Waiting and running sequences over one paged cache; ``schedule()`` plans a step."""
 
     def __init__(self, cache: PagedKVCache, max_num_batched_tokens: int = 512, max_num_seqs: int = 256,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, max_adapters=None):
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         self.cache = cache
         self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
         self.max_model_len = max_model_len or cache.capacity_tokens
+        # distinct adapters the running sequences may name (an adapter pool's slots): an int, a callable
+        # giving it (the pool's capacity can change as adapters register), or None for no limit
+        self.max_adapters = max_adapters
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -124,11 +127,17 @@ class Scheduler:
             chunks.append(self._chunk(seq, n))
             planned.add(seq.seq_id)
             budget -= n
+        cap = self.max_adapters() if callable(self.max_adapters) else self.max_adapters
+        adapters = {s.adapter for s in self.running if s.adapter is not None}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.cache.can_hold(seq.seq_id, seq.num_computed + n):
                 break  # first come, first served: later requests wait behind it
+            if cap is not None and seq.adapter is not None and seq.adapter not in adapters and len(adapters) >= cap:
+                break  # its adapter needs a slot: it waits (and those behind it) until a running adapter's last sequence ends
+            if seq.adapter is not None:
+                adapters.add(seq.adapter)
             self.waiting.popleft()
             seq.status = "running"
             self.running.append(seq)
