@@ -18,6 +18,7 @@ best recipe slightly, for every method alike (reported as such in docs/results.m
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
 import json
 import os
@@ -26,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 
 TASKS = ("sst2", "mrpc", "cola", "rte")
 
@@ -165,6 +167,7 @@ def main(argv=None):
     ap.add_argument("--micro-batch", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--max-examples", type=int, default=0, help="cap each training set (0: all)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (one process each; a GPU holds many MiniLMs)")
     ap.add_argument("--report", metavar="OUT", help="only print the table (and write glue.png) of OUT")
     ap.add_argument("--fp16-copy", nargs=2, metavar=("SRC", "DST"))
     args = ap.parse_args(argv)
@@ -179,15 +182,20 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.jsonl")
     done = {(r["task"], r["method"], r["lr"], r["epochs"], r["seed"]) for r in load_results(path)}
-    for task in args.tasks.split(","):
-        for method in args.methods.split(","):
-            for (lr, epochs), seed in itertools.product(sweep_of(method, args.sweep), map(int, args.seeds.split(","))):
-                if (task, method, lr, epochs, seed) in done:
-                    continue
-                record = run_one(args, task, method, lr, epochs, seed)
-                print(json.dumps(record), flush=True)
-                with open(path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+    todo = [(task, method, lr, epochs, seed) for task in args.tasks.split(",") for method in args.methods.split(",")
+            for (lr, epochs), seed in itertools.product(sweep_of(method, args.sweep), map(int, args.seeds.split(",")))
+            if (task, method, lr, epochs, seed) not in done]
+    lock = threading.Lock()
+
+    def run_and_record(job):
+        record = run_one(args, *job)
+        with lock:  # one line per finished run: a cut-off call loses only the runs in flight
+            print(json.dumps(record), flush=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    with concurrent.futures.ThreadPoolExecutor(max(args.jobs, 1)) as pool:
+        list(pool.map(run_and_record, todo))
     print(report(args.out))
 
 
