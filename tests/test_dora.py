@@ -215,7 +215,8 @@ def test_float64_reference_of_the_paper(geometry):
 
 
 def test_qdora_uses_the_dequantized_weight():
-    """On the 4-bit layer DoRA equals DoRA on a dense layer holding the dequantized weight."""
+    """On the 4-bit layer DoRA (QDoRA) equals DoRA on a dense layer holding the dequantized weight: the
+    output, and the gradients of A, B and the magnitude (the plain path)."""
     from deltatune.quant import QuantLinear
 
     torch.manual_seed(0)
@@ -231,6 +232,11 @@ def test_qdora_uses_the_dequantized_weight():
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert (dense(x) - quant(x)).abs().max().item() <= 1e-5
+    g = torch.randn(3, 32, generator=torch.Generator().manual_seed(2))
+    grads = [torch.autograd.grad((model(x) * g).sum(), dt.adapter_params(model)) for model in (dense, quant)]
+    assert len(grads[1]) == 3  # A, B, magnitude
+    for a, b in zip(*grads):
+        assert (a - b).abs().max().item() <= 1e-5
 
 
 def test_bad_files_and_combinations_raise(tmp_path):
