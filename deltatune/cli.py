@@ -205,6 +205,9 @@ def cmd_train(argv: list[str]) -> int:
             result = train_pattern(args, data, method)
         elif data.task == "diffusion" or (data.task == "auto" and is_diffusion_model(args.model)):
             result = train_diffusion(args, data, method)  # a diffusers pipeline directory
+        elif args.save_format != "peft":
+            raise TrainError(f"--save-format {args.save_format}: kohya files hold Stable Diffusion adapters "
+                             f"(--model: a diffusers pipeline directory)")
         else:
             result = train(args, data, method)
     except (TrainError, DataError, ModelLoadError, CheckpointError) as e:

@@ -141,6 +141,8 @@ class TrainArgs:
     """Diffusion with --class-data: the weight of the class images' loss (DreamBooth's prior preservation)."""
     prediction_type: Literal["auto", "epsilon", "v_prediction", "sample"] = "auto"
     """Diffusion: what the UNet learns to predict; "auto": the scheduler config's prediction_type."""
+    save_format: Literal["peft", "kohya"] = "peft"
+    """Diffusion: "kohya" also writes the adapter as one kohya / LyCORIS file (<output>/adapter/kohya.safetensors) for A1111 / ComfyUI; PEFT's and diffusers' files are always written."""
 
 
 @dataclass

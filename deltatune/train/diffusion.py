@@ -29,7 +29,8 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from deltatune.train.loop import Run
 
-__all__ = ["PREDICTION_TYPES", "NoiseSchedule", "DiffusionModel", "DiffusionObjective", "ImageMeter", "noise_loss"]
+__all__ = ["PREDICTION_TYPES", "KOHYA_NAME", "NoiseSchedule", "DiffusionModel", "DiffusionObjective", "ImageMeter",
+           "noise_loss", "save_kohya"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 """What the UNet predicts, by diffusers' scheduler names."""
@@ -201,11 +202,39 @@ class DiffusionObjective:
                                  base_model=base["base_model_name_or_path"])
         if run.args.method == "lora":
             save_diffusers_lora(run.model, target, "default")
+        if run.args.save_format == "kohya":
+            save_kohya(run.model, target / KOHYA_NAME, "default")
         write_json(target / RUN_INFO, {
             "base_model": base["base_model"], "task": "diffusion", "method": run.args.method, "label_names": None,
             "data_format": run.train_data.fmt, "resolution": run.data.resolution,
             "prediction_type": self.schedule.prediction_type})
         return target
+
+
+KOHYA_NAME = "kohya.safetensors"
+"""The kohya / LyCORIS file a diffusion run writes beside PEFT's with --save-format kohya."""
+
+
+def save_kohya(model: DiffusionModel, path: Path, name: str = "default") -> Path:
+    """Write adapter ``name`` of ``model`` (its UNet and text encoder parts) as one kohya / LyCORIS file
+    (``formats/kohya.py``: ``lora_unet_*`` / ``lora_te_*`` modules, alpha per module); returns the path."""
+    import dataclasses
+
+    from deltatune.adapters import adapter_record, describe_adapter
+    from deltatune.formats import kohya
+
+    parts = describe_adapter(model, name)
+    if getattr(adapter_record(model).configs[name], "use_rslora", False):  # kohya's scale is alpha / r
+        parts = {p: dataclasses.replace(part, settings={**part.settings, "alpha": part.settings["alpha"]
+                                                        * math.sqrt(part.settings["rank"])})
+                 for p, part in parts.items()}
+    tensors = {}
+    for component in ("unet", "text_encoder"):
+        mine = {p[len(component) + 1:]: part for p, part in parts.items() if p.startswith(component + ".")}
+        if mine:
+            tensors.update(kohya.file_tensors(mine, kohya.prefix_for(component, False),
+                                              kohya.model_namer(getattr(model, component), component)))
+    return kohya.write_file(path, tensors, {})
 
 
 class ImageMeter:

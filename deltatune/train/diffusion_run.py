@@ -110,6 +110,8 @@ def _check(args: TrainArgs, data: DataArgs, method) -> None:
     if given:
         raise TrainError(f"{', '.join(given)}: not supported for diffusion models (the loss of a noise-prediction "
                          f"step is an estimate at random timesteps; merge with diffusers' fuse_lora after loading)")
+    if args.save_format == "kohya" and args.method not in ("lora", "loha", "lokr"):
+        raise TrainError(f"--save-format kohya: kohya files carry LoRA, LoHa and LoKr, not {args.method}")
     if args.prior_loss_weight < 0:
         raise TrainError(f"--prior-loss-weight must be >= 0, got {args.prior_loss_weight}")
     if data.class_prompt and not data.class_data:
