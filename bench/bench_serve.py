@@ -146,7 +146,8 @@ def main(argv=None):
     model = build_model(args.shape, device, dtype)
     tmp = tempfile.TemporaryDirectory() if args.adapter_dir is None else None
     root = pathlib.Path(args.adapter_dir or tmp.name)
-    paths = make_adapters(model, root, args.adapters, [int(r) for r in args.ranks.split(",")])
+    ranks = [int(r) for r in args.ranks.split(",")]
+    paths = make_adapters(model, root, args.adapters, ranks)
     requests = workload(args, model.config.vocab_size)
     engine_kw = dict(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                      gpu_memory_fraction=args.gpu_memory_fraction, seed=args.seed)
@@ -154,7 +155,8 @@ def main(argv=None):
         engine_kw["num_blocks"] = 4 * args.max_num_seqs * (args.prompt_max + args.max_new_tokens) // 16
     rows = {}
     for mode in args.modes.split(","):
-        pool = AdapterPool(model, max_resident=args.resident) if mode == "pool" else None
+        # max_rank: the pool's slots are planned beside the KV cache (Engine.memory_plan)
+        pool = AdapterPool(model, max_resident=args.resident, max_rank=max(ranks)) if mode == "pool" else None
         engine = Engine(model, None, pool=pool, max_resident_adapters=args.adapters, **engine_kw)
         if mode != "base":
             for i, path in enumerate(paths):
@@ -163,6 +165,8 @@ def main(argv=None):
         serve(engine, requests[:4], names[:4], 8)  # warm-up: kernels compiled, slots allocated
         rows[mode] = serve(engine, requests, names, args.max_new_tokens)
         rows[mode]["distinct_adapters"] = len({n for n in names if n})
+        rows[mode]["kv_blocks"] = engine.memory_plan["num_blocks"]
+        rows[mode]["adapter_pool_bytes"] = engine.memory_plan["adapter_pool_bytes"]
         if mode == "routing":
             for i in range(len(paths)):
                 engine.remove_adapter(f"a{i}")

@@ -76,6 +76,8 @@ def test_unparsable_flags_exit_with_a_short_error(flags, words, capsys):
     (["--max-tokens-limit", "0"], ["--max-tokens-limit 0"]),
     (["--max-resident-adapters", "0"], ["--max-resident-adapters 0"]),
     (["--graceful-timeout", "-1"], ["--graceful-timeout -1.0"]),
+    (["--max-lora-rank", "16"], ["--max-lora-rank 16", "with --pool"]),
+    (["--max-lora-rank", "0", "--pool"], ["--max-lora-rank 0", "at least 1"]),
     (["--adapter", "sql"], ["--adapter 'sql'", "NAME=DIR"]),
     (["--adapter", "=dir"], ["NAME=DIR"]),
     (["--adapter", "a=x", "--adapter", "a=y"], ["'a' is given twice"]),

@@ -62,9 +62,12 @@ class Engine:
         tokenizer: its tokenizer (None: prompts must be token id lists, outputs carry no text).
         max_resident_adapters: adapters held at once (without a pool, all added adapters are resident).
         pool: an adapter pool (``routed(model, rows)``, ``register(name, path)``, ``unregister(name)``);
-            True: a new ``AdapterPool(model, max_resident=max_resident_adapters)``; None: the plain routing
-            (adapters loaded into the model, ``deltatune.adapters.routed``).
-        num_blocks: KV-cache blocks; None: from ``gpu_memory_fraction`` (CUDA) or ``cpu_cache_bytes``.
+            True: a new ``AdapterPool(model, max_resident=max_resident_adapters, max_rank=max_lora_rank)``;
+            None: the plain routing (adapters loaded into the model, ``deltatune.adapters.routed``).
+        max_lora_rank: with ``pool=True``, the pool's padded rank: its slots for every linear layer at this
+            rank are planned beside the KV cache (larger ranks are refused at ``add_adapter``).
+        num_blocks: KV-cache blocks; None: from ``gpu_memory_fraction`` (CUDA) or ``cpu_cache_bytes``, less a
+            step's activations and the pool's ``planned_bytes()`` (``memory_plan`` records the sums).
         gpu_memory_fraction: share of the GPU's memory that weights, adapters and the cache may take.
         block_size: tokens per KV block.
         max_num_batched_tokens: tokens computed per step (prefill chunks plus decode tokens).
@@ -74,15 +77,18 @@ class Engine:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, max_resident_adapters: int = 64, pool=None,
-                 num_blocks: int | None = None, gpu_memory_fraction: float = 0.9, cpu_cache_bytes: int = 1 << 30,
+                 max_lora_rank: int | None = None, num_blocks: int | None = None, gpu_memory_fraction: float = 0.9, cpu_cache_bytes: int = 1 << 30,
                  block_size: int = 16, max_num_batched_tokens: int = 512, max_num_seqs: int = 256,
                  max_model_len: int | None = None, seed: int | None = None):
         from deltatune.adapters.routing import routed
 
+        if max_lora_rank is not None and pool is not True:
+            raise ValueError("max_lora_rank sets the rank of the pool the engine makes (pool=True); give an "
+                             "AdapterPool of your own its max_rank instead")
         if pool is True:
             from deltatune.serve.pool import AdapterPool
 
-            pool = AdapterPool(model, max_resident=max_resident_adapters)
+            pool = AdapterPool(model, max_resident=max_resident_adapters, max_rank=max_lora_rank)
         self.model, self.tokenizer, self.pool = model.eval(), tokenizer, pool
         self.max_resident_adapters = max_resident_adapters
         self.runner = ModelRunner(model, pool.routed if pool is not None else routed)
@@ -92,8 +98,18 @@ class Engine:
         # a step's activations: projections of max_num_batched_tokens tokens, logits of max_num_seqs rows
         reserve = 4 * max_num_batched_tokens * (6 * hidden + 3 * getattr(model.config, "intermediate_size", 4 * hidden))
         reserve += 4 * max_num_seqs * model.config.vocab_size + (256 << 20)
+        # the pool's slots, allocated on first use, share the budget (on a GPU, slots already allocated are
+        # in memory_reserved: only the rest is set aside)
+        adapters = pool.planned_bytes() if hasattr(pool, "planned_bytes") else 0
+        if adapters and r.device.type == "cuda":
+            adapters = max(0, adapters - pool.resident_bytes())
+        if num_blocks is not None:
+            reserve = adapters = 0
         blocks = plan_num_blocks(per_block, r.device, num_blocks, gpu_memory_fraction, cpu_cache_bytes,
-                                 reserve_bytes=reserve if num_blocks is None else 0)
+                                 reserve_bytes=reserve, adapter_bytes=adapters)
+        # what the KV cache was sized from (bytes; activations and pool 0 when num_blocks was given)
+        self.memory_plan = {"bytes_per_block": per_block, "num_blocks": blocks, "activation_bytes": reserve,
+                            "adapter_pool_bytes": adapters, "cache_bytes": blocks * per_block}
         self.cache = r.new_cache(blocks, block_size)
         max_len = max_model_len or getattr(model.config, "max_position_embeddings", None)
         capacity = (lambda: pool.capacity) if hasattr(pool, "capacity") else None  # a batch fits the pool's slots

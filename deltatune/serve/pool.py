@@ -259,6 +259,35 @@ class AdapterPool:
                             f"max_bytes={self.max_bytes}")
         return min(self.max_resident, self.max_bytes // per_slot)
 
+    def planned_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """(R, in, out) of the slots of every layer an adapter may come to target: the layers registered so
+        far and, with ``max_rank`` set, every linear layer that "all-linear" selects (in a Llama-family
+        decoder the 7 projections of each layer, not the head) at rank ``max_rank``."""
+        shapes = dict(self._shapes)
+        if self.max_rank is None:
+            return shapes
+        cfg = LoraConfig(r=self.max_rank, alpha=self.max_rank, targets="all-linear")
+        try:
+            targets = select_targets(self.model, cfg, LORA.supports)
+        except ValueError:  # no linear layer: nothing more to plan for
+            targets = []
+        for target in targets:
+            module = self.model.get_submodule(target)
+            geometry = geometry_for(module)
+            if target in shapes or geometry.family != "linear":
+                continue
+            base = module.base_module if isinstance(module, DeltaLayer) else module
+            roles = LORA.shapes(geometry, base, cfg, target)
+            shapes[target] = (self.max_rank, roles["A"][1], roles["B"][0])  # A (r, in), B (out, r)
+        return shapes
+
+    def planned_bytes(self) -> int:
+        """Device bytes the slots may come to take: ``max_resident`` slots over ``planned_shapes()``, at most
+        ``max_bytes``. An engine's KV-cache plan sets this much aside. Without ``max_rank`` it covers the
+        adapters registered so far only (a larger rank or a new layer registered later reallocates)."""
+        total = self.max_resident * self.slot_bytes(self.planned_shapes())
+        return total if self.max_bytes is None else min(total, self.max_bytes)
+
     @property
     def capacity(self) -> int:
         """How many adapters can be resident at once (S)."""

@@ -39,6 +39,8 @@ class ServeArgs:
     """Adapters held at once."""
     pool: bool = False
     """Serve LoRA adapters from a stacked adapter pool (AdapterPool: LRU residency, SGMV kernels on GPU)."""
+    max_lora_rank: Optional[int] = None
+    """With --pool: the largest LoRA rank served; the pool's slots at this rank are set aside beside the KV cache."""
     allow_adapter_loading: bool = False
     """Offer /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-root)."""
     adapter_root: Optional[str] = None
@@ -79,7 +81,9 @@ def check_limits(args: ServeArgs) -> None:
               (args.max_concurrent_requests >= 1, "--max-concurrent-requests", "at least 1"),
               (args.max_request_bytes >= 1, "--max-request-bytes", "at least 1"),
               (args.max_tokens_limit is None or args.max_tokens_limit >= 1, "--max-tokens-limit", "at least 1"),
-              (args.graceful_timeout >= 0, "--graceful-timeout", "seconds, at least 0")]
+              (args.graceful_timeout >= 0, "--graceful-timeout", "seconds, at least 0"),
+              (args.max_lora_rank is None or args.max_lora_rank >= 1, "--max-lora-rank", "at least 1"),
+              (args.max_lora_rank is None or args.pool, "--max-lora-rank", "it together with --pool")]
     for ok, flag, wanted in checks:
         if not ok:
             value = getattr(args, flag[2:].replace("-", "_"))
@@ -113,7 +117,8 @@ def run_serve(args: ServeArgs) -> int:
         for path in adapters.values():
             read_adapter_files(path)  # a broken adapter is reported before the model loads
         engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device,
-                                        max_resident_adapters=args.max_resident_adapters, pool=args.pool or None)
+                                        max_resident_adapters=args.max_resident_adapters, pool=args.pool or None,
+                                        max_lora_rank=args.max_lora_rank)
         for name, path in adapters.items():
             engine.add_adapter(name, path)
         name = args.served_model_name or Path(args.model.rstrip("/")).stem
