@@ -310,3 +310,36 @@ def test_small_load_run_mixes_adapters_bad_requests_and_adapter_loading(served):
     r = post(served, "/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": "beta"})  # as it was
     assert r.status_code == 200, (r.text, report["events"])
     post(served, "/v1/unload_lora_adapter", {"lora_name": "gamma"})
+
+
+
+@pytest.mark.slow
+def test_smollm2_with_a_lora_adapter_answers_as_the_engine(smollm2, tmp_path):
+    """The real SmolLM2-135M-Instruct and one random LoRA adapter behind the server: a chat completion and
+    a streamed completion through the openai client give Engine.generate's greedy text."""
+    import deltatune as dt
+
+    model, tok = smollm2  # shared: the adapter is written with add/save/remove and served from a pool,
+    torch.manual_seed(5)  # which never changes the model; A, B ~ N(0, 1) on q/v change the answer, not to noise
+    dt.add_adapter(model, dt.LoraConfig(r=4, alpha=4, targets=["q_proj", "v_proj"], init="random"), name="t")
+    try:
+        dt.save_adapter(model, tmp_path / "tuned", "t")
+    finally:
+        dt.remove_adapter(model, "t")
+    engine = Engine(model, tok, pool=True, max_resident_adapters=2, num_blocks=32, max_model_len=2048)
+    engine.add_adapter("tuned", str(tmp_path / "tuned"))
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = "The three primary colors are"
+    want_chat = engine.generate([engine.chat_prompt(messages)], "tuned", max_new_tokens=8)[0].text
+    want_text = engine.generate(prompt, "tuned", max_new_tokens=8)[0].text
+    base_text = engine.generate(prompt, None, max_new_tokens=8)[0].text
+    assert want_chat.strip() and want_text != base_text  # the adapter is in use and changes the answer
+    server = Server(create_app(engine, "smollm2", api_key=KEY))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+        chat = client.chat.completions.create(model="tuned", messages=messages, max_tokens=8, temperature=0)
+        assert chat.choices[0].message.content == want_chat
+        stream = client.completions.create(model="tuned", prompt=prompt, max_tokens=8, temperature=0, stream=True)
+        assert "".join(ch.choices[0].text for ch in stream) == want_text
+    finally:
+        server.close()
