@@ -237,8 +237,8 @@ def test_cli_trains_lora_and_diffusers_loads_it(tmp_path, sd_dir):
     data = _images(tmp_path / "imgs", 4, seed=0)
     out = tmp_path / "run"
     # the attention projections and, so that 30 steps of a UNet this small show it learning, its first and
-    # last convolutions (LoRA on Conv2d, which diffusers' file carries too)
-    targets = r"unet\.(conv_in|conv_out)|unet\..*\.(to_q|to_k|to_v|to_out\.0)"
+    # last convolutions (LoRA on Conv2d, which diffusers' file carries too); and two of CLIP's projections
+    targets = r"unet\.(conv_in|conv_out)|unet\..*\.(to_q|to_k|to_v|to_out\.0)|text_encoder\..*\.(q_proj|v_proj)"
     code = main(["train", "--model", str(sd_dir), "--data", str(data), "--output", str(out), "--resolution", str(RES),
                  "--max-steps", "30", "--micro-batch", "4", "--lr", "1e-2", "--r", "4", "--alpha", "8",
                  "--targets", targets, "--schedule", "constant", "--save-every", "0", "--no-progress", "--seed", "0",
@@ -252,12 +252,14 @@ def test_cli_trains_lora_and_diffusers_loads_it(tmp_path, sd_dir):
     adapter = out / "adapter"
     assert json.loads((adapter / "deltatune_train.json").read_text())["task"] == "diffusion"
 
-    # the checkpoint holds what trained: LoRA's A and B on the UNet's attention projections, nothing else
+    # the checkpoint holds what trained: LoRA's A and B on the targets, nothing else
     ckpt = next((out / "checkpoints").iterdir())
     trained = list(load_file(str(ckpt / "trainable.safetensors")))
-    assert trained and all(".deltas.default." in k and k.startswith("unet.") for k in trained), trained[:5]
-    assert {k.split(".deltas")[0].rsplit(".", 1)[-1] for k in trained} == {"to_q", "to_k", "to_v", "0", "conv_in",
-                                                                           "conv_out"}
+    assert trained and all(".deltas.default." in k for k in trained), trained[:5]
+    assert {k.split(".deltas")[0].rsplit(".", 1)[-1] for k in trained if k.startswith("unet.")} == {
+        "to_q", "to_k", "to_v", "0", "conv_in", "conv_out"}
+    assert {k.split(".deltas")[0].rsplit(".", 1)[-1] for k in trained if k.startswith("text_encoder.")} == {
+        "q_proj", "v_proj"}
 
     # ours (PEFT-format adapter on the DiffusionModel) and diffusers' pipeline with our LoRA file agree
     parts = load_diffusion_parts(str(sd_dir))
@@ -275,11 +277,13 @@ def test_cli_trains_lora_and_diffusers_loads_it(tmp_path, sd_dir):
     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
     assert (mine - base).abs().max() > 1e-3  # the adapter changed the output: the comparison means something
 
-    # --save-format kohya: one kohya file (lora_unet_* modules), read back onto a fresh UNet: the same outputs
-    unet = load_diffusion_parts(str(sd_dir)).unet
-    dt.load_adapter(unet, adapter / "kohya.safetensors", component="unet")
+    # --save-format kohya: one kohya file (lora_unet_* / lora_te_* modules), read back onto a fresh UNet and
+    # text encoder: the same outputs
+    fresh = load_diffusion_parts(str(sd_dir))
+    dt.load_adapter(fresh.unet, adapter / "kohya.safetensors", component="unet")
+    dt.load_adapter(fresh.text_encoder, adapter / "kohya.safetensors", component="text_encoder")
     with torch.no_grad():
-        kohya_out = unet(x, t, encoder_hidden_states=parts.text_encoder(ids)[0]).sample
+        kohya_out = fresh.unet(x, t, encoder_hidden_states=fresh.text_encoder(ids)[0]).sample
     torch.testing.assert_close(kohya_out, mine, rtol=1e-4, atol=1e-5)
 
 
