@@ -37,7 +37,7 @@ METHODS = {
     "full": ["--method", "full"],
     "lora": ["--method", "lora", "--r", "8", "--alpha", "16", "--targets", "[query,value]"],
     "lora-all": ["--method", "lora", "--r", "8", "--alpha", "16", "--targets", BERT_LINEAR],
-    "dora": ["--method", "lora", "--use-dora", "true", "--r", "8", "--alpha", "16", "--targets", "[query,value]"],
+    "dora": ["--method", "lora", "--use-dora", "--r", "8", "--alpha", "16", "--targets", "[query,value]"],
     "loha": ["--method", "loha", "--r", "8", "--alpha", "8", "--targets", "[query,value]"],
     "lokr": ["--method", "lokr", "--r", "8", "--alpha", "8", "--targets", "[query,value]"],
     "ia3": ["--method", "ia3"],
