@@ -83,16 +83,21 @@ def _inputs(batch):
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def test_teacher_base_step_gradient_equals_autograd_of_the_formula(tiny, tmp_path):
+@pytest.mark.parametrize("fast", [False, True])  # the fused path on CPU runs its kernels' PyTorch branch
+def test_teacher_base_step_gradient_equals_autograd_of_the_formula(tiny, tmp_path, fast):
+    from deltatune.fast import fast_path_enabled
     from deltatune.train.loop import _collated, setup, step
 
     model_dir, data = tiny
     T, alpha = 2.0, 0.3
     args = TrainArgs(model=str(model_dir), output=str(tmp_path / "run"), max_steps=2, micro_batch=3, grad_accum=2,
                      lr=1e-3, max_grad_norm=0.0, progress=False, device="cpu", teacher="base",
-                     distill_temperature=T, distill_weight=alpha)
-    run = setup(args, DataArgs(data=str(data), max_length=128), dt.LoraConfig(r=4, alpha=8), log=lambda m: None)
+                     distill_temperature=T, distill_weight=alpha, fast=fast)
+    said = []
+    run = setup(args, DataArgs(data=str(data), max_length=128), dt.LoraConfig(r=4, alpha=8), log=said.append)
     assert run.distill is not None and "position_ids" in run.train_data.examples[0]  # packed rows
+    assert fast_path_enabled(run.model) == fast
+    assert any("fused head + cross-entropy is off" in m for m in said) == fast
     torch.manual_seed(1)
     params = [p for p in run.model.parameters() if p.requires_grad]
     with torch.no_grad():  # move the adapter off zero, so student and teacher differ
