@@ -274,6 +274,14 @@ def _model_names(model: nn.Module, component: str) -> dict[str, str]:
     return table
 
 
+def _squeezed(shape) -> tuple[int, ...]:
+    """A shape without its trailing 1s past the second dimension ((r, in, 1, 1) -> (r, in))."""
+    shape = tuple(shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
 def _looks_sdxl(kohya_names: list[str], modules: dict) -> bool:
     return any(n.startswith(("lora_te1_", "lora_te2_")) for n in modules) or any(
         names.is_sgm(names.unflatten(n.removeprefix("lora_unet_"))) for n in kohya_names)
@@ -333,6 +341,10 @@ def parts_for_model(model: nn.Module, path: str | os.PathLike, component: str | 
             shapes = method.shapes(geometry, base, cfg, module_path)
         except ValueError as e:
             raise ValueError(f"{source}: module {key_of[module_path]!r}: {e}") from None
+        for role, t in list(roles.items()):  # a 1x1 convolution's factors on a linear layer, or back (SD 2's proj_in)
+            want = tuple(shapes.get(role, ()))
+            if want and tuple(t.shape) != want and _squeezed(t.shape) == _squeezed(want):
+                roles[role] = t.reshape(want)
         got = {r: tuple(t.shape) for r, t in roles.items()}
         if got != {r: tuple(s) for r, s in shapes.items()}:
             raise ValueError(f"{source}: module {key_of[module_path]!r} has tensors {got}, but {method_name} on "
