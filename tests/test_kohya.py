@@ -536,6 +536,9 @@ def test_weighted_loha_and_refused_weighted_dora_merge(tmp_path):
             y_base = layer(x)
     torch.testing.assert_close(y_half, y_base + 0.5 * (y_full - y_base), atol=ATOL, rtol=0)
     assert (half - base).abs().max() > 0 and (half - full).abs().max() > 0
+    dt.set_active(unet, {"h": 0.5})
+    dt.merge(unet)  # LoHa is additive: merged at 0.5 gives the unmerged output at 0.5
+    torch.testing.assert_close(unet_out(unet), half, atol=ATOL, rtol=0)
 
     dora = sd_unet()
     path, _ = _lycoris_file(dora, {ATTN: (LoConModule, dict(lora_dim=4, alpha=2.0, weight_decompose=True))},

@@ -167,7 +167,7 @@ def set_active(model: nn.Module, names: str | list[str] | dict[str, float]) -> n
 
     A dict ``{name: weight}`` also scales each adapter's effect (several style files at chosen strengths);
     ``merge`` folds an adapter in at its weight then (deltas with ``additive = True``, whose ΔW does not
-    depend on W, such as LoRA's) and ``unmerge`` takes out what the merge put in. Weights apply to weight deltas; an adapter with full copies or
+    depend on W: LoRA, LoHa, LoKr) and ``unmerge`` takes out what the merge put in. Weights apply to weight deltas; an adapter with full copies or
     virtual tokens takes weight 1 only.
     """
     weights = dict(names) if isinstance(names, dict) else {}

@@ -84,6 +84,7 @@ class FactorDelta(nn.Module):
 
     method = ""
     changes_base = False
+    additive = True  # ΔW does not depend on W: merging at a weight w adds w·ΔW, unmerging takes it out
 
     def __init__(self, factors: dict[str, torch.Tensor], rank: int, alpha: float, rank_dropout: float,
                  rank_dropout_scale: bool, module_dropout: float):
