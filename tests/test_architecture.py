@@ -17,7 +17,8 @@ ALLOWED = {
     "quant": {"adapters", "kernels"},
     "fast": {"kernels"},
     "hub": {"assets"},
-    "train": {"__init__", "adapters", "methods", "formats", "quant", "fast", "kernels", "hub", "assets"},
+    "dist": set(),  # data-parallel wrapping (FSDP2, DDP): torch.distributed only
+    "train": {"__init__", "adapters", "methods", "formats", "quant", "fast", "kernels", "hub", "assets", "dist"},
     "serve": {"__init__", "adapters", "methods", "formats", "quant", "fast", "kernels", "hub", "assets"},
     "benchmark": {"__init__", "adapters", "methods", "formats", "quant", "fast", "kernels", "hub", "train"},
     "demo": {"__init__", "train", "hub", "assets", "adapters", "methods", "formats"},

@@ -35,7 +35,7 @@ METHOD_ALIASES: dict[str, str] = {"prompt": "prompt_tuning", "ptuning": "p_tunin
 # Settings that may change on --resume without changing the computation.
 RESUMABLE_CHANGES = {"resume", "save_every", "keep", "eval_every", "log_every", "progress", "merge", "max_steps",
                      "epochs", "output", "device", "fast", "max_classes",
-                     "report_to", "keep_best", "retention", "retention_rows", "retention_data"}
+                     "report_to", "keep_best", "retention", "retention_rows", "retention_data", "sharding"}
 
 
 class TrainError(RuntimeError):
@@ -99,6 +99,8 @@ class TrainArgs:
     """Fused LoRA kernels (deltatune.fast); default on with CUDA, off on CPU."""
     cuda_graphs: bool = False
     """With the fast path: replay the decoder layers that are not checkpointed from CUDA graphs (faster when the host limits the step; batches of one shape avoid recaptures)."""
+    sharding: Literal["auto", "fsdp", "ddp", "none"] = "auto"
+    """Under torchrun with several processes: "fsdp" (FSDP2, each decoder block's parameters sharded, the frozen base too), "ddp" (a whole copy per process, gradients all-reduced); "auto": fsdp with several processes, none with one. The global batch is micro_batch x grad_accum x processes."""
 
     # -- checkpoints, evaluation, output ----------------------------------------------------------------------
     save_every: int = 100

@@ -8,6 +8,10 @@ A checkpoint is a directory ``step-00000120/`` under ``<output>/checkpoints/`` h
 - ``state.json``: step, data position, scheduler and grad-scaler state, optimizer hyperparameters,
   Python and NumPy RNG states, and whatever the trainer adds.
 
+Under FSDP (``deltatune.dist``) every process gathers the whole tensors of its shards and process 0
+alone writes them, so a checkpoint is the same files whatever the number of processes that wrote it,
+and any number can load it (each cuts its own shard back out).
+
 It is written into a hidden temporary directory, every file fsync'ed, then renamed into place
 (``rename`` of a directory is atomic on POSIX), so a directory named ``step-*`` is always complete;
 a kill during the write leaves only a temporary directory, which the next run removes. Old
@@ -26,6 +30,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from deltatune.dist import full_tensor, shard_like
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "clean_stale",
            "trainable_state", "CheckpointError", "run_lock", "remove_if_only_lock"]
@@ -193,20 +199,26 @@ def _discard(path: Path) -> None:
 
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler=None, scaler=None, extra: dict | None = None, keep: int = 3) -> Path:
+                    scheduler=None, scaler=None, extra: dict | None = None, keep: int = 3, write: bool = True) -> Path:
     """Write checkpoint ``step`` atomically under ``root``, keep the newest ``keep``; returns its path.
 
-    ``extra`` (JSON-able: data position, metrics) is stored in ``state.json``.
+    ``extra`` (JSON-able: data position, metrics) is stored in ``state.json``. Sharded tensors are
+    gathered whole (every process of a data-parallel run must call this); ``write=False`` (every
+    process but rank 0) only takes part in the gathering and writes nothing.
     """
     root = Path(root)
+    trainable = {n: full_tensor(p) for n, p in trainable_state(model).items()}
+    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    opt_tensors = {k: full_tensor(v) for k, v in opt_tensors.items()}
+    if not write:
+        return root / f"step-{step:08d}"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _save_tensors(tmp / "trainable.safetensors", trainable_state(model))
-    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    _save_tensors(tmp / "trainable.safetensors", trainable)
     rng_tensors, rng_meta = _rng_state()
     _save_tensors(tmp / "optimizer.safetensors", {**opt_tensors, **rng_tensors})
     state = {
@@ -248,10 +260,16 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         for name, p in params.items():
             if saved[name].shape != p.shape:
                 raise CheckpointError(f"{path}: {name} has shape {tuple(saved[name].shape)}, model has {tuple(p.shape)}")
-            p.copy_(saved[name])
+            p.copy_(shard_like(saved[name], p))
     tensors = load_file(str(path / "optimizer.safetensors"))
     if optimizer is not None:
         sd = _join_optimizer(tensors, state["optimizer"])
+        ordered = [p for g in optimizer.param_groups for p in g["params"]]  # the ids state_dict() numbers
+        for pid, st in sd["state"].items():  # moments of a sharded parameter: this process's shard
+            for key, value in st.items():
+                if torch.is_tensor(value) and pid < len(ordered) and value.shape == ordered[pid].shape \
+                        and value.ndim > 0:
+                    st[key] = shard_like(value, ordered[pid])
         optimizer.load_state_dict(sd)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])

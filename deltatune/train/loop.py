@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import random
 import signal
 import time
 from dataclasses import dataclass, field
@@ -31,13 +30,13 @@ import torch
 from deltatune.adapters import prepare_batch
 import deltatune.train.checkpoint as ckpt
 from deltatune.train.args import (
-    FULL, DataArgs, TrainArgs, TrainError, check_resume, method_config, method_config_class, resolve_device,
-    resolve_precision, run_record,
+    DataArgs, TrainArgs, TrainError, check_resume, resolve_device, resolve_precision, run_record,
 )
 from deltatune.train.console import StopSignals
-from deltatune.train.data import Dataset, load_dataset, split_validation
+from deltatune.dist import World, call, full_tensor, gathered, grad_sync, init_world
+from deltatune.train.parallel import check_world, quiet, wrap_model
+from deltatune.train.data import Dataset
 from deltatune.train.distill import Distillation, distill_metrics, make_distillation
-from deltatune.train.evaluate import evaluate
 from deltatune.train.objective import Objective, TokenObjective
 from deltatune.train.outputs import (
     append_metrics, check_outputs, plot_metrics, truncate_metrics, write_json,
@@ -45,10 +44,12 @@ from deltatune.train.outputs import (
 from deltatune.train.prepare import (
     base_dtype, cast_frozen, enable_checkpointing, enable_fast, lr_lambda, make_optimizer, prepare_model,
 )
-from deltatune.train.tasks import apply_task, head_of, named_task
+from deltatune.train.inputs import load_data, resolve_method
+from deltatune.train.tasks import head_of
+from deltatune.train.validation import validate
 from deltatune.train.throughput import Meter, bar_postfix
 from deltatune.train.token_budget import BudgetSchedule, step_examples
-from deltatune.train.tracking import Reporter, best_val_loss, check_reporter, open_reporter
+from deltatune.train.tracking import Reporter, check_reporter, open_reporter
 from deltatune.train.report import OOM_ADVICE, count_params, estimate_memory, gib
 
 __all__ = ["TrainResult", "Run", "NonFinite", "train", "setup", "step", "finish", "load_data", "resolve_method"]
@@ -108,6 +109,10 @@ class Run:
     """{step index: its collated micro-batches}, made while the previous step ran on the GPU."""
     distill: Optional[Distillation] = None
     """The teacher and the KD term's settings (--teacher); None: cross-entropy alone."""
+    world: World = field(default_factory=World)
+    """This process's rank among the processes of a data-parallel run (torchrun); one process: 0 of 1."""
+    root: Optional[torch.nn.Module] = None
+    """The FSDP / DDP root (``deltatune.dist.ModelCall``) around ``model``; None for one process."""
 
     @property
     def out(self) -> Path:
@@ -126,8 +131,8 @@ class Run:
 
     @property
     def per_step(self) -> int:
-        """Examples per optimizer step."""
-        return self.args.micro_batch * self.args.grad_accum
+        """Examples per optimizer step (over all processes)."""
+        return self.args.micro_batch * self.args.grad_accum * self.world.size
 
     def samples_before(self, step: int) -> int:  # examples drawn before ``step``
         return self.schedule.samples_before(step) if self.schedule else step * self.per_step
@@ -154,42 +159,6 @@ class NonFinite(Exception):
 
 
 # -- setup -----------------------------------------------------------------------------------------------------
-def resolve_method(args: TrainArgs, method=None):
-    """The method config a run uses: ``method`` if given (it must be ``args.method``'s config class),
-    else ``args.method``'s config with the trainer's defaults; None for "full"."""
-    if method is None:
-        return method_config(args.method)
-    cls = method_config_class(args.method)
-    if cls is None:
-        raise TrainError(f"--method {FULL} trains every parameter and takes no method config, got "
-                         f"{type(method).__name__}")
-    if not isinstance(method, cls):
-        raise TrainError(f"method config {type(method).__name__} does not fit --method {args.method!r} "
-                         f"(which takes {cls.__name__}); set TrainArgs.method to the config's method")
-    return method
-
-
-def load_data(args: TrainArgs, data: DataArgs, tokenizer, log=print) -> tuple[Dataset, Optional[Dataset]]:
-    """The training and validation sets that ``data`` describes (``args.seed`` picks subsets)."""
-    if not data.data:
-        raise TrainError("no training data: set DataArgs.data (--data)")
-    named, data = named_task(data.task), apply_task(data)
-    kw = dict(fmt=data.data_format, max_length=data.max_length, packing=data.packing,
-              max_bad_fraction=data.max_bad_fraction, text_columns=data.text_columns,
-              label_column=data.label_column, max_classes=data.max_classes, log=log)
-    fixed = list(named.label_names) if named is not None and named.label_names else None
-    train_ds = load_dataset(data.data, tokenizer, label_names=fixed, **kw)
-    if 0 < data.max_examples < len(train_ds):
-        keep = sorted(random.Random(args.seed).sample(range(len(train_ds)), data.max_examples))
-        train_ds.examples = [train_ds.examples[i] for i in keep]
-    val_ds = None
-    if data.val_data:
-        val_ds = load_dataset(data.val_data, tokenizer, label_names=train_ds.label_names, **kw)
-    elif data.val_fraction > 0:
-        train_ds, val_ds = split_validation(train_ds, data.val_fraction, args.seed)
-    return train_ds, val_ds
-
-
 def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=None,
           train_data: Optional[Dataset] = None, val_data: Optional[Dataset] = None, log=print,
           objective: Optional[Objective] = None) -> Run:
@@ -212,13 +181,15 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
         raise TrainError(f"{out} already holds checkpoints (newest: step {existing[-1][0]}); pass --resume to "
                          f"continue that run, or choose another --output")
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.clean_stale(ckpt_dir)
+    world = init_world(resolve_device(args.device))  # torchrun's process group (or one process)
+    if world.main:
+        ckpt.clean_stale(ckpt_dir)
     resume_from = ckpt.latest_checkpoint(ckpt_dir) if args.resume else None
-    device = resolve_device(args.device)
+    device = world.device(resolve_device(args.device))
     # what "auto" means here is what the run records (and what a resume must agree with)
     args = dataclasses.replace(args, precision=resolve_precision(args.precision, device))
     if resume_from is not None and args_path.exists():
-        check_resume(json.loads(args_path.read_text()), args, data, method)
+        check_resume(check_world(json.loads(args_path.read_text()), resume_from, args, world), args, data, method)
 
     torch.manual_seed(args.seed)
     if tokenizer is None:
@@ -250,11 +221,12 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
     if args.gradient_checkpointing and not fast:
         enable_checkpointing(model)
     model.train()
+    root = wrap_model(model, args, world, device, log)  # FSDP / DDP over torchrun's processes
 
-    per_step = args.micro_batch * args.grad_accum
+    per_step = args.micro_batch * args.grad_accum * world.size
     lengths = [len(ex["input_ids"]) for ex in train_data.examples]
     try:
-        schedule = BudgetSchedule(lengths, args.seed, args.tokens_per_step, args.grad_accum) \
+        schedule = BudgetSchedule(lengths, args.seed, args.tokens_per_step, args.grad_accum * world.size) \
             if args.tokens_per_step else None
     except ValueError as e:
         raise TrainError(str(e)) from None
@@ -289,15 +261,19 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, scaler)
         start = state["step"]
-        truncate_metrics(metrics_path, start)
+        if world.main:
+            truncate_metrics(metrics_path, start)
         log(f"resumed from {resume_from} (step {start}, {state['samples_seen']} samples seen)")
     else:
         if args.resume:
             log(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
-        metrics_path.write_text("")
-    write_json(args_path, run_record(args, data, method))
+        if world.main:
+            metrics_path.write_text("")
+    if world.main:
+        write_json(args_path, run_record(args, data, method))
+    world.barrier()
     return Run(args, data, method, model, tokenizer, train_data, val_data, device, fast, optimizer, scheduler, scaler,
-               amp_dtype, max_steps, seq, start, resume_from, schedule=schedule, distill=distill,
+               amp_dtype, max_steps, seq, start, resume_from, schedule=schedule, distill=distill, world=world, root=root,
                objective=objective or TokenObjective(task, getattr(tokenizer, "pad_token_id", None) or 0))
 
 
@@ -310,8 +286,10 @@ def _collated(run: Run, index: int) -> list[dict]:
     """The collated micro-batches of optimizer step ``index`` (a pure function of seed and step), pinned
     on a GPU run so their copies to the device overlap the work in flight."""
     args, data = run.args, run.train_data
-    micro = [run.objective.collate([data.examples[i] for i in picked]) for picked in
-             step_examples(run.schedule, index, len(data), args.micro_batch, args.grad_accum, args.seed)]
+    # a data-parallel step is the micro-batches of grad_accum x processes; this process takes its share
+    micro = [run.objective.collate([data.examples[i] for i in picked]) for picked in run.world.mine(
+             step_examples(run.schedule, index, len(data), args.micro_batch, args.grad_accum * run.world.size,
+                           args.seed))]
     if run.device.type == "cuda":
         micro = [{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in micro]
     return micro
@@ -333,18 +311,29 @@ def step(run: Run, index: int) -> dict:
     torch.manual_seed(_step_seed(args.seed, index))
     collated = run.prefetched.pop(index, None) if run.prefetched else None
     micro = [prepare_batch(model, b) for b in (collated or _collated(run, index))]
-    # Normalise by the targets of the whole step, so accumulation equals one big batch.
-    targets = sum(run.objective.targets(b) for b in micro)
+    # Normalise by the targets of the whole step (of all processes), so accumulation equals one big batch.
+    targets = round(run.world.sum([sum(run.objective.targets(b) for b in micro)])[0])
     losses, kd_parts = [], []
-    for batch in micro:
+
+    def micro_loss(model, batch):
         # distillation needs the student's logits: the fused head + cross-entropy gives none
         loss_sum, _, logits = run.objective.batch_loss(model, batch, run.device, run.autocast,
                                                        run.fast and run.distill is None)
+        part = None
         if run.distill is not None:  # (1 - α)·CE + α·T²·KL(teacher ‖ student), summed (deltatune.train.distill)
             loss_sum, part = run.distill.loss(model, batch, loss_sum, logits, run.device, run.autocast)
-            kd_parts.append(part)
-        loss = loss_sum / max(targets, 1)
-        (scaler.scale(loss) if scaler else loss).backward()
+        return loss_sum, part
+
+    for k, batch in enumerate(micro):
+        # dropout of global micro-batch k depends on (seed, step, k) only: the same on any number of processes
+        torch.manual_seed(_step_seed(args.seed, index) + run.world.rank * len(micro) + k)
+        with grad_sync(run.root, k == len(micro) - 1):  # processes reduce gradients at the last micro-batch
+            loss_sum, part = call(run.root, model, micro_loss, batch)
+            if part is not None:
+                kd_parts.append(part)
+            # FSDP and DDP average gradients over processes: times world.size makes it the global sum
+            loss = loss_sum * run.world.size / max(targets, 1)
+            (scaler.scale(loss) if scaler else loss).backward()
         losses.append(loss_sum.detach().float())
     if index + 1 < run.max_steps:  # host work that overlaps this step's GPU work
         run.prefetched = {index + 1: _collated(run, index + 1)}
@@ -352,7 +341,9 @@ def step(run: Run, index: int) -> dict:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+    norm = full_tensor(norm)  # FSDP: the norm over all shards
     step_loss, norm_value = torch.stack([torch.stack(losses).sum(), norm.float().to(losses[0].device)]).tolist()
+    step_loss = run.world.sum([step_loss])[0]  # over all processes
     if not math.isfinite(step_loss):
         raise NonFinite("loss", step_loss, index + 1)
     if not math.isfinite(norm_value) and scaler is None:
@@ -374,36 +365,14 @@ def step(run: Run, index: int) -> dict:
 
 
 def _save(run: Run, done: int) -> Path:
+    # every process gathers its shards; process 0 writes (the others wait for it)
     run.checkpoint = ckpt.save_checkpoint(run.ckpt_dir, done, run.model, run.optimizer, run.scheduler, run.scaler,
                                           keep=run.args.keep, extra={"samples_seen": run.samples_before(done),
-                                                                     "max_steps": run.max_steps})
+                                                                     "max_steps": run.max_steps,
+                                                                     "world_size": run.world.size},
+                                          write=run.world.main)
+    run.world.barrier()
     return run.checkpoint
-
-
-def _validate(run: Run, done: int, log) -> dict:
-    res = evaluate(run.model, run.val_data, run.args.micro_batch, run.device, run.autocast, progress=run.args.progress)
-    best = best_val_loss(run.metrics_path, done)
-    record = {"step": done, **{f"val_{k}": v for k, v in res.items()}}
-    append_metrics(run.metrics_path, record)
-    if run.reporter is not None:
-        run.reporter.log(record)
-    log(f"step {done}: validation " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
-    if run.args.keep_best and (best is None or res["loss"] < best):
-        _save_best(run, done, res)
-        log(f"step {done}: best validation loss so far, saved to {run.out / 'best'}")
-    return res
-
-
-def _save_best(run: Run, done: int, res: dict) -> None:
-    """The adapter (or, for full fine-tuning, the model) of step ``done`` as ``<output>/best``."""
-    import deltatune as dt
-
-    target = run.out / "best"
-    if run.args.method == FULL:
-        run.model.save_pretrained(target)
-    else:
-        dt.save_adapter(run.model, target, name="default")
-    write_json(target / "best.json", {"step": done, **{f"val_{k}": v for k, v in res.items()}})
 
 
 def _retain(run: Run, done: int, log) -> None:
@@ -422,8 +391,12 @@ def finish(run: Run, result: TrainResult, log=print) -> TrainResult:
     if run.retention is not None:
         _retain(run, run.max_steps, log)
     if run.val_data is not None:
-        result.eval = _validate(run, run.max_steps, log)
-    result.adapter = run.objective.save_outputs(run)
+        result.eval = validate(run, run.max_steps, log)
+    with gathered(run.root):  # FSDP: the whole model on every process while process 0 saves it
+        result.adapter = run.objective.save_outputs(run) if run.world.main else None
+    run.world.barrier()
+    if not run.world.main:
+        return result
     png = plot_metrics(run.metrics_path, run.out / "loss.png")
     log(f"saved {result.adapter}" + (f", loss curve {png}" if png else "") + f", metrics {run.metrics_path}")
     return result
@@ -453,18 +426,21 @@ def train(args: TrainArgs, data: Optional[DataArgs] = None, method=None, *, mode
     out = Path(args.output)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with ckpt.run_lock(out):
+    world = init_world(resolve_device(args.device))  # under torchrun: join its processes (deltatune.dist)
+    if not world.main:
+        log = quiet  # process 0 speaks for the run
+    with ckpt.run_lock(out) if world.main else contextlib.nullcontext():
         try:
             run = setup(args, data, method, model, tokenizer, train_data, val_data, log, objective)
-            run.reporter = open_reporter(args.report_to, run.out)
+            run.reporter = open_reporter(args.report_to, run.out) if world.main else None
             try:
                 return _run(run, on_step, log)
             finally:
                 if run.reporter is not None:
                     run.reporter.close()
         except BaseException:
-            if created:  # a run that failed before writing anything leaves no folder holding only its .lock
-                ckpt.remove_if_only_lock(out)
+            if created and world.main:  # a run that failed before writing anything leaves no folder holding
+                ckpt.remove_if_only_lock(out)  # only its .lock
             raise
 
 
@@ -477,7 +453,8 @@ def _run(run: Run, on_step, log) -> TrainResult:
 
         run.retention = open_retention(run, log)
     bar = None
-    if args.progress:
+    main = run.world.main  # process 0 writes metrics, plots and the progress bar
+    if args.progress and main:
         from tqdm import tqdm
 
         bar = tqdm(total=run.max_steps, initial=run.start, desc="train", dynamic_ncols=True)
@@ -490,7 +467,7 @@ def _run(run: Run, on_step, log) -> TrainResult:
                 except NonFinite as e:
                     return _stop_nan(result, e, run.checkpoint, bar, log)
                 done, loss_value = rec["step"], rec["loss"]
-                if done % args.log_every == 0 or done == run.max_steps:
+                if main and (done % args.log_every == 0 or done == run.max_steps):
                     append_metrics(run.metrics_path, rec)
                     if run.reporter is not None:
                         run.reporter.log(rec)
@@ -502,19 +479,22 @@ def _run(run: Run, on_step, log) -> TrainResult:
                     _retain(run, done, log)
                 if run.val_data is not None and args.eval_every > 0 and done % args.eval_every == 0 \
                         and done < run.max_steps:
-                    _validate(run, done, log)
+                    validate(run, done, log)
                 result.step = done
                 if on_step is not None:
                     on_step(done, rec)
+                # processes stop together: a signal that reached any of them stops all after this step
+                received = signals.received if run.world.size == 1 else run.world.max(signals.received or 0) or None
                 if (args.save_every > 0 and done % args.save_every == 0) or done == run.max_steps \
-                        or signals.received is not None:
+                        or received is not None:
                     _save(run, done)
-                if signals.received is not None and done < run.max_steps:
+                if received is not None and done < run.max_steps:
                     if bar is not None:
                         bar.close()
-                    plot_metrics(run.metrics_path, run.out / "loss.png")
+                    if main:
+                        plot_metrics(run.metrics_path, run.out / "loss.png")
                     result.status, result.checkpoint = "interrupted", run.checkpoint
-                    result.message = (f"stopped by {signal.Signals(signals.received).name} after step {done}; "
+                    result.message = (f"stopped by {signal.Signals(received).name} after step {done}; "
                                       f"checkpoint {run.checkpoint}; continue with --resume")
                     log(result.message)
                     return result
