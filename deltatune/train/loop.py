@@ -360,7 +360,8 @@ def step(run: Run, index: int) -> dict:
     meter = run.meter or run.objective.meter(model, run.device, run.amp_dtype)
     run.meter = meter
     return {"step": index + 1, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
-            **(distill_metrics(kd_parts, targets) if kd_parts else {}),
+            **(distill_metrics([torch.tensor(run.world.sum(torch.stack(kd_parts).sum(0).tolist()))], targets)
+               if kd_parts else {}),  # (CE, KD) sums of every process
             **meter.measure(micro, time.perf_counter() - t0)}
 
 
