@@ -368,3 +368,16 @@ def test_second_adapter_with_modules_to_save_loads_beside_the_first(tmp_path):
         y_b = model(x)
         dt.set_active(model, "a")
         torch.testing.assert_close(model(x), y_b)
+
+
+def test_the_per_type_adapter_filter_names_every_method_of_the_protocol():
+    """adapter_modules() skips types lacking the protocol's methods before the slow isinstance check;
+    the filter's list must be the protocol's own callable members, or it would drop adapter modules."""
+    import typing
+
+    from deltatune.adapters import protocol
+
+    members = typing._get_protocol_attrs(protocol.AdapterModule)
+    methods = {m for m in members if callable(getattr(protocol.AdapterModule, m, None))}
+    assert methods == set(protocol._METHODS)
+    assert not protocol._may_be_adapter(torch.nn.Linear)
