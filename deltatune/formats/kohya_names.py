@@ -13,6 +13,7 @@ always at hand: ``deltatune convert`` works on files alone).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -124,6 +125,7 @@ _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb
 _MID = {"resnets.0": "middle_block.0", "attentions.0": "middle_block.1", "resnets.1": "middle_block.2"}
 
 
+@functools.lru_cache(maxsize=8)
 def _block_table(layout: Layout) -> dict[str, str]:
     """diffusers block prefix -> SGM block prefix, for every block of ``layout``."""
     table, index = {}, 1
