@@ -206,6 +206,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     model, tok = _model(args.model)
+    pristine = copy.deepcopy(model)  # the engine adds adapters into ``model``; PEFT wraps clean copies
     engine = Engine(model, tok, num_blocks=512, max_model_len=1024, max_num_seqs=64)
     engine.eos_ids = set()  # every answer runs max_tokens tokens: comparable, and a real load
     names = [f"lora{i}" for i in range(args.adapters + 1)]  # the last one is loaded during the run
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as root:
         for i, name in enumerate(names):
             torch.manual_seed(100 + i)
-            wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+            wrapped = peft.get_peft_model(copy.deepcopy(pristine), peft.LoraConfig(
                 r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
                 init_lora_weights=False))
             with torch.no_grad():
