@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Iterator
 
 import torch
 
+from deltatune.serve.beam import BeamGroup
 from deltatune.serve.kv_cache import bytes_per_block, plan_num_blocks
 from deltatune.serve.model_runner import ModelRunner
 from deltatune.serve.sampling import Sampler, SamplingParams
@@ -52,6 +53,8 @@ class GenerationOutput:
     latency: float = 0.0
     """Seconds from the request's arrival to its last token."""
     time_to_first_token: float = 0.0
+    beams: list[tuple[list[int], float]] = field(default_factory=list)
+    """Beam search: every finished hypothesis (generated token ids, score), best first (token_ids is the first)."""
 
 
 class Engine:
@@ -117,7 +120,9 @@ class Engine:
         self.sampler = Sampler(seed)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._adapters: dict[str, str] = {}
-        self._seqs: dict[int, Sequence] = {}
+        self._seqs: dict[int, Sequence] = {}  # requests, by id
+        self._groups: dict[int, BeamGroup] = {}  # beam-search requests' groups, by request id
+        self._beam_of: dict[int, BeamGroup] = {}  # the group of each running beam, by its sequence id
         self._ids = itertools.count()
 
     @classmethod
@@ -183,16 +188,37 @@ class Engine:
             raise TypeError(f"unknown sampling settings {sorted(unknown)}; known: {sorted(_PARAM_NAMES)}")
         params = params or SamplingParams(**sampling)
         seq = Sequence(next(self._ids), self._encode(prompt), params, adapter)
+        if params.use_beam_search:
+            return self._add_beam_request(seq)
         seq.generator = self.sampler.generator(params, self.runner.device)
         self.scheduler.add(seq)
         self._seqs[seq.seq_id] = seq
         return seq.seq_id
 
+    def _add_beam_request(self, request: Sequence) -> int:
+        """Queue a beam-search request: its first beam is scheduled, the request itself only reports."""
+        first = Sequence(next(self._ids), request.prompt_ids, request.params, request.adapter)
+        self.scheduler.add(first)  # RequestRefused for what could never fit
+        p = request.params
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+        room = self.scheduler.max_model_len - len(request.prompt_ids)
+        group = BeamGroup(request, stops, min(p.max_new_tokens, room), beams=[first], scores=[0.0])
+        request.status = "running"
+        self._seqs[request.seq_id], self._groups[request.seq_id] = request, group
+        self._beam_of[first.seq_id] = group
+        return request.seq_id
+
     def abort(self, request_id: int) -> None:
         """End a request now (its blocks are freed; finish reason "abort")."""
         seq = self._seqs.get(request_id)
-        if seq is not None and seq.status != "finished":
+        if seq is None or seq.status == "finished":
+            return
+        group = self._groups.get(request_id)
+        if group is None:
             self.scheduler.finish(seq, "abort")
+            return
+        self._end_beams(group)
+        seq.status, seq.finish_reason, seq.finish_time = "finished", "abort", time.perf_counter()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -203,17 +229,77 @@ class Engine:
         if not chunks:
             return []
         logits = self.runner.forward(chunks, self.cache)
-        done = []
+        done, rows, beams = [], [], []
         for c in chunks:
-            seq = self._seqs[c.seq_id]
+            group = self._beam_of.get(c.seq_id)
+            seq = self._seqs[c.seq_id] if group is None else next(b for b in group.beams if b.seq_id == c.seq_id)
             seq.num_computed += len(c.token_ids)
             if c.want_logits:
-                done.append(seq)
+                (done if group is None else beams).append(seq)
+                rows.append(group is None)
+        if beams:
+            picked = torch.tensor(rows, device=logits.device)
+            beam_logits, logits = logits[~picked], logits[picked]
         tokens = self.sampler(logits, [s.params for s in done], [s.prompt_ids for s in done],
                               [s.output_ids for s in done], [s.generator for s in done])
         for seq, token in zip(done, tokens):
             self._append(seq, token)
+        for seq, row in zip(beams, beam_logits if beams else ()):
+            group = self._beam_of[seq.seq_id]
+            if group.receive(seq, row):
+                self._advance(group)
+                done.append(group.request)
         return done
+
+    def _advance(self, group: BeamGroup) -> None:
+        """One beam-search step of ``group``: fork, extend and drop beams, or end the request."""
+        nxt = group.advance()
+        request = group.request
+        if request.first_token_time is None:
+            request.first_token_time = time.perf_counter()
+        if nxt is None:
+            self._end_beams(group)
+            best = group.finished[0][1]
+            request.output_ids = list(best)
+            if self.tokenizer is not None:
+                request.text = self.tokenizer.decode(best, skip_special_tokens=True)
+            reason = "stop" if best and best[-1] in group.stop_ids else "length"
+            request.status, request.finish_reason, request.finish_time = "finished", reason, time.perf_counter()
+            return
+        parents, children = group.beams, {p for p, _ in nxt}
+        for i, beam in enumerate(parents):  # beams with no continuation first: their blocks free up
+            if i not in children:
+                self._drop_beam(beam)
+        beams, taken = [], set()
+        for parent, token in nxt:  # second and later children of a parent: new beams from its blocks
+            if parent in taken:
+                src = parents[parent]
+                child = Sequence(next(self._ids), src.prompt_ids, src.params, src.adapter, list(src.output_ids))
+                self.scheduler.fork(src, child)
+                child.output_ids.append(token)
+                self._beam_of[child.seq_id] = group
+                beams.append(child)
+            else:
+                taken.add(parent)
+                beams.append(None)  # the parent itself goes on, extended below
+        for i, (parent, token) in enumerate(nxt):
+            if beams[i] is None:
+                beam = parents[parent]
+                beam.output_ids.append(token)
+                if beam.status == "parked":
+                    self.scheduler.unpark(beam)
+                beams[i] = beam
+        group.beams = beams
+
+    def _drop_beam(self, beam: Sequence) -> None:
+        self._beam_of.pop(beam.seq_id, None)
+        if beam.status != "finished":
+            self.scheduler.finish(beam, "abort")
+
+    def _end_beams(self, group: BeamGroup) -> None:
+        for beam in group.beams:
+            self._drop_beam(beam)
+        group.beams, group.pending = [], {}
 
     def _append(self, seq: Sequence, token: int) -> None:
         """Add ``token`` to ``seq``'s output and end ``seq`` if it stops."""
@@ -239,14 +325,17 @@ class Engine:
         """The result of request ``request_id`` (finished or not) so far."""
         s = self._seqs[request_id]
         end = s.finish_time or s.arrival
+        group = self._groups.get(request_id)
         return GenerationOutput(s.seq_id, s.text, list(s.output_ids), list(s.prompt_ids), s.finish_reason or "",
                                 s.adapter, max(0.0, end - s.arrival),
-                                max(0.0, (s.first_token_time or s.arrival) - s.arrival))
+                                max(0.0, (s.first_token_time or s.arrival) - s.arrival),
+                                [(list(t), score) for score, t in group.finished] if group is not None else [])
 
     def pop_output(self, request_id: int) -> GenerationOutput:
         """The result of a finished request, forgotten by the engine afterwards."""
         out = self.output(request_id)
         del self._seqs[request_id]
+        self._groups.pop(request_id, None)
         return out
 
     # -- the loops -------------------------------------------------------------------------------------
@@ -292,6 +381,7 @@ class Engine:
         finally:
             self.abort(rid)
             self._seqs.pop(rid, None)
+            self._groups.pop(rid, None)
 
     def chat(self, messages: list[dict], adapter: str | None = None, stream: bool = False, **sampling):
         """Answer a conversation (``[{"role": ..., "content": ...}, ...]``) through the tokenizer's chat

@@ -79,6 +79,7 @@ class PagedKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the lowest block is handed out first
+        self._refs = [0] * num_blocks  # sequences whose tables hold each block (beams share full blocks)
         self.tables: dict[int, list[int]] = {}
 
     # -- block accounting ------------------------------------------------------------------------------
@@ -109,14 +110,44 @@ class PagedKVCache:
         if need > len(self._free):
             raise CacheFullError(f"sequence {seq_id} needs {need} more blocks, {len(self._free)} are free")
         table = self.tables.setdefault(seq_id, [])
-        table.extend(self._free.pop() for _ in range(need))
+        for _ in range(need):
+            block = self._free.pop()
+            self._refs[block] = 1
+            table.append(block)
         return table
 
     def free(self, seq_id: int) -> int:
-        """Return ``seq_id``'s blocks to the free list; returns how many (0 for an unknown id)."""
+        """Drop ``seq_id``'s blocks (to the free list once no other sequence shares them); returns how many
+        its table held (0 for an unknown id)."""
         table = self.tables.pop(seq_id, [])
-        self._free.extend(reversed(table))
+        for block in reversed(table):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free.append(block)
         return len(table)
+
+    def fork(self, parent: int, child: int, num_tokens: int) -> int:
+        """Give ``child`` (no blocks yet) the keys and values of ``parent``'s first ``num_tokens`` tokens:
+        full blocks are shared (they are never written again), a partly filled last block is copied
+        into a free block, or left out when none is free. Returns how many tokens ``child`` now holds."""
+        if child in self.tables:
+            raise ValueError(f"sequence {child} already holds blocks")
+        size, table = self.block_size, self.tables.get(parent, [])
+        full = min(num_tokens // size, len(table))
+        shared = table[:full]
+        for block in shared:
+            self._refs[block] += 1
+        self.tables[child] = list(shared)
+        held = full * size
+        if num_tokens > held and full < len(table) and self._free:
+            src, dst = table[full], self._free.pop()
+            self._refs[dst] = 1
+            for layer in range(len(self.keys)):
+                self.keys[layer][dst].copy_(self.keys[layer][src])
+                self.values[layer][dst].copy_(self.values[layer][src])
+            self.tables[child].append(dst)
+            held = num_tokens
+        return held
 
     # -- reading and writing ---------------------------------------------------------------------------
     def slots(self, seq_id: int, start: int, count: int) -> list[int]:

@@ -43,6 +43,12 @@ class SamplingParams:
     """Token ids that end the generation (kept in token_ids, like EOS)."""
     ignore_eos: bool = False
     """Keep generating past the end-of-sequence token."""
+    use_beam_search: bool = False
+    """Beam search (transformers' ``num_beams``, ``do_sample=False``) instead of sampling; needs temperature 0."""
+    beam_width: int = 4
+    """Beams kept with ``use_beam_search``."""
+    length_penalty: float = 1.0
+    """Beam search: a finished beam scores sum(log p) / generated_length ** length_penalty (transformers')."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -52,7 +58,13 @@ class SamplingParams:
                   (self.top_k >= 0, "top_k must be >= 0 (0: off)"),
                   (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
                   (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-                  (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")]
+                  (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+                  (self.beam_width >= 1, "beam_width must be >= 1")]
+        if self.use_beam_search:
+            checks += [(self.temperature == 0, "beam search is deterministic: temperature must be 0"),
+                       (not self.stop, "beam search takes stop_token_ids, not stop strings"),
+                       (not (self.frequency_penalty or self.presence_penalty),
+                        "beam search takes repetition_penalty only, not frequency/presence penalties")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"SamplingParams: {message}, got {self}")

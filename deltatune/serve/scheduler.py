@@ -10,6 +10,12 @@ When a running sequence needs a block and none is free, the newest running seque
 its blocks are freed and it waits at the head of the queue to be recomputed from its prompt and
 the tokens it has generated (vLLM's recompute preemption). A request that could not fit even
 alone in the whole cache, or whose prompt reaches the model's length, is refused when it is added.
+
+Beams of a beam-search request (``serve/beam.py``) are sequences too; a beam whose logits wait for
+its siblings' has nothing to compute ("held") and is skipped. A held beam chosen for preemption, or
+every held beam when a step would otherwise compute nothing while requests wait, is parked: its blocks
+are freed but it is not queued, since its logits are already taken; the engine queues it again
+(``unpark``) if it goes on, to be recomputed. ``fork`` starts a new beam from its parent's blocks.
 """
 
 from __future__ import annotations
@@ -110,6 +116,14 @@ class Scheduler:
 
     def schedule(self) -> list[Chunk]:
         """The chunks of the next step (at most the token budget); blocks for them are reserved."""
+        chunks = self._plan()
+        if not chunks and self.waiting:  # only held beams run and they block the queue: make room
+            for seq in [s for s in self.running if s.num_computed >= s.num_tokens]:
+                self.park(seq)
+            chunks = self._plan()
+        return chunks
+
+    def _plan(self) -> list[Chunk]:
         budget, chunks, planned = self.max_num_batched_tokens, [], set()
         for seq in list(self.running):
             if budget == 0:
@@ -117,8 +131,11 @@ class Scheduler:
             if seq.status != "running":  # preempted below, earlier in this loop
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget)
+            if n == 0:  # a held beam
+                continue
             while not self.cache.can_hold(seq.seq_id, seq.num_computed + n):
-                victim = next(s for s in reversed(self.running) if s.seq_id not in planned)
+                others = [s for s in reversed(self.running) if s.seq_id not in planned]
+                victim = next((s for s in others if s.num_computed >= s.num_tokens), others[0])  # held beams first
                 self.preempt(victim)
                 if victim is seq:
                     break
@@ -152,13 +169,41 @@ class Scheduler:
                      want_logits=start + n == seq.num_tokens)
 
     def preempt(self, seq: Sequence) -> None:
-        """Free ``seq``'s blocks and queue it first, to be recomputed (its output so far is kept)."""
+        """Free ``seq``'s blocks and queue it first, to be recomputed (its output so far is kept);
+        a held beam is parked instead."""
+        if seq.num_computed >= seq.num_tokens:
+            return self.park(seq)
         self.cache.free(seq.seq_id)
         self.running.remove(seq)
         seq.num_computed, seq.status = 0, "waiting"
         seq.preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    def park(self, seq: Sequence) -> None:
+        """Free a held beam's blocks and take it off the running list, unqueued (see the module's doc)."""
+        self.cache.free(seq.seq_id)
+        self.running.remove(seq)
+        seq.num_computed, seq.status = 0, "parked"
+        seq.preemptions += 1
+        self.num_preemptions += 1
+
+    def unpark(self, seq: Sequence) -> None:
+        """Queue a parked beam first, to be recomputed."""
+        seq.status = "waiting"
+        self.waiting.appendleft(seq)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start beam ``child`` (``parent``'s tokens and one more) from ``parent``'s cached blocks; it runs
+        at once when the cache held any of them and ``max_num_seqs`` allows, else it is queued first."""
+        held = self.cache.fork(parent.seq_id, child.seq_id, parent.num_computed if parent.status == "running" else 0)
+        if held and len(self.running) < self.max_num_seqs:
+            child.num_computed, child.status = held, "running"
+            self.running.append(child)
+        else:
+            self.cache.free(child.seq_id)
+            child.num_computed, child.status = 0, "waiting"
+            self.waiting.appendleft(child)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End ``seq`` (running or waiting) and free its blocks."""
