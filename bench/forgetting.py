@@ -25,6 +25,7 @@ import sys
 ARMS = {  # arm -> its method flags (the learning rate comes with the arm: what each method needs)
     "full": ["--method", "full", "--lr", "5e-5"],
     "lora": ["--method", "lora", "--r", "8", "--alpha", "16", "--lr", "2e-3"],
+    "lora-lr2e-4": ["--method", "lora", "--r", "8", "--alpha", "16", "--lr", "2e-4"],  # LoRA at a gentler step
     "llama-pro-2": ["--method", "block_expansion", "--num-blocks", "2", "--lr", "2e-4"],
     "llama-pro-4": ["--method", "block_expansion", "--num-blocks", "4", "--lr", "2e-4"],
     "lora-kd-base": ["--method", "lora", "--r", "8", "--alpha", "16", "--lr", "2e-3", "--teacher", "base",
