@@ -11,7 +11,7 @@ import torch.nn as nn
 from deltatune.adapters.full_copies import FullCopies
 from deltatune.adapters.geometry import geometry_for
 
-__all__ = ["matches_name", "pattern_value", "output_head", "select_targets", "set_module"]
+__all__ = ["matches_name", "pattern_value", "output_head", "select_targets", "set_module", "has_module"]
 
 
 def matches_name(name: str, spec: list[str] | str) -> bool:
@@ -82,6 +82,15 @@ def select_targets(model: nn.Module, cfg, supports=None) -> list[str]:
         if unmatched:
             warnings.warn(f"targets {unmatched} match no module of {type(model).__name__}", stacklevel=3)
     return names
+
+
+def has_module(model: nn.Module, name: str) -> bool:
+    """Whether ``model`` has a submodule ``name``."""
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

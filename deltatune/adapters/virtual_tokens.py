@@ -34,7 +34,7 @@ import inspect
 import torch
 import torch.nn as nn
 
-__all__ = ["VirtualTokens", "ATTRIBUTE", "virtual_tokens", "unpack_rows", "IGNORE_INDEX", "context_length",
+__all__ = ["text_config", "VirtualTokens", "ATTRIBUTE", "virtual_tokens", "unpack_rows", "IGNORE_INDEX", "context_length",
            "token_dim", "kv_layout", "check_length"]
 
 ATTRIBUTE = "virtual_tokens"
@@ -68,10 +68,12 @@ def context_length(config) -> int | None:
     return None
 
 
-def _text_config(model: nn.Module):
+def text_config(model: nn.Module, who: str = "virtual tokens need"):
+    """The text part of ``model``'s transformers config (the config itself for a text-only model);
+    ValueError, naming ``who`` needs it, for a model without one."""
     config = getattr(model, "config", None)
     if config is None:
-        raise ValueError(f"virtual tokens need a transformers model with a config; got {type(model).__name__}")
+        raise ValueError(f"{who} a transformers model with a config; got {type(model).__name__}")
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -83,7 +85,7 @@ def token_dim(model: nn.Module) -> int:
 def kv_layout(model: nn.Module) -> tuple[int, int, int]:
     """(layers, kv_heads, head_dim) of the model's attention cache, as PEFT provisions prefixes:
     grouped-query models by their key/value heads (``num_key_value_heads``, ``head_dim``)."""
-    config = _text_config(model)
+    config = text_config(model)
     layers = next((getattr(config, k) for k in ("num_hidden_layers", "num_layers", "n_layer") if hasattr(config, k)), None)
     heads = next((getattr(config, k) for k in ("num_attention_heads", "n_head", "num_heads") if hasattr(config, k)), None)
     hidden = next((getattr(config, k) for k in ("hidden_size", "n_embd", "d_model") if hasattr(config, k)), None)
@@ -101,7 +103,7 @@ def check_length(model: nn.Module, n: int, method: str) -> None:
     """ValueError if ``n`` virtual tokens leave no room for input in the model's context (or n < 1)."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"{method}: num_virtual_tokens must be a positive integer, got {n!r}")
-    limit = context_length(_text_config(model))
+    limit = context_length(text_config(model))
     if limit is not None and n >= limit:
         raise ValueError(f"{method}: {n} virtual tokens leave no room for input in the model's context of {limit}")
 

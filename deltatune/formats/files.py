@@ -19,6 +19,7 @@ from deltatune.adapters import (
     FULL, FullCopies, DeltaLayer, Method, ModelMethod, adapter_params, add_adapter, adapter_record, describe_adapter,
     geometry_for, load_description, matches_name, method_for, remove_adapter, select_targets,
 )
+from deltatune.adapters.targeting import has_module
 from deltatune.formats import adapterhub, kohya, native, peft, peft_prompt
 from deltatune.formats.atomic import atomic_write
 
@@ -253,7 +254,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             target, _, shape, settings = expected.get(key) or copies[key]
             if tuple(value.shape) != shape:
                 at = ", ".join(f"{k} {v}" for k, v in settings.items())
-                kind = type(model.get_submodule(target)).__name__ if _has_module(model, target) else "to be created"
+                kind = type(model.get_submodule(target)).__name__ if has_module(model, target) else "to be created"
                 raise AdapterFileError(
                     f"{weights_path}: key {key!r} has shape {tuple(value.shape)}, but module {target!r} "
                     f"({kind})" + (f" with {at}" if at else "")
@@ -282,14 +283,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         if key in tensors:
             parts.setdefault(module_path, {})[role] = tensors[key]
     return _add_and_load(model, cfg, name, parts, activate, trainable)
-
-
-def _has_module(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 def _add_and_load(model: nn.Module, cfg, name: str, parts: dict, activate: bool, trainable: bool) -> nn.Module:

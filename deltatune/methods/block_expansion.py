@@ -46,7 +46,8 @@ from deltatune.adapters.layer import DeltaLayer
 from deltatune.adapters.method import register_method
 from deltatune.adapters.protocol import AdapterModule, adapter_modules
 from deltatune.adapters.surgery import adapter_record
-from deltatune.adapters.targeting import select_targets, set_module
+from deltatune.adapters.targeting import has_module, select_targets, set_module
+from deltatune.adapters.virtual_tokens import text_config
 from deltatune.methods.lora import LORA, LoraConfig
 
 __all__ = ["BlockExpansionConfig", "ExpandedLayers", "BLOCK_EXPANSION", "even_positions", "decoder_layers"]
@@ -126,7 +127,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(path, list) of the model's decoder blocks: the one ``nn.ModuleList`` of Llama-style blocks
     (``self_attn.o_proj`` and ``mlp.down_proj``). ValueError if there is none or more than one."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)
-             and all(_has(b, p) for b in m for p in ZEROED)]
+             and all(has_module(b, p) for b in m for p in ZEROED)]
     if len(found) != 1:
         what = "no" if not found else f"{len(found)} ({[n for n, _ in found]})"
         raise ValueError(f"block_expansion: {type(model).__name__} has {what} list of decoder blocks with "
@@ -134,19 +135,8 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return found[0]
 
 
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
 def _text_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ValueError(f"block_expansion needs a transformers model with a config; got {type(model).__name__}")
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    return text_config(model, "block_expansion needs")
 
 
 def _plan(model: nn.Module, cfg: BlockExpansionConfig) -> tuple[str, nn.ModuleList, list[int]]:
