@@ -27,6 +27,7 @@ ROWS = {
     "dt-default": [],  # --precision auto (bf16 on the GPU), packing on for instruction/chat data
     "dt-no-packing": ["--no-packing"],  # bf16, one example a row, padded
     "dt-fp32-padded": ["--precision", "fp32", "--no-packing"],  # the defaults before issue 15
+    "dt-rows2048": ["--max-length", "2048", "--micro-batch", "4"],  # packed rows of 2048: the harness's 4x2048 shape
     "hf-peft": "padded",
     "hf-peft-flat": "flattening",
     "hf-peft-flat-liger": "flattening+liger",  # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear CE)
