@@ -254,8 +254,10 @@ def run_shape(model, shape, args, batch, seq, checkpoint, peak_flops, log):
         rows.append(row)
         log(json.dumps(row))
     if args.profile:
-        with Method("fast", model, args, checkpoint) as loss_fn:
-            log(profile(loss_fn, _params_of(model, "fast"), ids))
+        for name in [m for m in ("fast", "fast-dora") if m in args.methods] or ["fast"]:
+            with Method(name, model, args, checkpoint) as loss_fn:
+                log(f"profile of {name}:")
+                log(profile(loss_fn, _params_of(model, name), ids))
     done = {r["method"]: r for r in rows if "error" not in r}
     for r in done.values():
         dora = r["method"].endswith("-dora")
@@ -343,7 +345,7 @@ def main(argv=None):
                    help="comma-separated: " + ", ".join(METHODS + VARIANTS + DORA))
     p.add_argument("--use-dora", action="store_true",
                    help="also run DoRA beside each of peft, plain, fast chosen (peft-dora, plain-dora, fast-dora)")
-    p.add_argument("--profile", action="store_true", help="profile two fast-path steps per shape (top kernels)")
+    p.add_argument("--profile", action="store_true", help="profile two fast-path steps per shape (top kernels), fast-dora too with --use-dora")
     p.add_argument("--batch-1b", type=int, default=4)
     p.add_argument("--seq-1b", type=int, default=2048)
     p.add_argument("--batch-8b", type=int, default=2)
