@@ -28,6 +28,10 @@ ROWS = {
     "dt-no-packing": ["--no-packing"],  # bf16, one example a row, padded
     "dt-fp32-padded": ["--precision", "fp32", "--no-packing"],  # the defaults before issue 15
     "dt-rows2048": ["--max-length", "2048", "--micro-batch", "4"],  # packed rows of 2048: the harness's 4x2048 shape
+    "dt-graphs": ["--cuda-graphs"],  # the decoder layers replayed from CUDA graphs (static packed shapes)
+    "dt-rows2048-graphs": ["--max-length", "2048", "--micro-batch", "4", "--cuda-graphs"],
+    "dt-dora-rows2048": ["--max-length", "2048", "--micro-batch", "4", "--use-dora"],  # DoRA on the real CLI
+    "dt-dora-rows2048-graphs": ["--max-length", "2048", "--micro-batch", "4", "--use-dora", "--cuda-graphs"],
     "hf-peft": "padded",
     "hf-peft-flat": "flattening",
     "hf-peft-flat-liger": "flattening+liger",  # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear CE)

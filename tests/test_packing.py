@@ -175,3 +175,83 @@ def test_precision_auto_is_bf16_on_a_gpu_that_has_it_and_fp32_elsewhere(monkeypa
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_precision("auto", torch.device("cuda")) == "fp32"
     assert resolve_precision("fp16", torch.device("cpu")) == "fp16"  # a name given stands for itself
+
+
+def test_static_shapes_keep_the_loss_and_list_empty_segments_at_the_end():
+    """Under CUDA graphs packed micro-batches take one shape: rows padded to a width, empty rows added,
+    the boundaries padded with empty segments; the loss is the same as the dynamic batch's."""
+    from deltatune.train.objective import TokenObjective
+
+    model = _tiny_llama()
+    rows = pack(_examples(), 64)
+    dynamic = collate(rows, 0, "causal-lm")
+    obj = TokenObjective("causal-lm", 0, static=(len(rows) + 2, 80))
+    static = obj.collate(rows)
+    assert static["input_ids"].shape == (len(rows) + 2, 80)
+    cu = static["cu_seq_lens_q"]
+    real = int((cu.diff() > 0).sum())  # the examples, each row's padding and the 2 empty rows
+    assert real >= len(dynamic["cu_seq_lens_q"]) - 1 + 2
+    assert len(cu) - 1 == max(16, 1 << (real - 1).bit_length())
+    assert (cu[real:] == cu[-1]).all() and int(cu[-1]) == static["input_ids"].numel()
+    assert static["max_length_q"] == 80 and (static["labels"][len(rows):] == IGNORE).all()
+    assert obj.targets(static) == obj.targets(dynamic)
+    with torch.no_grad():
+        a = batch_loss(model, dynamic, "causal-lm", "cpu", contextlib.nullcontext)[0]
+        b = batch_loss(model, static, "causal-lm", "cpu", contextlib.nullcontext)[0]
+    assert abs(float(a) - float(b)) <= 1e-5 * abs(float(a))
+    # the segment count never shrinks, so the shapes change a few times in a run at most
+    first = len(cu)
+    assert len(obj.collate(rows[:1])["cu_seq_lens_q"]) == first
+    with pytest.raises(ValueError, match="static width"):
+        TokenObjective("causal-lm", 0, static=(2, 8)).collate(rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="variable-length FlashAttention needs a CUDA GPU")
+def test_gpu_static_packed_batches_replay_one_capture_and_match_eager():
+    """Packed micro-batches of different examples (different segment counts) in static shapes: the graphed
+    layers capture once, and every step's loss and gradients equal the eager fast path's."""
+    import copy
+
+    import deltatune as dt
+    from deltatune.fast import blocks, enable_fast_path, fast_path_of
+    from deltatune.train.objective import TokenObjective
+
+    if blocks._VARLEN is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=192, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   attn_implementation="sdpa", use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).cuda().to(torch.bfloat16)
+    dt.add_adapter(model, dt.LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"], init="random"))
+    model.train()
+    eager = copy.deepcopy(model)
+    enable_fast_path(model, cuda_graphs=True)
+    enable_fast_path(eager)
+    obj = TokenObjective("causal-lm", 0, static=(4, 64))
+    batches = [obj.collate(pack(_examples(14, seed=s), 64)[:4]) for s in range(5)]
+    assert len({len(b["cu_seq_lens_q"]) for b in batches}) == 1
+    assert len({int((b["cu_seq_lens_q"].diff() > 0).sum()) for b in batches}) > 1  # real segments differ
+
+    def step(m, batch):
+        for p in dt.adapter_params(m):
+            p.grad = None
+        loss = batch_loss(m, batch, "causal-lm", "cuda", contextlib.nullcontext, fast=True)[0]
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in dt.adapter_params(m)]
+
+    for batch in batches:
+        loss, grads = step(model, batch)
+        ref, ref_grads = step(eager, batch)
+        assert loss == pytest.approx(ref, rel=2e-3)
+        for a, b in zip(grads, ref_grads):
+            assert ((a - b).norm() / b.norm()).item() < 2e-3
+    stack = fast_path_of(model).graphs
+    assert stack.off is None and stack.captures == 1
+    # the empty segments change nothing: the same rows with their own boundaries give the same loss
+    dynamic = collate(pack(_examples(14, seed=0), 64)[:4], 0, "causal-lm")
+    with torch.no_grad():
+        a = batch_loss(eager, dynamic, "causal-lm", "cuda", contextlib.nullcontext, fast=True)[0]
+        b = batch_loss(eager, batches[0], "causal-lm", "cuda", contextlib.nullcontext, fast=True)[0]
+    assert float(a) == pytest.approx(float(b), rel=1e-3)

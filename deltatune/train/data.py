@@ -9,9 +9,11 @@ is what makes resuming exact.
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -203,47 +205,80 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
     return _PERM_CACHE[key]
 
 
-def collate(examples: list[dict], pad_id: int, task: str) -> dict[str, torch.Tensor]:
+def collate(examples: list[dict], pad_id: int, task: str, width: int | None = None, rows: int | None = None,
+            segments: Callable[[int], int] | None = None) -> dict[str, torch.Tensor]:
     """Right-pad ``examples`` into a batch: input_ids, attention_mask, and labels (token or class).
 
     Packed rows (``deltatune.train.packing``) also give ``position_ids``; the padding after a row's
     examples is one more segment (positions from 0), which no real token attends to.
+
+    Static shapes (for CUDA graphs, which replay only the shapes they captured): ``width`` pads every
+    row to that many tokens (at least the longest), ``rows`` adds empty rows (all padding, no targets)
+    up to that many, and for packed rows ``segments(n)`` gives how many segments the boundaries list
+    (at least n; the extra ones are empty, at the end of the stream) while ``max_length_q`` is the width.
     """
-    width = max(len(ex["input_ids"]) for ex in examples)
-    batch = {"input_ids": torch.full((len(examples), width), pad_id, dtype=torch.long),
-             "attention_mask": torch.zeros((len(examples), width), dtype=torch.long)}
+    longest = max(len(ex["input_ids"]) for ex in examples)
+    if width is not None and width < longest:
+        raise ValueError(f"collate: a row of {longest} tokens does not fit the static width {width}")
+    width = width or longest
+    n_rows = max(rows or 0, len(examples))
+    batch = {"input_ids": torch.full((n_rows, width), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((n_rows, width), dtype=torch.long)}
     if "position_ids" in examples[0]:
-        batch["position_ids"] = torch.arange(width).repeat(len(examples), 1)
+        batch["position_ids"] = torch.arange(width).repeat(n_rows, 1)
     if "token_type_ids" in examples[0]:
-        batch["token_type_ids"] = torch.zeros((len(examples), width), dtype=torch.long)
+        batch["token_type_ids"] = torch.zeros((n_rows, width), dtype=torch.long)
     if task == "classification":
+        if n_rows != len(examples):
+            raise ValueError("collate: empty rows (rows=) are for token tasks; a classification row has a label")
         batch["labels"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.long)
     else:
-        batch["labels"] = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    for i, ex in enumerate(examples):
-        n = len(ex["input_ids"])
-        batch["input_ids"][i, :n] = torch.tensor(ex["input_ids"])
-        batch["attention_mask"][i, :n] = 1
-        if "position_ids" in batch:
-            batch["position_ids"][i, :n] = torch.tensor(ex["position_ids"])
-            batch["position_ids"][i, n:] -= n
-        if "token_type_ids" in batch:
-            batch["token_type_ids"][i, :n] = torch.tensor(ex["token_type_ids"])
-        if task != "classification":
-            batch["labels"][i, :n] = torch.tensor(ex["labels"])
+        batch["labels"] = torch.full((n_rows, width), IGNORE, dtype=torch.long)
+    # each field as one tensor of all its real tokens, put where the mask is true (row-major, as the
+    # examples follow each other): a few tensor ops a batch instead of a few per example (collating is
+    # host work on every step's path: about 1 ms for 32 short examples, one by one)
+    k = len(examples)
+    lengths = torch.tensor([len(ex["input_ids"]) for ex in examples], dtype=torch.long)
+    real = torch.arange(width) < lengths[:, None]  # (k, width)
+    batch["attention_mask"][:k] = real
+    batch["input_ids"][:k][real] = _joined(examples, "input_ids")
+    if "position_ids" in batch:  # the padding after a row's examples counts from 0 again
+        batch["position_ids"][:k] -= lengths[:, None] * ~real
+        batch["position_ids"][:k][real] = _joined(examples, "position_ids")
+    if "token_type_ids" in batch:
+        batch["token_type_ids"][:k][real] = _joined(examples, "token_type_ids")
+    if task != "classification":
+        batch["labels"][:k][real] = _joined(examples, "labels")
     if "position_ids" in batch:
-        batch.update(_boundaries(batch["position_ids"]))
+        batch.update(_boundaries(batch["position_ids"], segments, static_width=width if segments else None))
     return batch
 
 
-def _boundaries(position_ids: torch.Tensor) -> dict:
+def _joined(examples: list[dict], key: str) -> torch.Tensor:
+    """The ``key`` lists of ``examples`` one after another, as one int64 tensor."""
+    return torch.tensor(list(itertools.chain.from_iterable(ex[key] for ex in examples)), dtype=torch.long)
+
+
+def _boundaries(position_ids: torch.Tensor, segments: Callable[[int], int] | None = None,
+                static_width: int | None = None) -> dict:
     """Where a packed batch's examples start and end in its flattened token stream, as transformers'
     flattening collators give it (``cu_seq_lens_q/k``: int32 (segments + 1,); ``max_length_q/k``): what
-    variable-length attention kernels take. Computed here, on the host, so no step waits for the GPU."""
+    variable-length attention kernels take. Computed here, on the host, so no step waits for the GPU.
+
+    ``segments(n)`` pads the list to that many segments with empty ones at the end (the total repeated)
+    and ``static_width`` stands for the longest segment: the same shapes and numbers every step, while
+    each real segment still attends only to itself."""
     flat = position_ids.reshape(-1)
     starts = torch.nonzero(flat == 0).flatten()
     cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
     longest = int((cu[1:] - cu[:-1]).max())
+    if segments is not None:
+        n = len(cu) - 1
+        total = segments(n)
+        if total < n:
+            raise ValueError(f"segments({n}) = {total}: fewer segments than the batch has")
+        cu = torch.cat([cu, cu[-1:].expand(total - n)])
+        longest = static_width or longest
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 

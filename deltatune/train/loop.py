@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from deltatune.adapters import prepare_batch
+from deltatune.adapters import batch_preparers
 import deltatune.train.checkpoint as ckpt
 from deltatune.train.args import (
     DataArgs, TrainArgs, TrainError, check_resume, resolve_device, resolve_precision, run_record,
@@ -113,6 +113,9 @@ class Run:
     """This process's rank among the processes of a data-parallel run (torchrun); one process: 0 of 1."""
     root: Optional[torch.nn.Module] = None
     """The FSDP / DDP root (``deltatune.dist.ModelCall``) around ``model``; None for one process."""
+    preparers: Optional[list] = None
+    """The adapters' ``prepare_batch`` methods (``adapters.batch_preparers``), listed at the first step:
+    training adds or removes no adapter module, and walking the model for them costs about a millisecond."""
 
     @property
     def out(self) -> Path:
@@ -274,12 +277,35 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
     world.barrier()
     return Run(args, data, method, model, tokenizer, train_data, val_data, device, fast, optimizer, scheduler, scaler,
                amp_dtype, max_steps, seq, start, resume_from, schedule=schedule, distill=distill, world=world, root=root,
-               objective=objective or TokenObjective(task, getattr(tokenizer, "pad_token_id", None) or 0))
+               objective=objective or TokenObjective(task, getattr(tokenizer, "pad_token_id", None) or 0,
+                                                     static=_static_shape(args, train_data)))
+
+
+def _static_shape(args, train_data) -> tuple[int, int] | None:
+    """(rows, width) for every micro-batch of packed rows under --cuda-graphs (graphs replay only the
+    shapes they captured): --micro-batch rows of --max-length tokens. None where shapes vary anyway (one
+    example a row, or a token budget that sets the rows per step)."""
+    packed = bool(train_data.examples) and "position_ids" in train_data.examples[0]
+    if not (args.cuda_graphs and packed and not args.tokens_per_step):
+        return None
+    return args.micro_batch, max(args.max_length, max(len(ex["input_ids"]) for ex in train_data.examples))
 
 
 # -- one step --------------------------------------------------------------------------------------------------
 def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
+
+
+def _seed(seed: int, device: torch.device) -> None:
+    """``torch.manual_seed(seed)`` for the generators a step on ``device`` draws from: the CPU's and, on
+    CUDA, every GPU's. ``torch.manual_seed`` also queues seeds for XPU and MTIA, recording a stack trace
+    for each (about 0.1 ms a call, twice a step or more)."""
+    if device.type not in ("cpu", "cuda"):
+        torch.manual_seed(seed)
+        return
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
 
 
 def _collated(run: Run, index: int) -> list[dict]:
@@ -308,9 +334,15 @@ def step(run: Run, index: int) -> dict:
     args, model, optimizer, scaler = run.args, run.model, run.optimizer, run.scaler
     t0 = time.perf_counter()
     # Dropout and any other randomness of this step depend on (seed, step) only.
-    torch.manual_seed(_step_seed(args.seed, index))
+    _seed(_step_seed(args.seed, index), run.device)
     collated = run.prefetched.pop(index, None) if run.prefetched else None
-    micro = [prepare_batch(model, b) for b in (collated or _collated(run, index))]
+    if run.preparers is None:
+        run.preparers = batch_preparers(model)
+    micro = []
+    for batch in collated or _collated(run, index):
+        for prepare in run.preparers:  # what adapters on the input (prompts, prefixes) add to a batch
+            batch = prepare(batch)
+        micro.append(batch)
     # Normalise by the targets of the whole step (of all processes), so accumulation equals one big batch.
     targets = round(run.world.sum([sum(run.objective.targets(b) for b in micro)])[0])
     losses, kd_parts = [], []
@@ -326,7 +358,7 @@ def step(run: Run, index: int) -> dict:
 
     for k, batch in enumerate(micro):
         # dropout of global micro-batch k depends on (seed, step, k) only: the same on any number of processes
-        torch.manual_seed(_step_seed(args.seed, index) + run.world.rank * len(micro) + k)
+        _seed(_step_seed(args.seed, index) + run.world.rank * len(micro) + k, run.device)
         with grad_sync(run.root, k == len(micro) - 1):  # processes reduce gradients at the last micro-batch
             loss_sum, part = call(run.root, model, micro_loss, batch)
             if part is not None:
@@ -473,7 +505,7 @@ def _run(run: Run, on_step, log) -> TrainResult:
                     if run.reporter is not None:
                         run.reporter.log(rec)
                 if bar is not None:
-                    bar.set_postfix(bar_postfix(rec))
+                    bar.set_postfix(bar_postfix(rec), refresh=False)  # drawn by update, at most 10 times a second
                     bar.update(1)
                 if run.retention is not None and args.eval_every > 0 and done % args.eval_every == 0 \
                         and done < run.max_steps:

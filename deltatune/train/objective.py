@@ -49,12 +49,23 @@ class TokenObjective:
     """Cross-entropy over tokenized examples: causal LM (token t predicts t+1) or classification (one
     label a row), through ``evaluate.batch_loss``; the fused path where the run has it."""
 
-    def __init__(self, task: str, pad_id: int):
-        self.task, self.pad_id = task, pad_id
+    def __init__(self, task: str, pad_id: int, static: tuple[int, int] | None = None):
+        """``static``: (rows, width) of every micro-batch of packed rows, for CUDA graphs (``data.collate``)."""
+        self.task, self.pad_id, self.static = task, pad_id, static
+        self._segments = 0
+
+    def _segments_for(self, n: int) -> int:
+        """How many segments a static batch lists for ``n`` real ones: a power of two (16 at least) that
+        never shrinks, so the shapes change a few times in a run at most."""
+        self._segments = max(self._segments, 16, 1 << (n - 1).bit_length())
+        return self._segments
 
     def collate(self, examples: list[dict]) -> dict:
-        """Right-padded ids, mask and labels (``data.collate``)."""
-        return collate(examples, self.pad_id, self.task)
+        """Right-padded ids, mask and labels (``data.collate``), in static shapes for packed rows if asked."""
+        if self.static is None or "position_ids" not in examples[0]:
+            return collate(examples, self.pad_id, self.task)
+        rows, width = self.static
+        return collate(examples, self.pad_id, self.task, width=width, rows=rows, segments=self._segments_for)
 
     def targets(self, batch: dict) -> int:
         """Target tokens (causal LM) or rows (classification)."""
