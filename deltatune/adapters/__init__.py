@@ -9,7 +9,7 @@ from deltatune.adapters.geometry import GEOMETRIES, Geometry, geometry_for, regi
 from deltatune.adapters.layer import DeltaLayer
 from deltatune.adapters.method import Method, ModelMethod, method_for, method_named, method_names, register_method
 from deltatune.adapters.description import FULL, ModulePart, describe_adapter, load_description
-from deltatune.adapters.protocol import AdapterModule, adapter_modules, prepare_batch
+from deltatune.adapters.protocol import AdapterModule, adapter_modules, batch_preparers, prepare_batch
 from deltatune.adapters.routing import Routing, routed
 from deltatune.adapters.surgery import (
     AdapterRecord, adapter_params, adapter_record, add_adapter, delta_layers, disabled, list_adapters, merge,
@@ -19,7 +19,7 @@ from deltatune.adapters.virtual_tokens import VirtualTokens, virtual_tokens
 from deltatune.adapters.targeting import matches_name, output_head, pattern_value, select_targets, set_module
 
 __all__ = [
-    "AdapterModule", "adapter_modules", "prepare_batch", "ModulePart", "describe_adapter", "load_description", "FULL", "Geometry", "GEOMETRIES", "geometry_for",
+    "AdapterModule", "adapter_modules", "batch_preparers", "prepare_batch", "ModulePart", "describe_adapter", "load_description", "FULL", "Geometry", "GEOMETRIES", "geometry_for",
     "register_geometry", "DeltaLayer", "FullCopies", "Method", "ModelMethod", "VirtualTokens", "virtual_tokens", "register_method", "method_named", "method_for",
     "method_names", "Routing", "routed", "AdapterRecord", "adapter_record", "add_adapter", "remove_adapter",
     "set_active", "disabled", "merge", "unmerge", "adapter_params", "list_adapters", "delta_layers",

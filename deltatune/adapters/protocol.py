@@ -9,12 +9,12 @@ object. Modelled on torchtune's ``AdapterModule``; ``runtime_checkable`` so ``is
 from __future__ import annotations
 
 import functools
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 
-__all__ = ["AdapterModule", "adapter_modules", "prepare_batch"]
+__all__ = ["AdapterModule", "adapter_modules", "batch_preparers", "prepare_batch"]
 
 
 @runtime_checkable
@@ -81,12 +81,19 @@ def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
             yield path, module
 
 
+def batch_preparers(model: nn.Module) -> list[Callable[[dict], dict]]:
+    """The ``prepare_batch(batch) -> batch`` methods of ``model``'s adapter modules that change the input
+    (prompt tuning, prefixes), in ``adapter_modules`` order: what ``prepare_batch`` applies. A caller
+    preparing many batches of a model whose adapters stay put (the training loop) lists them once: the
+    walk over the model costs about a millisecond a call for a 6-layer encoder."""
+    return [prepare for _, module in adapter_modules(model)
+            if (prepare := getattr(module, "prepare_batch", None)) is not None]
+
+
 def prepare_batch(model: nn.Module, batch: dict) -> dict:
     """The collated ``batch`` as the model's adapters need it: each adapter module that changes the
     input (a ``prepare_batch(batch) -> batch`` method: prompt tuning, prefixes) transforms it in turn.
     Weight adapters leave it as it is."""
-    for _, module in adapter_modules(model):
-        prepare = getattr(module, "prepare_batch", None)
-        if prepare is not None:
-            batch = prepare(batch)
+    for prepare in batch_preparers(model):
+        batch = prepare(batch)
     return batch
