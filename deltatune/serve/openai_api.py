@@ -2,9 +2,12 @@
 
 Shapes follow OpenAI's API reference (Chat Completions, Completions, the streaming chunk objects,
 the error object ``{"error": {"message", "type", "param", "code"}}``); adapter loading follows vLLM's
-``/v1/load_lora_adapter`` bodies. Fields the engine cannot honour are refused with a 400
-(``logprobs``, ``echo``), never silently ignored; ``user`` and other unknown fields are ignored, as
-OpenAI-compatible servers do.
+``/v1/load_lora_adapter`` bodies, and both generation bodies take vLLM's extra sampling fields
+(``top_k``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, ``use_beam_search``,
+``best_of``, ``length_penalty``, ``include_stop_str_in_output``; vLLM's ``SamplingParams`` and OpenAI
+server docs give their names and meanings). Fields the engine cannot honour are refused with a 400
+(``logprobs``, ``echo``, ``logit_bias``, ``min_p``, ...: see ``request_params``), never silently
+ignored; ``user`` and other unknown fields are ignored, as OpenAI-compatible servers do.
 """
 
 from __future__ import annotations
@@ -44,7 +47,10 @@ class _Request(BaseModel):
 
 
 class _Sampling(_Request):
-    """The sampling fields both endpoints take."""
+    """The sampling fields both endpoints take: OpenAI's, then vLLM's extras (checked against each
+    other and mapped to ``SamplingParams`` by ``request_params.sampling_params``)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN / Infinity (Python's json reads them): 400
 
     model: str
     stream: bool = False
@@ -58,6 +64,21 @@ class _Sampling(_Request):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     user: Optional[str] = None
+    logit_bias: Optional[dict] = None
+    # vLLM's extra sampling fields (in the JSON body; the openai client sends them through extra_body=)
+    top_k: Optional[int] = Field(None, ge=-1)
+    """The k most likely tokens only; -1 or 0: all (vLLM's -1)."""
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(None, gt=0)
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    use_beam_search: bool = False
+    best_of: Optional[int] = Field(None, ge=1, le=16)
+    """With use_beam_search: the beam width (default n); n <= best_of."""
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, str] = False
+    include_stop_str_in_output: bool = False
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

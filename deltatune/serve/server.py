@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import os
 import secrets
@@ -34,7 +35,7 @@ from deltatune.serve.openai_api import (
     ApiError, ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, chat_chunk, chat_response,
     completion_chunk, completion_response, error_body, new_id, usage,
 )
-from deltatune.serve.sampling import SamplingParams
+from deltatune.serve.request_params import beam_choices, sampling_params, with_stop_string
 from deltatune.serve.worker import EngineWorker, WorkerStopped, to_queue
 
 __all__ = ["create_app"]
@@ -57,6 +58,9 @@ class _State:
     max_request_bytes: int
     max_tokens_limit: int | None
     max_model_len: int
+    vocab_size: int
+    eos_ids: frozenset
+    """The engine's end-of-sequence ids (a beam hypothesis ending at one finished with "stop")."""
     adapters: dict[str, str] = field(default_factory=dict)
     """Adapters requests may name (name -> directory)."""
     in_flight: int = 0
@@ -93,6 +97,7 @@ def create_app(engine, base_name: str, api_key: str | None = None, allow_adapter
     state = _State(worker, tokenizer, base_name, api_key, allow_adapter_loading,
                    os.path.realpath(adapter_root) if adapter_root else None, max_concurrent_requests,
                    max_request_bytes, max_tokens_limit, engine.scheduler.max_model_len,
+                   engine.model.config.vocab_size, frozenset(engine.eos_ids),
                    adapters={name: engine._adapters[name] for name in engine.adapters()})
 
     @asynccontextmanager
@@ -202,7 +207,8 @@ def create_app(engine, base_name: str, api_key: str | None = None, allow_adapter
 
 # -- one generation request ------------------------------------------------------------------------------
 async def _generate(request, state: _State, req, adapter: str | None, prompts: list[list[int]], chat: bool):
-    """Submit ``req.n`` requests per prompt; answer JSON, or server-sent events when ``req.stream``."""
+    """Submit ``req.n`` requests per prompt (one beam search per prompt with ``use_beam_search``, its ``n``
+    best hypotheses the choices); answer JSON, or server-sent events when ``req.stream``."""
     stops = req.stop_strings()
     requested, name = req.requested_max_tokens()
     if requested is not None and requested < 1:
@@ -213,19 +219,11 @@ async def _generate(request, state: _State, req, adapter: str | None, prompts: l
     if state.in_flight >= state.max_concurrent_requests:
         raise ApiError(429, f"the server is answering {state.in_flight} requests, its limit; retry later",
                        code="rate_limit_exceeded")
-    subs = []  # (prompt, SamplingParams) of each choice, prompt-major
+    subs = []  # (prompt, SamplingParams) of each engine request, prompt-major
     for prompt in prompts:
         room = max(1, state.max_model_len - len(prompt))
         max_new = requested if requested is not None else min(room, limit or room)
-        for i in range(req.n):
-            try:
-                subs.append((prompt, SamplingParams(
-                    max_new_tokens=max_new, temperature=1.0 if req.temperature is None else req.temperature,
-                    top_p=1.0 if req.top_p is None else req.top_p, frequency_penalty=req.frequency_penalty,
-                    presence_penalty=req.presence_penalty, stop=stops,
-                    seed=None if req.seed is None else req.seed + i)))
-            except ValueError as e:
-                raise ApiError(400, str(e))
+        subs += [(prompt, params) for params in sampling_params(req, max_new, state.vocab_size)]
     state.in_flight += 1
     loop, queue, ids, done = asyncio.get_running_loop(), asyncio.Queue(), [], {}
     handed_off = False  # to the stream, which frees the requests and the slot when it ends
@@ -252,7 +250,7 @@ async def _generate(request, state: _State, req, adapter: str | None, prompts: l
                     raise ApiError(event[1], event[2])
                 if event[0] == "done":
                     done[index] = event[1]
-            outs = [done[i] for i in range(len(subs))]
+            outs = _choices(state, req, [done[i] for i in range(len(subs))], stops)
             use = usage(prompt_tokens, sum(len(o.token_ids) for o in outs))
             state.metrics.tokens(use["prompt_tokens"], use["completion_tokens"])
             body = (chat_response if chat else completion_response)(rid, req.model, outs, use)
@@ -260,7 +258,7 @@ async def _generate(request, state: _State, req, adapter: str | None, prompts: l
         handed_off = True  # the stream, or the background task if the stream never started (the client
         cleanup = _Cleanup(state, ids)  # left at once), frees them
         return StreamingResponse(_stream(request, state, req, queue, cleanup, len(subs), rid, created,
-                                         prompt_tokens, chat), media_type="text/event-stream",
+                                         prompt_tokens, chat, stops), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"}, background=BackgroundTask(cleanup))
     finally:
         if not handed_off:
@@ -270,8 +268,19 @@ async def _generate(request, state: _State, req, adapter: str | None, prompts: l
             state.in_flight -= 1
 
 
+def _choices(state: _State, req, outs: list, stops: list[str]) -> list:
+    """The answer's choices from the engine's finished outputs: a beam search's ``n`` best hypotheses
+    each; the stop string put back with ``include_stop_str_in_output``."""
+    if req.use_beam_search:
+        stop_ids = set(req.stop_token_ids or ()) | (set() if req.ignore_eos else set(state.eos_ids))
+        return [c for o in outs for c in beam_choices(o, req.n, stop_ids, state.tokenizer)]
+    if req.include_stop_str_in_output:
+        return [dataclasses.replace(o, text=with_stop_string(o, stops, state.tokenizer)) for o in outs]
+    return outs
+
+
 async def _stream(request, state: _State, req, queue: asyncio.Queue, cleanup: "_Cleanup", count: int, rid: str,
-                  created: int, prompt_tokens: int, chat: bool):
+                  created: int, prompt_tokens: int, chat: bool, stops: list[str]):
     """The server-sent events of a streamed answer, ending with ``data: [DONE]``."""
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
     model, ended, generated = req.model, set(), 0
@@ -294,6 +303,11 @@ async def _stream(request, state: _State, req, queue: asyncio.Queue, cleanup: "_
                           if chat else completion_chunk(rid, model, created, index, event[1], with_usage=with_usage))
             else:
                 out = event[1]
+                tail = with_stop_string(out, stops, state.tokenizer)[len(out.text):] \
+                    if req.include_stop_str_in_output else ""
+                if tail:  # the stop string the engine held back and cut, sent as the last piece
+                    yield sse(chat_chunk(rid, model, created, index, {"content": tail}, with_usage=with_usage)
+                              if chat else completion_chunk(rid, model, created, index, tail, with_usage=with_usage))
                 ended.add(index)
                 generated += len(out.token_ids)
                 yield sse(chat_chunk(rid, model, created, index, {}, out.finish_reason, with_usage=with_usage)
