@@ -230,7 +230,10 @@ def test_gpu_static_packed_batches_replay_one_capture_and_match_eager():
     enable_fast_path(model, cuda_graphs=True)
     enable_fast_path(eager)
     obj = TokenObjective("causal-lm", 0, static=(4, 64))
-    batches = [obj.collate(pack(_examples(14, seed=s), 64)[:4]) for s in range(5)]
+    rows = [pack(_examples(14, seed=s), 64)[:4] for s in range(5)]
+    for r in rows:  # the segment count grows to what the batches need (a power of two), then stays
+        obj.collate(r)
+    batches = [obj.collate(r) for r in rows]
     assert len({len(b["cu_seq_lens_q"]) for b in batches}) == 1
     assert len({int((b["cu_seq_lens_q"].diff() > 0).sum()) for b in batches}) > 1  # real segments differ
 
