@@ -90,10 +90,10 @@ def batch_preparers(model: nn.Module) -> list[Callable[[dict], dict]]:
             if (prepare := getattr(module, "prepare_batch", None)) is not None]
 
 
-def prepare_batch(model: nn.Module, batch: dict) -> dict:
+def prepare_batch(model: nn.Module, batch: dict, preparers: list[Callable[[dict], dict]] | None = None) -> dict:
     """The collated ``batch`` as the model's adapters need it: each adapter module that changes the
     input (a ``prepare_batch(batch) -> batch`` method: prompt tuning, prefixes) transforms it in turn.
-    Weight adapters leave it as it is."""
-    for prepare in batch_preparers(model):
+    Weight adapters leave it as it is. ``preparers``: ``batch_preparers(model)`` listed beforehand."""
+    for prepare in batch_preparers(model) if preparers is None else preparers:
         batch = prepare(batch)
     return batch

@@ -27,12 +27,13 @@ from typing import Callable, Optional
 
 import torch
 
-from deltatune.adapters import batch_preparers
+from deltatune.adapters import batch_preparers, prepare_batch
 import deltatune.train.checkpoint as ckpt
 from deltatune.train.args import (
     DataArgs, TrainArgs, TrainError, check_resume, resolve_device, resolve_precision, run_record,
 )
 from deltatune.train.console import StopSignals
+from deltatune.train.seeding import seed_generators, step_seed
 from deltatune.dist import World, call, full_tensor, gathered, grad_sync, init_world
 from deltatune.train.parallel import check_world, quiet, wrap_model
 from deltatune.train.data import Dataset
@@ -114,8 +115,7 @@ class Run:
     root: Optional[torch.nn.Module] = None
     """The FSDP / DDP root (``deltatune.dist.ModelCall``) around ``model``; None for one process."""
     preparers: Optional[list] = None
-    """The adapters' ``prepare_batch`` methods (``adapters.batch_preparers``), listed at the first step:
-    training adds or removes no adapter module, and walking the model for them costs about a millisecond."""
+    """``adapters.batch_preparers(model)``, listed at the first step (a walk over the model, about 1 ms)."""
 
     @property
     def out(self) -> Path:
@@ -292,22 +292,6 @@ def _static_shape(args, train_data) -> tuple[int, int] | None:
 
 
 # -- one step --------------------------------------------------------------------------------------------------
-def _step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
-
-
-def _seed(seed: int, device: torch.device) -> None:
-    """``torch.manual_seed(seed)`` for the generators a step on ``device`` draws from: the CPU's and, on
-    CUDA, every GPU's. ``torch.manual_seed`` also queues seeds for XPU and MTIA, recording a stack trace
-    for each (about 0.1 ms a call, twice a step or more)."""
-    if device.type not in ("cpu", "cuda"):
-        torch.manual_seed(seed)
-        return
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(seed)
-
-
 def _collated(run: Run, index: int) -> list[dict]:
     """The collated micro-batches of optimizer step ``index`` (a pure function of seed and step), pinned
     on a GPU run so their copies to the device overlap the work in flight."""
@@ -334,15 +318,10 @@ def step(run: Run, index: int) -> dict:
     args, model, optimizer, scaler = run.args, run.model, run.optimizer, run.scaler
     t0 = time.perf_counter()
     # Dropout and any other randomness of this step depend on (seed, step) only.
-    _seed(_step_seed(args.seed, index), run.device)
+    seed_generators(step_seed(args.seed, index), run.device)
     collated = run.prefetched.pop(index, None) if run.prefetched else None
-    if run.preparers is None:
-        run.preparers = batch_preparers(model)
-    micro = []
-    for batch in collated or _collated(run, index):
-        for prepare in run.preparers:  # what adapters on the input (prompts, prefixes) add to a batch
-            batch = prepare(batch)
-        micro.append(batch)
+    run.preparers = batch_preparers(model) if run.preparers is None else run.preparers
+    micro = [prepare_batch(model, b, run.preparers) for b in (collated or _collated(run, index))]
     # Normalise by the targets of the whole step (of all processes), so accumulation equals one big batch.
     targets = round(run.world.sum([sum(run.objective.targets(b) for b in micro)])[0])
     losses, kd_parts = [], []
@@ -358,7 +337,7 @@ def step(run: Run, index: int) -> dict:
 
     for k, batch in enumerate(micro):
         # dropout of global micro-batch k depends on (seed, step, k) only: the same on any number of processes
-        _seed(_step_seed(args.seed, index) + run.world.rank * len(micro) + k, run.device)
+        seed_generators(step_seed(args.seed, index) + run.world.rank * len(micro) + k, run.device)
         with grad_sync(run.root, k == len(micro) - 1):  # processes reduce gradients at the last micro-batch
             loss_sum, part = call(run.root, model, micro_loss, batch)
             if part is not None:
