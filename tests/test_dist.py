@@ -2,6 +2,7 @@
 give the adapter of one process with the same global batch; a run whose rank is killed resumes exactly,
 on 2 processes or on 1."""
 
+import copy
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import deltatune as dt
 from deltatune.dist import World
 from deltatune.dist.fsdp import decoder_blocks
 from deltatune.train import TrainError, train
@@ -165,3 +167,112 @@ def test_fused_path_checkpointing_and_qlora_under_fsdp_and_ddp(tiny, tmp_path, e
     ref = one_process(tiny, tmp_path / "one", max_steps=3, **extra)
     for kind in ("ddp", "fsdp"):
         assert max_diff(load_file(str(tmp_path / kind / "adapter" / "adapter_model.safetensors")), ref) <= 1e-5, kind
+
+
+# -- QLoRA under FSDP: the 4-bit codes in float storage, sharded ----------------------------------------------
+def test_qlora_under_fsdp_shards_the_4bit_codes(tiny, tmp_path):
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({**SETTINGS, "model": str(tiny[0]), "data": str(tiny[1]), "max_steps": 3,
+                                    "quant": "nf4", "shard_report": True}))
+    proc = subprocess.run(torchrun(str(HERE / "_dist_worker.py"), str(settings), str(tmp_path), "fsdp"),
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ref = one_process(tiny, tmp_path / "one", max_steps=3, quant="nf4")
+    assert max(v.abs().max().item() for k, v in ref.items() if "lora_B" in k) > 1e-3  # it trained
+    assert max_diff(load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")), ref) <= 1e-5
+    assert not any("packed" in k or "absmax" in k for k in ref)  # the adapter file holds the adapter only
+
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny[0])
+    shapes = {n: m.weight.shape for n, m in dense.named_modules()
+              if isinstance(m, torch.nn.Linear) and n != "lm_head"}  # what --quant nf4 quantizes
+    ranks = [json.loads((tmp_path / "fsdp" / f"shards-rank{r}.json").read_text()) for r in (0, 1)]
+    for name, shape in shapes.items():
+        for role, nbytes in (("packed", shape.numel() // 2), ("absmax", shape.numel() // 64)):  # double quant
+            key = f"{name}.{role}"
+            assert all(key in r["params"] for r in ranks), f"{key} is not a parameter: FSDP cannot shard it"
+            (local0, whole, dtype), (local1, *_) = (r["params"][key] for r in ranks)
+            assert dtype == "torch.float32" and whole == -(-nbytes // 4), (name, role)  # 4 code bytes a float
+            assert local0 + local1 == whole and max(local0, local1) == -(-whole // 2), (name, role)  # half each
+    # and no process keeps the whole tensors elsewhere (the base module an adapter wraps points at the shards)
+    assert [r["hidden_whole_bytes"] for r in ranks] == [0, 0]
+
+
+def _quantized_tiny(kind, double_quant=True):
+    from _models import llama
+
+    torch.manual_seed(0)
+    model = llama()
+    dt.quantize_model(model, kind=kind, blocksize=None if kind == "int8" else 64, double_quant=double_quant)
+    dt.add_adapter(model, dt.LoraConfig(r=4, targets=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for p in dt.adapter_params(model):
+            p.normal_(0, 0.05)  # a non-zero adapter, so merging changes the codes
+    return model
+
+
+def test_float_storage_round_trip_is_exact():
+    from deltatune.quant.storage import from_float, to_float
+
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)  # all 16 bits: NaNs, infs, subnormals
+    odd = every.view(torch.uint8)[:-1]  # bytes that fill no whole element: padded
+    for source in (every, odd, torch.tensor(3.25), torch.randint(-128, 127, (5, 3), dtype=torch.int8)):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            storage = to_float(source, dtype)
+            assert storage.dtype == dtype and storage.dim() == 1
+            assert storage.numel() == -(-source.numel() * source.element_size() // dtype.itemsize)
+            moved = torch.cat([c.clone() for c in storage.chunk(2)])  # what FSDP's shard and all-gather do: copies
+            back = from_float(moved, source.dtype, source.shape)
+            assert back.dtype == source.dtype and back.shape == source.shape
+            same = (back.view(torch.uint8), source.view(torch.uint8)) if source.dim() else (back, source)
+            assert torch.equal(*same)  # the bytes (0-dim: the value, whose bytes a view cannot show)
+    with pytest.raises(ValueError, match="floating dtype"):
+        to_float(every, torch.int32)
+
+
+@pytest.mark.parametrize("kind, double_quant", [("nf4", True), ("fp4", False), ("int8", False)])
+def test_float_storage_layer_is_the_buffer_layer(kind, double_quant):
+    from deltatune.quant import store_as_buffers, store_as_float
+    from deltatune.train.report import count_params
+
+    model = _quantized_tiny(kind, double_quant)
+    ids = torch.randint(0, 64, (2, 9))
+    ref = model(ids).logits
+    ref.sum().backward()
+    grads = [p.grad.clone() for p in dt.adapter_params(model)]
+    buffers = {n: b.clone() for n, b in model.named_buffers() if "proj" in n}
+    counts = count_params(model)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        store_as_float(model, dtype)
+        held = {n: p for n, p in model.named_parameters() if n in buffers}
+        assert set(held) == set(buffers) and not any(n in buffers for n, _ in model.named_buffers())
+        assert all(p.dtype == dtype and not p.requires_grad for p in held.values())
+        assert count_params(model) == counts  # the codes count as the logical weight, not again
+        model.zero_grad()
+        out = model(ids).logits
+        out.sum().backward()
+        assert torch.equal(out, ref)
+        assert all(torch.equal(p.grad, g) for p, g in zip(dt.adapter_params(model), grads))
+        assert "float_storage" in repr(model.get_submodule("model.layers.0.mlp.up_proj"))
+        store_as_buffers(model)
+        assert all(torch.equal(b, buffers[n]) and b.dtype == buffers[n].dtype for n, b in model.named_buffers()
+                   if n in buffers)
+        assert not any(n in buffers for n, _ in model.named_parameters())
+
+    # merge (dequantize, add, requantize) writes through the float storage as into the buffers
+    merged_ref = copy.deepcopy(model)
+    dt.merge(merged_ref)
+    store_as_float(model, torch.bfloat16)
+    dt.merge(model)
+    assert torch.equal(model(ids).logits, merged_ref(ids).logits)
+    dt.unmerge(model)
+    exported = dt.quant.export_merged(copy.deepcopy(model), dtype=torch.float32)  # export reads the storage
+    torch.testing.assert_close(exported(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    dt.remove_adapter(model, "default")  # the unwrapped QuantLinear keeps the float storage
+    q_proj = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(q_proj, dt.quant.QuantLinear) and q_proj.packed.dtype == torch.bfloat16
+    model(ids)
+    model.half()  # a cast after store_as_float would change the codes' bytes: refused, not decoded
+    with pytest.raises(TypeError, match="float storage written as torch.bfloat16"):
+        model(ids)

@@ -9,8 +9,15 @@ trained tensor (DTensors), and so do its states.
 
 Mixed precision: ``param_dtype`` (bf16 on a GPU run with ``--precision bf16``) is what the gathered
 parameters compute in; the sharded fp32 adapter weights stay the master copy and gradients are
-reduced in fp32. The 4-bit codes of a quantized base (``deltatune.quant``) are buffers, which FSDP
-does not shard: every process holds the whole 4-bit base.
+reduced in fp32.
+
+FSDP shards parameters only, and casts every floating one to ``param_dtype``. The caller
+(``deltatune.train.parallel``) therefore hands over a quantized base (``deltatune.quant``) with its 4-bit
+codes and scales held as frozen float parameters whose bytes are the codes (``quant.store_as_float``,
+stored in ``param_dtype`` so that no cast touches them): each process then holds 1/N of the 4-bit
+base, and the layer views the gathered bytes back as uint8 in its forward, bit for bit the unsharded
+layer. After ``shard`` it points the module each adapter wraps (kept outside the module tree, so
+``fully_shard`` does not see it) at the shards, so that no process keeps the whole frozen base.
 """
 
 from __future__ import annotations

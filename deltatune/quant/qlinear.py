@@ -6,11 +6,14 @@ The layer keeps its quantized weight as buffers (``packed``, ``absmax``, and ``n
 attributes. The forward dequantizes to ``compute_dtype`` and calls cuBLAS; a custom autograd
 function keeps only the quantized buffers for the backward (re-dequantizing there) instead of a
 dense copy of every weight. The ``DeltaLayer`` wrapper holds the same buffers under the same names,
-so ``QuantLinearGeometry`` reads them from the wrapper (``.to(device)`` moves the wrapper's).
+so ``QuantLinearGeometry`` reads them from the wrapper (``.to(device)`` moves the wrapper's). To be
+sharded by FSDP the same tensors can be held as frozen float parameters instead (``storage.py``:
+``float_storage`` says so, and ``stored`` views them back, free of copies).
 """
 
 from __future__ import annotations
 
+import functools
 
 import torch
 import torch.nn as nn
@@ -18,6 +21,7 @@ import torch.nn as nn
 from deltatune.adapters import DeltaLayer, Geometry, delta_layers, matches_name, output_head, register_geometry, set_module
 from deltatune.quant.int8 import Int8Tensor, quantize_int8
 from deltatune.quant.nf4 import QuantizedTensor, quantize_4bit
+from deltatune.quant.storage import stored
 from deltatune.quant.triton_matmul import quant_matmul
 
 __all__ = ["QuantLinear", "QuantLinearGeometry", "quantize", "quantize_model", "export_merged", "merge_errors"]
@@ -40,12 +44,15 @@ def quantize(w: torch.Tensor, kind: str = "nf4", blocksize: int | None = 64, dou
 
 
 def _quantized(module: nn.Module):
-    """The ``QuantizedTensor``/``Int8Tensor`` view of ``module``'s buffers (a QuantLinear or its wrapper)."""
+    """The ``QuantizedTensor``/``Int8Tensor`` view of ``module``'s buffers (a QuantLinear or its wrapper),
+    or of their float storage (``storage.py``: a view, no copy)."""
     shape = torch.Size((module.out_features, module.in_features))
+    # buffers: nn.Module's own lookup (what ``module.packed`` falls back to, minus the failed first try)
+    t = module.__getattr__ if module.float_storage is None else functools.partial(stored, module)
     if module.quant_kind == "int8":
-        return Int8Tensor(module.packed, module.scale, module.zero, shape, module.weight_dtype, "int8", module.blocksize)
-    nested = (module.nested_absmax, module.offset) if module.double_quant else (None, None)
-    return QuantizedTensor(module.packed, module.absmax, shape, module.weight_dtype, module.quant_kind,
+        return Int8Tensor(t("packed"), t("scale"), t("zero"), shape, module.weight_dtype, "int8", module.blocksize)
+    nested = (t("nested_absmax"), t("offset")) if module.double_quant else (None, None)
+    return QuantizedTensor(t("packed"), t("absmax"), shape, module.weight_dtype, module.quant_kind,
                            module.blocksize, *nested)
 
 
@@ -92,6 +99,7 @@ class QuantLinear(nn.Module):
         self.double_quant = q.double_quant
         self.weight_dtype = q.dtype
         self.compute_dtype = compute_dtype or q.dtype
+        self.float_storage = None  # {name: (dtype, shape, storage dtype)} once held as float parameters
         for name, tensor in q.tensors().items():
             self.register_buffer(name, tensor)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
@@ -117,8 +125,9 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
+        fs = f", float_storage={next(iter(self.float_storage.values()))[2]}" if self.float_storage else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.quant_kind}, "
-                f"blocksize={self.blocksize}{dq}, compute_dtype={self.compute_dtype}")
+                f"blocksize={self.blocksize}{dq}, compute_dtype={self.compute_dtype}{fs}")
 
 
 class QuantLinearGeometry(Geometry):
@@ -133,7 +142,7 @@ class QuantLinearGeometry(Geometry):
     name = "quant_linear"
     is_linear = True
     attributes = ("in_features", "out_features", "quant_kind", "blocksize", "double_quant", "weight_dtype",
-                  "compute_dtype")
+                  "compute_dtype", "float_storage")
 
     def base_forward(self, layer, x):
         return quant_linear(x, _quantized(layer), getattr(layer, "bias", None), layer.compute_dtype)
@@ -149,7 +158,7 @@ class QuantLinearGeometry(Geometry):
         target = q.dequantize(torch.float32) + delta.float()
         fresh = quantize(target, q.kind, q.blocksize, q.double_quant)
         for name, tensor in fresh.tensors().items():  # in place: the base module shares these tensors
-            getattr(layer, name).copy_(tensor)
+            stored(layer, name).copy_(tensor)  # (through the view of a float storage, if any)
         error = fresh.dequantize(torch.float32) - target
         layer.merge_error = {  # what requantization lost, against the exact W + delta
             "max_abs": error.abs().max().item(),
@@ -202,7 +211,6 @@ def export_merged(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
     replacements = []
     for name, module in model.named_modules():
         if isinstance(module, DeltaLayer):
-            base = module.base_module
             if isinstance(module.geometry, QuantLinearGeometry):
                 weight = _quantized(module).dequantize(torch.float32)
                 if module.enabled:
@@ -214,7 +222,7 @@ def export_merged(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
                 if module.enabled:
                     for adapter in module.active:
                         module.merge(adapter)
-                new = base
+                new = module.restore()  # the base module carrying the layer's current (merged) tensors
             replacements.append((name, new))
         elif isinstance(module, QuantLinear):
             replacements.append((name, _dense_linear(module.in_features, module.out_features,

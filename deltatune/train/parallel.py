@@ -11,6 +11,10 @@ gradient of the same global batch. Dropout is seeded per global micro-batch, so 
 Process 0 alone writes files (checkpoints, metrics, outputs) and logs; a checkpoint holds whole
 tensors, so ``--resume`` works with another number of processes as long as the global micro-batches
 stay the same (``grad_accum x N`` unchanged).
+
+Under FSDP a quantized base's codes and scales are held as float parameters so that they are sharded
+too (``quant.store_as_float``, in FSDP's compute dtype), and the modules adapters wrap are pointed at
+the shards (``release_wrapped``): each process keeps 1/N of the frozen base, 4-bit or not.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from deltatune.dist import World, wrap
 from deltatune.train.args import TrainArgs, TrainError
 
-__all__ = ["sharding_of", "wrap_model", "check_world", "world_size_of", "quiet"]
+__all__ = ["sharding_of", "wrap_model", "release_wrapped", "check_world", "world_size_of", "quiet"]
 
 
 def sharding_of(args: TrainArgs, world: World) -> str:
@@ -40,7 +44,8 @@ def sharding_of(args: TrainArgs, world: World) -> str:
 def wrap_model(model: torch.nn.Module, args: TrainArgs, world: World, device: torch.device,
                log=print) -> Optional[torch.nn.Module]:
     """The FSDP or DDP root around the prepared ``model`` (None for one process). FSDP computes in the
-    --precision dtype (bf16 / fp16 parameters, fp32 gradient reduction)."""
+    --precision dtype (bf16 / fp16 parameters, fp32 gradient reduction) and shards a quantized base's
+    codes, held as float parameters of that dtype."""
     kind = sharding_of(args, world)
     if kind == "none":
         return None
@@ -54,14 +59,31 @@ def wrap_model(model: torch.nn.Module, args: TrainArgs, world: World, device: to
         raise TrainError("--sharding fsdp shards torch's AdamW (its states follow the shards); --optimizer-states "
                          "cpu/paged and --optimizer-bits 8 need --sharding ddp")
     param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision) if kind == "fsdp" else None
+    if kind == "fsdp":
+        from deltatune.quant import store_as_float
+
+        store_as_float(model, param_dtype)  # FSDP shards parameters only: the 4-bit codes as float ones
     try:
         root = wrap(model, kind, world, device, param_dtype=param_dtype)
     except ValueError as e:
         raise TrainError(str(e)) from None
+    if kind == "fsdp":
+        release_wrapped(model)
     log(f"{kind} over {world.size} processes ({world.backend}): global batch = {args.micro_batch} x "
         f"{args.grad_accum} x {world.size} examples" if not args.tokens_per_step else
         f"{kind} over {world.size} processes ({world.backend}): {args.tokens_per_step:,} padded tokens a global step")
     return root
+
+
+def release_wrapped(model: torch.nn.Module) -> None:
+    """Point the module each adapter layer or full-copies wrapper wraps (kept outside the module tree, so
+    ``fully_shard`` never sees it) at the wrapper's tensors: after sharding, its shards. Else it holds the
+    whole frozen tensors it was built with, and every process keeps the whole base (4-bit or not)."""
+    from deltatune.adapters import DeltaLayer, FullCopies
+
+    for m in model.modules():
+        if isinstance(m, (DeltaLayer, FullCopies)):
+            m.restore()  # for these two a pure re-pointing of the wrapped module's tensors
 
 
 def world_size_of(checkpoint: Path) -> int:

@@ -17,13 +17,18 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
 
     A quantized layer (a module with a ``quant_kind``: ``QuantLinear``, or the adapter wrapper around
     one) keeps its weight as packed buffers, not as a parameter: it counts as its logical
-    ``out_features x in_features`` weight, frozen.
+    ``out_features x in_features`` weight, frozen; so does one whose codes are held as float
+    parameters for FSDP (``quant.store_as_float``), which are not counted again.
     """
+    layers = quantized_layers(model)
+    storage = {id(getattr(m, name)) for _, m in layers for name in (getattr(m, "float_storage", None) or ())}
     total = trainable = 0
     for p in model.parameters():  # deduplicated: a tied parameter is seen once
+        if id(p) in storage:
+            continue
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    for _, module in quantized_layers(model):
+    for _, module in layers:
         total += module.out_features * module.in_features
     return trainable, total
 
