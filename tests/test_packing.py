@@ -258,3 +258,30 @@ def test_gpu_static_packed_batches_replay_one_capture_and_match_eager():
         a = batch_loss(eager, dynamic, "causal-lm", "cuda", contextlib.nullcontext, fast=True)[0]
         b = batch_loss(eager, batches[0], "causal-lm", "cuda", contextlib.nullcontext, fast=True)[0]
     assert float(a) == pytest.approx(float(b), rel=1e-3)
+
+
+def test_cuda_graphs_default_on_for_lora_on_packed_rows_on_a_gpu_only():
+    """--cuda-graphs left unset: on where one capture serves the run (LoRA/DoRA on the fast path, packed rows,
+    a GPU, bf16/fp16, no token budget, no full checkpointing, no --teacher base, no FSDP), else off."""
+    import dataclasses
+
+    from deltatune.train.args import TrainArgs
+    from deltatune.train.prepare import graphs_setting
+
+    packed, plain = Dataset(pack(_examples(), 64), "causal-lm"), Dataset(_examples(), "causal-lm")
+    model, cuda, cpu = torch.nn.Linear(2, 2), torch.device("cuda"), torch.device("cpu")
+    args = TrainArgs(precision="bf16")
+    assert args.cuda_graphs is None
+    assert graphs_setting(args, model, cuda, packed, "none") is True
+    assert graphs_setting(args, model, cuda, packed, "ddp") is True
+    assert graphs_setting(args, model, cpu, packed, "none") is False
+    assert graphs_setting(args, model, cuda, plain, "none") is False
+    assert graphs_setting(args, model, cuda, packed, "fsdp") is False
+    for change in [dict(method="full"), dict(method="loha"), dict(fast=False), dict(tokens_per_step=4096),
+                   dict(gradient_checkpointing=True), dict(teacher="base"), dict(precision="fp32")]:
+        assert graphs_setting(dataclasses.replace(args, **change), model, cuda, packed, "none") is False, change
+    assert graphs_setting(dataclasses.replace(args, gradient_checkpointing=True, checkpoint_fraction=0.5), model,
+                          cuda, packed, "none") is True
+    # given explicitly, it stands (the run then checks it: --cuda-graphs needs the fast path)
+    assert graphs_setting(dataclasses.replace(args, cuda_graphs=False), model, cuda, packed, "none") is False
+    assert graphs_setting(dataclasses.replace(args, cuda_graphs=True), model, cpu, plain, "none") is True

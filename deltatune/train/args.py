@@ -35,7 +35,8 @@ METHOD_ALIASES: dict[str, str] = {"prompt": "prompt_tuning", "ptuning": "p_tunin
 # Settings that may change on --resume without changing the computation.
 RESUMABLE_CHANGES = {"resume", "save_every", "keep", "eval_every", "log_every", "progress", "merge", "max_steps",
                      "epochs", "output", "device", "fast", "max_classes",
-                     "report_to", "keep_best", "retention", "retention_rows", "retention_data", "sharding"}
+                     "report_to", "keep_best", "retention", "retention_rows", "retention_data", "sharding",
+                     "cuda_graphs"}
 
 
 class TrainError(RuntimeError):
@@ -97,8 +98,8 @@ class TrainArgs:
     """"auto" (CUDA if present), "cpu", "cuda", "cuda:1", ..."""
     fast: Optional[bool] = None
     """Fused LoRA kernels (deltatune.fast); default on with CUDA, off on CPU."""
-    cuda_graphs: bool = False
-    """With the fast path: replay the decoder layers that are not checkpointed from CUDA graphs (faster when the host limits the step; batches of one shape avoid recaptures)."""
+    cuda_graphs: Optional[bool] = None
+    """With the fast path: replay the decoder layers that are not checkpointed from CUDA graphs (faster when the host limits the step; packed rows take one static shape). Unset: on for LoRA/DoRA on packed rows on a GPU (train.prepare.graphs_setting), off elsewhere."""
     sharding: Literal["auto", "fsdp", "ddp", "none"] = "auto"
     """Under torchrun with several processes: "fsdp" (FSDP2, each decoder block's parameters sharded, the frozen base too), "ddp" (a whole copy per process, gradients all-reduced); "auto": fsdp with several processes, none with one. The global batch is micro_batch x grad_accum x processes."""
 

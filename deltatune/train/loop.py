@@ -35,15 +35,15 @@ from deltatune.train.args import (
 from deltatune.train.console import StopSignals
 from deltatune.train.seeding import seed_generators, step_seed
 from deltatune.dist import World, call, full_tensor, gathered, grad_sync, init_world
-from deltatune.train.parallel import check_world, quiet, wrap_model
+from deltatune.train.parallel import check_world, quiet, sharding_of, wrap_model
 from deltatune.train.data import Dataset
 from deltatune.train.distill import Distillation, distill_metrics, make_distillation
-from deltatune.train.objective import Objective, TokenObjective
+from deltatune.train.objective import Objective, TokenObjective, static_shape
 from deltatune.train.outputs import (
     append_metrics, check_outputs, plot_metrics, truncate_metrics, write_json,
 )
 from deltatune.train.prepare import (
-    base_dtype, cast_frozen, enable_checkpointing, enable_fast, lr_lambda, make_optimizer, prepare_model,
+    base_dtype, cast_frozen, enable_checkpointing, enable_fast, graphs_setting, lr_lambda, make_optimizer, prepare_model,
 )
 from deltatune.train.inputs import load_data, resolve_method
 from deltatune.train.tasks import head_of
@@ -217,6 +217,7 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
     check_outputs(model, args, out)  # fail now, not after training, if the outputs cannot be written
     model.to(device)
     cast_frozen(model, frozen_dtype)
+    args = dataclasses.replace(args, cuda_graphs=graphs_setting(args, model, device, train_data, sharding_of(args, world)))
     fast = enable_fast(model, args, device, log)
     if args.cuda_graphs and not fast:
         raise TrainError("--cuda-graphs needs the fast path (--fast, the default on CUDA)")
@@ -246,7 +247,7 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
              f"about {round(sum(lengths) / len(lengths) * per_step):,} tokens a step ({args.micro_batch} x "
              f"{args.grad_accum} rows")
     if objective is None:  # token data (another objective describes its own batches)
-        log(f"{device}, {args.precision}, {'fused' if fast else 'plain'} path, "
+        log(f"{device}, {args.precision}, {'fused' if fast else 'plain'} path{' + CUDA graphs' if args.cuda_graphs else ''}, "
             f"{'packed rows' if 'position_ids' in train_data.examples[0] else 'one example a row'}: {shape}"
             f", the longest {seq} tokens{'' if schedule else ')'}")
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
@@ -278,17 +279,7 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
     return Run(args, data, method, model, tokenizer, train_data, val_data, device, fast, optimizer, scheduler, scaler,
                amp_dtype, max_steps, seq, start, resume_from, schedule=schedule, distill=distill, world=world, root=root,
                objective=objective or TokenObjective(task, getattr(tokenizer, "pad_token_id", None) or 0,
-                                                     static=_static_shape(args, train_data)))
-
-
-def _static_shape(args, train_data) -> tuple[int, int] | None:
-    """(rows, width) for every micro-batch of packed rows under --cuda-graphs (graphs replay only the
-    shapes they captured): --micro-batch rows of --max-length tokens. None where shapes vary anyway (one
-    example a row, or a token budget that sets the rows per step)."""
-    packed = bool(train_data.examples) and "position_ids" in train_data.examples[0]
-    if not (args.cuda_graphs and packed and not args.tokens_per_step):
-        return None
-    return args.micro_batch, max(args.max_length, max(len(ex["input_ids"]) for ex in train_data.examples))
+                                                     static=static_shape(args, data, train_data)))
 
 
 # -- one step --------------------------------------------------------------------------------------------------

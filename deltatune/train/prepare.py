@@ -96,6 +96,27 @@ def enable_fast(model, args: TrainArgs, device: torch.device, log) -> bool:
     return True
 
 
+GRAPHED_METHODS = ("lora",)
+"""Methods whose fast-path layers CUDA graphs are measured to capture (LoRA, rsLoRA, DoRA): where
+--cuda-graphs is left unset, graphs are on for these only."""
+
+
+def graphs_setting(args: TrainArgs, model, device: torch.device, train_data, sharding: str) -> bool:
+    """What --cuda-graphs means for this run: as given, or where unset (None) on when every condition for
+    one graph capture a run holds: the fast path on a CUDA device (bf16/fp16 by --precision), a method of
+    ``GRAPHED_METHODS``, packed rows (static shapes, ``objective.static_shape``), no token budget (it sets
+    the rows per step), decoder layers left uncheckpointed, no --teacher base (it toggles the adapters
+    every micro-batch), and no FSDP. On the H200 this doubled real tokens/s on short packed rows, where the
+    host's kernel launches otherwise set the pace (docs/benchmarks.md)."""
+    if args.cuda_graphs is not None:
+        return args.cuda_graphs
+    packed = bool(train_data.examples) and "position_ids" in train_data.examples[0]
+    return bool(device.type == "cuda" and args.fast is not False and args.method in GRAPHED_METHODS and packed
+                and args.precision in ("bf16", "fp16") and not args.tokens_per_step
+                and not (args.gradient_checkpointing and args.checkpoint_fraction >= 1.0)
+                and args.teacher != "base" and sharding != "fsdp" and not _input_adapters(model))
+
+
 def _input_adapters(model) -> list[str]:
     """Names of the virtual-token methods (prompt / P- / prefix tuning) of the model's adapters."""
     from deltatune.adapters import virtual_tokens
