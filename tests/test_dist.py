@@ -144,6 +144,10 @@ def test_sharding_choice_and_decoder_blocks():
     assert sharding_of(TrainArgs(sharding="ddp"), World(size=2)) == "ddp"
     with pytest.raises(TrainError, match="separate copies"):
         sharding_of(TrainArgs(sharding="none"), World(size=2))
+    with pytest.raises(TrainError, match="--merge does not run under --sharding fsdp"):  # it used to hang
+        sharding_of(TrainArgs(merge=True), World(size=2))
+    assert sharding_of(TrainArgs(merge=True, sharding="ddp"), World(size=2)) == "ddp"
+    assert sharding_of(TrainArgs(merge=True), World()) == "none"
     from _models import gpt2, llama
 
     assert [type(b).__name__ for b in decoder_blocks(llama())] == ["LlamaDecoderLayer"] * 2

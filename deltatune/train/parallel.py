@@ -38,7 +38,12 @@ def sharding_of(args: TrainArgs, world: World) -> str:
     if args.sharding == "none":
         raise TrainError(f"--sharding none with {world.size} processes would train {world.size} separate copies; "
                          f"use --sharding fsdp or ddp, or run one process")
-    return "fsdp" if args.sharding == "auto" else args.sharding
+    kind = "fsdp" if args.sharding == "auto" else args.sharding
+    if kind == "fsdp" and args.merge:
+        raise TrainError("--merge does not run under --sharding fsdp (process 0 would merge alone into weights "
+                         "that FSDP has sharded over all processes); train without --merge, then run "
+                         "deltatune merge --adapter <output>/adapter, or use --sharding ddp")
+    return kind
 
 
 def wrap_model(model: torch.nn.Module, args: TrainArgs, world: World, device: torch.device,
