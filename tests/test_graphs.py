@@ -224,3 +224,30 @@ def test_gpu_graphs_refuse_a_late_backward_and_keep_no_grad_calls_eager():
     fused_causal_lm_loss(model, ids, ids)
     with pytest.raises(RuntimeError, match="reused its buffers"):
         stale.backward()
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_a_failed_capture_falls_back_to_eager_training_with_working_random_numbers():
+    """A layer that synchronises inside the capture makes it fail: the stack turns off with a warning,
+    random numbers still work (the generator's capture count is put back) and the step equals eager."""
+    model = tiny_llama(device="cuda")
+    eager = copy.deepcopy(model)
+    layer = model.model.layers[1].mlp
+    real = layer.forward
+
+    def syncing(*args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()  # not allowed while capturing: invalidates the capture
+        torch.rand(1, device="cuda")  # draws from the generator, inside the capture too
+        return real(*args, **kwargs)
+
+    layer.forward = syncing
+    ids = torch.randint(0, 257, (2, 64), device="cuda")
+    with pytest.warns(UserWarning, match="capture failed"):
+        losses, _ = train(model, [ids, ids], cuda_graphs=True)
+    assert graph_stack(model).off
+    torch.rand(4, device="cuda")  # raised "Offset increment outside graph capture" before the generator was put back
+    torch.nn.init.normal_(torch.empty(8, device="cuda"))
+    ref_losses, _ = train(eager, [ids, ids])
+    assert losses == pytest.approx(ref_losses, rel=2e-3)

@@ -51,6 +51,22 @@ __all__ = ["GraphedStack", "graph_layers", "ungraph_layers"]
 VERIFY_AT = 2
 
 
+def _rng_states(device: torch.device) -> list:
+    """(generator, copy of its state) of the CUDA generator a capture on ``device`` registers."""
+    gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return [(gen, gen.clone_state())]
+
+
+def _restore_rng(states: list) -> None:
+    """Put back the generators' states from before a capture that failed. A capture registers the CUDA
+    generator and counts the random offsets it hands out inside the graph; a failed capture never
+    closes that count, and every later random op outside a capture then fails ("Offset increment
+    outside graph capture encountered unexpectedly"), which would end the eager training the failure
+    falls back to."""
+    for gen, state in states:
+        gen.graphsafe_set_state(state)
+
+
 def _flat(kwargs: dict):
     """(path, value) pairs of the keyword arguments, tuples and lists opened one level (RoPE's (cos, sin))."""
     items = []
@@ -180,10 +196,12 @@ class GraphedStack:
                 if self.captures >= self.max_recaptures:
                     return self._turn_off(f"{self.captures} captures: shapes or settings change between steps "
                                           "(pad inputs to a fixed length to graph them)")
+                rng = _rng_states(x.device)
                 try:
                     self._capture(x, kwargs)
                 except Exception as e:  # an op that can't be captured: train eagerly, say why
                     self._release()
+                    _restore_rng(rng)
                     return self._turn_off(f"capture failed: {type(e).__name__}: {str(e)[:200]}")
                 self.key, self.signature = key, signature
         self.generation += 1
