@@ -6,9 +6,13 @@ per-token adapters work through ``routed(model, rows)`` (one adapter name or Non
 ``deltatune.adapters.routed`` or an adapter pool's faster ``pool.routed``. The model's own modules
 and weights are reused (embedding, q/k/v/o and MLP projections, RMSNorms, the rotary module with the
 config's rope scaling, the head); only attention is ours: new keys and values go into the paged
-cache, then each sequence's queries attend to its cached context (PyTorch reference: the blocks
-gathered per sequence, padded, and one SDPA call per group, causal with the sequence's offset,
-grouped-query heads, the sliding window where the config has one).
+cache, then each sequence's queries attend to its cached context, with grouped-query heads and the
+sliding window where the config has one. Decode rows (one query token per sequence) attend in
+``deltatune.kernels.paged_attention`` (a Triton flash-decoding kernel on a GPU, a gather + SDPA
+reference elsewhere) over device tensors of a static shape: the lengths (B,) and the block tables
+(B, W) with W rounded up to a power of two, so a step's decode attention is two launches whose shapes
+depend on (B, W) only. Prefill chunks keep the PyTorch path: the blocks gathered per sequence, padded,
+and one SDPA call, causal with the sequence's offset.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from deltatune.kernels.paged_attention import paged_decode_attention
 from deltatune.serve.kv_cache import PagedKVCache
 
 __all__ = ["SUPPORTED", "UnsupportedModelError", "Chunk", "ModelRunner"]
@@ -47,8 +52,31 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def blocks_bucket(width: int) -> int:
+    """The block-table width decode attention runs at for tables of at most ``width`` blocks: the next
+    power of two, so the launch shapes (and a CUDA graph per bucket) take few distinct values."""
+    return 1 << max(0, width - 1).bit_length()
+
+
+class _Decode:
+    """The decode rows of a step (one query token each): their rows in the step's tokens (S,), their
+    context lengths (S,) and their block tables (S, W bucket), int32 on the device in one copy."""
+
+    def __init__(self, chunks: list[Chunk], offsets: list[int], cache: PagedKVCache, device: torch.device):
+        S = len(chunks)
+        tables = [cache.tables[c.seq_id] for c in chunks]
+        width = blocks_bucket(max(map(len, tables)))
+        lens = [c.start + 1 for c in chunks]  # the query's own key included
+        padded = [b for t in tables for b in t + [0] * (width - len(t))]  # block 0: never read past a length
+        flat = torch.tensor(offsets + lens + padded, dtype=torch.int32)
+        if device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(device, non_blocking=True)
+        self.tokens, self.lens, self.tables = flat[:S], flat[S:2 * S], flat[2 * S:].view(S, width)
+
+
 class _Group:
-    """Sequences whose attention runs as one padded SDPA call: queries (S, Q), contexts (S, C)."""
+    """Prefill chunks whose attention runs as one padded SDPA call: queries (S, Q), contexts (S, C)."""
 
     def __init__(self, chunks: list[Chunk], offsets: list[int], cache: PagedKVCache, device: torch.device):
         q_len = max(len(c.token_ids) for c in chunks)
@@ -145,19 +173,18 @@ class ModelRunner:
         for c in chunks:
             offsets.append(at)
             at += len(c.token_ids)
-        # decode rows (one query) and prefill chunks attend in separate calls: no query padding for decode
-        groups = []
-        for decode in (True, False):
-            picked = [i for i, c in enumerate(chunks) if (len(c.token_ids) == 1) == decode]
-            if picked:
-                groups.append(_Group([chunks[i] for i in picked], [offsets[i] for i in picked], cache, device))
+        # decode rows (one query) attend in the paged decode kernel, prefill chunks in one padded SDPA call
+        one = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+        many = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
+        decode = _Decode([chunks[i] for i in one], [offsets[i] for i in one], cache, device) if one else None
+        prefill = _Group([chunks[i] for i in many], [offsets[i] for i in many], cache, device) if many else None
         with self.routed(self.model, rows):
             h = self.body.embed_tokens(ids)  # (T, hidden)
             cos, sin = self.body.rotary_emb(h, positions[None])  # (1, T, head_dim)
             cos, sin = cos[0][:, None, :], sin[0][:, None, :]
             for i, layer in enumerate(self.body.layers):
                 x = layer.input_layernorm(h)
-                h = h + self._attention(i, layer.self_attn, x, cos, sin, slots, groups, cache)
+                h = h + self._attention(i, layer.self_attn, x, cos, sin, slots, decode, prefill, cache)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
             h = self.body.norm(h)
         last = [offsets[i] + len(c.token_ids) - 1 for i, c in enumerate(chunks) if c.want_logits]
@@ -167,7 +194,7 @@ class ModelRunner:
             return self.head(h[torch.tensor(last, device=device)]).float()
 
     def _attention(self, i: int, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                   groups: list[_Group], cache: PagedKVCache) -> torch.Tensor:
+                   decode: _Decode | None, prefill: _Group | None, cache: PagedKVCache) -> torch.Tensor:
         """Layer ``i``'s self-attention of the step's tokens ``x`` (T, hidden) over the paged cache."""
         T, d = x.shape[0], self.head_dim
         q = attn.q_proj(x).view(T, self.num_heads, d)
@@ -177,10 +204,15 @@ class ModelRunner:
         k = k * cos + _rotate_half(k) * sin
         cache.write(i, slots, k, v)
         out = torch.empty_like(q)
-        for g in groups:
+        if decode is not None:
+            out[decode.tokens] = paged_decode_attention(  # (S, heads, d)
+                q.index_select(0, decode.tokens), cache.keys[i], cache.values[i], decode.tables, decode.lens,
+                attn.scaling, self.windows[i])
+        if prefill is not None:
+            g = prefill
             keys, values = cache.gather(i, g.tables)  # (S, C, kvh, d)
             o = F.scaled_dot_product_attention(
-                q[g.index].transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),  # (S, heads, Q|C, d)
+                q[g.index].transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),  # (S, heads, Q, d)
                 attn_mask=g.mask(self.windows[i]), scale=attn.scaling, enable_gqa=True)
             out[g.tokens] = o.transpose(1, 2)[g.valid]  # (valid tokens, heads, d)
         return attn.o_proj(out.view(T, self.num_heads * d))

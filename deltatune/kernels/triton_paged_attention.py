@@ -1,0 +1,182 @@
+"""Decode attention over the paged KV cache in Triton: one query token per sequence, split over the context.
+
+Flash-decoding (Dao et al. 2023, "Flash-Decoding for long-context inference"): the context of each
+sequence is cut into splits of ``split_tokens`` positions; one program per (sequence, kv head, split)
+runs the online softmax (Milakov & Gimelshein 2018) of that kv head's whole query group over its split,
+reading keys and values token by token through the block table, and leaves an unnormalized output with
+its running max and sum; a second kernel combines the splits of each (sequence, query head). With one
+split the first kernel writes the normalized output itself (one launch).
+
+The grid is (B, kv heads, splits), fixed by B and the block-table width alone: each program reads its
+sequence's length from device memory and loops only over the positions it holds (a split past the
+length, or before the sliding window, runs no iteration), so nothing on the host depends on the lengths
+(the launches can be captured in a CUDA graph per (B, width) bucket).
+
+Cache layout (``deltatune.serve.kv_cache``): keys and values (num_blocks, block_size, kv heads, head_dim),
+token ``p`` of a sequence in block ``table[p // block_size]`` at slot ``p % block_size``. Products in the
+inputs' dtype with fp32 accumulation; fp32 inputs (and the interpreter, whose dot misreads 16-bit floats)
+multiply exactly in fp32 ("ieee"). Imports triton: load it only through ``deltatune.kernels.backend.load``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from deltatune.kernels.backend import interpreted
+
+__all__ = ["paged_decode_attention", "split_tokens_for"]
+
+BLOCK_N = 64
+"""Context positions per loop iteration (the keys and values of one tile: (BLOCK_N, head_dim))."""
+TARGET_PROGRAMS = 512
+"""Programs that keep a large GPU busy (about 4 per SM of an H200's 132): fewer (sequences x kv heads) split more."""
+MIN_SPLIT_TOKENS = 256
+"""A split's positions at least: shorter ones cost more in partial outputs and the combine than they save."""
+MAX_SPLITS = 64
+"""Splits at most (the combine holds all of a head's splits at once)."""
+
+
+def split_tokens_for(batch: int, kv_heads: int, max_ctx: int) -> int:
+    """Context positions per split for ``batch`` sequences of at most ``max_ctx`` positions: host values
+    only, so one (batch, block-table width) bucket always launches the same grid."""
+    splits = min(triton.cdiv(TARGET_PROGRAMS, max(1, batch * kv_heads)), triton.cdiv(max_ctx, MIN_SPLIT_TOKENS),
+                 MAX_SPLITS)
+    splits = max(1, splits)
+    return triton.cdiv(triton.cdiv(max_ctx, splits), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """``a @ b`` with fp32 accumulation (exact fp32 products with ``IEEE``)."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _decode_split(Q, stride_qb, stride_qh, K, V, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                  TABLES, stride_tb, LENS, ACC, M, L, OUT, stride_ob, stride_oh,
+                  scale_log2, window, max_ctx, split_tokens, num_splits, num_heads, GROUP, HEAD_DIM,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  ONE_SPLIT: tl.constexpr, IEEE: tl.constexpr):
+    """One (sequence, kv head, split): the query group's softmax-weighted values over the split's positions.
+
+    ONE_SPLIT: OUT[b, h] = the normalized output. Else ACC[b, h, split] (unnormalized, fp32), M (running max,
+    log2 units) and L (sum of exp2(score - max)) for ``_combine``.
+    """
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.minimum(tl.load(LENS + b), max_ctx)  # never past the block table's width
+    lo = tl.maximum(ctx - window, 0)  # the sliding window: positions > query position - window
+    start = tl.maximum(split * split_tokens, lo)
+    end = tl.minimum(split * split_tokens + split_tokens, ctx)
+
+    g = tl.arange(0, BLOCK_G)
+    gmask = g < GROUP
+    heads = kvh * GROUP + g  # (BG,) the query heads sharing this kv head (transformers' repeat_kv order)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)  # (BG, BD)
+    m = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_sum = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    table = TABLES + b.to(tl.int64) * stride_tb
+    for t0 in range(start, end, BLOCK_N):  # every tile holds at least one position: m stays finite
+        pos = t0 + tl.arange(0, BLOCK_N)  # (BN,)
+        pmask = pos < end
+        block = tl.load(table + pos // BLOCK_SIZE, mask=pmask, other=0).to(tl.int64)
+        slot = pos % BLOCK_SIZE
+        kmask = pmask[:, None] & dmask[None, :]
+        k = tl.load(K + block[:, None] * stride_kb + slot[:, None] * stride_kt + kvh * stride_kh + d[None, :],
+                    mask=kmask, other=0.0)  # (BN, BD)
+        s = _dot(q, tl.trans(k), IEEE) * scale_log2  # (BG, BN) scores in log2 units
+        s = tl.where(pmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + block[:, None] * stride_vb + slot[:, None] * stride_vt + kvh * stride_vh + d[None, :],
+                    mask=kmask, other=0.0)  # (BN, BD)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m = m_new
+
+    omask = gmask[:, None] & dmask[None, :]
+    if ONE_SPLIT:
+        out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # a length-0 row (padding) gets zeros
+        tl.store(OUT + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=omask)
+    else:
+        row = (b.to(tl.int64) * num_heads + heads) * num_splits + split  # (BG,) into (B, Hq, S)
+        tl.store(M + row, m, mask=gmask)
+        tl.store(L + row, l_sum, mask=gmask)
+        tl.store(ACC + row[:, None] * HEAD_DIM + d[None, :], acc, mask=omask)
+
+
+@triton.jit
+def _combine(ACC, M, L, OUT, stride_ob, stride_oh, num_heads, num_splits, HEAD_DIM,
+             BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """OUT[b, h] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over the splits of one (sequence, head)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    smask = s < num_splits
+    row = (b.to(tl.int64) * num_heads + h) * num_splits + s  # (BS,)
+    m = tl.load(M + row, mask=smask, other=float("-inf"))
+    l_sum = tl.load(L + row, mask=smask, other=0.0)
+    top = tl.max(m, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # no position at all (a padding row): weights 0, output 0
+    w = tl.exp2(m - top)  # (BS,) an empty split (m = -inf) weighs 0
+    total = tl.sum(l_sum * w, axis=0)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    acc = tl.load(ACC + row[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)  # (BD,)
+    tl.store(OUT + b.to(tl.int64) * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=dmask)
+
+
+def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           window: int | None, split_tokens: int | None = None) -> torch.Tensor:
+    """Launch the kernels (arguments checked by ``deltatune.kernels.paged_attention``); returns (B, Hq, D).
+
+    q (B, Hq, D) with a contiguous last dimension; caches (num_blocks, block_size, Hkv, D), contiguous
+    last dimension; block_tables (B, W) int32, contiguous last dimension; context_lens (B,) int32;
+    ``split_tokens`` >= 1 context positions per split (default: ``split_tokens_for``).
+    """
+    B, Hq, D = q.shape
+    _, block_size, Hkv, _ = key_cache.shape
+    group = Hq // Hkv
+    max_ctx = block_tables.shape[1] * block_size
+    split_tokens = split_tokens or split_tokens_for(B, Hkv, max_ctx)
+    num_splits = max(1, triton.cdiv(max_ctx, split_tokens))
+    out = torch.empty_like(q)
+    if B == 0:
+        return out
+    ieee = q.dtype == torch.float32 or interpreted()
+    block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows
+    block_d = max(16, triton.next_power_of_2(D))
+    window = window if window is not None else 1 << 30
+    one = num_splits == 1
+    if one:
+        acc = m = l_sum = out  # unused
+    else:
+        acc = torch.empty(B, Hq, num_splits, D, device=q.device, dtype=torch.float32)
+        m = torch.empty(B, Hq, num_splits, device=q.device, dtype=torch.float32)
+        l_sum = torch.empty_like(m)
+    _decode_split[(B, Hkv, num_splits)](
+        q, q.stride(0), q.stride(1), key_cache, value_cache, key_cache.stride(0), key_cache.stride(1),
+        key_cache.stride(2), value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_tables, block_tables.stride(0), context_lens, acc, m, l_sum, out, out.stride(0), out.stride(1),
+        scale * math.log2(math.e), window, max_ctx, split_tokens, num_splits, Hq, group, D,
+        BLOCK_SIZE=block_size, BLOCK_G=block_g, BLOCK_N=BLOCK_N, BLOCK_D=block_d, ONE_SPLIT=one, IEEE=ieee,
+        num_warps=4)
+    if not one:
+        _combine[(B, Hq)](acc, m, l_sum, out, out.stride(0), out.stride(1), Hq, num_splits, D,
+                          BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=4)
+    return out
