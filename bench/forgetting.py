@@ -1,5 +1,6 @@
 """Forgetting study (issue 21): a new task's score against what the model keeps, for full fine-tuning,
-LoRA, LLaMA-Pro block expansion and LoRA distilled from the base, on SmolLM2-135M-Instruct.
+LoRA, LLaMA-Pro block expansion, LoRA distilled from the base and LoRA on self-distilled data (SDFT),
+on SmolLM2-135M-Instruct.
 
 The new task is the demo's (``deltatune.demo``: answer a sentence about a person with one line of JSON
 in a fixed format; the base model scores ~0% exact match). Each arm is ``deltatune train`` on the
@@ -7,6 +8,11 @@ generated training rows, then ``deltatune eval`` on the held-out rows with ``--r
 (perplexity on Tiny Shakespeare, alpaca responses and chat turns, zero-shot SST-2; see
 docs/training.md "Forgetting"), which reports each metric for the base and the tuned model. Results
 go to ``--out``/results.jsonl, one line per arm (a run already there is not repeated), and a table.
+
+The SDFT arm (``lora-sdft``) first has the base rewrite the training answers (``deltatune distill-data
+--check json``: a rewrite replaces the reference when it is the same JSON object, in any layout) into
+``<arm dir>/train.sd.jsonl``, once (an existing file is reused), then trains like ``lora`` on that file;
+its record says how many rewrites were kept and how many of those are the reference's text itself.
 
     python bench/forgetting.py --out runs/forgetting                  # every arm, CPU: ~30 min on 2 cores
     python bench/forgetting.py --out runs/forgetting --arms lora,full --steps 32
@@ -30,21 +36,50 @@ ARMS = {  # arm -> its method flags (the learning rate comes with the arm: what 
     "llama-pro-4": ["--method", "block_expansion", "--num-blocks", "4", "--lr", "2e-4"],
     "lora-kd-base": ["--method", "lora", "--r", "8", "--alpha", "16", "--lr", "2e-3", "--teacher", "base",
                      "--distill-weight", "0.5", "--distill-temperature", "1.0"],
+    "lora-sdft": ["--method", "lora", "--r", "8", "--alpha", "16", "--lr", "2e-3"],  # lora's flags, SDFT data
 }
+SELF_DISTILLED = {"lora-sdft": "json"}  # arm -> distill-data --check: these arms train on the base's rewrites
+SDFT_MAX_NEW_TOKENS = "64"  # a reference answer is ~20 tokens; a longer rewrite is no one-line record anyway
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "deltatune.cli", *argv], capture_output=True, text=True)
 
 
+def self_distill(model: str, train_file: str, out: str, check: str) -> dict:
+    """``deltatune distill-data`` of ``train_file`` into ``out``/train.sd.jsonl (skipped when that file and its
+    decisions exist); returns {"data": path, "check", "kept", "rewrites", "kept_same_text"} from the decisions
+    file, or {"error": ...}."""
+    from deltatune.train.distill_data import decisions_path
+
+    path = os.path.join(out, "train.sd.jsonl")
+    if not (os.path.exists(path) and decisions_path(path).exists()):
+        os.makedirs(out, exist_ok=True)
+        run = _cli("distill-data", "--model", model, "--data", train_file, "--output", path, "--check", check,
+                   "--max-new-tokens", SDFT_MAX_NEW_TOKENS, "--no-progress")
+        if run.returncode != 0:
+            return {"error": "distill-data: " + (run.stderr or run.stdout).strip()[-800:]}
+    decisions = [json.loads(line) for line in decisions_path(path).read_text().splitlines() if line.strip()]
+    kept = [d for d in decisions if d["kept"]]
+    return {"data": path, "check": check, "kept": len(kept), "rewrites": sum("rewrite" in d for d in decisions),
+            "kept_same_text": sum(bool(d.get("same_text")) for d in kept)}
+
+
 def run_arm(args, arm: str, model: str, data: str) -> dict:
     """Train one arm and evaluate it (task score and retention); returns its record."""
     out = os.path.join(args.out, arm)
-    train = _cli("train", "--model", model, "--data", os.path.join(data, "train.jsonl"), "--output", out,
+    record = {"arm": arm, "steps": args.steps, "seed": args.seed}
+    train_file = os.path.join(data, "train.jsonl")
+    if arm in SELF_DISTILLED:
+        sd = self_distill(model, train_file, out, SELF_DISTILLED[arm])
+        if "error" in sd:
+            return {**record, **sd}
+        train_file = sd.pop("data")
+        record["sdft"] = sd
+    train = _cli("train", "--model", model, "--data", train_file, "--output", out,
                  "--max-steps", str(args.steps), "--micro-batch", "8", "--max-length", "128", "--no-packing",
                  "--warmup-steps", str(max(args.steps // 10, 1)), "--save-every", "0", "--seed", str(args.seed),
                  "--no-progress", *ARMS[arm])
-    record = {"arm": arm, "steps": args.steps, "seed": args.seed}
     if train.returncode != 0:
         return {**record, "error": (train.stderr or train.stdout).strip()[-800:]}
     trained = ["--model", os.path.join(out, "model"), "--retention-base", model] if arm == "full" else \
@@ -87,6 +122,11 @@ def report(out: str) -> str:
     for r in rows:
         cells = [f"{r['retention'][n]['tuned']:.3f} ({r['retention'][n]['change']:+.3f})" for n in names]
         lines.append(f"| {r['arm']} | {100 * r['exact_match']:.0f}% | " + " | ".join(cells) + " |")
+    for r in rows:
+        if "sdft" in r:
+            sd = r["sdft"]
+            lines.append(f"\n{r['arm']}: kept {sd['kept']} of {sd['rewrites']} rewrites (check {sd['check']}); "
+                         f"{sd['kept_same_text']} of the kept are the reference's text itself")
     return "\n".join(lines)
 
 

@@ -280,10 +280,41 @@ def test_distill_data_check_none_keeps_every_non_empty_rewrite_and_a_chat_array(
     assert again.kept == 4
 
 
+def test_distill_data_json_keeps_the_same_object_in_any_layout(tmp_path):
+    def row(sentence, answer):  # the demo's records (deltatune/demo.py): system, user, one line of JSON
+        return {"messages": [{"role": "system", "content": "Extract the record."},
+                             {"role": "user", "content": sentence}, {"role": "assistant", "content": answer}]}
+
+    ana = '{"name": "Ana Ortiz", "age": 41, "city": "Lyon"}'
+    rows = [row("Meet Ana Ortiz, a 41-year-old from Lyon.", ana)] * 5 + [row("Ben is 7.", "Ben, 7")]
+    src, out = tmp_path / "demo.jsonl", tmp_path / "demo.sd.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rewrites = ['{"city":"Lyon",\n "name":"Ana Ortiz","age":41}',          # kept: same object, another layout
+                '{"name": "Ana Ortiz", "age": 42, "city": "Lyon"}',        # wrong value
+                'Ana Ortiz is 41 and lives in Lyon.',                      # not JSON
+                '{"name": "Ana Ortiz", "age": "41", "city": "Lyon"}',      # 41 as a string
+                ' ' + ana + ' ',                                           # kept: the reference itself
+                '{"name": "Ben", "age": 7}']                               # the reference is not JSON
+    gen = Fixed([Generated(t) for t in rewrites])
+    result = distill_data(src, out, char_tokenizer(), gen, check="json", log=lambda m: None)
+    assert result.summary().startswith("kept 2 of 6 rewrites (check: json: the same JSON object")
+    written = [json.loads(line)["messages"][2]["content"] for line in out.read_text().splitlines()]
+    assert written == [rewrites[0], ana, ana, ana, ana, "Ben, 7"]  # a kept rewrite verbatim, stripped
+    decisions = [json.loads(line) for line in decisions_path(out).read_text().splitlines()]
+    assert [d["kept"] for d in decisions] == [True, False, False, False, True, False]
+    reasons = [d["reason"] for d in decisions]
+    assert reasons[0] == reasons[4] == "same JSON object"
+    assert reasons[1] == reasons[3] == "JSON object differs at keys ['age']"
+    assert reasons[2].startswith("the rewrite is not JSON (Expecting value at char 0")
+    assert reasons[5].startswith("the reference is not JSON")
+    assert [d.get("same_text") for d in decisions] == [False, False, None, False, True, None]
+    assert "JSON object alone" in char_tokenizer().decode(gen.prompts[0])  # the check's hint is asked for
+
+
 def test_distill_data_refuses_bad_settings_and_files(tmp_path):
     src = _write_gsm(tmp_path / "gsm.jsonl", bad_line=False)
     tok, never = char_tokenizer(), Fixed([])
-    with pytest.raises(DistillDataError, match=r"unknown --check 'exact'; choose one of \['gsm8k', 'none'\]"):
+    with pytest.raises(DistillDataError, match=r"unknown --check 'exact'; choose one of \['gsm8k', 'json', 'none'\]"):
         distill_data(src, tmp_path / "o.jsonl", tok, never, check="exact")
     with pytest.raises(DistillDataError, match="is the input file"):
         distill_data(src, src, tok, never)

@@ -1,8 +1,9 @@
 """Self-distillation data (``deltatune distill-data``): the model rewrites each response of a data file in
 its own words, given the request and the reference response, and the rewrite replaces the reference
-only when a check passes (for GSM8K: the same final number), after SDFT (Yang et al. 2024,
-"Self-Distillation Bridges Distribution Gap in Language Model Fine-Tuning"): fine-tuning on answers in
-the model's own distribution forgets less than fine-tuning on the reference answers.
+only when a check passes (for GSM8K: the same final number; for JSON answers: the same object), after
+SDFT (Yang et al. 2024, "Self-Distillation Bridges Distribution Gap in Language Model Fine-Tuning"):
+fine-tuning on answers in the model's own distribution forgets less than fine-tuning on the reference
+answers.
 
     deltatune distill-data --model M --data train.jsonl --output train.sd.jsonl --check gsm8k
 
@@ -59,7 +60,7 @@ class DistillDataArgs:
     data_format: Literal["auto", "alpaca", "chat"] = "auto"
     """Format of --data; "auto" decides from the first record."""
     check: str = "none"
-    """When a rewrite replaces the reference: "gsm8k" (the same final number: "#### N", else the last number) or "none" (any non-empty rewrite that ended by itself)."""
+    """When a rewrite replaces the reference: "gsm8k" (the same final number: "#### N", else the last number), "json" (the rewrite is a JSON object equal to the reference's; any layout) or "none" (any non-empty rewrite that ended by itself)."""
     template: Optional[str] = None
     """The rewrite request, with {instruction} and {reference} in it; default: deltatune's (REWRITE_TEMPLATE)."""
     max_new_tokens: int = 512
@@ -122,9 +123,54 @@ def _non_empty(reference: str, rewrite: str) -> tuple[bool, str, dict]:
     return True, "non-empty", {}
 
 
+def _json_object(text: str) -> tuple[Optional[dict], str]:
+    """(the JSON object ``text`` is, whitespace around it aside; None and why when it is not one)."""
+    try:
+        value = json.loads(text.strip())
+    except json.JSONDecodeError as e:
+        return None, f"not JSON ({e.msg} at char {e.pos})"
+    if not isinstance(value, dict):
+        return None, f"JSON {type(value).__name__}, not an object"
+    return value, ""
+
+
+def _canonical(value) -> str:
+    """One text per JSON value: keys sorted, fixed separators. It tells 41 from 41.0 and "41", and 1 from true,
+    which a plain ``==`` of the parsed objects does not."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _json(reference: str, rewrite: str) -> tuple[bool, str, dict]:
+    """Keep a rewrite that is, as a whole, a JSON object equal to the reference's: the same keys with the same
+    values and value types, at any depth. The layout is free: key order, spacing, line breaks, escapes.
+
+    Why not also the reference's exact layout: a reference in a fixed format (the demo's one-line
+    ``{"name": ..., "age": ..., "city": ...}``) has exactly one text for a given object, so a check that
+    required the layout would keep only rewrites identical to the reference and the self-distilled file
+    would be the original; the model's own wording of such an answer *is* its layout. Text around the
+    object (prose, a markdown fence) is not accepted: it is not the answer the task asks for, and the
+    rewrite is kept verbatim. A task scored by exact text therefore may score lower after training on kept
+    rewrites whose layout differs; the decision record says for each whether its layout matches
+    (``same_text``)."""
+    gold, why = _json_object(reference)
+    if gold is None:
+        return False, f"the reference is {why}", {}
+    answer, why = _json_object(rewrite)
+    if answer is None:
+        return False, f"the rewrite is {why}", {}
+    details = {"same_text": rewrite.strip() == reference.strip()}
+    if _canonical(answer) != _canonical(gold):
+        differ = sorted(k for k in set(gold) | set(answer)
+                        if k not in gold or k not in answer or _canonical(gold[k]) != _canonical(answer[k]))
+        return False, f"JSON object differs at keys {differ}", details
+    return True, "same JSON object", details
+
+
 CHECKS = {
     "gsm8k": Check("gsm8k", "gsm8k final number", _gsm8k,
                    hint="End with the final answer alone on the last line, written as '#### <number>'."),
+    "json": Check("json", "json: the same JSON object as the reference", _json,
+                  hint="Reply with the JSON object alone, with no other text."),
     "none": Check("none", "none: every non-empty rewrite", _non_empty),
 }
 """--check name -> Check."""
