@@ -1,7 +1,7 @@
 """The engine's memory plan: the adapter pool's slots are set aside beside the KV cache.
 
 Oracles: a hand count of the slots (resident slots x every decoder layer's 7 projections x max rank x
-(in + out) x dtype size, plus a float32 scale each); the KV-cache block count under a fake budget, on
+(in + out) x dtype size, plus a float32 scale and an int32 rank each); the KV-cache block count under a fake budget, on
 the CPU and through a faked CUDA memory query, and what the slots really take once allocated.
 """
 
@@ -32,7 +32,7 @@ def _hand_count(model, slots: int, rank: int) -> int:
         for name in PROJECTIONS:
             module = layer.self_attn if hasattr(layer.self_attn, name) else layer.mlp
             linear = getattr(module, name)
-            total += rank * (linear.in_features + linear.out_features) * 4 + 4
+            total += rank * (linear.in_features + linear.out_features) * 4 + 4 + 4  # A, B; scale, rank
     return slots * total
 
 

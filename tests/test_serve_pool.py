@@ -275,7 +275,7 @@ def test_memory_accounting_and_budget(llama):
     base, paths, ids, logits = llama
     pool = _pool(base, paths, max_resident=3)
     assert pool.resident_bytes() == 0  # nothing on the device before the first batch
-    # one slot: every targeted layer's A (R, in) and B (out, R) at its largest rank, and a scale
+    # one slot: every targeted layer's A (R, in) and B (out, R) at its largest rank, a scale and a rank (int32)
     per_slot = 0
     for name, module in base.named_modules():
         ranks = []
@@ -285,7 +285,7 @@ def test_memory_accounting_and_budget(llama):
             if key in sd:
                 ranks.append(sd[key].shape[0])
         if ranks:
-            per_slot += max(ranks) * (module.in_features + module.out_features) * 4 + 4
+            per_slot += max(ranks) * (module.in_features + module.out_features) * 4 + 4 + 4
     assert pool.slot_bytes() == per_slot
     with pool.routed(base, ["a", "b"]):
         pass

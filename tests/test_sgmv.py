@@ -11,9 +11,11 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton")
 
@@ -40,12 +42,13 @@ def _case(device, dtype, decode: bool, seed: int):
     return [t.to(device) for t in (x, y)] + [t.to(device, dtype) for t in (A, B)] + [scales.to(device), slots]
 
 
-def _reference(x, y, A, B, scales, slots):
-    """float64: y[t] + scale_s B_s A_s x[t] for every token with a slot."""
+def _reference(x, y, A, B, scales, slots, ranks=None):
+    """float64: y[t] + scale_s B_s A_s x[t] for every token with a slot (only its first ``ranks[s]`` ranks)."""
     out = y.double().clone()
     for t, s in enumerate(slots):
         if s >= 0:
-            out[t] += scales[s].double() * (B[s].double() @ (A[s].double() @ x[t].double()))
+            r = A.shape[1] if ranks is None else ranks[s]
+            out[t] += scales[s].double() * (B[s, :, :r].double() @ (A[s, :r].double() @ x[t].double()))
     return out
 
 
@@ -62,7 +65,7 @@ def check_kernels(device, dtype):
         for block_m in (16, 64, 128):
             batch = slot_batch(slots, device, block_m=block_m)
             runs = {"sgmv": lambda: sgmv.sgmv(x, y.clone(), A, B, scales, batch.order, batch.tiles, batch.block_m),
-                    "bgmv": lambda: sgmv.bgmv(x, y.clone(), A, B, scales, batch.order, batch.pos_slots)}
+                    "bgmv": lambda: sgmv.bgmv(x, y.clone(), A, B, scales, batch.slots)}
             if block_m > 16:
                 runs = {"sgmv": runs["sgmv"]}
             for kernel, run in runs.items():
@@ -78,38 +81,206 @@ def check_kernels(device, dtype):
     return out
 
 
-def check_pool(device, dtype):
-    """The pool through the kernels equals the pool through the PyTorch reference, on a tiny Llama."""
+def check_bgmv(device, dtype):
+    """The one-launch gathered kernel: per-slot ranks read from the device (factors beyond a slot's rank are
+    not zero here, so reading them would show), a slot of rank 0 (absent on this layer: its tokens are left as
+    the base's), base tokens (-1), 3-D inputs with several tokens per slot entry, several output blocks per
+    program, and the ``Bgmv`` launch object reused for a second batch size."""
+    from deltatune.kernels import sgmv
+
+    g = torch.Generator().manual_seed(7)
+    S, R, K, N = 5, 24, 72, 600  # N over one output block: programs loop over several
+    A = (torch.randn(S, R, K, generator=g) / K ** 0.5).to(device, dtype)
+    B = torch.randn(S, N, R, generator=g).to(device, dtype)
+    scales = (torch.rand(S, generator=g) + 0.5).to(device)
+    ranks = [24, 5, 0, 16, 1]
+    table = torch.tensor(ranks, dtype=torch.int32, device=device)
+    layer = sgmv.Bgmv(A, B, scales, table)
+    out = {}
+    cases = {"tokens": ([3, -1, 0, 1, 2, 4, -1, 3, 1, 0], 1, None),  # (T, in), one slot per token
+             "rows": ([1, -1, 4, 0], 2, 2),  # (rows, 2, in): each slot entry covers a row's 2 tokens
+             "all_base": ([-1, -1, -1], 1, None)}
+    for name, (entries, per_row, row_len) in cases.items():
+        T = len(entries) * per_row
+        x = torch.randn(T, K, generator=g).to(device)
+        y = torch.randn(T, N, generator=g).to(device)
+        token_slots = [s for s in entries for _ in range(per_row)]
+        ref = _reference(x, y, A, B, scales, token_slots, ranks)
+        slots = torch.tensor(entries, dtype=torch.int32, device=device)
+        if row_len is None:
+            got = layer(x, y.clone(), slots, per_row)
+        else:
+            got = layer(x.view(-1, row_len, K), y.clone().view(-1, row_len, N), slots, per_row).view(T, N)
+        untouched = [t for t, s in enumerate(token_slots) if s < 0 or ranks[s] == 0]
+        out[f"bgmv/{name}/base_untouched"] = bool(torch.equal(got[untouched], y[untouched]))
+        denom = (ref - y.double()).norm().item()
+        if denom > 0:
+            out[f"bgmv/{name}"] = (got.double() - ref).norm().item() / denom
+    # the plain function: every slot at its full (zero-padded) rank
+    x, y, A2, B2, scales2, slots = _case(device, dtype, decode=True, seed=3)
+    ref = _reference(x, y, A2, B2, scales2, slots)
+    got = sgmv.bgmv(x, y.clone(), A2, B2, scales2, torch.tensor(slots, dtype=torch.int32, device=device))
+    out["bgmv/function"] = (got.double() - ref).norm().item() / (ref - y.double()).norm().item()
+    return out
+
+
+def _tiny_models():
+    """tests/_models.py (the subprocess and pytest import it alike)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _models
+
+    return _models
+
+
+def _pool(device, dtype, root):
+    """A tiny Llama in ``dtype`` and a pool of adapters "a" (r 4), "b" (r 8, rsLoRA, q/v only) and "c" (r 2,
+    down/q only): ranks padded per layer, and slots absent from some layers."""
     import deltatune as dt
     from deltatune.serve import AdapterPool
 
     torch.manual_seed(0)
-    base = _models.llama().to(device, dtype).eval()
-    rows = ["a", None, "b", "a"]
+    base = _tiny_models().llama().to(device, dtype).eval()
+    pool = AdapterPool(base)
+    for name, cfg in {"a": dt.LoraConfig(r=4, alpha=8.0, init="random"),
+                      "b": dt.LoraConfig(r=8, use_rslora=True, targets=["q_proj", "v_proj"], init="random"),
+                      "c": dt.LoraConfig(r=2, alpha=4.0, targets=["down_proj", "q_proj"], init="random")}.items():
+        dt.save_adapter(dt.add_adapter(copy.deepcopy(base), cfg), f"{root}/{name}")
+        pool.register(name, f"{root}/{name}")
+    return base, pool
+
+
+def check_pool(device, dtype):
+    """The pool through the kernels equals the pool through the PyTorch reference, on a tiny Llama: a prefill
+    layout (SGMV), decode layouts (the one-launch gathered kernel: one token per row, two tokens per row, rows
+    routed per token) with ranks 4 and 8 padded to 8 and adapter "b" absent from most layers (rank 0 there)."""
+    from deltatune.kernels import backend
+
+    vocab = _tiny_models().VOCAB
+    gen = torch.Generator().manual_seed(1)
+    layouts = {"prefill": (["a", None, "b", "a"], (4, 5), False),
+               "decode": (["a", None, "b", "c", "a"], (5, 1), True),
+               "decode2": (["b", "a", None], (3, 2), True),
+               "per_token": (["b", None, "a", "c", "b", "a"], (1, 6), True)}
+    sgmv = backend.load("deltatune.kernels.sgmv")
+    launches = []
+    launch = sgmv.Bgmv.__call__
+    out = {}
     with tempfile.TemporaryDirectory() as root:
-        pool = AdapterPool(base)
-        for i, (name, cfg) in enumerate({"a": dt.LoraConfig(r=4, alpha=8.0, init="random"),
-                                         "b": dt.LoraConfig(r=8, use_rslora=True, targets=["q_proj", "v_proj"],
-                                                            init="random")}.items()):
-            dt.save_adapter(dt.add_adapter(copy.deepcopy(base), cfg), f"{root}/{name}")
-            pool.register(name, f"{root}/{name}")
-        ids = torch.randint(0, _models.VOCAB, (4, 5), generator=torch.Generator().manual_seed(1)).to(device)
-        with torch.no_grad(), pool.routed(base, rows):
-            kernels = base(input_ids=ids).logits
-            mode = os.environ.get("DELTATUNE_TRITON")
-            os.environ["DELTATUNE_TRITON"] = "0"
-            try:
-                reference = base(input_ids=ids).logits
-            finally:
-                os.environ["DELTATUNE_TRITON"] = mode if mode is not None else "1"
-        plain = base(input_ids=ids).logits
-    return {"pool": (kernels.double() - reference.double()).norm().item() / reference.double().norm().item(),
-            "pool/adapters_change_logits": (reference - plain).abs().max().item() > 1e-3}
+        base, pool = _pool(device, dtype, root)
+        sgmv.Bgmv.__call__ = lambda self, *a, **k: (launches.append(1), launch(self, *a, **k))[1]
+        try:
+            for case, (rows, shape, gathered) in layouts.items():
+                ids = torch.randint(0, vocab, shape, generator=gen).to(device)
+                launches.clear()
+                with torch.no_grad(), pool.routed(base, rows):
+                    kernels = base(input_ids=ids).logits
+                out[f"pool/{case}/gathered_kernel_ran={gathered}"] = bool(launches) == gathered
+                mode = os.environ.get("DELTATUNE_TRITON")
+                os.environ["DELTATUNE_TRITON"] = "0"  # read once per routed call
+                try:
+                    with torch.no_grad(), pool.routed(base, rows):
+                        reference = base(input_ids=ids).logits
+                finally:
+                    os.environ["DELTATUNE_TRITON"] = mode if mode is not None else "1"
+                plain = base(input_ids=ids).logits
+                out[f"pool/{case}"] = ((kernels.double() - reference.double()).norm().item()
+                                       / reference.double().norm().item())
+                out[f"pool/{case}/adapters_change_logits"] = (reference - plain).abs().max().item() > 1e-3
+            # a routed call inside another with as many rows (on a copy of the model) keeps the outer one's slots
+            rows, inner_rows = ["a", None, "b", "c", "a"], ["c", "b", "a", None, "c"]
+            ids = torch.randint(0, vocab, (5, 1), generator=gen).to(device)
+            other = copy.deepcopy(base)
+            with torch.no_grad():
+                with pool.routed(base, rows):
+                    before = base(input_ids=ids).logits
+                    with pool.routed(other, inner_rows):
+                        inner = other(input_ids=ids).logits
+                    after = base(input_ids=ids).logits
+                with pool.routed(other, inner_rows):
+                    inner_alone = other(input_ids=ids).logits
+            out["pool/nested/outer_slots_kept"] = bool(torch.equal(before, after))
+            out["pool/nested/inner_right"] = bool(torch.equal(inner, inner_alone))
+            out["pool/nested/rows_differ"] = not torch.equal(before, inner)
+        finally:
+            sgmv.Bgmv.__call__ = launch
+    return out
 
 
-CHECKS = {"kernels": check_kernels, "pool": check_pool}
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops run under it (allocations, views and copies too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def check_decode_host_work(device, dtype):
+    """A decode step through the pool: each pooled projection is one launch of the gathered kernel and no
+    torch op (no allocation, copy or view beyond the base model's own); entering ``routed`` is one upload.
+    On CPU the kernel is a counting stub (the interpreter's own tensor traffic would count); on a GPU it runs,
+    under ``torch.cuda.set_sync_debug_mode("error")`` (a host read of the device would raise)."""
+    from deltatune.kernels import backend
+
+    sgmv = backend.load("deltatune.kernels.sgmv")
+    kernel, calls, launches = sgmv._bgmv, [], []
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return (lambda *a, **k: None) if device == "cpu" else kernel[grid]
+
+    launch = sgmv.Bgmv.__call__
+    ids = torch.randint(0, _tiny_models().VOCAB, (4, 1), generator=torch.Generator().manual_seed(2)).to(device)
+    rows = ["a", None, "b", "c"]
+    with tempfile.TemporaryDirectory() as root:
+        base, pool = _pool(device, dtype, root)
+    sgmv._bgmv = Counting()
+    sgmv.Bgmv.__call__ = lambda self, *a, **k: (calls.append(1), launch(self, *a, **k))[1]
+
+    def step():
+        with pool.routed(base, rows):
+            return base(input_ids=ids).logits
+
+    def enter():
+        with pool.routed(base, rows):
+            pass
+
+    def ops(fn):
+        with _CountOps() as counter:
+            fn()
+        return counter.ops
+
+    try:
+        with torch.no_grad():
+            step()  # slots loaded, the table allocated, kernels compiled
+            calls.clear(), launches.clear()
+            extra = ops(step)
+            projections, launched = len(calls), len(launches)
+            extra.subtract(ops(lambda: base(input_ids=ids)))
+            extra.subtract(ops(enter))
+            synced = False
+            if device != "cpu":
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    step()
+                except RuntimeError:
+                    synced = True
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+    finally:
+        sgmv._bgmv, sgmv.Bgmv.__call__ = kernel, launch
+    return {"host/every_pooled_projection_gathered": projections == len(pool.planned_shapes()) > 0,
+            "host/one_launch_per_projection": launched == projections,
+            "host/no_torch_ops_per_projection": not {k: v for k, v in extra.items() if v},
+            "host/no_sync": not synced}
+
+
+CHECKS = {"kernels": check_kernels, "bgmv": check_bgmv, "pool": check_pool, "host": check_decode_host_work}
 
 
 def run_checks(device):
@@ -155,6 +326,61 @@ def test_sgmv_gpu(name):
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         _assert_within(f"{name}/{str(dtype)[6:]}", CHECKS[name]("cuda", dtype))
+
+
+class _Projections(torch.nn.Module):
+    """Three projections with no host work of their own between them (a CUDA graph captures them whole)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.up_proj = torch.nn.Linear(32, 48), torch.nn.Linear(32, 64)
+        self.down_proj = torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.up_proj(x))) + self.q_proj(x)[..., :32]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
+def test_pool_decode_step_replays_as_a_cuda_graph(tmp_path):
+    """A decode step's pooled projections capture into a CUDA graph (one launch each, no host read, shapes
+    fixed by the row count), and the graph replayed after ``routed`` wrote other rows' slots into the same
+    table gives what the eager step gives for those rows."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 in this process; CUDA graphs need compiled kernels")
+    import deltatune as dt
+    from deltatune.serve import AdapterPool
+
+    torch.manual_seed(0)
+    base = _Projections().cuda().to(torch.bfloat16).eval()
+    pool = AdapterPool(base)
+    for name, r, targets in (("a", 4, ["q_proj", "up_proj", "down_proj"]), ("b", 16, ["q_proj"]),
+                             ("c", 8, ["up_proj", "down_proj"])):
+        dt.save_adapter(dt.add_adapter(copy.deepcopy(base), dt.LoraConfig(r=r, alpha=2 * r, targets=targets,
+                                                                          init="random")), tmp_path / name)
+        pool.register(name, tmp_path / name)
+    x = torch.randn(6, 32, device="cuda", dtype=torch.bfloat16)  # (T, hidden): the engine's decode layout
+    first, second = ["a", None, "b", "c", "a", "b"], ["c", "c", None, "a", "b", None]
+    with torch.no_grad():
+        with pool.routed(base, first):
+            for _ in range(3):  # kernels compiled, cuBLAS warm, outside the capture
+                base(x)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = base(x)
+        wants = {}
+        for name, rows in (("first", first), ("second", second)):
+            with pool.routed(base, rows):
+                wants[name] = base(x).clone()
+        for name, rows in (("second", second), ("first", first)):
+            with pool.routed(base, rows):  # writes the rows' slots where the graph reads them
+                graph.replay()
+                got = out.clone()
+            # same kernels on the same inputs; 1e-2 leaves room for cuBLAS picking another bf16 algorithm in capture
+            assert (got - wants[name]).abs().max().item() <= 1e-2, f"{name}: {(got - wants[name]).abs().max()}"
+        assert (wants["first"] - wants["second"]).abs().max().item() > 0.1  # the rows' adapters do change it
+        assert (wants["first"] - base(x)).abs().max().item() > 0.1
 
 
 def test_reference_catches_a_wrong_answer():

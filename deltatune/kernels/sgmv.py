@@ -1,15 +1,19 @@
 """Mixed-adapter LoRA kernels: each token its own adapter slot, ``y[t] += scale_s · B_s (A_s x[t])``.
 
-Two shapes of work, both in two passes through an fp32 buffer ``h`` (N, R) (position ``p`` of ``order``
-holds token ``order[p]``'s ``A_s x``):
+Two shapes of work:
 
-* **SGMV** (segmented, Punica's "shrink" and "expand", Chen et al. 2023, arXiv:2310.18547): tokens sorted
-  by slot, cut into tiles of at most BLOCK_M tokens of one slot; a tile multiplies its tokens by its
-  slot's A (a (BLOCK_M, BLOCK_K) x (BLOCK_K, R) tensor-core product, K looped) and then ``h`` by B,
+* **SGMV** (segmented, Punica's "shrink" and "expand", Chen et al. 2023, arXiv:2310.18547), in two passes
+  through an fp32 buffer ``h`` (N, R) (position ``p`` of ``order`` holds token ``order[p]``'s ``A_s x``):
+  tokens sorted by slot, cut into tiles of at most BLOCK_M tokens of one slot; a tile multiplies its tokens
+  by its slot's A (a (BLOCK_M, BLOCK_K) x (BLOCK_K, R) tensor-core product, K looped) and then ``h`` by B,
   added into ``y`` tile by tile. For prefill: long segments, each slot's weights read once a tile.
-* **BGMV** (gathered, per token): one program per (token, block of R) for the shrink and per (token,
-  block of out features) for the expand, the slot read per token; no padding of a tile with other
-  tokens' rows. For decode: one token per sequence, many distinct adapters.
+* **BGMV** (gathered, per token), one launch: a program per (token, run of output blocks) reads its
+  token's slot from ``slots`` (T,), computes the rank-R shrink ``A_s x`` in registers (every program of a
+  token recomputes it: R x in multiply-adds, cheap at R <= 64) and adds ``B_s h`` to its outputs. No
+  sorting, no buffer, no host work per call beyond the launch (``Bgmv`` checks shapes once per layer), and
+  a grid fixed by the token count: what a CUDA graph of a decode step needs. Tokens of slot -1, and slots
+  of rank 0 on this layer (``ranks``, on the device), have every load and store masked off; a slot reads
+  only its own rank, not the padding. For decode: one token per sequence, many distinct adapters.
 
 Slots are rank-padded (zeros beyond an adapter's rank), so R is one number per layer. Tokens with no
 adapter are not in ``order``: the kernels never touch them. Operands in A's / B's dtype with fp32
@@ -25,7 +29,7 @@ import triton.language as tl
 
 from deltatune.kernels.backend import interpreted
 
-__all__ = ["sgmv", "bgmv"]
+__all__ = ["sgmv", "bgmv", "Bgmv"]
 
 
 @triton.jit
@@ -87,44 +91,43 @@ def _sgmv_expand(H, B, stride_bs, stride_bn, SCALES, Y, stride_y, ORDER, TILES, 
 
 
 @triton.jit
-def _bgmv_shrink(X, stride_x, A, stride_as, stride_ar, H, ORDER, POS_SLOTS, R, K,
-                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr):
-    """h[pos, r] = sum_k x[order[pos], k] A[slot(pos), r, k]: one token, one block of r, no tensor cores."""
-    pos = tl.program_id(0)
-    row = tl.load(ORDER + pos).to(tl.int64)
-    slot = tl.load(POS_SLOTS + pos).to(tl.int64)
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = r < R
+def _bgmv(X, A, B, SCALES, RANKS, Y, SLOTS, ROWS_PER_SLOT, R: tl.constexpr, K: tl.constexpr, N_OUT: tl.constexpr,
+          HAS_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+          N_TILES: tl.constexpr):
+    """y[t, n] += scale_s * sum_r B[s, n, r] h[r], h = round(A[s] x[t]), s = slots[t // ROWS_PER_SLOT]: one token
+    and N_TILES blocks of BLOCK_N outputs per program, shrink and expand in one launch (each program of a token
+    recomputes its rank-R shrink). No slot (-1) or rank 0 on this layer: every load and the store masked off."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(SLOTS + t // ROWS_PER_SLOT)
+    s = tl.maximum(slot, 0).to(tl.int64)
+    if HAS_RANKS:
+        rank = tl.load(RANKS + s)
+    else:
+        rank = R
+    rank = tl.where(slot >= 0, rank, 0)
+    k_end = tl.where(rank > 0, K, 0)  # bounds, not a scalar "and" into the masks (the interpreter's masks are bool)
+    n_end = tl.where(rank > 0, N_OUT, 0)
+    r = tl.arange(0, BLOCK_R)
+    rmask = r < rank  # a padded rank is neither read nor multiplied
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for i in range(0, K_TILES):
+    for i in range(0, (K + BLOCK_K - 1) // BLOCK_K):  # constexpr trip count (the interpreter needs one)
         k = i * BLOCK_K + tl.arange(0, BLOCK_K)
-        kmask = k < K
-        x = tl.load(X + row * stride_x + k, mask=kmask, other=0.0).to(A.dtype.element_ty).to(tl.float32)  # (BK,)
-        a = tl.load(A + slot * stride_as + r[:, None] * stride_ar + k[None, :], mask=rmask[:, None] & kmask[None, :],
+        kmask = k < k_end
+        x = tl.load(X + t * K + k, mask=kmask, other=0.0).to(A.dtype.element_ty).to(tl.float32)  # (BK,)
+        a = tl.load(A + s * (R * K) + r[:, None] * K + k[None, :], mask=rmask[:, None] & kmask[None, :],
                     other=0.0).to(tl.float32)  # (BR, BK)
         acc += tl.sum(a * x[None, :], axis=1)
-    tl.store(H + pos * R + r, acc, mask=rmask)
-
-
-@triton.jit
-def _bgmv_expand(H, B, stride_bs, stride_bn, SCALES, Y, stride_y, ORDER, POS_SLOTS, R, N_OUT,
-                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """y[order[pos], n] += scale * sum_r h[pos, r] B[slot(pos), n, r]: one token, one block of n."""
-    pos = tl.program_id(0)
-    row = tl.load(ORDER + pos).to(tl.int64)
-    slot = tl.load(POS_SLOTS + pos).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N_OUT
-    r = tl.arange(0, BLOCK_R)
-    rmask = r < R
-    h = tl.load(H + pos * R + r, mask=rmask, other=0.0)  # (BR,) fp32
-    b = tl.load(B + slot * stride_bs + n[:, None] * stride_bn + r[None, :], mask=nmask[:, None] & rmask[None, :],
-                other=0.0)  # (BN, BR)
-    h = h.to(b.dtype).to(tl.float32)  # the rounding of h an unfused B(A x) in B's dtype has
-    acc = tl.sum(b.to(tl.float32) * h[None, :], axis=1) * tl.load(SCALES + slot)
-    out = Y + row * stride_y + n
-    y = tl.load(out, mask=nmask, other=0.0)
-    tl.store(out, (y.to(tl.float32) + acc).to(Y.dtype.element_ty), mask=nmask)
+    h = acc.to(B.dtype.element_ty).to(tl.float32)  # the rounding of h an unfused B(A x) in B's dtype has
+    scale = tl.load(SCALES + s)
+    for j in range(0, N_TILES):
+        n = (tl.program_id(1) * N_TILES + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < n_end
+        b = tl.load(B + s * (N_OUT * R) + n[:, None] * R + r[None, :], mask=nmask[:, None] & rmask[None, :],
+                    other=0.0).to(tl.float32)  # (BN, BR)
+        d = tl.sum(b * h[None, :], axis=1) * scale
+        out = Y + t * N_OUT + n
+        y = tl.load(out, mask=nmask, other=0.0)
+        tl.store(out, (y.to(tl.float32) + d).to(Y.dtype.element_ty), mask=nmask)
 
 
 def _check(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor):
@@ -156,38 +159,105 @@ def sgmv(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sca
         return y
     ieee = A.dtype == torch.float32 or interpreted()
     h = torch.empty(N, R, device=x.device, dtype=torch.float32)
-    block_r = max(16, triton.next_power_of_2(R))
+    block_r = max(16, _pow2(R))
     block_k = 64 if block_r <= 64 else 32
     _sgmv_shrink[(n_tiles, 1)](x, x.stride(0), A, A.stride(0), A.stride(1), h, order, tiles, R, K,
-                               BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, K_TILES=triton.cdiv(K, block_k),
+                               BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, K_TILES=_cdiv(K, block_k),
                                IEEE=ieee, num_warps=8 if block_m >= 128 else 4)
     n_out = B.shape[1]
     block_n = 64 if block_m >= 64 else 128
-    _sgmv_expand[(n_tiles, triton.cdiv(n_out, block_n))](h, B, B.stride(0), B.stride(1), scales, y, y.stride(0),
+    _sgmv_expand[(n_tiles, _cdiv(n_out, block_n))](h, B, B.stride(0), B.stride(1), scales, y, y.stride(0),
                                                          order, tiles, R, n_out, BLOCK_M=block_m, BLOCK_N=block_n,
                                                          BLOCK_R=block_r, IEEE=ieee,
                                                          num_warps=8 if block_m >= 128 else 4)
     return y
 
 
-def bgmv(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
-         order: torch.Tensor, pos_slots: torch.Tensor) -> torch.Tensor:
-    """Gathered mixed LoRA, token by token: ``y[order[p]] += scale_s · B_s A_s x[order[p]]`` with
-    ``s = pos_slots[p]``. Shapes as ``sgmv``; returns ``y`` (updated in place)."""
-    x, y, A, B, scales = _check(x, y, A, B, scales)
-    S, R, K = A.shape
-    N = order.numel()
-    if N == 0:
+class Bgmv:
+    """The gathered (per-token) launch for one layer's slots: shapes checked and launch constants chosen once,
+    so a call is one kernel launch and no other host work (no allocation, no host read of a device tensor).
+
+    A (S, R, in), B (S, out, R) contiguous, in one dtype; scales (S,) fp32; ranks (S,) int32 or None (every slot
+    uses all R). The tensors are held, not copied: slots loaded into them later are seen by the next call.
+    """
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor | None = None):
+        if A.dim() != 3 or B.dim() != 3 or B.shape[0] != A.shape[0] or B.shape[2] != A.shape[1]:
+            raise ValueError(f"mixed LoRA slots: A {tuple(A.shape)} (S, R, in), B {tuple(B.shape)} (S, out, R)")
+        S, R, K = A.shape
+        if not (A.is_contiguous() and B.is_contiguous()):
+            raise ValueError("mixed LoRA slots A and B must be contiguous (the kernel derives their strides)")
+        if scales.shape != (S,) or scales.dtype != torch.float32 or not scales.is_contiguous():
+            raise ValueError(f"scales must be a contiguous float32 ({S},) tensor, got {scales.dtype} "
+                             f"{tuple(scales.shape)}")
+        if ranks is not None and (ranks.shape != (S,) or ranks.dtype != torch.int32 or not ranks.is_contiguous()):
+            raise ValueError(f"ranks must be a contiguous int32 ({S},) tensor, got {ranks.dtype} {tuple(ranks.shape)}")
+        if any(t.device != A.device for t in (B, scales) + ((ranks,) if ranks is not None else ())):
+            raise ValueError(f"mixed LoRA slots on different devices: A {A.device}, B {B.device}, "
+                             f"scales {scales.device}" + (f", ranks {ranks.device}" if ranks is not None else ""))
+        self.A, self.B, self.scales = A, B, scales
+        self.ranks = ranks if ranks is not None else scales  # a pointer the kernel never reads (HAS_RANKS off)
+        N = B.shape[1]
+        block_r = max(16, _pow2(R))
+        self.K, self.N = K, N
+        self._const = dict(R=R, K=K, N_OUT=N, HAS_RANKS=ranks is not None, BLOCK_R=block_r,
+                           BLOCK_K=min(max(16, _pow2(K)), max(32, 8192 // block_r)),
+                           BLOCK_N=min(max(16, _pow2(N)), max(32, 8192 // block_r)), num_warps=4)
+        self._sms = (torch.cuda.get_device_properties(A.device).multi_processor_count
+                     if A.device.type == "cuda" else 4)
+        self._launches: dict[tuple, tuple] = {}  # (x shape, y shape, slots, rows per slot) -> (grid, constants)
+
+    def _launch(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, rows_per_slot: int) -> tuple:
+        """The grid and constexprs for these shapes (checked here, once per shape)."""
+        if x.shape[-1] != self.K or y.shape[-1] != self.N or x.shape[:-1] != y.shape[:-1]:
+            raise ValueError(f"mixed LoRA: x {tuple(x.shape)} and y {tuple(y.shape)} do not fit slots of in={self.K}, "
+                             f"out={self.N}")
+        tokens = x.shape[:-1].numel()
+        if slots.dim() != 1 or slots.dtype != torch.int32 or slots.shape[0] * rows_per_slot != tokens:
+            raise ValueError(f"slots must be int32 with one entry per {rows_per_slot} token(s) of the {tokens}: "
+                             f"got {slots.dtype} {tuple(slots.shape)}")
+        if not (x.device == y.device == slots.device == self.A.device):
+            raise ValueError(f"mixed LoRA on different devices: x {x.device}, y {y.device}, slots {slots.device}, "
+                             f"slots' factors {self.A.device}")
+        # programs along the output: enough of them to fill the GPU (~4 a multiprocessor), but at most ~2 shrinks
+        # (R x in, re-read from cache) per expand (out x R) of a token
+        blocks = _cdiv(self.N, self._const["BLOCK_N"])
+        split = max(1, min(blocks, _cdiv(4 * self._sms, max(tokens, 1)), _cdiv(2 * self.N, self.K)))
+        n_tiles = _cdiv(blocks, split)
+        return (tokens, _cdiv(blocks, n_tiles)), dict(self._const, N_TILES=n_tiles)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, rows_per_slot: int = 1) -> torch.Tensor:
+        """``y`` (.., out) plus ``scale_s · B_s A_s x[t]`` for each token ``t`` of ``x`` (.., in), ``s`` =
+        ``slots[t // rows_per_slot]`` (int32 on the device; -1: none). Updates ``y`` in place and returns it (a
+        contiguous copy first if ``y`` is not contiguous)."""
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if not y.is_contiguous():
+            y = y.contiguous()
+        key = (x.shape, y.shape, slots.shape, rows_per_slot)
+        launch = self._launches.get(key)
+        if launch is None:
+            launch = self._launches[key] = self._launch(x, y, slots, rows_per_slot)
+        grid, const = launch
+        if grid[0]:
+            _bgmv[grid](x, self.A, self.B, self.scales, self.ranks, y, slots, rows_per_slot, **const)
         return y
-    h = torch.empty(N, R, device=x.device, dtype=torch.float32)
-    block_r = 16
-    block_k = 128
-    _bgmv_shrink[(N, triton.cdiv(R, block_r))](x, x.stride(0), A, A.stride(0), A.stride(1), h, order, pos_slots, R, K,
-                                               BLOCK_R=block_r, BLOCK_K=block_k, K_TILES=triton.cdiv(K, block_k),
-                                               num_warps=4)
-    n_out = B.shape[1]
-    block_n = 128
-    _bgmv_expand[(N, triton.cdiv(n_out, block_n))](h, B, B.stride(0), B.stride(1), scales, y, y.stride(0), order,
-                                                   pos_slots, R, n_out, BLOCK_N=block_n,
-                                                   BLOCK_R=max(16, triton.next_power_of_2(R)), num_warps=4)
-    return y
+
+
+def bgmv(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
+         slots: torch.Tensor, ranks: torch.Tensor | None = None, rows_per_slot: int = 1) -> torch.Tensor:
+    """Gathered mixed LoRA, token by token, in one launch: ``y[t] += scale_s · B_s A_s x[t]`` with
+    ``s = slots[t // rows_per_slot]`` (int32, -1: no adapter). x (T, in); y (T, out), updated in place; A, B,
+    scales as ``sgmv``; ``ranks`` (S,) int32 on the device lets a slot skip its padded rank (0: the slot adds
+    nothing here). Returns ``y``. A layer called many times holds a ``Bgmv`` instead (checks done once)."""
+    x, y, A, B, scales = _check(x, y, A, B, scales)
+    return Bgmv(A.contiguous(), B.contiguous(), scales, ranks)(x, y, slots, rows_per_slot)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (plain Python: ``triton.cdiv`` and friends cost microseconds a call)."""
+    return 1 << max(0, n - 1).bit_length()

@@ -9,8 +9,8 @@ per forward call by a ``SlotBatch`` and shared by every layer of the model:
   base tokens are not in it, so they cost nothing beyond the base layer;
 * ``tiles``: (start, end, slot) blocks of at most ``block_m`` positions of ``order``, one segment each:
   the work items of the segmented kernels (SGMV, Chen et al. 2023, "Punica", arXiv:2310.18547);
-* ``pos_slots``: each position's slot, for the gathered per-token kernels (BGMV) used when segments
-  are short (decode: one token per sequence).
+* ``slots``: each token's slot, for the gathered per-token kernel (BGMV: shrink and expand in one launch)
+  used when segments are short (decode: one token per sequence).
 
 ``mixed_lora(x, y, A, B, scales, batch)`` adds the terms to ``y``: through the Triton kernels of
 ``deltatune.kernels.sgmv`` where ``kernels.backend`` says Triton runs, else through the PyTorch
@@ -29,7 +29,7 @@ from deltatune.kernels import backend
 __all__ = ["SlotBatch", "slot_batch", "mixed_lora", "mixed_lora_reference"]
 
 GATHERED_MAX_SEGMENT = 4
-"""Segments of at most this many tokens each take the gathered per-token kernels (BGMV) instead of SGMV."""
+"""Segments of at most this many tokens each take the gathered per-token kernel (BGMV) instead of SGMV."""
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,10 @@ class SlotBatch:
     """(T,) int32: each token's slot, -1 for the base."""
     order: torch.Tensor
     """(N,) int32: the adapted tokens, sorted by slot."""
-    pos_slots: torch.Tensor
-    """(N,) int32: the slot of each position of ``order``."""
     tiles: torch.Tensor
     """(num_tiles, 3) int32: (start, end, slot) per SGMV tile."""
+    longest: int
+    """Tokens in the longest segment."""
 
     @property
     def num_adapted(self) -> int:
@@ -58,8 +58,8 @@ class SlotBatch:
 
     @property
     def gathered(self) -> bool:
-        """Whether the per-token (BGMV) kernels suit this batch better than the segmented ones."""
-        return all(end - start <= GATHERED_MAX_SEGMENT for _, start, end in self.segments)
+        """Whether the per-token (BGMV) kernel suits this batch better than the segmented ones (SGMV)."""
+        return self.longest <= GATHERED_MAX_SEGMENT
 
 
 def slot_batch(token_slots: list[int], device: torch.device | str, block_m: int | None = None) -> SlotBatch:
@@ -78,14 +78,12 @@ def slot_batch(token_slots: list[int], device: torch.device | str, block_m: int 
     if block_m is None:  # long segments: fewer tiles, each reading its slot's A and B once
         block_m = 128 if longest >= 128 else 64 if longest >= 64 else 16
     tiles = [(lo, min(lo + block_m, end), s) for s, start, end in segments for lo in range(start, end, block_m)]
-    pos_slots = [token_slots[t] for t in order]
-    flat = torch.tensor(list(token_slots) + order + pos_slots + [v for tile in tiles for v in tile], dtype=torch.int32)
+    flat = torch.tensor(list(token_slots) + order + [v for tile in tiles for v in tile], dtype=torch.int32)
     if torch.device(device).type == "cuda":
         flat = flat.pin_memory()
     flat = flat.to(device, non_blocking=True)
     N = len(order)
-    return SlotBatch(T, tuple(segments), block_m, flat[:T], flat[T:T + N], flat[T + N:T + 2 * N],
-                     flat[T + 2 * N:].view(-1, 3))
+    return SlotBatch(T, tuple(segments), block_m, flat[:T], flat[T:T + N], flat[T + N:].view(-1, 3), longest)
 
 
 def mixed_lora_reference(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
@@ -121,6 +119,6 @@ def mixed_lora(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     if backend.triton_enabled(x) and not y.requires_grad:  # the kernels have no backward
         sgmv = backend.load("deltatune.kernels.sgmv")
         if batch.gathered:
-            return sgmv.bgmv(x, y, A, B, scales, batch.order, batch.pos_slots)
+            return sgmv.bgmv(x, y, A, B, scales, batch.slots)
         return sgmv.sgmv(x, y, A, B, scales, batch.order, batch.tiles, batch.block_m)
     return mixed_lora_reference(x, y, A, B, scales, batch, ranks)

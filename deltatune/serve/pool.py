@@ -8,8 +8,9 @@ model's target layers compute with them inside ``pool.routed(model, rows)``:
   layers ``load_adapter`` would wrap), and checks every key, shape and value before accepting it; a bad
   file raises ``AdapterFileError`` naming the file and key, and the pool is unchanged. The factors stay
   on the host (pinned when the pool's device is a GPU), in the pool's dtype.
-* **slots**: per target layer, ``A`` (S, R, in), ``B`` (S, out, R) and ``scales`` (S,) on the device, R the
-  largest rank registered for that layer (smaller ranks padded with zeros, which add exact zeros).
+* **slots**: per target layer, ``A`` (S, R, in), ``B`` (S, out, R), ``scales`` (S,) and each slot's rank
+  (S,) int32 on the device (0 where the slot's adapter skips the layer), R the largest rank registered
+  for that layer (smaller ranks padded with zeros, which add exact zeros).
   S = ``max_resident``, lowered to what ``max_bytes`` allows. An adapter is loaded into a free slot of
   every layer when a batch first needs it; when none is free the least recently used adapter not in
   the batch is evicted (its host copy stays: reloading is one host-to-device copy).
@@ -17,8 +18,13 @@ model's target layers compute with them inside ``pool.routed(model, rows)``:
   row of the layer inputs as in ``adapters.routed`` (a (B, L, in) input: row b's L tokens), or per
   token of the flattened leading dimensions. Each target layer computes ``base(x) + scale_a B_a A_a x``
   for its tokens (``serve.lora_mixed``: SGMV/BGMV kernels on a GPU, the PyTorch reference elsewhere).
-  Base tokens are left out of the index arrays, so they cost nothing beyond the base layer. The index
-  arrays are built once a call on the host and shared by every layer. Names of adapters added to the
+  Everything derived from ``rows`` is made once a call and shared by every layer. Decode (each adapter's
+  tokens few): the rows' slots go to the device in one copy, into a buffer kept per row count (a CUDA
+  graph of the step reads the next step's slots there), and each projection is one launch of the
+  gathered kernel (``kernels.sgmv.Bgmv``, held per layer) and no other host work: no index arrays, no
+  allocation, no host read of the device. Otherwise (prefill) the sorted index arrays of SGMV, built
+  once per input layout (and set of slots present on a layer); base tokens are left out of them, so
+  they cost nothing beyond the base layer. Names of adapters added to the
   model itself (``add_adapter``/``load_adapter``) may be routed too; those go through
   ``adapters.routing`` on their own layers.
 
@@ -45,7 +51,8 @@ from deltatune.adapters import DeltaLayer, Routing, delta_layers, geometry_for, 
 from deltatune.formats import peft
 from deltatune.formats.files import CONFIG_NAME, AdapterFileError, read_adapter_files
 from deltatune.methods.lora import LORA, LoraConfig
-from deltatune.serve.lora_mixed import SlotBatch, mixed_lora, slot_batch
+from deltatune.kernels import backend
+from deltatune.serve.pool_call import PoolCall, submodule
 
 __all__ = ["AdapterPool", "PoolError"]
 
@@ -78,20 +85,24 @@ class _Adapter:
 
 
 class _LayerSlots:
-    """One target layer's slots on the device: A (S, R, in), B (S, out, R), scales (S,), and per slot
-    (host) its rank, 0 where the slot's adapter does not target this layer."""
+    """One target layer's slots on the device: A (S, R, in), B (S, out, R), scales (S,), and per slot its
+    rank, 0 where the slot's adapter does not target this layer: on the host (``ranks``, the reference)
+    and on the device (``rank_table``, int32, the gathered kernel's)."""
 
     def __init__(self, S: int, R: int, fan_in: int, fan_out: int, device: torch.device, dtype: torch.dtype):
         self.A = torch.zeros(S, R, fan_in, device=device, dtype=dtype)
         self.B = torch.zeros(S, fan_out, R, device=device, dtype=dtype)
         self.scales = torch.zeros(S, device=device, dtype=torch.float32)
+        self.rank_table = torch.zeros(S, device=device, dtype=torch.int32)
         self.ranks = [0] * S
         self._present = frozenset()
+        self._gathered = None  # kernels.sgmv.Bgmv over these tensors, made on first use
 
     def load(self, slot: int, factors: _Factors | None) -> None:
         """Put ``factors`` into ``slot`` (zero-padded to R), or mark the slot absent here (None)."""
         if factors is None:
             self.ranks[slot] = 0
+            self.rank_table[slot] = 0
             self._present = self._present - {slot}
             return
         r = factors.rank
@@ -101,15 +112,22 @@ class _LayerSlots:
         self.A[slot, :r].copy_(factors.A, non_blocking=True)
         self.B[slot, :, :r].copy_(factors.B, non_blocking=True)
         self.scales[slot] = factors.scale
+        self.rank_table[slot] = r
         self.ranks[slot] = r
         self._present = self._present | {slot}
+
+    def gathered(self):
+        """This layer's one-launch gathered kernel (``kernels.sgmv.Bgmv``), its checks done once."""
+        if self._gathered is None:
+            self._gathered = backend.load("deltatune.kernels.sgmv").Bgmv(self.A, self.B, self.scales, self.rank_table)
+        return self._gathered
 
     def present(self) -> frozenset[int]:
         """The slots holding an adapter that targets this layer."""
         return self._present
 
     def nbytes(self) -> int:
-        return self.A.nbytes + self.B.nbytes + self.scales.nbytes
+        return self.A.nbytes + self.B.nbytes + self.scales.nbytes + self.rank_table.nbytes
 
 
 class AdapterPool:
@@ -138,6 +156,8 @@ class AdapterPool:
         self._shapes: dict[str, tuple[int, int, int]] = {}  # module path -> (R, in, out) of its slots
         self._slots: dict[str, _LayerSlots] | None = None  # allocated on first use
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
+        self._slot_tables: dict[int, torch.Tensor] = {}  # rows -> the device buffer of a step's row slots
+        self._tables_in_use: set[int] = set()
 
     # -- registration ---------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -245,9 +265,9 @@ class AdapterPool:
 
     # -- memory ---------------------------------------------------------------------------------------
     def slot_bytes(self, shapes: dict[str, tuple[int, int, int]] | None = None) -> int:
-        """Device bytes one slot takes over all target layers (A, B, scale)."""
+        """Device bytes one slot takes over all target layers (A, B, scale, rank)."""
         size = torch.empty((), dtype=self.dtype).element_size()
-        return sum(R * (fan_in + fan_out) * size + 4 for R, fan_in, fan_out in (shapes or self._shapes).values())
+        return sum(R * (fan_in + fan_out) * size + 8 for R, fan_in, fan_out in (shapes or self._shapes).values())
 
     def _slot_count(self, shapes: dict[str, tuple[int, int, int]]) -> int:
         """S: ``max_resident``, lowered to what ``max_bytes`` allows; PoolError if not one slot fits."""
@@ -346,6 +366,7 @@ class AdapterPool:
 
         ``rows`` holds names of pooled adapters, of adapters on the model itself, or None for the base.
         Raises KeyError for a name neither has, PoolError for more distinct pooled adapters than slots.
+        Whether the Triton kernels run (``kernels.backend``) is decided here, once for the context.
         Yields ``model``.
         """
         rows = list(rows)
@@ -360,89 +381,48 @@ class AdapterPool:
         slot_of = self.make_resident(pooled) if pooled else {}
         token_slots = [slot_of.get(n, -1) if n is not None else -1 for n in rows]
         model_rows = None if not own else Routing(tuple(n if n in own else None for n in rows))
-        call = _Call(self, token_slots, model_rows)
+        table = self._slot_table(token_slots) if pooled else None
+        call = PoolCall(token_slots, model_rows, table)
         handles = []
-        slots = self._slots or {}
-        for path, module in model.named_modules():
-            layer = slots.get(path) if pooled else None
-            if isinstance(module, DeltaLayer):
-                if layer is None and model_rows is None:
-                    continue
-                handles.append(module.register_forward_pre_hook(call.pass_routing(path, layer), with_kwargs=True))
-            elif layer is not None:
-                handles.append(module.register_forward_hook(call.add_terms(path, layer)))
+        slots = self._slots if pooled else {}
         try:
+            if model_rows is None:  # only the pooled layers take part: no walk over the whole model
+                targets = [(path, module) for path in slots or () if (module := submodule(model, path)) is not None]
+            else:
+                targets = model.named_modules()
+            for path, module in targets:
+                layer = slots.get(path) if slots else None
+                if isinstance(module, DeltaLayer):
+                    if layer is None and model_rows is None:
+                        continue
+                    handles.append(module.register_forward_pre_hook(call.pass_routing(path, layer),
+                                                                    with_kwargs=True))
+                elif layer is not None:
+                    handles.append(module.register_forward_hook(call.add_terms(path, layer)))
             yield model
         finally:
             for handle in handles:
                 handle.remove()
+            if table is not None and table is self._slot_tables.get(len(token_slots)):
+                self._tables_in_use.discard(len(token_slots))
 
-
-class _Call:
-    """One ``routed`` context: the token slots, and the slot batches built from them (once per input
-    layout and per set of slots present on a layer), shared by every layer."""
-
-    def __init__(self, pool: AdapterPool, token_slots: list[int], model_rows: Routing | None):
-        self.pool, self.token_slots, self.model_rows = pool, token_slots, model_rows
-        self.used = frozenset(s for s in token_slots if s >= 0)
-        self._batches: dict[tuple, SlotBatch] = {}
-
-    def batch(self, x: torch.Tensor, present: frozenset[int]) -> SlotBatch:
-        """The slot batch for input ``x`` (rows per dim-0 row, or per token of the leading dimensions) on a
-        layer where the slots ``present`` hold adapters (tokens of other slots take the base there)."""
-        tokens = x.shape[:-1].numel()
-        n = len(self.token_slots)
-        here = self.used & present
-        key = (tokens, x.shape[0] if x.dim() > 1 else 1, here)
-        if key not in self._batches:
-            if x.dim() > 1 and x.shape[0] == n:  # one entry per dim-0 row: each row's tokens
-                per_token = [s for s in self.token_slots for _ in range(tokens // n)]
-            elif tokens == n:
-                per_token = self.token_slots
-            else:
-                raise ValueError(f"routing gives {n} rows; the layer input {tuple(x.shape)} has {x.shape[0]} rows "
-                                 f"and {tokens} tokens")
-            if here != self.used:
-                per_token = [s if s in here else -1 for s in per_token]
-            self._batches[key] = slot_batch(per_token, x.device)
-        return self._batches[key]
-
-    def terms(self, layer: _LayerSlots, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y`` plus the pooled adapters' terms for ``x``'s tokens."""
-        batch = self.batch(x, layer.present())
-        if not batch.segments:
-            return y
-        out = mixed_lora(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), layer.A, layer.B, layer.scales,
-                         batch, layer.ranks)
-        return out.view(y.shape)
-
-    def add_terms(self, path: str, layer: _LayerSlots):
-        """A forward hook for a plain layer: its output plus the pooled terms."""
-        def hook(module, args, output):
-            return self.terms(layer, args[0], output)
-        return hook
-
-    def pass_routing(self, path: str, layer: _LayerSlots | None):
-        """A forward pre-hook for a DeltaLayer: passes it a routing that does both parts."""
-        routing = _LayerRouting(self, layer)
-
-        def hook(module, args, kwargs):
-            return args, {**kwargs, "routing": routing}
-        return hook
-
-
-class _LayerRouting:
-    """What ``DeltaLayer.forward(x, routing=...)`` calls: the model's own adapters by rows (or the bare
-    base), then the pooled terms."""
-
-    def __init__(self, call: _Call, layer: _LayerSlots | None):
-        self.call, self.layer = call, layer
-
-    def forward(self, module: DeltaLayer, x: torch.Tensor) -> torch.Tensor:
-        if self.call.model_rows is not None and len(module.deltas):
-            y = self.call.model_rows.forward(module, x)
-        else:
-            if module.merged:
-                raise ValueError(f"per-row routing needs unmerged adapters; {module.merged} are merged into this layer")
-            y = module.geometry.base_forward(module, x)
-        return y if self.layer is None else self.call.terms(self.layer, x, y)
+    def _slot_table(self, token_slots: list[int]) -> torch.Tensor | None:
+        """The step's row slots on the device (int32, -1: base) for the gathered kernel, or None where the
+        kernels do not run. One buffer per row count, kept: the next step with as many rows writes its slots
+        to the same address (what a captured CUDA graph of the step reads), in one host-to-device copy."""
+        n = len(token_slots)
+        table = self._slot_tables.get(n)
+        if table is None or n in self._tables_in_use:  # a nested routed call keeps the outer one's slots
+            fresh = torch.empty(n, dtype=torch.int32, device=self.device)
+            if not backend.triton_enabled(fresh):
+                return None
+            if table is None:
+                self._slot_tables[n] = fresh
+            table = fresh
+        elif not backend.triton_enabled(table):
+            return None
+        if table is self._slot_tables[n]:  # released when the call's context exits
+            self._tables_in_use.add(n)
+        host = torch.tensor(token_slots, dtype=torch.int32)
+        table.copy_(host.pin_memory() if table.is_cuda else host, non_blocking=True)
+        return table

@@ -1,0 +1,129 @@
+"""One ``AdapterPool.routed`` call: what it derives from the rows once, and the hooks that add the pooled terms.
+
+``PoolCall`` holds the rows' slots (host list; device table, int32, when the kernels run) and, per input
+layout seen by a layer, whether the gathered one-launch kernel runs (decode: every adapter's tokens few)
+or else the slot batches of SGMV / the PyTorch reference (``serve.lora_mixed``). A layer's hook then does
+no more than look its layout up and launch. A layer here is the pool's per-layer slots: ``A``, ``B``,
+``scales``, host ``ranks``, ``present()`` and ``gathered()`` (its ``kernels.sgmv.Bgmv``).
+Imports torch only.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.nn as nn
+
+from deltatune.adapters import DeltaLayer, Routing
+from deltatune.serve.lora_mixed import GATHERED_MAX_SEGMENT, SlotBatch, mixed_lora, slot_batch
+
+__all__ = ["PoolCall", "LayerRouting", "submodule"]
+
+
+class PoolCall:
+    """One ``routed`` context: the token slots, and what is derived from them once and shared by every
+    layer: per input layout, whether the gathered kernel runs (then a projection is one launch reading
+    ``table``) or else the slot batches (per layout and per set of slots present on a layer)."""
+
+    def __init__(self, token_slots: list[int], model_rows: Routing | None, table: torch.Tensor | None):
+        self.token_slots, self.model_rows, self.table = token_slots, model_rows, table
+        self.used = frozenset(s for s in token_slots if s >= 0)
+        self._gathered: dict[torch.Size, int | None] = {}  # x's shape -> tokens per row when BGMV runs, else None
+        self._batches: dict[tuple, SlotBatch] = {}
+
+    def _tokens_per_row(self, x: torch.Tensor) -> int:
+        """How many of ``x``'s tokens each entry of the rows covers: a dim-0 row's, or one token each."""
+        tokens = x.shape[:-1].numel()
+        n = len(self.token_slots)
+        if x.dim() > 1 and x.shape[0] == n:
+            return tokens // n
+        if tokens == n:
+            return 1
+        raise ValueError(f"routing gives {n} rows; the layer input {tuple(x.shape)} has {x.shape[0]} rows "
+                         f"and {tokens} tokens")
+
+    def _layout(self, x: torch.Tensor) -> int | None:
+        """For inputs shaped like ``x``: tokens per row if the gathered kernel runs (every adapter's tokens
+        few: decode), else None (SGMV or the reference)."""
+        per_row = self._tokens_per_row(x)
+        if self.table is None:
+            return None
+        counts = Counter(s for s in self.token_slots if s >= 0)
+        longest = max(counts.values(), default=0) * per_row
+        return per_row if longest <= GATHERED_MAX_SEGMENT else None
+
+    def batch(self, x: torch.Tensor, present: frozenset[int]) -> SlotBatch:
+        """The slot batch for input ``x`` (rows per dim-0 row, or per token of the leading dimensions) on a
+        layer where the slots ``present`` hold adapters (tokens of other slots take the base there)."""
+        key = (x.shape, present)
+        batch = self._batches.get(key)
+        if batch is not None:
+            return batch
+        here = self.used & present
+        shared = (x.shape, here)
+        if shared not in self._batches:
+            per_row = self._tokens_per_row(x)
+            per_token = [s if s in here else -1 for s in self.token_slots for _ in range(per_row)]
+            self._batches[shared] = slot_batch(per_token, x.device)
+        batch = self._batches[key] = self._batches[shared]
+        return batch
+
+    def terms(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` plus the pooled adapters' terms for ``x``'s tokens."""
+        per_row = self._gathered.get(x.shape, _UNSEEN)
+        if per_row is _UNSEEN:
+            per_row = self._gathered[x.shape] = self._layout(x)
+        if per_row is not None and not y.requires_grad:  # decode: one launch, nothing else (the kernel has no backward)
+            return layer.gathered()(x, y, self.table, per_row)
+        batch = self.batch(x, layer.present())
+        if not batch.segments:
+            return y
+        out = mixed_lora(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), layer.A, layer.B, layer.scales,
+                         batch, layer.ranks)
+        return out.view(y.shape)
+
+    def add_terms(self, path: str, layer):
+        """A forward hook for a plain layer: its output plus the pooled terms."""
+        def hook(module, args, output):
+            return self.terms(layer, args[0], output)
+        return hook
+
+    def pass_routing(self, path: str, layer):
+        """A forward pre-hook for a DeltaLayer: passes it a routing that does both parts."""
+        routing = LayerRouting(self, layer)
+
+        def hook(module, args, kwargs):
+            return args, {**kwargs, "routing": routing}
+        return hook
+
+
+_UNSEEN = object()
+
+
+def submodule(model: nn.Module, path: str) -> nn.Module | None:
+    """The module at ``path`` in ``model``, or None (``get_submodule`` through the child dicts: a routed call
+    resolves every pooled layer, and ``nn.Module.__getattr__`` costs microseconds a level)."""
+    module = model
+    for name in path.split(".") if path else ():
+        module = module._modules.get(name)
+        if module is None:
+            return None
+    return module
+
+
+class LayerRouting:
+    """What ``DeltaLayer.forward(x, routing=...)`` calls: the model's own adapters by rows (or the bare
+    base), then the pooled terms."""
+
+    def __init__(self, call: PoolCall, layer):
+        self.call, self.layer = call, layer
+
+    def forward(self, module: DeltaLayer, x: torch.Tensor) -> torch.Tensor:
+        if self.call.model_rows is not None and len(module.deltas):
+            y = self.call.model_rows.forward(module, x)
+        else:
+            if module.merged:
+                raise ValueError(f"per-row routing needs unmerged adapters; {module.merged} are merged into this layer")
+            y = module.geometry.base_forward(module, x)
+        return y if self.layer is None else self.call.terms(self.layer, x, y)
