@@ -28,6 +28,7 @@ import torch
 
 from deltatune.serve.beam import BeamGroup
 from deltatune.serve.kv_cache import bytes_per_block, plan_num_blocks
+from deltatune.serve.decode_graphs import DecodeGraphs
 from deltatune.serve.model_runner import ModelRunner
 from deltatune.serve.sampling import Sampler, SamplingParams
 from deltatune.serve.scheduler import RequestRefused, Scheduler, Sequence
@@ -77,12 +78,14 @@ class Engine:
         max_num_seqs: requests running at once.
         max_model_len: tokens a sequence may reach; default: the config's max_position_embeddings.
         seed: seeds the generators of sampled requests that give no seed.
+        cuda_graphs: replay decode-only steps from CUDA graphs per batch-size bucket
+            (``serve.decode_graphs``); off by default until measured on a GPU.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, max_resident_adapters: int = 64, pool=None,
                  max_lora_rank: int | None = None, num_blocks: int | None = None, gpu_memory_fraction: float = 0.9, cpu_cache_bytes: int = 1 << 30,
                  block_size: int = 16, max_num_batched_tokens: int = 512, max_num_seqs: int = 256,
-                 max_model_len: int | None = None, seed: int | None = None):
+                 max_model_len: int | None = None, seed: int | None = None, cuda_graphs: bool = False):
         from deltatune.adapters.routing import routed
 
         if max_lora_rank is not None and pool is not True:
@@ -114,6 +117,8 @@ class Engine:
         self.memory_plan = {"bytes_per_block": per_block, "num_blocks": blocks, "activation_bytes": reserve,
                             "adapter_pool_bytes": adapters, "cache_bytes": blocks * per_block}
         self.cache = r.new_cache(blocks, block_size)
+        # decode steps replayed from CUDA graphs (serve.decode_graphs); off by default until measured
+        self.graphs = DecodeGraphs(r, self.cache, pool, max_num_seqs) if cuda_graphs else None
         max_len = max_model_len or getattr(model.config, "max_position_embeddings", None)
         capacity = (lambda: pool.capacity) if hasattr(pool, "capacity") else None  # a batch fits the pool's slots
         self.scheduler = Scheduler(self.cache, max_num_batched_tokens, max_num_seqs, max_len, max_adapters=capacity)
@@ -228,7 +233,7 @@ class Engine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        logits = self.runner.forward(chunks, self.cache)
+        logits = (self.graphs or self.runner).forward(chunks, self.cache)
         done, rows, beams = [], [], []
         for c in chunks:
             group = self._beam_of.get(c.seq_id)

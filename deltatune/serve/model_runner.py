@@ -179,19 +179,26 @@ class ModelRunner:
         decode = _Decode([chunks[i] for i in one], [offsets[i] for i in one], cache, device) if one else None
         prefill = _Group([chunks[i] for i in many], [offsets[i] for i in many], cache, device) if many else None
         with self.routed(self.model, rows):
-            h = self.body.embed_tokens(ids)  # (T, hidden)
-            cos, sin = self.body.rotary_emb(h, positions[None])  # (1, T, head_dim)
-            cos, sin = cos[0][:, None, :], sin[0][:, None, :]
-            for i, layer in enumerate(self.body.layers):
-                x = layer.input_layernorm(h)
-                h = h + self._attention(i, layer.self_attn, x, cos, sin, slots, decode, prefill, cache)
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
-            h = self.body.norm(h)
+            h = self.hidden(ids, positions, slots, decode, prefill, cache)
         last = [offsets[i] + len(c.token_ids) - 1 for i, c in enumerate(chunks) if c.want_logits]
         if not last:
             return torch.empty(0, self.head.weight.shape[0], device=device)
         with self.routed(self.model, [rows[j] for j in last]):
             return self.head(h[torch.tensor(last, device=device)]).float()
+
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, decode, prefill,
+               cache: PagedKVCache) -> torch.Tensor:
+        """The final hidden states (T, hidden) of the step's tokens ``ids`` at ``positions``, their keys and
+        values written to ``slots``; called inside the step's ``routed`` context. ``decode`` (rows, lengths
+        and tables of one-token rows) and ``prefill`` (a ``_Group``) say how each token attends."""
+        h = self.body.embed_tokens(ids)  # (T, hidden)
+        cos, sin = self.body.rotary_emb(h, positions[None])  # (1, T, head_dim)
+        cos, sin = cos[0][:, None, :], sin[0][:, None, :]
+        for i, layer in enumerate(self.body.layers):
+            x = layer.input_layernorm(h)
+            h = h + self._attention(i, layer.self_attn, x, cos, sin, slots, decode, prefill, cache)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.body.norm(h)
 
     def _attention(self, i: int, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                    decode: _Decode | None, prefill: _Group | None, cache: PagedKVCache) -> torch.Tensor:

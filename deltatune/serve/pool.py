@@ -361,12 +361,14 @@ class AdapterPool:
 
     # -- serving --------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def routed(self, model: nn.Module, rows: list[str | None]):
+    def routed(self, model: nn.Module, rows: list[str | None], gathered: bool = False):
         """Context in which ``model``'s calls apply adapter ``rows[i]`` to row (or token) ``i``.
 
         ``rows`` holds names of pooled adapters, of adapters on the model itself, or None for the base.
         Raises KeyError for a name neither has, PoolError for more distinct pooled adapters than slots.
         Whether the Triton kernels run (``kernels.backend``) is decided here, once for the context.
+        ``gathered``: every projection takes the one-launch gathered kernel whatever the rows (what a
+        captured decode step needs: ``serve.decode_graphs``), not SGMV where an adapter has many tokens.
         Yields ``model``.
         """
         rows = list(rows)
@@ -382,7 +384,7 @@ class AdapterPool:
         token_slots = [slot_of.get(n, -1) if n is not None else -1 for n in rows]
         model_rows = None if not own else Routing(tuple(n if n in own else None for n in rows))
         table = self._slot_table(token_slots) if pooled else None
-        call = PoolCall(token_slots, model_rows, table)
+        call = PoolCall(token_slots, model_rows, table, gathered)
         handles = []
         slots = self._slots if pooled else {}
         try:
@@ -405,6 +407,17 @@ class AdapterPool:
                 handle.remove()
             if table is not None and table is self._slot_tables.get(len(token_slots)):
                 self._tables_in_use.discard(len(token_slots))
+
+    def prepare(self, rows: list[str | None]) -> None:
+        """Before the replay of a step captured inside ``routed(model, rows', gathered=True)`` with as many
+        rows: make ``rows``' adapters resident and write their slots to the table of that row count, the
+        buffer the captured kernels read. PoolError for more distinct adapters than slots."""
+        pooled = [n for n in dict.fromkeys(rows) if n is not None]
+        slot_of = self.make_resident(pooled) if pooled else {}
+        token_slots = [slot_of.get(n, -1) if n is not None else -1 for n in rows]
+        if len(token_slots) not in self._tables_in_use:
+            self._slot_table(token_slots)
+            self._tables_in_use.discard(len(token_slots))
 
     def _slot_table(self, token_slots: list[int]) -> torch.Tensor | None:
         """The step's row slots on the device (int32, -1: base) for the gathered kernel, or None where the

@@ -26,8 +26,9 @@ class PoolCall:
     layer: per input layout, whether the gathered kernel runs (then a projection is one launch reading
     ``table``) or else the slot batches (per layout and per set of slots present on a layer)."""
 
-    def __init__(self, token_slots: list[int], model_rows: Routing | None, table: torch.Tensor | None):
-        self.token_slots, self.model_rows, self.table = token_slots, model_rows, table
+    def __init__(self, token_slots: list[int], model_rows: Routing | None, table: torch.Tensor | None,
+                 gathered: bool = False):
+        self.token_slots, self.model_rows, self.table, self.gathered = token_slots, model_rows, table, gathered
         self.used = frozenset(s for s in token_slots if s >= 0)
         self._gathered: dict[torch.Size, int | None] = {}  # x's shape -> tokens per row when BGMV runs, else None
         self._batches: dict[tuple, SlotBatch] = {}
@@ -49,6 +50,8 @@ class PoolCall:
         per_row = self._tokens_per_row(x)
         if self.table is None:
             return None
+        if self.gathered:  # asked for whatever the rows (a captured step replays with other rows)
+            return per_row
         counts = Counter(s for s in self.token_slots if s >= 0)
         longest = max(counts.values(), default=0) * per_row
         return per_row if longest <= GATHERED_MAX_SEGMENT else None

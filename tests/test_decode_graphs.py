@@ -1,0 +1,121 @@
+"""Decode steps through static, padded inputs (serve.decode_graphs): the tokens equal the plain engine's.
+
+On the CPU the static path runs without capturing (``capture=False``): what a graph records is exactly this
+path, so these tests pin its inputs (padding rows, scratch block, block-table buckets, the pool's forced
+gathered routing). The GPU test captures and replays."""
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.serve import AdapterPool, Engine
+from deltatune.serve.decode_graphs import DecodeGraphs, rows_bucket
+
+transformers = pytest.importorskip("transformers")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny(device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+
+
+def adapters(model, root, n=3):
+    paths = []
+    for i in range(n):
+        m = tiny(model.device, model.dtype)
+        torch.manual_seed(10 + i)
+        dt.add_adapter(m, dt.LoraConfig(r=2 + 2 * i, alpha=4, targets=TARGETS, init="random"))
+        path = root / f"a{i}"
+        dt.save_adapter(m, path)
+        paths.append(path)
+    return paths
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 97, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def engines(tmp_path, device="cpu", dtype=torch.float32, capture=False):
+    model = tiny(device, dtype)
+    out = []
+    for graphs in (False, True):
+        eng = Engine(model, None, pool=True, max_resident_adapters=2, num_blocks=64, max_num_seqs=16,
+                     cuda_graphs=graphs)
+        if graphs:
+            eng.graphs.capture = capture
+        for i, path in enumerate(adapters(model, tmp_path)):
+            eng.add_adapter(f"a{i}", str(path))
+        out.append(eng)
+    return out
+
+
+def test_rows_bucket():
+    assert [rows_bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
+
+
+def test_static_decode_steps_give_the_plain_engines_tokens(tmp_path):
+    """Mixed adapters (more than the pool's slots over the run, so adapters are evicted and reloaded) and base
+    rows; rows that are not a power of two (padding); contexts over several blocks (width buckets)."""
+    plain, static = engines(tmp_path)
+    ps = prompts(7)
+    names = ["a0", None, "a1", "a2", None, "a0", "a1"]
+    want = plain.generate(ps, adapters=names, max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    got = static.generate(ps, adapters=names, max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    keys = set(static.graphs.graphs)
+    # the pool holds 2 of the 3 adapters, so at most 2 adapters' rows run together: buckets of 1 and 4 rows
+    # (3 rows padded to 4), tables of several widths, steps with pooled adapters
+    assert {k[0] for k in keys} >= {4} and len({k[1] for k in keys}) >= 2 and True in {k[2] for k in keys}
+
+
+def test_steps_that_are_not_decode_only_run_the_plain_path(tmp_path):
+    _, static = engines(tmp_path)
+    calls = []
+    real = static.graphs._compute
+    static.graphs._compute = lambda g: calls.append(g.rows) or real(g)
+    static.generate(prompts(1), max_new_tokens=1, temperature=0.0)  # one prefill step, no decode step
+    assert calls == []
+    static.generate(prompts(3), max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    assert calls and all(r == 4 for r in calls)
+
+
+def test_a_model_with_its_own_adapters_is_not_graphed(tmp_path):
+    """Without a pool the engine loads adapters into the model (routed by the PyTorch reference, whose
+    shapes follow the rows): decode steps with them run the plain path; the tokens are the plain engine's."""
+    model = tiny()
+    path = adapters(model, tmp_path, n=1)[0]
+    outs = []
+    for graphs in (False, True):
+        eng = Engine(model, None, num_blocks=32, cuda_graphs=graphs)
+        if graphs:
+            eng.graphs.capture = False
+        eng.add_adapter("own", str(path))
+        outs.append(eng.generate(prompts(2), adapters=["own", None], max_new_tokens=3, temperature=0.0))
+        if graphs:
+            assert eng.graphs.graphs == {}
+        eng.remove_adapter("own")
+    assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_gpu_graphed_decode_equals_the_plain_engine(tmp_path):
+    plain, graphed = engines(tmp_path, "cuda", torch.float32, capture=True)
+    ps = prompts(11, seed=1)
+    names = ["a0", None, "a1", "a2", None, "a0", "a1", "a2", "a2", None, "a0"]
+    want = plain.generate(ps, adapters=names, max_new_tokens=48, temperature=0.0, ignore_eos=True)
+    got = graphed.generate(ps, adapters=names, max_new_tokens=48, temperature=0.0, ignore_eos=True)
+    assert graphed.graphs.off is None and graphed.graphs.graphs
+    assert all(g.graph is not None for g in graphed.graphs.graphs.values())
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    # again, now replaying the graphs captured above with other rows and adapters
+    ps2, names2 = prompts(5, seed=2), [None, "a2", "a1", "a0", "a2"]
+    want = plain.generate(ps2, adapters=names2, max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    got = graphed.generate(ps2, adapters=names2, max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
