@@ -10,6 +10,7 @@ generates ``--max-new-tokens``):
 * pool: each request names one of ``--adapters`` adapters (uniformly), served through an
   ``AdapterPool`` with ``--resident`` slots (SGMV/BGMV kernels on a GPU);
 * routing (optional, slow): the same adapters loaded into the model, routed by the PyTorch reference.
+* base-graphs, pool-graphs: the same with ``Engine(cuda_graphs=True)`` (decode steps replayed from CUDA graphs).
 
 Requests arrive at ``--rate`` per second (exponential gaps, seeded). Reported per mode: requests/s and
 generated tokens/s over the makespan, latency (arrival to last token) and time to first token, p50
@@ -123,7 +124,8 @@ def serve(engine: Engine, requests: list[dict], names: list[str | None], max_new
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=list(SHAPES), default="1b")
-    ap.add_argument("--modes", default="base,pool", help="comma-separated: base, pool, routing")
+    ap.add_argument("--modes", default="base,pool",
+                    help="comma-separated: base, pool, routing; base-graphs, pool-graphs: decode steps from CUDA graphs")
     ap.add_argument("--adapters", type=int, default=100)
     ap.add_argument("--resident", type=int, default=64, help="pool slots on the device")
     ap.add_argument("--ranks", default="8,16,32,64")
@@ -155,19 +157,21 @@ def main(argv=None):
         engine_kw["num_blocks"] = 4 * args.max_num_seqs * (args.prompt_max + args.max_new_tokens) // 16
     rows = {}
     for mode in args.modes.split(","):
+        kind = mode.removesuffix("-graphs")  # "base-graphs", "pool-graphs": decode steps from CUDA graphs
         # max_rank: the pool's slots are planned beside the KV cache (Engine.memory_plan)
-        pool = AdapterPool(model, max_resident=args.resident, max_rank=max(ranks)) if mode == "pool" else None
-        engine = Engine(model, None, pool=pool, max_resident_adapters=args.adapters, **engine_kw)
-        if mode != "base":
+        pool = AdapterPool(model, max_resident=args.resident, max_rank=max(ranks)) if kind == "pool" else None
+        engine = Engine(model, None, pool=pool, max_resident_adapters=args.adapters,
+                        cuda_graphs=mode.endswith("-graphs"), **engine_kw)
+        if kind != "base":
             for i, path in enumerate(paths):
                 engine.add_adapter(f"a{i}", str(path))
-        names = [None if mode == "base" else f"a{r['adapter']}" for r in requests]
+        names = [None if kind == "base" else f"a{r['adapter']}" for r in requests]
         serve(engine, requests[:4], names[:4], 8)  # warm-up: kernels compiled, slots allocated
         rows[mode] = serve(engine, requests, names, args.max_new_tokens)
         rows[mode]["distinct_adapters"] = len({n for n in names if n})
         rows[mode]["kv_blocks"] = engine.memory_plan["num_blocks"]
         rows[mode]["adapter_pool_bytes"] = engine.memory_plan["adapter_pool_bytes"]
-        if mode == "routing":
+        if kind == "routing":
             for i in range(len(paths)):
                 engine.remove_adapter(f"a{i}")
         del engine, pool
@@ -178,11 +182,11 @@ def main(argv=None):
     print(f"\nserving, shape {args.shape}, {args.requests} requests at {args.rate}/s, prompts "
           f"{args.prompt_min}-{args.prompt_max}, {args.max_new_tokens} new tokens, "
           f"{torch.cuda.get_device_name() if cuda else 'cpu'}")
-    print(f"{'mode':8s} {'req/s':>8s} {'tok/s':>9s} {'p50 s':>7s} {'p99 s':>7s} {'ttft50':>7s} {'ttft99':>7s} "
+    print(f"{'mode':11s} {'req/s':>8s} {'tok/s':>9s} {'p50 s':>7s} {'p99 s':>7s} {'ttft50':>7s} {'ttft99':>7s} "
           f"{'tok/s vs base':>13s}")
     for mode, r in rows.items():
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}x" if base else "-"
-        print(f"{mode:8s} {r['requests_per_s']:8.2f} {r['tokens_per_s']:9.1f} {r['latency_p50_s']:7.2f} "
+        print(f"{mode:11s} {r['requests_per_s']:8.2f} {r['tokens_per_s']:9.1f} {r['latency_p50_s']:7.2f} "
               f"{r['latency_p99_s']:7.2f} {r['ttft_p50_s']:7.3f} {r['ttft_p99_s']:7.3f} {ratio:>13s}")
     result = {"bench": "serve", "shape": args.shape, "device": torch.cuda.get_device_name() if cuda else "cpu",
               "settings": vars(args), "rows": rows}
