@@ -98,6 +98,20 @@ def timed(fn, iters: int, warmup: int, cuda: bool) -> float:
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
+def graphed(fn):
+    """``fn`` captured in a CUDA graph after two warm-up calls on a side stream; returns the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    return graph.replay
+
+
 def make_adapters(base: nn.Module, n: int, ranks: list[int], root: pathlib.Path):
     """PEFT with ``n`` LoRA adapters a0..a{n-1} on ``base``'s projections, each saved under ``root/<name>``."""
     import peft
@@ -177,6 +191,15 @@ def main(argv=None):
             if case == "decode":
                 ms["pool, base rows only"] = timed(lambda: pool_step(x, [None] * len(rows)), args.iters, args.warmup,
                                                    cuda)
+            if case == "decode" and cuda:  # the GPU's own time: each step replayed from a CUDA graph
+                try:
+                    ms["base, CUDA graph"] = timed(graphed(lambda: base(x)), args.iters, args.warmup, cuda)
+                    with pool.routed(base, rows, gathered=True):  # hooks recorded; slots uploaded outside the capture
+                        replay = graphed(lambda: base(x))
+                    ms["deltatune pool, CUDA graph"] = timed(lambda: (pool.prepare(rows), replay()), args.iters,
+                                                             args.warmup, cuda)
+                except Exception as e:  # report, keep the other rows
+                    print(f"graphed rows failed: {type(e).__name__}: {e}")
             results.append((case, x.shape[0] * x.shape[1], ms))
             ours, theirs, plain = pool_step(x, rows), peft_model(x, adapter_names=rows), base(x)
             checks[case] = {"pool_vs_peft": rel(ours, theirs), "peft_vs_base": rel(theirs, plain),
