@@ -241,9 +241,10 @@ async def _generate(request, state: _State, req, adapter: str | None, prompts: l
         rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
         prompt_tokens = sum(len(p) for p in prompts)
         if not req.stream:
+            checked = [time.monotonic()]
             while len(done) < len(subs):
                 try:
-                    index, event = await _next_event(request, queue)
+                    index, event = await _next_event(request, queue, checked)
                 except _Gone:  # nobody to answer; the finally aborts the requests
                     return Response(status_code=499)
                 if event[0] == "error":
@@ -293,8 +294,9 @@ async def _stream(request, state: _State, req, queue: asyncio.Queue, cleanup: "_
             for i in range(count):
                 yield sse(chat_chunk(rid, model, created, i, {"role": "assistant", "content": ""},
                                      with_usage=with_usage))
+        checked = [time.monotonic()]
         while len(ended) < count:
-            index, event = await _next_event(request, queue)
+            index, event = await _next_event(request, queue, checked)
             if event[0] == "error":
                 yield sse(error_body(event[1], event[2]))
                 break
@@ -340,14 +342,21 @@ class _Cleanup:
             self.state.in_flight -= 1
 
 
-async def _next_event(request, queue: asyncio.Queue) -> tuple:
-    """The next ``(index, event)``; raises ``_Gone`` if the client disconnects meanwhile."""
+async def _next_event(request, queue: asyncio.Queue, checked: list[float]) -> tuple:
+    """The next ``(index, event)``; raises ``_Gone`` if the client disconnects meanwhile. Whether it did
+    is asked every half second (``checked[0]``: when it was last asked), also while events keep coming:
+    a non-streamed answer receives every token as an event, so asking only when none came for half a
+    second would let a client that gave up keep its request generating to the end."""
     while True:
+        now = time.monotonic()
+        if now - checked[0] >= 0.5:
+            checked[0] = now
+            if await request.is_disconnected():
+                raise _Gone()
         try:
             return await asyncio.wait_for(queue.get(), 0.5)
         except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                raise _Gone()
+            pass
 
 
 class _Gone(Exception):
