@@ -7,13 +7,11 @@ the same checks run compiled, in process. Each check returns ||out - ref|| / ||r
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from _util import rel_error
+from _util import rel_error, run_interpreted
 
 triton = pytest.importorskip("triton")
 
@@ -350,12 +348,7 @@ def _assert_within(name, errs):
 @pytest.fixture(scope="module")
 def interpreted():
     """All checks, run once under TRITON_INTERPRET=1 on CPU tensors in a fresh interpreter."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, installed or not
-    env = dict(os.environ, TRITON_INTERPRET="1", DELTATUNE_TRITON="interpret",
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", [f"{k}/{d}" for k in CHECKS for d in ("float32", "bfloat16")])

@@ -8,11 +8,10 @@ Each check returns relative errors ||out - oracle|| / ||oracle||, and flags that
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from _util import run_interpreted
 
 from deltatune.kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference
 
@@ -160,12 +159,7 @@ def _assert_within(name, errs):
 def interpreted():
     """All checks, run once under TRITON_INTERPRET=1 on CPU tensors in a fresh interpreter."""
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", DELTATUNE_TRITON="interpret",
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", [f"{k}/{str(d)[6:]}" for k in CHECKS for d in DTYPES[k]])

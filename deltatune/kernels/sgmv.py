@@ -28,16 +28,9 @@ import triton
 import triton.language as tl
 
 from deltatune.kernels.backend import interpreted
+from deltatune.kernels.triton_bits import dot as _dot
 
 __all__ = ["sgmv", "bgmv", "Bgmv"]
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """``a @ b`` with fp32 accumulation (exact fp32 products with ``IEEE``)."""
-    if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit

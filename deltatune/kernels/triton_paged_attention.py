@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from deltatune.kernels.backend import interpreted
+from deltatune.kernels.triton_bits import dot as _dot
 
 __all__ = ["paged_decode_attention", "split_tokens_for"]
 
@@ -47,14 +48,6 @@ def split_tokens_for(batch: int, kv_heads: int, max_ctx: int) -> int:
                  MAX_SPLITS)
     splits = max(1, splits)
     return triton.cdiv(triton.cdiv(max_ctx, splits), BLOCK_N) * BLOCK_N
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """``a @ b`` with fp32 accumulation (exact fp32 products with ``IEEE``)."""
-    if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit

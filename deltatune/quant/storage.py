@@ -90,16 +90,10 @@ def store_as_float(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
         storage_dtype = dtype or layer.compute_dtype
         spec = {}
         for name in _tensor_names(layer):
-            t = layer._buffers.pop(name)
+            t = layer._buffers[name]
             spec[name] = (t.dtype, t.shape, storage_dtype)
-            p = nn.Parameter(to_float(t, storage_dtype), requires_grad=False)
-            layer.register_parameter(name, p)
-            if base is not None:  # the same object, so that restore() hands it back
-                base._buffers.pop(name, None)
-                base.register_parameter(name, p)
-        for m in (layer, base):
-            if m is not None:
-                m.float_storage = spec
+            _hold(layer, base, name, nn.Parameter(to_float(t, storage_dtype), requires_grad=False))
+        _set_spec(layer, base, spec)
     return model
 
 
@@ -111,13 +105,23 @@ def store_as_buffers(model: nn.Module) -> nn.Module:
         if spec is None:
             continue
         for name in spec:
-            t = stored(layer, name).clone()
-            del layer._parameters[name]
-            layer.register_buffer(name, t)
-            if base is not None:
-                base._parameters.pop(name, None)
-                base.register_buffer(name, t)
-        for m in (layer, base):
-            if m is not None:
-                m.float_storage = None
+            _hold(layer, base, name, stored(layer, name).clone())
+        _set_spec(layer, base, None)
     return model
+
+
+def _hold(layer: nn.Module, base: nn.Module | None, name: str, t: torch.Tensor) -> None:
+    """``t`` as ``name`` of ``layer`` and of its wrapped module ``base`` (the same object, so that
+    ``restore()`` hands it back): a parameter if it is one, else a buffer, replacing what was there."""
+    for m in (layer, base):
+        if m is not None:
+            m._buffers.pop(name, None)
+            m._parameters.pop(name, None)
+            (m.register_parameter if isinstance(t, nn.Parameter) else m.register_buffer)(name, t)
+
+
+def _set_spec(layer: nn.Module, base: nn.Module | None, spec: dict | None) -> None:
+    """Record ``spec`` (None: buffers) as the float storage of ``layer`` and of its wrapped module."""
+    for m in (layer, base):
+        if m is not None:
+            m.float_storage = spec

@@ -26,7 +26,7 @@ def answer_accuracy(model, tokenizer, ds: Dataset, max_new_tokens: int = 256, ba
     """{"answer_accuracy", "answered"}: the fraction of examples whose greedy answer matches the
     reference's, and the fraction where an answer could be extracted at all. ``ds`` must be unpacked
     (one example a row)."""
-    if ds.task != "causal-lm" or (ds.examples and "position_ids" in ds.examples[0]):
+    if ds.task != "causal-lm" or ds.packed:
         raise ValueError("answer accuracy needs unpacked instruction data (read it with packing off)")
     device = device or next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

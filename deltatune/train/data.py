@@ -48,6 +48,11 @@ class Dataset:
     def __len__(self):
         return len(self.examples)
 
+    @property
+    def packed(self) -> bool:
+        """Whether the examples are packed rows (``packing.pack``: several examples a row, with positions)."""
+        return bool(self.examples) and "position_ids" in self.examples[0]
+
     def num_target_tokens(self) -> int:
         """Tokens that carry loss (causal LM) or examples (classification)."""
         if self.task == "classification":

@@ -248,7 +248,7 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
              f"{args.grad_accum} rows")
     if objective is None:  # token data (another objective describes its own batches)
         log(f"{device}, {args.precision}, {'fused' if fast else 'plain'} path{' + CUDA graphs' if args.cuda_graphs else ''}, "
-            f"{'packed rows' if 'position_ids' in train_data.examples[0] else 'one example a row'}: {shape}"
+            f"{'packed rows' if train_data.packed else 'one example a row'}: {shape}"
             f", the longest {seq} tokens{'' if schedule else ')'}")
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     if objective is None:

@@ -90,7 +90,6 @@ def static_shape(args, data, train_data) -> tuple[int, int] | None:
     """(rows, width) for every micro-batch of packed rows under --cuda-graphs (graphs replay only the
     shapes they captured): --micro-batch rows of --max-length tokens. None where shapes vary anyway (one
     example a row, or a token budget that sets the rows per step)."""
-    packed = bool(train_data.examples) and "position_ids" in train_data.examples[0]
-    if not (args.cuda_graphs and packed and not args.tokens_per_step):
+    if not (args.cuda_graphs and train_data.packed and not args.tokens_per_step):
         return None
     return args.micro_batch, max(data.max_length, max(len(ex["input_ids"]) for ex in train_data.examples))

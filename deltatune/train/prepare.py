@@ -110,8 +110,7 @@ def graphs_setting(args: TrainArgs, model, device: torch.device, train_data, sha
     host's kernel launches otherwise set the pace (docs/benchmarks.md)."""
     if args.cuda_graphs is not None:
         return args.cuda_graphs
-    packed = bool(train_data.examples) and "position_ids" in train_data.examples[0]
-    return bool(device.type == "cuda" and args.fast is not False and args.method in GRAPHED_METHODS and packed
+    return bool(device.type == "cuda" and args.fast is not False and args.method in GRAPHED_METHODS and train_data.packed
                 and args.precision in ("bf16", "fp16") and not args.tokens_per_step
                 and not (args.gradient_checkpointing and args.checkpoint_fraction >= 1.0)
                 and args.teacher != "base" and sharding != "fsdp" and not _input_adapters(model))
