@@ -28,6 +28,7 @@ ROWS = {
     "dt-no-packing": ["--no-packing"],  # bf16, one example a row, padded
     "dt-fp32-padded": ["--precision", "fp32", "--no-packing"],  # the defaults before issue 15
     "dt-rows2048": ["--max-length", "2048", "--micro-batch", "4"],  # packed rows of 2048: the harness's 4x2048 shape
+    "dt-no-graphs": ["--no-cuda-graphs"],  # eager steps (the default replays CUDA graphs where it can)
     "dt-graphs": ["--cuda-graphs"],  # the decoder layers replayed from CUDA graphs (static packed shapes)
     "dt-rows2048-graphs": ["--max-length", "2048", "--micro-batch", "4", "--cuda-graphs"],
     "dt-dora-rows2048": ["--max-length", "2048", "--micro-batch", "4", "--use-dora"],  # DoRA on the real CLI
@@ -76,7 +77,8 @@ def run_deltatune(flags: list[str], args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         argv = ["train", "--model", args.model, "--data", args.data, "--output", out, "--max-steps", str(args.steps),
                 "--micro-batch", str(args.micro_batch), "--save-every", "0", "--no-progress", "--lr", "2e-4",
-                "--r", "16", "--alpha", "32", *(["--quant", args.quant] if args.quant else []), *flags]
+                "--r", "16", "--alpha", "32", *(["--quant", args.quant] if args.quant else []),
+                *(["--max-length", str(args.max_length)] if args.max_length else []), *flags]
         code = main(argv)
         if code != 0:
             return {"error": f"deltatune train exited {code}"}
@@ -98,7 +100,9 @@ def run_hf(collator_kind: str, args) -> dict:
     from deltatune.train.data import load_dataset
 
     tok = AutoTokenizer.from_pretrained(args.model)
-    ds = load_dataset(args.data, tok, max_length=512, log=lambda *_: None)
+    from deltatune.train.args import DataArgs
+
+    ds = load_dataset(args.data, tok, max_length=args.max_length or DataArgs.max_length, log=lambda *_: None)
     rows = [{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in ds.examples]
     if collator_kind.endswith("+liger"):  # patch the Llama classes before the model is built
         from liger_kernel.transformers import apply_liger_kernel_to_llama
@@ -164,6 +168,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--json", default="bench_train.json")
+    ap.add_argument("--max-length", type=int, help="for every row (default: deltatune train's own default; a row's "
+                    "own --max-length wins for that row)")
     ap.add_argument("--quant", choices=["nf4"], help="QLoRA: the base in 4 bits (ours; bitsandbytes for the peers)")
     ap.add_argument("--make-model", choices=list(SHAPES))
     ap.add_argument("--tokenizer")
@@ -181,7 +187,8 @@ def main(argv=None):
     for name in args.rows.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--data", args.data, "--row", name,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--micro-batch", str(args.micro_batch),
-               *(["--quant", args.quant] if args.quant else [])]
+               *(["--quant", args.quant] if args.quant else []),
+               *(["--max-length", str(args.max_length)] if args.max_length else [])]
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's deltatune first
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
