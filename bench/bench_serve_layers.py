@@ -19,6 +19,10 @@ adapters change the output). Prints a table and writes JSON:
 
     python bench/bench_serve_layers.py --shape 1b --json bench_serve_layers.json
     python bench/bench_serve_layers.py --shape tiny   # a CPU check of the harness (the PyTorch reference)
+
+``--profile`` also runs a few prefill and decode steps of the base and of the pool under ``torch.profiler``
+and prints each one's top GPU kernels by total time (the SGMV shrink and expand beside the base GEMMs; on a
+CPU, the top operators by self CPU time).
 """
 
 from __future__ import annotations
@@ -112,6 +116,50 @@ def graphed(fn):
     return graph.replay
 
 
+PROFILE_ITERS = 3
+"""Steps run under the profiler for ``--profile`` (after one unprofiled step)."""
+
+
+def profile_top(fn, cuda: bool, top: int = 10) -> tuple[list[tuple[str, int, float]], float]:
+    """``fn`` run ``PROFILE_ITERS`` times under ``torch.profiler``: the ``top`` GPU kernels (memory copies too) by
+    total time as (name, calls, total ms), and all kernels' total ms; on a CPU, operators by self CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILE_ITERS):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    totals: dict[str, list] = {}
+    if cuda:
+        for event in prof.events():
+            if event.device_type == DeviceType.CUDA:
+                entry = totals.setdefault(event.name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += event.time_range.elapsed_us() / 1e3
+    else:
+        for event in prof.key_averages():
+            totals[event.key] = [event.count, event.self_cpu_time_total / 1e3]
+    rows = sorted(((name, calls, ms) for name, (calls, ms) in totals.items()), key=lambda row: -row[2])
+    return rows[:top], sum(ms for _, _, ms in rows)
+
+
+def print_profile(case: str, row: str, top: list[tuple[str, int, float]], total_ms: float, cuda: bool):
+    """One row's profile as a table: name (60 characters), calls, total ms, ms per call."""
+    what = "GPU kernels by total time" if cuda else "operators by self CPU time (no GPU)"
+    print(f"\nprofile: {case}, {row}: {what}, {PROFILE_ITERS} steps, {total_ms:.3f} ms in all "
+          f"({total_ms / PROFILE_ITERS:.3f} ms a step)\n")
+    print("| name | calls | total ms | ms per call |")
+    print("|---|---|---|---|")
+    for name, calls, ms in top:
+        print(f"| {name[:60]} | {calls} | {ms:.3f} | {ms / calls:.4f} |")
+
+
 def make_adapters(base: nn.Module, n: int, ranks: list[int], root: pathlib.Path):
     """PEFT with ``n`` LoRA adapters a0..a{n-1} on ``base``'s projections, each saved under ``root/<name>``."""
     import peft
@@ -152,6 +200,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="print the top kernels of a few prefill and decode steps, base and pool (torch.profiler)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -180,7 +230,7 @@ def main(argv=None):
         with pool.routed(base, rows):
             return base(x)
 
-    results, checks = [], {}
+    results, checks, profiles = [], {}, []
     with torch.inference_mode():
         for case, x, rows in (("prefill", prefill_x, prefill_names), ("decode", decode_x, decode_names)):
             ms = {
@@ -201,6 +251,9 @@ def main(argv=None):
                 except Exception as e:  # report, keep the other rows
                     print(f"graphed rows failed: {type(e).__name__}: {e}")
             results.append((case, x.shape[0] * x.shape[1], ms))
+            if args.profile:
+                for row, fn in (("base", lambda: base(x)), ("deltatune pool", lambda: pool_step(x, rows))):
+                    profiles.append((case, row) + profile_top(fn, cuda))
             ours, theirs, plain = pool_step(x, rows), peft_model(x, adapter_names=rows), base(x)
             checks[case] = {"pool_vs_peft": rel(ours, theirs), "peft_vs_base": rel(theirs, plain),
                             "pool_vs_base": rel(ours, plain)}
@@ -225,6 +278,8 @@ def main(argv=None):
         for row, v in ms.items():
             print(f"| {case} ({tokens} tokens) | {row} | {v:.3f} | {tokens / v * 1e3:,.0f} | {v / ms['base']:.3f} |")
     print(f"\nchecks: {json.dumps(checks)}")
+    for case, row, top, total_ms in profiles:
+        print_profile(case, row, top, total_ms, cuda)
     if args.json:
         out = {"shape": args.shape, "device": torch.cuda.get_device_name() if cuda else "cpu", "ranks": ranks,
                "register_s": register_s, "resident_bytes": pool.resident_bytes(), "checks": checks,

@@ -124,6 +124,72 @@ def check_bgmv(device, dtype):
     return out
 
 
+def check_split(device, dtype):
+    """The split-K shrink: K = 300 (5 blocks of 64, not a multiple of any split), ranks 40, 8, 17 and 0 zero-padded
+    to R = 40, base tokens, slots 3 and 5 absent from the batch, a 40-token segment (3 tiles of 16, or one of 64),
+    300 outputs (3 blocks of 128: with two blocks a program, the expand's last program runs past the end). SPLIT
+    from the heuristic, from ``DELTATUNE_SGMV_SPLIT``, forced to 1 (the one-pass shrink), to 3, and to 100 (clamped
+    to one split per block of K): each against float64, with the launch grids recorded (the splits really ran),
+    and a split-K run equal to itself run to run."""
+    from deltatune.kernels import sgmv
+    from deltatune.serve.lora_mixed import slot_batch
+
+    g = torch.Generator().manual_seed(11)
+    S, R, K, N = 6, 40, 300, 300
+    ranks = [40, 8, 17, 40, 0, 40]
+    A = torch.randn(S, R, K, generator=g) / K ** 0.5
+    B = torch.randn(S, N, R, generator=g)
+    for s, r in enumerate(ranks):
+        A[s, r:], B[s, :, r:] = 0, 0
+    slots = [[-1, 0, 1, 2, 4][i] for i in torch.randint(0, 5, (70,), generator=g).tolist()]
+    slots[10:50] = [0] * 40
+    T = len(slots)
+    x, y = torch.randn(T, K, generator=g).to(device), torch.randn(T, N, generator=g).to(device)
+    A, B = A.to(device, dtype), B.to(device, dtype)
+    scales = (torch.rand(S, generator=g) + 0.5).to(device)
+    ref = _reference(x, y, A, B, scales, slots)
+    denom = (ref - y.double()).norm().item()
+    base = [t for t, s in enumerate(slots) if s < 0]
+    kernels, grids = {}, {}
+
+    class Recording:  # records each launch's grid, then launches
+        def __init__(self, name):
+            self.name, kernels[name] = name, getattr(sgmv, name)
+
+        def __getitem__(self, grid):
+            grids[self.name] = grid
+            return kernels[self.name][grid]
+
+    out = {}
+    sgmv._sgmv_shrink, sgmv._sgmv_expand = Recording("_sgmv_shrink"), Recording("_sgmv_expand")
+    try:
+        for block_m, want in ((16, {"heuristic": 1, "one_pass": 1, "three": 3, "clamped": 5, "env": 2}),
+                              (64, {"heuristic": 2, "one_pass": 1, "three": 3, "clamped": 5, "env": 2})):
+            batch = slot_batch(slots, device, block_m=block_m)
+            runs = {"heuristic": None, "one_pass": 1, "three": 3, "clamped": 100, "env": None}
+            got = {}
+            for name, split in runs.items():
+                if name == "env":
+                    os.environ["DELTATUNE_SGMV_SPLIT"] = "2"
+                try:
+                    got[name] = sgmv.sgmv(x, y.clone(), A, B, scales, batch.order, batch.tiles, batch.block_m,
+                                          split=split)
+                finally:
+                    os.environ.pop("DELTATUNE_SGMV_SPLIT", None)
+                tiles = batch.tiles.shape[0]
+                out[f"bm{block_m}/{name}/split_ran"] = grids["_sgmv_shrink"] == (tiles, want[name])
+                # 16-token tiles: 6 of them, enough programs to give each expand program 2 of the 3 output blocks
+                out[f"bm{block_m}/{name}/expand_grid"] = grids["_sgmv_expand"] == (tiles, 2 if block_m == 16 else 3)
+            for name, value in got.items():
+                out[f"bm{block_m}/{name}"] = (value.double() - ref).norm().item() / denom
+                out[f"bm{block_m}/{name}/base_untouched"] = bool(torch.equal(value[base], y[base]))
+            again = sgmv.sgmv(x, y.clone(), A, B, scales, batch.order, batch.tiles, batch.block_m, split=3)
+            out[f"bm{block_m}/deterministic"] = bool(torch.equal(again, got["three"]))
+    finally:
+        sgmv._sgmv_shrink, sgmv._sgmv_expand = kernels["_sgmv_shrink"], kernels["_sgmv_expand"]
+    return out
+
+
 def _tiny_models():
     """tests/_models.py (the subprocess and pytest import it alike)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -280,7 +346,7 @@ def check_decode_host_work(device, dtype):
             "host/no_sync": not synced}
 
 
-CHECKS = {"kernels": check_kernels, "bgmv": check_bgmv, "pool": check_pool, "host": check_decode_host_work}
+CHECKS = {"kernels": check_kernels, "split": check_split, "bgmv": check_bgmv, "pool": check_pool, "host": check_decode_host_work}
 
 
 def run_checks(device):
@@ -376,6 +442,47 @@ def test_pool_decode_step_replays_as_a_cuda_graph(tmp_path):
             assert (got - wants[name]).abs().max().item() <= 1e-2, f"{name}: {(got - wants[name]).abs().max()}"
         assert (wants["first"] - wants["second"]).abs().max().item() > 0.1  # the rows' adapters do change it
         assert (wants["first"] - base(x)).abs().max().item() > 0.1
+
+
+def test_split_heuristics_follow_their_rules():
+    """``shrink_split``: the smallest power of two giving >= 1.5 programs a multiprocessor unless capped (16; >= 2
+    blocks of K a split); ``expand_tiles``: the largest power of two of output blocks a program leaving >= 3
+    programs a multiprocessor. Over tile counts from one to thousands, on the interpreter's 4 and an H200's 132."""
+    from deltatune.kernels.sgmv import expand_tiles, shrink_split
+
+    for sms in (4, 132):
+        for n_tiles in (1, 3, 16, 64, 128, 1000):
+            for k_blocks in (1, 2, 5, 32, 128):
+                split = shrink_split(n_tiles, k_blocks, sms)
+                assert split & (split - 1) == 0 and 1 <= split <= 16, (sms, n_tiles, k_blocks, split)
+                assert split == 1 or k_blocks >= 2 * split, (sms, n_tiles, k_blocks, split)
+                assert split == 1 or 2 * n_tiles * (split // 2) < 3 * sms, (sms, n_tiles, k_blocks, split)  # smallest
+                capped = split == 16 or k_blocks < 4 * split
+                assert capped or 2 * n_tiles * split >= 3 * sms, (sms, n_tiles, k_blocks, split)
+            for n_blocks in (1, 3, 4, 16, 64):
+                per = expand_tiles(n_tiles, n_blocks, sms)
+                assert per & (per - 1) == 0 and 1 <= per <= n_blocks, (sms, n_tiles, n_blocks, per)
+                assert per == 1 or n_tiles * -(-n_blocks // per) >= 3 * sms, (sms, n_tiles, n_blocks, per)
+                assert 2 * per > n_blocks or n_tiles * -(-n_blocks // (2 * per)) < 3 * sms, (sms, n_tiles, n_blocks)
+    # issue 18's prefill (16 x 512 tokens in tiles of 128) on an H200: 64 tiles x 4 splits, about 2 a multiprocessor
+    assert 64 * shrink_split(64, 2048 // 64, 132) == 256
+
+
+def test_split_rejects_bad_values(monkeypatch):
+    """A split that is not a positive integer, as an argument or in ``DELTATUNE_SGMV_SPLIT``, is refused before any
+    launch, naming what was wrong."""
+    from deltatune.kernels import sgmv
+    from deltatune.serve.lora_mixed import slot_batch
+
+    x, y, A, B, scales, slots = _case("cpu", torch.float32, decode=False, seed=0)
+    batch = slot_batch(slots, "cpu", block_m=16)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="split must be a positive integer"):
+            sgmv.sgmv(x, y, A, B, scales, batch.order, batch.tiles, batch.block_m, split=bad)
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("DELTATUNE_SGMV_SPLIT", bad)
+        with pytest.raises(ValueError, match="DELTATUNE_SGMV_SPLIT must be a positive integer"):
+            sgmv.sgmv(x, y, A, B, scales, batch.order, batch.tiles, batch.block_m)
 
 
 def test_reference_catches_a_wrong_answer():

@@ -3,10 +3,18 @@
 Two shapes of work:
 
 * **SGMV** (segmented, Punica's "shrink" and "expand", Chen et al. 2023, arXiv:2310.18547), in two passes
-  through an fp32 buffer ``h`` (N, R) (position ``p`` of ``order`` holds token ``order[p]``'s ``A_s x``):
-  tokens sorted by slot, cut into tiles of at most BLOCK_M tokens of one slot; a tile multiplies its tokens
-  by its slot's A (a (BLOCK_M, BLOCK_K) x (BLOCK_K, R) tensor-core product, K looped) and then ``h`` by B,
-  added into ``y`` tile by tile. For prefill: long segments, each slot's weights read once a tile.
+  through an fp32 buffer ``h`` (SPLIT, N, R) (position ``p`` of ``order`` holds token ``order[p]``'s
+  ``A_s x``): tokens sorted by slot, cut into tiles of at most BLOCK_M tokens of one slot; a tile multiplies
+  its tokens by its slot's A (a (BLOCK_M, BLOCK_K) x (BLOCK_K, R) tensor-core product, K looped) and then
+  ``h`` by B, added into ``y`` tile by tile. For prefill: long segments, each slot's weights read once a tile.
+  The shrink splits K (split-K, deterministic: no atomics): program (tile, s) writes the partial product of
+  K range s into ``h[s]``, and each expand program sums a tile's SPLIT partials in fp32, in split order, as
+  it loads them, then rounds h to B's dtype as before. Long prefill segments give few tiles (8192 tokens in
+  tiles of 128: 64 programs on an H200's 132 multiprocessors), each streaming all of K, so the shrink alone
+  was latency-bound; ``shrink_split`` picks SPLIT (a power of two, >= 1.5 programs a multiprocessor, >= 2
+  blocks of K a split) and ``DELTATUNE_SGMV_SPLIT`` (a positive integer; 1: the one-pass shrink) forces it,
+  for A/B runs. An expand program covers ``expand_tiles`` output blocks, so it loads the partials once for
+  all of them.
 * **BGMV** (gathered, per token), one launch: a program per (token, run of output blocks) reads its
   token's slot from ``slots`` (T,), computes the rank-R shrink ``A_s x`` in registers (every program of a
   token recomputes it: R x in multiply-adds, cheap at R <= 64) and adds ``B_s h`` to its outputs. No
@@ -23,6 +31,9 @@ in fp32 ("ieee"). Imports triton: load it only through ``deltatune.kernels.backe
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -30,38 +41,44 @@ import triton.language as tl
 from deltatune.kernels.backend import interpreted
 from deltatune.kernels.triton_bits import dot as _dot
 
-__all__ = ["sgmv", "bgmv", "Bgmv"]
+__all__ = ["sgmv", "shrink_split", "expand_tiles", "bgmv", "Bgmv"]
 
 
 @triton.jit
-def _sgmv_shrink(X, stride_x, A, stride_as, stride_ar, H, ORDER, TILES, R, K,
+def _sgmv_shrink(X, stride_x, A, stride_as, stride_ar, H, stride_hs, ORDER, TILES, R, K,
                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
                  IEEE: tl.constexpr):
-    """h[pos, r] = sum_k x[order[pos], k] A[slot, r, k] for one tile's positions and one block of r."""
+    """h[s, pos, r] = sum_k x[order[pos], k] A[slot, r, k] over split s's K range (K_TILES blocks of BLOCK_K from
+    s * K_TILES * BLOCK_K, masked at K) for one tile's positions, every r: program (tile, s)."""
     tile = tl.program_id(0)
+    split = tl.program_id(1)
     start = tl.load(TILES + tile * 3)
     end = tl.load(TILES + tile * 3 + 1)
     slot = tl.load(TILES + tile * 3 + 2).to(tl.int64)
     pos = start + tl.arange(0, BLOCK_M)  # (BM,) positions in order
     pmask = pos < end
     rows = tl.load(ORDER + pos, mask=pmask, other=0).to(tl.int64)
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,)
+    r = tl.arange(0, BLOCK_R)  # (BR,) BLOCK_R >= R
     rmask = r < R
+    k0 = split * (K_TILES * BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for i in range(0, K_TILES):  # constexpr trip count (the interpreter cannot loop over run-time bounds)
-        k = i * BLOCK_K + tl.arange(0, BLOCK_K)
+        k = k0 + i * BLOCK_K + tl.arange(0, BLOCK_K)
         kmask = k < K
         x = tl.load(X + rows[:, None] * stride_x + k[None, :], mask=pmask[:, None] & kmask[None, :], other=0.0)
         a = tl.load(A + slot * stride_as + r[None, :] * stride_ar + k[:, None],
                     mask=kmask[:, None] & rmask[None, :], other=0.0)  # (BK, BR): A[slot]^T
         acc += _dot(x.to(a.dtype), a, IEEE)
-    tl.store(H + pos[:, None] * R + r[None, :], acc, mask=pmask[:, None] & rmask[None, :])
+    tl.store(H + split.to(tl.int64) * stride_hs + pos[:, None] * R + r[None, :], acc,
+             mask=pmask[:, None] & rmask[None, :])
 
 
 @triton.jit
-def _sgmv_expand(H, B, stride_bs, stride_bn, SCALES, Y, stride_y, ORDER, TILES, R, N_OUT,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
-    """y[order[pos], n] += scale[slot] * sum_r h[pos, r] B[slot, n, r] for one tile and one block of n."""
+def _sgmv_expand(H, stride_hs, B, stride_bs, stride_bn, SCALES, Y, stride_y, ORDER, TILES, R, N_OUT,
+                 SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_TILES: tl.constexpr,
+                 BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    """y[order[pos], n] += scale[slot] * sum_r h[pos, r] B[slot, n, r], h = round(sum_s h[s, pos, r]) (the SPLIT
+    partials summed in fp32 in split order, then rounded to B's dtype), for one tile and N_TILES blocks of n."""
     tile = tl.program_id(0)
     start = tl.load(TILES + tile * 3)
     end = tl.load(TILES + tile * 3 + 1)
@@ -69,18 +86,24 @@ def _sgmv_expand(H, B, stride_bs, stride_bn, SCALES, Y, stride_y, ORDER, TILES, 
     pos = start + tl.arange(0, BLOCK_M)
     pmask = pos < end
     rows = tl.load(ORDER + pos, mask=pmask, other=0).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    nmask = n < N_OUT
     r = tl.arange(0, BLOCK_R)
     rmask = r < R
-    h = tl.load(H + pos[:, None] * R + r[None, :], mask=pmask[:, None] & rmask[None, :], other=0.0)  # (BM, BR)
-    b = tl.load(B + slot * stride_bs + n[None, :] * stride_bn + r[:, None],
-                mask=rmask[:, None] & nmask[None, :], other=0.0)  # (BR, BN): B[slot]^T
-    acc = _dot(h.to(b.dtype), b, IEEE) * tl.load(SCALES + slot)
-    out = Y + rows[:, None] * stride_y + n[None, :]
-    omask = pmask[:, None] & nmask[None, :]
-    y = tl.load(out, mask=omask, other=0.0)
-    tl.store(out, (y.to(tl.float32) + acc).to(Y.dtype.element_ty), mask=omask)
+    hmask = pmask[:, None] & rmask[None, :]
+    h = tl.load(H + pos[:, None] * R + r[None, :], mask=hmask, other=0.0)  # (BM, BR) fp32, split 0
+    for s in range(1, SPLIT):  # constexpr: a fixed order, so the sum is the same run to run
+        h += tl.load(H + s * stride_hs + pos[:, None] * R + r[None, :], mask=hmask, other=0.0)
+    h = h.to(B.dtype.element_ty)  # the rounding of h an unfused B(A x) in B's dtype has
+    scale = tl.load(SCALES + slot)
+    for j in range(0, N_TILES):  # h loaded (and its partials summed) once for N_TILES output blocks
+        n = (tl.program_id(1) * N_TILES + j) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+        nmask = n < N_OUT
+        b = tl.load(B + slot * stride_bs + n[None, :] * stride_bn + r[:, None],
+                    mask=rmask[:, None] & nmask[None, :], other=0.0)  # (BR, BN): B[slot]^T
+        acc = _dot(h, b, IEEE) * scale
+        out = Y + rows[:, None] * stride_y + n[None, :]
+        omask = pmask[:, None] & nmask[None, :]
+        y = tl.load(out, mask=omask, other=0.0)
+        tl.store(out, (y.to(tl.float32) + acc).to(Y.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -138,12 +161,13 @@ def _check(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s
 
 
 def sgmv(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
-         order: torch.Tensor, tiles: torch.Tensor, block_m: int) -> torch.Tensor:
+         order: torch.Tensor, tiles: torch.Tensor, block_m: int, split: int | None = None) -> torch.Tensor:
     """Segmented mixed LoRA: ``y[order[p]] += scale_s · B_s A_s x[order[p]]`` for every tile's positions.
 
     x (T, in); y (T, out), updated in place; A (S, R, in); B (S, out, R); scales (S,); order (N,) int32
     token indices sorted by slot; tiles (num_tiles, 3) int32 (start, end, slot), at most ``block_m``
-    positions each. Returns ``y``.
+    positions each. ``split``: how many parts the shrink cuts K into (None: ``DELTATUNE_SGMV_SPLIT``, else
+    ``shrink_split``; at most one part per BLOCK_K of K). Returns ``y``.
     """
     x, y, A, B, scales = _check(x, y, A, B, scales)
     S, R, K = A.shape
@@ -151,19 +175,77 @@ def sgmv(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sca
     if N == 0 or n_tiles == 0:
         return y
     ieee = A.dtype == torch.float32 or interpreted()
-    h = torch.empty(N, R, device=x.device, dtype=torch.float32)
+    sms = _sm_count(x.device)
     block_r = max(16, _pow2(R))
     block_k = 64 if block_r <= 64 else 32
-    _sgmv_shrink[(n_tiles, 1)](x, x.stride(0), A, A.stride(0), A.stride(1), h, order, tiles, R, K,
-                               BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, K_TILES=_cdiv(K, block_k),
-                               IEEE=ieee, num_warps=8 if block_m >= 128 else 4)
+    k_blocks = _cdiv(K, block_k)
+    if split is None:
+        split = _env_split()
+    if split is None:
+        split = shrink_split(n_tiles, k_blocks, sms)
+    elif isinstance(split, bool) or not isinstance(split, int) or split < 1:
+        raise ValueError(f"sgmv: split must be a positive integer, got {split!r}")
+    k_tiles = _cdiv(k_blocks, min(split, k_blocks))  # BLOCK_K blocks per split
+    split = _cdiv(k_blocks, k_tiles)  # no empty split
+    h = torch.empty(split, N, R, device=x.device, dtype=torch.float32)  # the shrink's partial sums, per split
+    warps = 8 if block_m >= 128 else 4
+    _sgmv_shrink[(n_tiles, split)](x, x.stride(0), A, A.stride(0), A.stride(1), h, N * R, order, tiles, R, K,
+                                   BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, K_TILES=k_tiles, IEEE=ieee,
+                                   num_warps=warps, num_stages=3)
     n_out = B.shape[1]
-    block_n = 64 if block_m >= 64 else 128
-    _sgmv_expand[(n_tiles, _cdiv(n_out, block_n))](h, B, B.stride(0), B.stride(1), scales, y, y.stride(0),
-                                                         order, tiles, R, n_out, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                         BLOCK_R=block_r, IEEE=ieee,
-                                                         num_warps=8 if block_m >= 128 else 4)
+    block_n = 128
+    n_blocks = _cdiv(n_out, block_n)
+    n_tiles_out = expand_tiles(n_tiles, n_blocks, sms)
+    _sgmv_expand[(n_tiles, _cdiv(n_blocks, n_tiles_out))](h, N * R, B, B.stride(0), B.stride(1), scales, y,
+                                                          y.stride(0), order, tiles, R, n_out, SPLIT=split,
+                                                          BLOCK_M=block_m, BLOCK_N=block_n, N_TILES=n_tiles_out,
+                                                          BLOCK_R=block_r, IEEE=ieee, num_warps=warps,
+                                                          num_stages=2)
     return y
+
+
+def shrink_split(n_tiles: int, k_blocks: int, sms: int) -> int:
+    """How many parts the SGMV shrink cuts K (``k_blocks`` blocks of BLOCK_K) into for ``n_tiles`` tiles on ``sms``
+    multiprocessors: the smallest power of two giving at least 1.5 programs a multiprocessor (each program streams
+    its tile's rows of x; one long K loop per tile leaves most of the GPU idle when prefill segments are long), at
+    most 16 and at most one part per 2 blocks of K. Powers of two bound the kernel variants compiled."""
+    split = 1
+    while n_tiles * split * 2 < 3 * sms and split < 16 and k_blocks >= 4 * split:
+        split *= 2
+    return split
+
+
+def expand_tiles(n_tiles: int, n_blocks: int, sms: int) -> int:
+    """Output blocks per SGMV expand program (a power of two): the most that still leave at least 3 programs a
+    multiprocessor. Each program loads its tile's h (summing the shrink's partials) once for all its blocks, so
+    fewer, wider programs read h fewer times: with one 128-wide block a program, SPLIT fp32 partials at R 64 are
+    SPLIT / 2 times the bytes of the y the program reads and writes."""
+    per = 1
+    while per * 2 <= n_blocks and n_tiles * _cdiv(n_blocks, per * 2) >= 3 * sms:
+        per *= 2
+    return per
+
+
+def _env_split() -> int | None:
+    """``DELTATUNE_SGMV_SPLIT`` as a positive integer (None when unset or empty)."""
+    value = os.environ.get("DELTATUNE_SGMV_SPLIT", "").strip()
+    if not value:
+        return None
+    try:
+        split = int(value)
+    except ValueError:
+        split = 0
+    if split < 1:
+        raise ValueError(f"DELTATUNE_SGMV_SPLIT must be a positive integer (1: the one-pass shrink), got {value!r}")
+    return split
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of ``device``; 4 off CUDA (the interpreter), so that small tests split too."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class Bgmv:
@@ -196,8 +278,7 @@ class Bgmv:
         self._const = dict(R=R, K=K, N_OUT=N, HAS_RANKS=ranks is not None, BLOCK_R=block_r,
                            BLOCK_K=min(max(16, _pow2(K)), max(32, 8192 // block_r)),
                            BLOCK_N=min(max(16, _pow2(N)), max(32, 8192 // block_r)), num_warps=4)
-        self._sms = (torch.cuda.get_device_properties(A.device).multi_processor_count
-                     if A.device.type == "cuda" else 4)
+        self._sms = _sm_count(A.device)
         self._launches: dict[tuple, tuple] = {}  # (x shape, y shape, slots, rows per slot) -> (grid, constants)
 
     def _launch(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, rows_per_slot: int) -> tuple:
