@@ -171,6 +171,7 @@ def main(argv=None):
         rows[mode]["distinct_adapters"] = len({n for n in names if n})
         rows[mode]["kv_blocks"] = engine.memory_plan["num_blocks"]
         rows[mode]["adapter_pool_bytes"] = engine.memory_plan["adapter_pool_bytes"]
+        rows[mode]["decode_graph_bytes"] = engine.memory_plan["decode_graph_bytes"]  # the estimate set aside
         if kind == "routing":
             for i in range(len(paths)):
                 engine.remove_adapter(f"a{i}")

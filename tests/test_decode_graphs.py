@@ -1,15 +1,15 @@
 """Decode steps through static, padded inputs (serve.decode_graphs): the tokens equal the plain engine's.
 
 On the CPU the static path runs without capturing (``capture=False``): what a graph records is exactly this
-path, so these tests pin its inputs (padding rows, scratch block, block-table buckets, the pool's forced
-gathered routing). The GPU test captures and replays."""
+path, so these tests pin its inputs (padding rows, scratch block, one block-table width for every step, the
+pool's forced gathered routing). The GPU test captures and replays."""
 
 import pytest
 import torch
 
 import deltatune as dt
-from deltatune.serve import AdapterPool, Engine
-from deltatune.serve.decode_graphs import DecodeGraphs, rows_bucket
+from deltatune.serve import Engine
+from deltatune.serve.decode_graphs import rows_bucket
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,18 +41,27 @@ def prompts(n, seed=0):
             for _ in range(n)]
 
 
-def engines(tmp_path, device="cpu", dtype=torch.float32, capture=False):
+def engines(tmp_path, device="cpu", dtype=torch.float32, capture=False, pool=True):
     model = tiny(device, dtype)
     out = []
     for graphs in (False, True):
-        eng = Engine(model, None, pool=True, max_resident_adapters=2, num_blocks=64, max_num_seqs=16,
+        eng = Engine(model, None, pool=pool or None, max_resident_adapters=2, num_blocks=64, max_num_seqs=16,
                      cuda_graphs=graphs)
         if graphs:
             eng.graphs.capture = capture
-        for i, path in enumerate(adapters(model, tmp_path)):
-            eng.add_adapter(f"a{i}", str(path))
+        if pool:
+            for i, path in enumerate(adapters(model, tmp_path)):
+                eng.add_adapter(f"a{i}", str(path))
         out.append(eng)
     return out
+
+
+def widths_seen(graphs):
+    """Record the longest block table of every static step of ``graphs`` (a list, filled as steps run)."""
+    seen, fill = [], graphs._fill
+    graphs._fill = lambda g, chunks, cache: seen.append(max(len(cache.tables[c.seq_id]) for c in chunks)) or \
+        fill(g, chunks, cache)
+    return seen
 
 
 def test_rows_bucket():
@@ -63,6 +72,7 @@ def test_static_decode_steps_give_the_plain_engines_tokens(tmp_path):
     """Mixed adapters (more than the pool's slots over the run, so adapters are evicted and reloaded) and base
     rows; rows that are not a power of two (padding); contexts over several blocks (width buckets)."""
     plain, static = engines(tmp_path)
+    seen = widths_seen(static.graphs)
     ps = prompts(7)
     names = ["a0", None, "a1", "a2", None, "a0", "a1"]
     want = plain.generate(ps, adapters=names, max_new_tokens=40, temperature=0.0, ignore_eos=True)
@@ -70,8 +80,36 @@ def test_static_decode_steps_give_the_plain_engines_tokens(tmp_path):
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     keys = set(static.graphs.graphs)
     # the pool holds 2 of the 3 adapters, so at most 2 adapters' rows run together: buckets of 1 and 4 rows
-    # (3 rows padded to 4), tables of several widths, steps with pooled adapters
-    assert {k[0] for k in keys} >= {4} and len({k[1] for k in keys}) >= 2 and True in {k[2] for k in keys}
+    # (3 rows padded to 4), steps with pooled adapters; tables of 1 to 5 blocks, all at the one width
+    assert {k[0] for k in keys} >= {4} and True in {k[1] for k in keys}
+    assert len(set(seen)) >= 3 and max(seen) < static.graphs.width
+    assert static.graphs.width == 256 // 16  # max_position_embeddings' blocks (fewer than the cache's 64)
+    assert all(g.ints.shape == (g.rows, 1 + static.graphs.width) for g in static.graphs.graphs.values())
+
+
+def test_one_bucket_per_row_count_whatever_the_table_width(tmp_path):
+    """One sequence decoding over 1 to 5 blocks: one graph (a bucket per width before); then a short one
+    through the same graph, whose table columns past its one block still hold the long one's block ids."""
+    plain, static = engines(tmp_path, pool=False)
+    seen = widths_seen(static.graphs)
+    for prompt, new in (([5, 6, 7], 70), ([8, 9], 6)):
+        want = plain.generate([prompt], max_new_tokens=new, temperature=0.0, ignore_eos=True)
+        got = static.generate([prompt], max_new_tokens=new, temperature=0.0, ignore_eos=True)
+        assert got[0].token_ids == want[0].token_ids
+    assert set(static.graphs.graphs) == {(1, False)}
+    assert set(seen) == {1, 2, 3, 4, 5} and seen[-1] == 1
+    g = static.graphs.graphs[(1, False)]
+    assert int(g.ints[0, 0]) == 2 + 6 - 1 and int(g.ints[0, 5]) != static.graphs.scratch_block  # stale, unread
+
+
+def test_table_width_is_the_longest_sequence_within_the_cache():
+    from deltatune.serve.decode_graphs import table_width
+
+    assert table_width(256, 16) == 16 and table_width(257, 16) == 17 and table_width(1, 16) == 1
+    assert table_width(256, 16, num_blocks=10) == 9  # the scratch block is no sequence's
+    assert table_width(None, 16, num_blocks=10) == 9
+    with pytest.raises(ValueError, match="max_model_len"):
+        table_width(None, 16)
 
 
 def test_steps_that_are_not_decode_only_run_the_plain_path(tmp_path):

@@ -134,8 +134,32 @@ def check_runner(device, dtype):
     return out
 
 
-CHECKS = {"kernel": check_kernel, "runner": check_runner}
-DTYPES = {"kernel": (torch.float32, torch.float16, torch.bfloat16), "runner": (torch.float32,)}
+def check_padding_unread(device, dtype):
+    """Table padding and the slots of a last block past its length set to NaN: the output is unchanged, so
+    neither is read (decode graphs pad every table to one width with a block id of their own)."""
+    out = {}
+    for window in (None, 5):
+        for split in (None, 8):
+            q, keys, values, tables, lens = _case(device, dtype)
+            want = paged_decode_attention(q, keys, values, tables, lens, 0.3, window, split_tokens=split)
+            block_size = keys.shape[1]
+            for b, n in enumerate(lens.tolist()):
+                used = -(-n // block_size)
+                for blk in tables[b, used:].tolist():  # the padding entries' block
+                    keys[blk], values[blk] = float("nan"), float("nan")
+                if n % block_size:  # the slots past the length in the last block
+                    keys[tables[b, used - 1], n % block_size:] = float("nan")
+                    values[tables[b, used - 1], n % block_size:] = float("nan")
+            got = paged_decode_attention(q, keys, values, tables, lens, 0.3, window, split_tokens=split)
+            name = f"window={window}/split={split}"
+            out[name + "/finite"] = bool(torch.isfinite(got).all())
+            out[name] = _rel(got, want.double()) if torch.isfinite(got).all() else float("inf")
+    return out
+
+
+CHECKS = {"kernel": check_kernel, "runner": check_runner, "padding": check_padding_unread}
+DTYPES = {"kernel": (torch.float32, torch.float16, torch.bfloat16), "runner": (torch.float32,),
+          "padding": (torch.float32,)}
 
 
 def run_checks(device):
@@ -180,6 +204,11 @@ def test_reference_equals_the_oracle_and_the_harness_can_fail():
     assert _rel(wrong, _oracle(q, keys, values, tables, lens, 0.3, 5)) > 0.1
     wrong = paged_decode_attention_reference(q, keys, values, tables, lens + (lens > 0).int(), 0.3)
     assert _rel(wrong, _oracle(q, keys, values, tables, lens, 0.3)) > 0.1  # one garbage position read
+
+
+def test_reference_reads_no_padding():
+    """The reference (what runs on CPU): NaN in the table padding and past each length changes nothing."""
+    _assert_within("padding/float32", check_padding_unread("cpu", torch.float32))
 
 
 def test_bad_inputs_raise_naming_what():

@@ -11,7 +11,8 @@ Inputs (the layout of ``deltatune.serve.kv_cache``):
 * ``q`` (B, Hq, D);
 * ``key_cache``, ``value_cache`` (num_blocks, block_size, Hkv, D): token ``p`` of sequence ``b`` at
   ``[block_tables[b, p // block_size], p % block_size]``;
-* ``block_tables`` (B, W) int32, padded with any valid block id past each sequence's blocks;
+* ``block_tables`` (B, W) int32, padded with any valid block id past each sequence's blocks (never read: the
+  kernel loads only positions below each length, the reference zeroes what it gathered past it);
 * ``context_lens`` (B,) int32, each in 0 .. W * block_size (0: a padding row, whose output is zeros).
 
 Only B and W are host values: the lengths and tables stay on the device, so the work has a static shape
@@ -61,7 +62,11 @@ def paged_decode_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, v
                                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                                      window: int | None = None) -> torch.Tensor:
     """Decode attention in PyTorch: each sequence's blocks gathered in order (B, W * block_size, Hkv, D),
-    the positions past its length (and before its window) masked, one SDPA call. Returns (B, Hq, D)."""
+    the positions past its length (and before its window) masked, one SDPA call. Returns (B, Hq, D).
+
+    The gather reads whole blocks, table padding included; keys and values at masked positions are zeroed
+    before SDPA, so what they hold (a NaN too: a masked score is -inf, but 0 * NaN is NaN) never reaches the
+    output, as in the Triton kernel, which does not load them."""
     keys = key_cache[block_tables.long()].flatten(1, 2)  # (B, C, Hkv, D), C = W * block_size
     values = value_cache[block_tables.long()].flatten(1, 2)
     lens = context_lens.long()[:, None]  # (B, 1)
@@ -71,6 +76,9 @@ def paged_decode_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, v
         mask &= kpos >= lens - window
     empty = lens == 0  # padding rows: one key seen (no NaN), output zeroed below
     mask |= empty & (kpos == 0)
+    unread = ~mask[:, :, None, None]  # (B, C, 1, 1); the gathered tensors are copies: zero them in place
+    keys.masked_fill_(unread, 0.0)
+    values.masked_fill_(unread, 0.0)
     out = F.scaled_dot_product_attention(q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
                                          attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
     return out[:, :, 0].masked_fill(empty[:, :, None], 0.0)  # (B, Hq, D)

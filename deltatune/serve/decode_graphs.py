@@ -3,21 +3,33 @@
 A decode step (every scheduled chunk one token of a running sequence) is launch-bound: on an H200 the
 1B projections of 64 rows take 2.7 ms of GPU time, while the step spends far more in Python. A step
 of ``B`` rows runs instead as the replay of a graph captured for a bucket of rows (the next power of
-two, ``rows_bucket``) and of block-table width (``blocks_bucket``): the step's ids, positions, KV
-slots, context lengths and block tables are copied into the graph's static inputs (one host-to-device
-copy), the adapter pool writes the rows' slots into the table its kernels read (``AdapterPool.prepare``,
-the same buffer the capture saw), and the graph replays. Rows beyond ``B`` are padding: token 0 at
-position 0, its key and value written to a scratch block the cache keeps for them, attending to that
-one key; their logits are dropped.
+two, ``rows_bucket``), with or without the adapter pool's launches. Every graph's block tables have one
+width, the most blocks a sequence can hold (``table_width``: the engine's max model length, the cache's
+blocks), so buckets do not grow with the contexts. The step's ids, positions and KV slots, then its
+context lengths and the used columns of its block tables, are copied into the graph's static inputs (two
+host-to-device copies), the
+adapter pool writes the rows' slots into the table its kernels read (``AdapterPool.prepare``, the same
+buffer the capture saw), and the graph replays into one logits buffer that all graphs share. Rows beyond
+``B`` are padding: token 0 at position 0, its key and value written to a scratch block the cache keeps
+for them, attending to that one key; their logits are dropped.
+
+Table entries past a row's length are never read: the paged attention kernel loads only positions below
+each length, the PyTorch reference zeroes what its gather read past it (``kernels/paged_attention.py``).
+So the columns a step does not use keep whatever block ids an earlier step left there (valid ids, never
+read), and a step copies only as many columns as its longest table.
 
 Where a step is not graphed (it runs through ``ModelRunner.forward`` as before): a step with a prefill
-chunk, more rows than the largest bucket, adapters on the model itself (routed by the PyTorch
-reference, whose shapes follow the rows), a device that is not CUDA (``capture=False`` runs the same
-static path eagerly: what the CPU tests compare), or after a capture failed (turned off, with a
-warning). A graph reads the pool's stacked slots in place; loading another adapter into a slot copies
-into them, so graphs stay valid while adapters come and go. The pool's decode kernel is one gathered
-launch per projection for any mix of rows (``PoolCall`` forced to it), so a replay never meets a layout
-it was not captured with.
+chunk, more rows than the largest bucket, a table wider than the graphs' width, adapters on the model
+itself (routed by the PyTorch reference, whose shapes follow the rows), a device that is not CUDA
+(``capture=False`` runs the same static path eagerly: what the CPU tests compare), or after a capture
+failed (turned off, with a warning). A graph reads the pool's stacked slots in place; loading another
+adapter into a slot copies into them, so graphs stay valid while adapters come and go. The pool's decode
+kernel is one gathered launch per projection for any mix of rows (``PoolCall`` forced to it), so a
+replay never meets a layout it was not captured with.
+
+Memory (``planned_bytes``, set aside in the engine's plan before the KV cache is sized): the shared
+logits buffer, every bucket's static inputs, and the graphs' private memory pool, estimated as the sum
+of each row bucket's step peak (formula in ``planned_bytes``).
 """
 
 from __future__ import annotations
@@ -28,9 +40,9 @@ from dataclasses import dataclass
 import torch
 
 from deltatune.serve.kv_cache import PagedKVCache
-from deltatune.serve.model_runner import Chunk, ModelRunner, blocks_bucket
+from deltatune.serve.model_runner import Chunk, ModelRunner
 
-__all__ = ["DecodeGraphs", "rows_bucket"]
+__all__ = ["DecodeGraphs", "planned_bytes", "rows_bucket", "table_width"]
 
 SCRATCH = -1
 """The cache's sequence id of the scratch block that padding rows write to."""
@@ -39,6 +51,65 @@ SCRATCH = -1
 def rows_bucket(rows: int) -> int:
     """The rows a decode graph is captured for: the next power of two."""
     return 1 << max(0, rows - 1).bit_length()
+
+
+def table_width(max_model_len: int | None, block_size: int, num_blocks: int | None = None) -> int:
+    """The block-table width of every decode graph: the blocks a sequence of ``max_model_len`` tokens holds,
+    at most the cache's ``num_blocks`` less the scratch block (None: not known yet, the first bound alone).
+    Raises ValueError when neither bounds it."""
+    bounds = [] if max_model_len is None else [-(-max_model_len // block_size)]
+    bounds += [] if num_blocks is None else [num_blocks - 1]
+    if not bounds:
+        raise ValueError("decode CUDA graphs need the longest sequence: give Engine max_model_len (the model's "
+                         "config has no max_position_embeddings) or num_blocks")
+    return max(1, min(bounds))
+
+
+SEGMENTS = (2 << 20) + (20 << 20)
+"""Bytes a captured bucket may leave partly used in CUDA's caching allocator: one 2 MiB segment (allocations
+under 1 MiB) and one 20 MiB segment (under 10 MiB)."""
+
+
+def planned_bytes(runner: ModelRunner, max_rows: int, width: int, block_size: int) -> int:
+    """Bytes to set aside for the decode graphs of ``runner``, for steps of up to ``max_rows`` rows and block
+    tables ``width`` wide: an estimate meant as an upper bound, not yet checked on a GPU. With R = ``rows_bucket(max_rows)``, V the
+    vocabulary, H the hidden size, I the MLP's, s the model dtype's bytes, C = width x block_size:
+
+    * logits: R x V x 4 (float32), one buffer all graphs write into;
+    * static inputs: 3 x 8 + (1 + width) x 4 bytes a row, per bucket of r = 1, 2, 4 .. R rows, with and
+      without the pool: 2 x (2R - 1) rows;
+    * the graphs' private pool: the sum over r = 1, 2, 4 .. R of a step's peak at r rows, r x 4 x (6H + 3I)
+      (the engine's per-token activation count) + r x V x s (the head's output before the float32 copy) +
+      attention (the Triton kernel's split partials, r x Hq x splits x (D + 2) x 4; or, where the PyTorch
+      reference runs, its gather at full width, r x C x (2 (Hkv + Hq) D s + 8 Hq + 5)), plus on CUDA the
+      allocator's ``SEGMENTS`` per bucket. Summed, not the largest alone: a bucket captured after a smaller
+      one cannot always reuse the smaller one's blocks. Captures with and without the pool at one row count
+      allocate the same sizes and reuse each other's (the logits are outside the pool, so nothing a capture
+      allocated stays live after it).
+    """
+    from deltatune.kernels import backend
+
+    config = runner.config
+    H = config.hidden_size
+    inter = getattr(config, "intermediate_size", 4 * H)
+    V, s = runner.head.weight.shape[0], torch.empty((), dtype=runner.dtype).element_size()
+    Hq, Hkv, D = runner.num_heads, runner.num_kv_heads, runner.head_dim
+    R, C = rows_bucket(max_rows), width * block_size
+    kernel = backend.triton_enabled(torch.empty(0, device=runner.device))
+    if kernel:
+        kernels = backend.load("deltatune.kernels.triton_paged_attention")
+    total = R * V * 4 + 2 * (2 * R - 1) * (3 * 8 + (1 + width) * 4)
+    r = 1
+    while r <= R:
+        if kernel:
+            splits = -(-C // kernels.split_tokens_for(r, Hkv, C))
+            attention = r * Hq * splits * (D + 2) * 4 if splits > 1 else 0
+        else:
+            attention = r * C * (2 * (Hkv + Hq) * D * s + 8 * Hq + 5)
+        total += r * 4 * (6 * H + 3 * inter) + r * V * s + attention
+        total += SEGMENTS if runner.device.type == "cuda" else 0
+        r *= 2
+    return total
 
 
 @dataclass
@@ -51,56 +122,63 @@ class _StaticDecode:
 
 
 class _Graph:
-    """One captured decode step: its static inputs and output."""
+    """One captured decode step: its static inputs. ``ints`` holds each row's length, then its block table."""
 
     def __init__(self, rows: int, width: int, device: torch.device):
         self.rows, self.width = rows, width
         self.longs = torch.zeros(3, rows, dtype=torch.long, device=device)  # ids, positions, KV slots
-        self.ints = torch.zeros(rows + rows * width, dtype=torch.int32, device=device)  # lengths, tables
-        self.decode = _StaticDecode(torch.arange(rows, device=device), self.ints[:rows],
-                                    self.ints[rows:].view(rows, width))
+        self.ints = torch.zeros(rows, 1 + width, dtype=torch.int32, device=device)  # (rows, length + table)
+        self.decode = _StaticDecode(torch.arange(rows, device=device), self.ints[:, 0], self.ints[:, 1:])
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
 
 
 class DecodeGraphs:
-    """Runs decode steps of ``runner`` through graphs per (rows bucket, width bucket); other steps through
-    ``runner.forward``. ``pool``: the engine's adapter pool (None: base model and no adapters); ``max_rows``:
-    the largest batch the scheduler makes; ``capture``: False runs the static path without graphs."""
+    """Runs decode steps of ``runner`` through graphs per (rows bucket, pooled or not) at one table width;
+    other steps through ``runner.forward``. ``pool``: the engine's adapter pool (None: base model and no
+    adapters); ``max_rows``: the largest batch the scheduler makes; ``max_model_len``: the most tokens a
+    sequence may reach (None: as many as the cache holds), which sets the width; ``capture``: False runs
+    the static path without graphs."""
 
     def __init__(self, runner: ModelRunner, cache: PagedKVCache, pool=None, max_rows: int = 256,
-                 capture: bool | None = None):
+                 max_model_len: int | None = None, capture: bool | None = None):
         self.runner, self.cache, self.pool = runner, cache, pool
         self.max_rows = rows_bucket(max_rows)
         self.capture = runner.device.type == "cuda" if capture is None else capture
-        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.graphs: dict[tuple[int, bool], _Graph] = {}
         self.mempool = torch.cuda.graph_pool_handle() if self.capture else None
         self.off: str | None = None
         cache.reserve(SCRATCH, 1)  # one block, never freed: where padding rows write
         self.scratch_block = cache.tables[SCRATCH][0]
+        self.width = table_width(max_model_len, cache.block_size, cache.num_blocks)
+        # (max_rows, vocab) float32: every graph writes its rows' logits here, so no logits stay in the pool
+        self.logits = torch.empty(self.max_rows, runner.head.weight.shape[0], dtype=torch.float32,
+                                  device=runner.device)
 
     def applies(self, chunks: list[Chunk]) -> bool:
-        """Whether this step runs graphed: decode rows only, few enough, routed by the pool or no adapters."""
+        """Whether this step runs graphed: decode rows only, few enough, tables within the width, routed by
+        the pool or no adapters."""
         if self.off or not chunks or len(chunks) > self.max_rows:
             return False
         if any(len(c.token_ids) != 1 or not c.want_logits for c in chunks):
             return False
+        if any(len(self.cache.tables[c.seq_id]) > self.width for c in chunks):
+            return False  # never under the engine's scheduler (max_model_len bounds every table)
         own = getattr(self.runner.model, "peft_config", None) or _own_adapters(self.runner.model)
         return not own and (self.pool is not None or all(c.adapter is None for c in chunks))
 
     @torch.no_grad()
     def forward(self, chunks: list[Chunk], cache: PagedKVCache) -> torch.Tensor:
-        """The logits (B, vocab), float32, of the step: graphed where ``applies``, else ``runner.forward``."""
+        """The logits (B, vocab), float32, of the step: graphed where ``applies``, else ``runner.forward``.
+        Graphed logits are a view of the shared buffer: the next graphed step overwrites them."""
         if not self.applies(chunks):
             return self.runner.forward(chunks, cache)
         rows = rows_bucket(len(chunks))
-        width = blocks_bucket(max(len(cache.tables[c.seq_id]) for c in chunks))
         names = [c.adapter for c in chunks] + [None] * (rows - len(chunks))
         pooled = self.pool is not None and any(n is not None for n in names)
-        key = (rows, width, pooled)  # a step without adapters is captured without the pool's launches
+        key = (rows, pooled)  # a step without adapters is captured without the pool's launches
         g = self.graphs.get(key)
         if g is None:
-            g = _Graph(rows, width, self.runner.device)
+            g = _Graph(rows, self.width, self.runner.device)
             self._fill(g, chunks, cache)
             if not self.capture:
                 self.graphs[key] = g
@@ -120,27 +198,29 @@ class DecodeGraphs:
         if pooled:
             self.pool.prepare(names)  # the rows' slots into the table the captured kernels read
         g.graph.replay()
-        return g.logits[: len(chunks)]
+        return self.logits[: len(chunks)]
 
     def _fill(self, g: _Graph, chunks: list[Chunk], cache: PagedKVCache) -> None:
-        """Copy the step's inputs into ``g``'s static tensors, padding rows after the real ones."""
+        """Copy the step's inputs into ``g``'s static tensors, padding rows after the real ones: every row's
+        length and the first ``used`` columns of its table (the longest table's blocks; a shorter table
+        padded with the scratch block). Later columns keep an earlier step's block ids, never read."""
         pad = g.rows - len(chunks)
         size = cache.block_size
         ids = [c.token_ids[0] for c in chunks] + [0] * pad
         positions = [c.start for c in chunks] + [0] * pad
         slots = [cache.slots(c.seq_id, c.start, 1)[0] for c in chunks] + [self.scratch_block * size] * pad
-        lens = [c.start + 1 for c in chunks] + [1] * pad
-        tables = []
-        for c in chunks:
-            t = cache.tables[c.seq_id]
-            tables += t + [0] * (g.width - len(t))
-        tables += ([self.scratch_block] + [0] * (g.width - 1)) * pad
+        tables = [cache.tables[c.seq_id] for c in chunks]
+        used = max(map(len, tables))
+        ints = []
+        for c, t in zip(chunks, tables):
+            ints += [c.start + 1] + t + [self.scratch_block] * (used - len(t))
+        ints += ([1] + [self.scratch_block] * used) * pad  # padding rows: length 1, the scratch block
         longs = torch.tensor([ids, positions, slots], dtype=torch.long)
-        ints = torch.tensor(lens + tables, dtype=torch.int32)
+        ints = torch.tensor(ints, dtype=torch.int32).view(g.rows, 1 + used)
         if g.longs.is_cuda:
             longs, ints = longs.pin_memory(), ints.pin_memory()
         g.longs.copy_(longs, non_blocking=True)
-        g.ints.copy_(ints, non_blocking=True)
+        g.ints[:, : 1 + used].copy_(ints, non_blocking=True)
 
     def _routing(self, names: list[str | None], pooled: bool):
         """The step's routing context: the pool's (its one gathered launch per projection for any rows; the
@@ -151,7 +231,9 @@ class DecodeGraphs:
         """The step on ``g``'s static inputs (inside the routing context): logits (rows, vocab), float32."""
         r = self.runner
         h = r.hidden(g.longs[0], g.longs[1], g.longs[2], g.decode, None, self.cache)
-        return r.head(h).float()
+        out = self.logits[: g.rows]
+        out.copy_(r.head(h))  # into the shared buffer (float32): the head's output is freed in the pool
+        return out
 
     def _run(self, g: _Graph, names: list[str | None], pooled: bool) -> torch.Tensor:
         with self._routing(names, pooled):
@@ -171,7 +253,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with self._routing(names, pooled):
             with torch.cuda.graph(graph, pool=self.mempool, stream=stream):
-                g.logits = self._compute(g)
+                self._compute(g)
         g.graph = graph
 
 

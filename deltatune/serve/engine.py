@@ -27,8 +27,9 @@ from typing import Iterator
 import torch
 
 from deltatune.serve.beam import BeamGroup
+from deltatune.serve.decode_graphs import DecodeGraphs, table_width
+from deltatune.serve.decode_graphs import planned_bytes as planned_graph_bytes
 from deltatune.serve.kv_cache import bytes_per_block, plan_num_blocks
-from deltatune.serve.decode_graphs import DecodeGraphs
 from deltatune.serve.model_runner import ModelRunner
 from deltatune.serve.sampling import Sampler, SamplingParams
 from deltatune.serve.scheduler import RequestRefused, Scheduler, Sequence
@@ -71,15 +72,16 @@ class Engine:
         max_lora_rank: with ``pool=True``, the pool's padded rank: its slots for every linear layer at this
             rank are planned beside the KV cache (larger ranks are refused at ``add_adapter``).
         num_blocks: KV-cache blocks; None: from ``gpu_memory_fraction`` (CUDA) or ``cpu_cache_bytes``, less a
-            step's activations and the pool's ``planned_bytes()`` (``memory_plan`` records the sums).
+            step's activations, the pool's ``planned_bytes()`` and with ``cuda_graphs`` the decode graphs'
+            ``decode_graphs.planned_bytes`` (``memory_plan`` records the sums).
         gpu_memory_fraction: share of the GPU's memory that weights, adapters and the cache may take.
         block_size: tokens per KV block.
         max_num_batched_tokens: tokens computed per step (prefill chunks plus decode tokens).
         max_num_seqs: requests running at once.
         max_model_len: tokens a sequence may reach; default: the config's max_position_embeddings.
         seed: seeds the generators of sampled requests that give no seed.
-        cuda_graphs: replay decode-only steps from CUDA graphs per batch-size bucket
-            (``serve.decode_graphs``); off by default until measured on a GPU.
+        cuda_graphs: replay decode-only steps from CUDA graphs per batch-size bucket, at one block-table
+            width (``max_model_len``'s blocks; ``serve.decode_graphs``); off by default until measured on a GPU.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, max_resident_adapters: int = 64, pool=None,
@@ -109,17 +111,22 @@ class Engine:
         adapters = pool.planned_bytes() if hasattr(pool, "planned_bytes") else 0
         if adapters and r.device.type == "cuda":
             adapters = max(0, adapters - pool.resident_bytes())
+        # decode graphs: their logits, static inputs and private pool (decode_graphs.planned_bytes: an estimate)
+        max_len = max_model_len or getattr(model.config, "max_position_embeddings", None)
+        graphs = 0
+        if cuda_graphs and num_blocks is None:
+            graphs = planned_graph_bytes(r, max_num_seqs, table_width(max_len, block_size), block_size)
         if num_blocks is not None:
             reserve = adapters = 0
         blocks = plan_num_blocks(per_block, r.device, num_blocks, gpu_memory_fraction, cpu_cache_bytes,
-                                 reserve_bytes=reserve, adapter_bytes=adapters)
-        # what the KV cache was sized from (bytes; activations and pool 0 when num_blocks was given)
+                                 reserve_bytes=reserve, adapter_bytes=adapters, graph_bytes=graphs)
+        # what the KV cache was sized from (bytes; activations, pool and graphs 0 when num_blocks was given)
         self.memory_plan = {"bytes_per_block": per_block, "num_blocks": blocks, "activation_bytes": reserve,
-                            "adapter_pool_bytes": adapters, "cache_bytes": blocks * per_block}
+                            "adapter_pool_bytes": adapters, "decode_graph_bytes": graphs,
+                            "cache_bytes": blocks * per_block}
         self.cache = r.new_cache(blocks, block_size)
         # decode steps replayed from CUDA graphs (serve.decode_graphs); off by default until measured
-        self.graphs = DecodeGraphs(r, self.cache, pool, max_num_seqs) if cuda_graphs else None
-        max_len = max_model_len or getattr(model.config, "max_position_embeddings", None)
+        self.graphs = DecodeGraphs(r, self.cache, pool, max_num_seqs, max_len) if cuda_graphs else None
         capacity = (lambda: pool.capacity) if hasattr(pool, "capacity") else None  # a batch fits the pool's slots
         self.scheduler = Scheduler(self.cache, max_num_batched_tokens, max_num_seqs, max_len, max_adapters=capacity)
         self.sampler = Sampler(seed)

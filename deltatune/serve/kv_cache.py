@@ -32,14 +32,15 @@ def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_siz
 
 def plan_num_blocks(per_block: int, device: torch.device, num_blocks: int | None = None,
                     gpu_memory_fraction: float = 0.9, cpu_cache_bytes: int = 1 << 30,
-                    reserve_bytes: int = 0, adapter_bytes: int = 0) -> int:
+                    reserve_bytes: int = 0, adapter_bytes: int = 0, graph_bytes: int = 0) -> int:
     """How many cache blocks to allocate.
 
     ``num_blocks`` given: that many. On CUDA: ``gpu_memory_fraction`` of the device's memory, less
     what this process has allocated (weights, adapter slots already allocated), ``reserve_bytes``
-    (activations of a step) and ``adapter_bytes`` (adapter-pool slots still to be allocated), divided
-    by ``per_block``. Elsewhere: ``cpu_cache_bytes`` less the same two, so cache, activations and pool
-    fit that budget together. Raises ValueError when the budget leaves no block.
+    (activations of a step), ``adapter_bytes`` (adapter-pool slots still to be allocated) and
+    ``graph_bytes`` (decode CUDA graphs still to be captured), divided by ``per_block``. Elsewhere:
+    ``cpu_cache_bytes`` less the same three, so cache, activations, pool and graphs fit that budget
+    together. Raises ValueError when the budget leaves no block.
     """
     if num_blocks is not None:
         if num_blocks < 1:
@@ -49,13 +50,16 @@ def plan_num_blocks(per_block: int, device: torch.device, num_blocks: int | None
         if not 0.0 < gpu_memory_fraction <= 1.0:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction}")
         _, total = torch.cuda.mem_get_info(device)
-        budget = gpu_memory_fraction * total - torch.cuda.memory_reserved(device) - reserve_bytes - adapter_bytes
+        budget = (gpu_memory_fraction * total - torch.cuda.memory_reserved(device) - reserve_bytes - adapter_bytes
+                  - graph_bytes)
         where = (f"gpu_memory_fraction={gpu_memory_fraction} of {total / 2**30:.1f} GiB, "
                  f"{torch.cuda.memory_reserved(device) / 2**30:.1f} GiB already in use")
     else:
-        budget, where = cpu_cache_bytes - reserve_bytes - adapter_bytes, f"cpu_cache_bytes={cpu_cache_bytes}"
+        budget = cpu_cache_bytes - reserve_bytes - adapter_bytes - graph_bytes
+        where = f"cpu_cache_bytes={cpu_cache_bytes}"
     where += (f", {reserve_bytes / 2**20:.0f} MiB for a step's activations"
-              + (f", {adapter_bytes / 2**20:.0f} MiB for adapter-pool slots" if adapter_bytes else ""))
+              + (f", {adapter_bytes / 2**20:.0f} MiB for adapter-pool slots" if adapter_bytes else "")
+              + (f", {graph_bytes / 2**20:.0f} MiB for decode CUDA graphs" if graph_bytes else ""))
     blocks = int(budget // per_block)
     if blocks < 1:
         raise ValueError(f"no memory is left for the KV cache ({where}; one block takes {per_block} bytes): "

@@ -54,7 +54,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def blocks_bucket(width: int) -> int:
     """The block-table width decode attention runs at for tables of at most ``width`` blocks: the next
-    power of two, so the launch shapes (and a CUDA graph per bucket) take few distinct values."""
+    power of two, so the launch shapes take few distinct values (decode CUDA graphs use one width for all:
+    ``serve.decode_graphs``)."""
     return 1 << max(0, width - 1).bit_length()
 
 
