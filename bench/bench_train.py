@@ -29,6 +29,7 @@ ROWS = {
     "dt-fp32-padded": ["--precision", "fp32", "--no-packing"],  # the defaults before issue 15
     "dt-rows2048": ["--max-length", "2048", "--micro-batch", "4"],  # packed rows of 2048: the harness's 4x2048 shape
     "dt-no-graphs": ["--no-cuda-graphs"],  # eager steps (the default replays CUDA graphs where it can)
+    "dt-mb4": ["--micro-batch", "4"],  # half the rows a step (half the tokens, about half the activations)
     "dt-graphs": ["--cuda-graphs"],  # the decoder layers replayed from CUDA graphs (static packed shapes)
     "dt-rows2048-graphs": ["--max-length", "2048", "--micro-batch", "4", "--cuda-graphs"],
     "dt-dora-rows2048": ["--max-length", "2048", "--micro-batch", "4", "--use-dora"],  # DoRA on the real CLI
