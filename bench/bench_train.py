@@ -6,7 +6,9 @@ the flags shown, in-process so the peak memory can be read); the peers train the
 examples (deltatune's data loader, so both see identical tokens and loss masks) with
 ``transformers.Trainer`` + ``peft`` LoRA r16 on all linear layers, bf16, padded
 (``DataCollatorForSeq2Seq``) or padding-free (``DataCollatorWithFlattening``). Tokens/s counts the
-non-padding tokens of the steps after the first ``--warmup``.
+non-padding tokens of the steps after the first ``--warmup``. ``--micro-batch`` is the peers' (8, as issue 15
+sets them up); a deltatune row takes ``deltatune train``'s own default (4 packed rows of ``--max-length``)
+unless its flags name one. ``--max-length`` applies to every row; unset, each uses deltatune train's default.
 
     python bench/bench_train.py --model DIR --data FILE --steps 40 --json bench_train.json
     python bench/bench_train.py --make-model 1b --tokenizer DIR --model /tmp/m   # a random Llama-shaped model
@@ -24,12 +26,12 @@ import tempfile
 import time
 
 ROWS = {
-    "dt-default": [],  # --precision auto (bf16 on the GPU), packing on for instruction/chat data
-    "dt-no-packing": ["--no-packing"],  # bf16, one example a row, padded
-    "dt-fp32-padded": ["--precision", "fp32", "--no-packing"],  # the defaults before issue 15
+    "dt-default": [],  # deltatune train's defaults: bf16 on the GPU, packed rows of --max-length, 4 a micro-batch
+    "dt-mb8": ["--micro-batch", "8"],  # 8 packed rows a micro-batch (twice the tokens and activations)
+    "dt-no-packing": ["--no-packing", "--micro-batch", "8"],  # bf16, one example a row, padded, as the peers
+    "dt-fp32-padded": ["--precision", "fp32", "--no-packing", "--micro-batch", "8"],  # the defaults before issue 15
     "dt-rows2048": ["--max-length", "2048", "--micro-batch", "4"],  # packed rows of 2048: the harness's 4x2048 shape
     "dt-no-graphs": ["--no-cuda-graphs"],  # eager steps (the default replays CUDA graphs where it can)
-    "dt-mb4": ["--micro-batch", "4"],  # half the rows a step (half the tokens, about half the activations)
     "dt-graphs": ["--cuda-graphs"],  # the decoder layers replayed from CUDA graphs (static packed shapes)
     "dt-rows2048-graphs": ["--max-length", "2048", "--micro-batch", "4", "--cuda-graphs"],
     "dt-dora-rows2048": ["--max-length", "2048", "--micro-batch", "4", "--use-dora"],  # DoRA on the real CLI
@@ -77,7 +79,7 @@ def run_deltatune(flags: list[str], args) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         argv = ["train", "--model", args.model, "--data", args.data, "--output", out, "--max-steps", str(args.steps),
-                "--micro-batch", str(args.micro_batch), "--save-every", "0", "--no-progress", "--lr", "2e-4",
+                "--save-every", "0", "--no-progress", "--lr", "2e-4",
                 "--r", "16", "--alpha", "32", *(["--quant", args.quant] if args.quant else []),
                 *(["--max-length", str(args.max_length)] if args.max_length else []), *flags]
         code = main(argv)
@@ -101,9 +103,10 @@ def run_hf(collator_kind: str, args) -> dict:
     from deltatune.train.data import load_dataset
 
     tok = AutoTokenizer.from_pretrained(args.model)
-    from deltatune.train.args import DataArgs
+    from deltatune.train.args import DataArgs, resolve_max_length
 
-    ds = load_dataset(args.data, tok, max_length=args.max_length or DataArgs.max_length, log=lambda *_: None)
+    length = resolve_max_length(DataArgs(max_length=args.max_length), tok).max_length  # deltatune train's default
+    ds = load_dataset(args.data, tok, max_length=length, log=lambda *_: None)
     rows = [{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in ds.examples]
     if collator_kind.endswith("+liger"):  # patch the Llama classes before the model is built
         from liger_kernel.transformers import apply_liger_kernel_to_llama
@@ -167,7 +170,7 @@ def main(argv=None):
     ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, of {list(ROWS)}")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--micro-batch", type=int, default=8, help="the peers' micro-batch (deltatune rows: their flags)")
     ap.add_argument("--json", default="bench_train.json")
     ap.add_argument("--max-length", type=int, help="for every row (default: deltatune train's own default; a row's "
                     "own --max-length wins for that row)")

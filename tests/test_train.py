@@ -13,6 +13,7 @@ from deltatune.adapters import AdapterModule
 from deltatune.cli import _field_docs, main, parse_train_args
 from deltatune.train import DataArgs, TrainArgs, TrainError, train
 from deltatune.train.checkpoint import latest_checkpoint, load_checkpoint
+from deltatune.train.loop import setup
 
 transformers = pytest.importorskip("transformers")
 
@@ -165,6 +166,35 @@ def test_existing_run_needs_resume_and_same_settings(tiny, tmp_path):
         train(*args_for(tiny, tmp_path, max_steps=6, lr=0.5, resume=True), log=lambda s: None)
     res = train(*args_for(tiny, tmp_path, max_steps=5, resume=True), log=lambda s: None)
     assert res.status == "done" and res.step == 5
+
+
+def test_max_length_default_is_1024_within_the_tokenizers_context(tiny, tmp_path):
+    from types import SimpleNamespace
+
+    from deltatune.train.args import DEFAULT_MAX_LENGTH, resolve_max_length
+
+    assert DataArgs().max_length is None and DEFAULT_MAX_LENGTH == 1024
+    unstated = SimpleNamespace(model_max_length=int(1e30))  # what transformers sets when a tokenizer states none
+    assert resolve_max_length(DataArgs(), unstated).max_length == 1024
+    assert resolve_max_length(DataArgs(), SimpleNamespace(model_max_length=512)).max_length == 512  # a BERT encoder
+    assert resolve_max_length(DataArgs(), object()).max_length == 1024
+    assert resolve_max_length(DataArgs(max_length=2048), SimpleNamespace(model_max_length=512)).max_length == 2048
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(TrainError, match="--max-length must be a positive number"):
+            resolve_max_length(DataArgs(max_length=bad), unstated)
+    # A run with the default records the number it used, cuts at it, and resumes under the unset default.
+    tok = transformers.AutoTokenizer.from_pretrained(tiny[0])
+    settings = args_for(tiny, tmp_path / "run", max_steps=2, save_every=1, packing=False)
+    args, data, lora = settings[0], dataclasses.replace(settings[1], max_length=None), settings[2]
+    longest = max(len(ex["input_ids"]) for ex in dt.train.load_dataset(data.data, tok, max_length=4096).examples)
+    tok.model_max_length = limit = longest - 2
+    run = setup(args, data, lora, tokenizer=tok, log=lambda s: None)
+    assert run.data.max_length == limit and run.train_data.truncated > 0
+    assert max(len(ex["input_ids"]) for ex in run.train_data.examples) == limit
+    train(args, data, lora, tokenizer=tok, log=lambda s: None)
+    assert json.loads((tmp_path / "run" / "train_args.json").read_text())["max_length"] == limit
+    res = train(dataclasses.replace(args, max_steps=3, resume=True), data, lora, tokenizer=tok, log=lambda s: None)
+    assert res.status == "done" and res.step == 3
 
 
 def test_flags_and_yaml_come_from_the_dataclasses(tmp_path, capsys):

@@ -18,7 +18,7 @@ from deltatune.methods import config_class, method_names
 
 __all__ = ["TrainArgs", "DataArgs", "TrainError", "RESUMABLE_CHANGES", "FULL", "METHOD_DEFAULTS", "FLAG_ALIASES",
            "METHOD_ALIASES", "method_choices", "method_config_class", "method_config", "run_record", "check_resume", "resolve_device",
-           "resolve_precision"]
+           "resolve_precision", "resolve_max_length", "DEFAULT_MAX_LENGTH"]
 
 FULL = "full"
 """The method name that trains every parameter (no adapter, no method config)."""
@@ -160,8 +160,8 @@ class DataArgs:
     """Validation file (same format as --data); otherwise --val-fraction of the training data is held out."""
     val_fraction: float = 0.0
     """Fraction of the training data held out for validation when --val-data is not given."""
-    max_length: int = 512
-    """Maximum tokens per example; longer ones are truncated (plain text is cut into blocks this long)."""
+    max_length: Optional[int] = None
+    """Maximum tokens per example (and a packed row's width); longer ones are truncated (plain text is cut into blocks this long). Default: 1024, or the tokenizer's model_max_length where that is shorter (512 for BERT-style encoders)."""
     packing: bool = True
     """Instruction/chat data: several examples in each row of up to --max-length tokens, each attending only to itself (no padding); --no-packing: one example a row."""
     text_columns: Optional[list[str]] = None
@@ -257,6 +257,26 @@ def check_resume(saved: dict, args: TrainArgs, data: DataArgs, method) -> None:
         raise TrainError("--resume with settings that change the run: "
                          + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
                          + "; resume with the original settings or start a new --output")
+
+
+DEFAULT_MAX_LENGTH = 1024
+"""--max-length where unset: TRL's SFT default; long enough for most instruction and chat examples (at 512,
+107 of the 299 glaive tool-call chats were cut), and rows this wide keep a GPU step busy (docs/benchmarks.md)."""
+
+
+def resolve_max_length(data: DataArgs, tokenizer) -> DataArgs:
+    """``data`` with --max-length resolved: as given, or where unset (None) ``DEFAULT_MAX_LENGTH`` capped at
+    the tokenizer's ``model_max_length`` when that states a shorter context (a BERT-style encoder's position
+    embeddings end at 512). What a run records, so a resume and ``deltatune eval`` see the same number."""
+    if data.max_length is not None:
+        if isinstance(data.max_length, bool) or not isinstance(data.max_length, int) or data.max_length < 1:
+            raise TrainError(f"--max-length must be a positive number of tokens, got {data.max_length!r}")
+        return data
+    limit = getattr(tokenizer, "model_max_length", None)
+    length = DEFAULT_MAX_LENGTH
+    if isinstance(limit, int) and 0 < limit < length:
+        length = limit
+    return dataclasses.replace(data, max_length=length)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

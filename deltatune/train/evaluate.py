@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from deltatune.adapters import prepare_batch
-from deltatune.train.args import DataArgs, resolve_device
+from deltatune.train.args import DataArgs, resolve_device, resolve_max_length
 from deltatune.train.data import IGNORE, Dataset, collate, load_dataset
 from deltatune.train.packed_masks import host_packing
 from deltatune.train.packing import segments
@@ -176,6 +176,7 @@ def evaluate_adapter(data: DataArgs, adapter: Optional[str] = None, model: Optio
     generate = named is not None and named.metric == "answer_accuracy"
     labels = info.get("label_names") or (list(named.label_names) if named and named.label_names else None)
     tok = load_tokenizer(model_path)
+    data = resolve_max_length(data, tok)  # unset: the default for this tokenizer, as deltatune train reads it
     ds = load_dataset(data.data, tok, fmt=data.data_format, max_length=data.max_length,
                       packing=data.packing and not generate, text_columns=data.text_columns,
                       label_column=data.label_column, label_names=labels, max_bad_fraction=data.max_bad_fraction,

@@ -7,7 +7,9 @@ from __future__ import annotations
 import random
 from typing import Optional
 
-from deltatune.train.args import FULL, DataArgs, TrainArgs, TrainError, method_config, method_config_class
+from deltatune.train.args import (
+    FULL, DataArgs, TrainArgs, TrainError, method_config, method_config_class, resolve_max_length,
+)
 from deltatune.train.data import Dataset, load_dataset, split_validation
 from deltatune.train.tasks import apply_task, named_task
 
@@ -33,7 +35,7 @@ def load_data(args: TrainArgs, data: DataArgs, tokenizer, log=print) -> tuple[Da
     """The training and validation sets that ``data`` describes (``args.seed`` picks subsets)."""
     if not data.data:
         raise TrainError("no training data: set DataArgs.data (--data)")
-    named, data = named_task(data.task), apply_task(data)
+    named, data = named_task(data.task), apply_task(resolve_max_length(data, tokenizer))
     kw = dict(fmt=data.data_format, max_length=data.max_length, packing=data.packing,
               max_bad_fraction=data.max_bad_fraction, text_columns=data.text_columns,
               label_column=data.label_column, max_classes=data.max_classes, log=log)

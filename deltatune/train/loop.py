@@ -30,7 +30,7 @@ import torch
 from deltatune.adapters import batch_preparers, prepare_batch
 import deltatune.train.checkpoint as ckpt
 from deltatune.train.args import (
-    DataArgs, TrainArgs, TrainError, check_resume, resolve_device, resolve_precision, run_record,
+    DataArgs, TrainArgs, TrainError, check_resume, resolve_device, resolve_max_length, resolve_precision, run_record,
 )
 from deltatune.train.console import StopSignals
 from deltatune.train.seeding import seed_generators, step_seed
@@ -191,14 +191,14 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
     device = world.device(resolve_device(args.device))
     # what "auto" means here is what the run records (and what a resume must agree with)
     args = dataclasses.replace(args, precision=resolve_precision(args.precision, device))
-    if resume_from is not None and args_path.exists():
-        check_resume(check_world(json.loads(args_path.read_text()), resume_from, args, world), args, data, method)
-
-    torch.manual_seed(args.seed)
     if tokenizer is None:
         from deltatune.hub import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
+    data = resolve_max_length(data, tokenizer)  # the unset default means a number the run records
+    if resume_from is not None and args_path.exists():
+        check_resume(check_world(json.loads(args_path.read_text()), resume_from, args, world), args, data, method)
+    torch.manual_seed(args.seed)
     if train_data is None:
         train_data, val_data = load_data(args, data, tokenizer, log)
         log(train_data.summary())

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from deltatune.methods.pattern import PatternConfig, PatternModel, Template, context_of
-from deltatune.train.args import DataArgs, TrainArgs, TrainError, resolve_device
+from deltatune.train.args import DEFAULT_MAX_LENGTH, DataArgs, TrainArgs, TrainError, resolve_device
 from deltatune.train.data import Dataset, split_validation
 from deltatune.train.formats import DataError, check_bad_rows, read_records
 
@@ -99,7 +99,8 @@ def pattern_dataset(path: str, model: PatternModel, data: DataArgs, log=print) -
     if columns != wanted:
         raise DataError(f"{path}: rows have {columns} text column(s), the template {pattern.cfg.template!r} places "
                         f"{wanted} ({{text}}, {{text2}}); choose columns with --text-columns or change the template")
-    limit = min(data.max_length, context_of(model.lm) or data.max_length)
+    length = data.max_length or DEFAULT_MAX_LENGTH  # unset: the default, then the model's context below
+    limit = min(length, context_of(model.lm) or length)
     ds = Dataset([], "classification", str(path), fmt, bad, total, label_names=list(labels))
     for r in records:
         texts = r.text if isinstance(r.text, list) else [r.text]
