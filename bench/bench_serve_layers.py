@@ -10,6 +10,10 @@ without its fp32 autocast of adapters). Rows:
   (16 distinct); tokens/s;
 * decode: ``--decode-rows`` sequences of one token, all distinct adapters (64); ms per step;
 * decode, base rows: the pool with every row routed to None (base rows should cost nothing);
+* decode, CUDA graph (GPU only): the base step and the pool's step (``routed(..., gathered=True)``) each
+  captured once and replayed, the pool's with the gathered kernel in one launch a projection and in two
+  phases (split-K shrink, then expand: ``kernels.bgmv_split``, what ``serve.decode_graphs`` captures); the
+  checks say whether both give the same bits;
 * decode, reloads: the pool holding ``--decode-rows`` slots with ``--registered`` adapters registered and
   each step naming ``--decode-rows`` adapters not resident (every slot reloaded from pinned host memory).
 
@@ -103,7 +107,8 @@ def timed(fn, iters: int, warmup: int, cuda: bool) -> float:
 
 
 def graphed(fn):
-    """``fn`` captured in a CUDA graph after two warm-up calls on a side stream; returns the graph's replay."""
+    """``fn`` captured in a CUDA graph after two warm-up calls on a side stream; returns the graph's replay and
+    the output the capture recorded (each replay writes there)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -112,8 +117,8 @@ def graphed(fn):
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
-        fn()
-    return graph.replay
+        out = fn()
+    return graph.replay, out
 
 
 PROFILE_ITERS = 3
@@ -243,11 +248,15 @@ def main(argv=None):
                                                    cuda)
             if case == "decode" and cuda:  # the GPU's own time: each step replayed from a CUDA graph
                 try:
-                    ms["base, CUDA graph"] = timed(graphed(lambda: base(x)), args.iters, args.warmup, cuda)
-                    with pool.routed(base, rows, gathered=True):  # hooks recorded; slots uploaded outside the capture
-                        replay = graphed(lambda: base(x))
-                    ms["deltatune pool, CUDA graph"] = timed(lambda: (pool.prepare(rows), replay()), args.iters,
-                                                             args.warmup, cuda)
+                    ms["base, CUDA graph"] = timed(graphed(lambda: base(x))[0], args.iters, args.warmup, cuda)
+                    outs = {}
+                    for phases, row in ((1, "1 launch"), (2, "2 phases")):  # the gathered kernel's two variants
+                        with pool.routed(base, rows, gathered=True, phases=phases):  # slots uploaded outside capture
+                            replay, outs[phases] = graphed(lambda: base(x))
+                        ms[f"deltatune pool, CUDA graph, {row}"] = timed(lambda: (pool.prepare(rows), replay()),
+                                                                          args.iters, args.warmup, cuda)
+                    checks["decode_graph_phases"] = {"bitwise_equal": bool(torch.equal(outs[1], outs[2])),
+                                                     "rel": rel(outs[2], outs[1])}
                 except Exception as e:  # report, keep the other rows
                     print(f"graphed rows failed: {type(e).__name__}: {e}")
             results.append((case, x.shape[0] * x.shape[1], ms))
@@ -256,7 +265,7 @@ def main(argv=None):
                     profiles.append((case, row) + profile_top(fn, cuda))
             ours, theirs, plain = pool_step(x, rows), peft_model(x, adapter_names=rows), base(x)
             checks[case] = {"pool_vs_peft": rel(ours, theirs), "peft_vs_base": rel(theirs, plain),
-                            "pool_vs_base": rel(ours, plain)}
+                            "pool_vs_base": rel(ours, plain), **checks.pop("decode_graph_phases", {})}
         # reloads: every step names adapters that are not resident
         extra = {f"r{i}": paths[f"a{i % n}"] for i in range(args.registered)}
         t0 = time.perf_counter()

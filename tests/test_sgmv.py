@@ -124,6 +124,93 @@ def check_bgmv(device, dtype):
     return out
 
 
+def check_bgmv_phases(device, dtype):
+    """The two-phase gathered kernels (split-K shrink, then expand) against float64 and against the one launch:
+    K = 600 (5 blocks of 128 at R = 40, the last partly masked), ranks 40, 8, 17, 0, 3 and 40 of R = 40 with
+    nonzero factors past each rank (reading them would show), base tokens (-1), a slot of rank 0 on the layer,
+    3-D inputs with 2 tokens a slot entry, all-base rows, 300 outputs (3 blocks of 128). SPLIT 1, 3 (ranges of
+    2, 2 and 1 blocks), 100 (clamped to 5) and the heuristic's 2 (3 and 2 blocks), each with its launch grids
+    recorded. Bit for bit the one-launch output for the same SPLIT (the same arithmetic in the same order; a
+    range of several blocks summed apart differs in fp32 from one running sum, so this can fail)."""
+    from deltatune.kernels import sgmv
+
+    g = torch.Generator().manual_seed(17)
+    S, R, K, N = 6, 40, 600, 300
+    ranks = [40, 8, 17, 0, 3, 40]
+    A = (torch.randn(S, R, K, generator=g) / K ** 0.5).to(device, dtype)
+    B = torch.randn(S, N, R, generator=g).to(device, dtype)
+    scales = (torch.rand(S, generator=g) + 0.5).to(device)
+    table = torch.tensor(ranks, dtype=torch.int32, device=device)
+    cases = {"tokens": ([3, -1, 0, 1, 2, 4, -1, 5, 1, 0, 2], 1, None),
+             "rows": ([1, -1, 4, 0, 3], 2, 2),
+             "all_base": ([-1, -1, -1], 1, None)}
+    kernels, grids = {}, {}
+
+    class Recording:  # records each launch's grid, then launches
+        def __init__(self, name):
+            self.name, kernels[name] = name, getattr(sgmv, name)
+
+        def __getitem__(self, grid):
+            grids[self.name] = grid
+            return kernels[self.name][grid]
+
+    out = {}
+    sgmv.bgmv_shrink, sgmv.bgmv_expand = Recording("bgmv_shrink"), Recording("bgmv_expand")
+    try:
+        for forced, want in ((1, 1), (3, 3), (100, 5), (None, sgmv.decode_split(5))):
+            layer = sgmv.Bgmv(A, B, scales, table, split=forced)
+            tag = f"split{forced or 'auto'}"
+            out[f"{tag}/split"] = layer.split == want
+            for name, (entries, per_row, row_len) in cases.items():
+                T = len(entries) * per_row
+                x = torch.randn(T, K, generator=g).to(device)
+                y = torch.randn(T, N, generator=g).to(device)
+                token_slots = [s for s in entries for _ in range(per_row)]
+                slots = torch.tensor(entries, dtype=torch.int32, device=device)
+                got = {}
+                for phases in (1, 2):
+                    grids.clear()
+                    if row_len is None:
+                        got[phases] = layer(x, y.clone(), slots, per_row, phases)
+                    else:
+                        got[phases] = layer(x.view(-1, row_len, K), y.clone().view(-1, row_len, N), slots, per_row,
+                                            phases).view(T, N)
+                    if phases == 2:
+                        expand = (T, -(-3 // sgmv.expand_tiles(T, 3, layer._sms)))
+                        out[f"{tag}/{name}/grids"] = grids == {"bgmv_shrink": (T, want), "bgmv_expand": expand}
+                    else:
+                        out[f"{tag}/{name}/one_launch_ran_nothing_else"] = not grids
+                untouched = [t for t, s in enumerate(token_slots) if s < 0 or ranks[s] == 0]
+                out[f"{tag}/{name}/base_untouched"] = bool(torch.equal(got[2][untouched], y[untouched]))
+                out[f"{tag}/{name}/bitwise_one_launch"] = bool(torch.equal(got[1], got[2]))
+                ref = _reference(x, y, A, B, scales, token_slots, ranks)
+                denom = (ref - y.double()).norm().item()
+                if denom > 0:
+                    out[f"{tag}/{name}"] = (got[2].double() - ref).norm().item() / denom
+    finally:
+        sgmv.bgmv_shrink, sgmv.bgmv_expand = kernels["bgmv_shrink"], kernels["bgmv_expand"]
+    # the partials buffer: allocated on a token count's first call, the same one on every later call; shared
+    # with a layer of the same workspace needing no more, replaced for one needing more (the first keeps its own)
+    workspace = {}
+    first = sgmv.Bgmv(A, B, scales, table, split=2, workspace=workspace)
+    x, y = torch.randn(4, K, generator=g).to(device), torch.randn(4, N, generator=g).to(device)
+    slots = torch.tensor([0, 2, -1, 5], dtype=torch.int32, device=device)
+    first(x, y.clone(), slots, 1, 2)
+    h = first._launches[(x.shape, y.shape, slots.shape, 1, 2)][2]
+    again = first(x, y.clone(), slots, 1, 2)
+    out["buffer/shape"] = tuple(h.shape) == (2, 4, R)
+    out["buffer/kept"] = first._launches[(x.shape, y.shape, slots.shape, 1, 2)][2].data_ptr() == h.data_ptr()
+    out["buffer/one_per_token_count"] = list(workspace) == [4]
+    smaller = sgmv.Bgmv(A[:, :8].contiguous(), B[:, :, :8].contiguous(), scales, None, split=1, workspace=workspace)
+    smaller(x, y.clone(), slots, 1, 2)
+    out["buffer/shared"] = smaller._launches[(x.shape, y.shape, slots.shape, 1, 2)][2].data_ptr() == h.data_ptr()
+    larger = sgmv.Bgmv(A, B, scales, table, split=3, workspace=workspace)
+    larger(x, y.clone(), slots, 1, 2)
+    out["buffer/grown"] = workspace[4].data_ptr() != h.data_ptr() and workspace[4].numel() == 3 * 4 * R
+    out["buffer/first_keeps_its_own"] = bool(torch.equal(first(x, y.clone(), slots, 1, 2), again))
+    return out
+
+
 def check_split(device, dtype):
     """The split-K shrink: K = 300 (5 blocks of 64, not a multiple of any split), ranks 40, 8, 17 and 0 zero-padded
     to R = 40, base tokens, slots 3 and 5 absent from the batch, a 40-token segment (3 tiles of 16, or one of 64),
@@ -222,7 +309,9 @@ def _pool(device, dtype, root):
 def check_pool(device, dtype):
     """The pool through the kernels equals the pool through the PyTorch reference, on a tiny Llama: a prefill
     layout (SGMV), decode layouts (the one-launch gathered kernel: one token per row, two tokens per row, rows
-    routed per token) with ranks 4 and 8 padded to 8 and adapter "b" absent from most layers (rank 0 there)."""
+    routed per token) with ranks 4 and 8 padded to 8 and adapter "b" absent from most layers (rank 0 there).
+    Forced gathered (``routed(..., gathered=True)``, a graphed decode step): the two-phase kernels, equal to the
+    reference in every layout and, in decode layouts, to the eager step's logits bit for bit."""
     from deltatune.kernels import backend
 
     vocab = _tiny_models().VOCAB
@@ -237,7 +326,8 @@ def check_pool(device, dtype):
     out = {}
     with tempfile.TemporaryDirectory() as root:
         base, pool = _pool(device, dtype, root)
-        sgmv.Bgmv.__call__ = lambda self, *a, **k: (launches.append(1), launch(self, *a, **k))[1]
+        sgmv.Bgmv.__call__ = lambda self, *a, **k: (launches.append(a[4] if len(a) > 4 else k.get("phases", 1)),
+                                                     launch(self, *a, **k))[1]
         try:
             for case, (rows, shape, gathered) in layouts.items():
                 ids = torch.randint(0, vocab, shape, generator=gen).to(device)
@@ -256,6 +346,15 @@ def check_pool(device, dtype):
                 out[f"pool/{case}"] = ((kernels.double() - reference.double()).norm().item()
                                        / reference.double().norm().item())
                 out[f"pool/{case}/adapters_change_logits"] = (reference - plain).abs().max().item() > 1e-3
+                # forced gathered (a graphed decode step): the two-phase kernels, for any layout
+                launches.clear()
+                with torch.no_grad(), pool.routed(base, rows, gathered=True):
+                    graphed = base(input_ids=ids).logits
+                out[f"pool/{case}/gathered"] = ((graphed.double() - reference.double()).norm().item()
+                                                / reference.double().norm().item())
+                out[f"pool/{case}/gathered/two_phases_ran"] = bool(launches) and set(launches) == {2}
+                if gathered:  # the same logits, bit for bit, as the eager step's one-launch kernel
+                    out[f"pool/{case}/gathered/bitwise_eager"] = bool(torch.equal(graphed, kernels))
             # a routed call inside another with as many rows (on a copy of the model) keeps the outer one's slots
             rows, inner_rows = ["a", None, "b", "c", "a"], ["c", "b", "a", None, "c"]
             ids = torch.randint(0, vocab, (5, 1), generator=gen).to(device)
@@ -289,68 +388,81 @@ class _CountOps(TorchDispatchMode):
 
 
 def check_decode_host_work(device, dtype):
-    """A decode step through the pool: each pooled projection is one launch of the gathered kernel and no
-    torch op (no allocation, copy or view beyond the base model's own); entering ``routed`` is one upload.
-    On CPU the kernel is a counting stub (the interpreter's own tensor traffic would count); on a GPU it runs,
-    under ``torch.cuda.set_sync_debug_mode("error")`` (a host read of the device would raise)."""
+    """A decode step through the pool: each pooled projection is one launch of the gathered kernel (eager) or
+    two, the shrink and the expand (forced gathered: a step being captured as a CUDA graph), and no torch op
+    (no allocation, copy or view beyond the base model's own; the two-phase partials are allocated by the
+    first step only); entering ``routed`` is one upload. On CPU the kernels are counting stubs (the
+    interpreter's own tensor traffic would count); on a GPU they run, under
+    ``torch.cuda.set_sync_debug_mode("error")`` (a host read of the device would raise)."""
     from deltatune.kernels import backend
 
     sgmv = backend.load("deltatune.kernels.sgmv")
-    kernel, calls, launches = sgmv._bgmv, [], []
+    names = ("_bgmv", "bgmv_shrink", "bgmv_expand")
+    kernels, calls, launches = {n: getattr(sgmv, n) for n in names}, [], []
 
     class Counting:
+        def __init__(self, name):
+            self.name = name
+
         def __getitem__(self, grid):
-            launches.append(grid)
-            return (lambda *a, **k: None) if device == "cpu" else kernel[grid]
+            launches.append(self.name)
+            return (lambda *a, **k: None) if device == "cpu" else kernels[self.name][grid]
 
     launch = sgmv.Bgmv.__call__
     ids = torch.randint(0, _tiny_models().VOCAB, (4, 1), generator=torch.Generator().manual_seed(2)).to(device)
     rows = ["a", None, "b", "c"]
     with tempfile.TemporaryDirectory() as root:
         base, pool = _pool(device, dtype, root)
-    sgmv._bgmv = Counting()
+    for n in names:
+        setattr(sgmv, n, Counting(n))
     sgmv.Bgmv.__call__ = lambda self, *a, **k: (calls.append(1), launch(self, *a, **k))[1]
-
-    def step():
-        with pool.routed(base, rows):
-            return base(input_ids=ids).logits
-
-    def enter():
-        with pool.routed(base, rows):
-            pass
 
     def ops(fn):
         with _CountOps() as counter:
             fn()
         return counter.ops
 
+    out = {}
     try:
-        with torch.no_grad():
-            step()  # slots loaded, the table allocated, kernels compiled
-            calls.clear(), launches.clear()
-            extra = ops(step)
-            projections, launched = len(calls), len(launches)
-            extra.subtract(ops(lambda: base(input_ids=ids)))
-            extra.subtract(ops(enter))
-            synced = False
-            if device != "cpu":
-                torch.cuda.synchronize()
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    step()
-                except RuntimeError:
-                    synced = True
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
+        for tag, gathered, kernel_names in (("", False, ["_bgmv"]), ("graphed/", True, ["bgmv_shrink", "bgmv_expand"])):
+            def step():
+                with pool.routed(base, rows, gathered=gathered):
+                    return base(input_ids=ids).logits
+
+            def enter():
+                with pool.routed(base, rows, gathered=gathered):
+                    pass
+
+            with torch.no_grad():
+                step()  # slots loaded, the table (and the partials) allocated, kernels compiled
+                calls.clear(), launches.clear()
+                extra = ops(step)
+                projections, launched = len(calls), list(launches)
+                extra.subtract(ops(lambda: base(input_ids=ids)))
+                extra.subtract(ops(enter))
+                synced = False
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("error")
+                    try:
+                        step()
+                    except RuntimeError:
+                        synced = True
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+            out[f"host/{tag}every_pooled_projection_gathered"] = projections == len(pool.planned_shapes()) > 0
+            out[f"host/{tag}launches_per_projection"] = launched == kernel_names * projections
+            out[f"host/{tag}no_torch_ops_per_projection"] = not {k: v for k, v in extra.items() if v}
+            out[f"host/{tag}no_sync"] = not synced
     finally:
-        sgmv._bgmv, sgmv.Bgmv.__call__ = kernel, launch
-    return {"host/every_pooled_projection_gathered": projections == len(pool.planned_shapes()) > 0,
-            "host/one_launch_per_projection": launched == projections,
-            "host/no_torch_ops_per_projection": not {k: v for k, v in extra.items() if v},
-            "host/no_sync": not synced}
+        for n in names:
+            setattr(sgmv, n, kernels[n])
+        sgmv.Bgmv.__call__ = launch
+    return out
 
 
-CHECKS = {"kernels": check_kernels, "split": check_split, "bgmv": check_bgmv, "pool": check_pool, "host": check_decode_host_work}
+CHECKS = {"kernels": check_kernels, "split": check_split, "bgmv": check_bgmv, "phases": check_bgmv_phases,
+          "pool": check_pool, "host": check_decode_host_work}
 
 
 def run_checks(device):
@@ -407,10 +519,11 @@ class _Projections(torch.nn.Module):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
-def test_pool_decode_step_replays_as_a_cuda_graph(tmp_path):
-    """A decode step's pooled projections capture into a CUDA graph (one launch each, no host read, shapes
-    fixed by the row count), and the graph replayed after ``routed`` wrote other rows' slots into the same
-    table gives what the eager step gives for those rows."""
+@pytest.mark.parametrize("phases", [1, 2])
+def test_pool_decode_step_replays_as_a_cuda_graph(tmp_path, phases):
+    """A decode step's pooled projections capture into a CUDA graph (one launch each, or the shrink and the
+    expand with ``phases`` 2; no host read, shapes fixed by the row count), and the graph replayed after
+    ``routed`` wrote other rows' slots into the same table gives what the eager step gives for those rows."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 in this process; CUDA graphs need compiled kernels")
     import deltatune as dt
@@ -427,8 +540,8 @@ def test_pool_decode_step_replays_as_a_cuda_graph(tmp_path):
     x = torch.randn(6, 32, device="cuda", dtype=torch.bfloat16)  # (T, hidden): the engine's decode layout
     first, second = ["a", None, "b", "c", "a", "b"], ["c", "c", None, "a", "b", None]
     with torch.no_grad():
-        with pool.routed(base, first):
-            for _ in range(3):  # kernels compiled, cuBLAS warm, outside the capture
+        with pool.routed(base, first, phases=phases):
+            for _ in range(3):  # kernels compiled, cuBLAS warm, partials allocated, outside the capture
                 base(x)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -487,6 +600,85 @@ def test_split_rejects_bad_values(monkeypatch):
         monkeypatch.setenv("DELTATUNE_SGMV_SPLIT", bad)
         with pytest.raises(ValueError, match="DELTATUNE_SGMV_SPLIT must be a positive integer"):
             sgmv.sgmv(x, y, A, B, scales, batch.order, batch.tiles, batch.block_m)
+
+
+def test_decode_phases_choice(monkeypatch):
+    """Eager decode takes the one launch, a call forced gathered (a graphed step) the two phases;
+    ``DELTATUNE_BGMV_PHASES`` overrides both, an explicit ``phases`` overrides it; other values are refused,
+    naming where they came from (``routed`` refuses before loading anything)."""
+    from deltatune.serve.pool_call import decode_phases
+
+    monkeypatch.delenv("DELTATUNE_BGMV_PHASES", raising=False)
+    assert (decode_phases(False), decode_phases(True)) == (1, 2)
+    for env in ("1", "2"):
+        monkeypatch.setenv("DELTATUNE_BGMV_PHASES", env)
+        assert decode_phases(False) == decode_phases(True) == int(env)
+        assert decode_phases(True, 3 - int(env)) == 3 - int(env)
+    for bad in ("0", "3", "two"):
+        monkeypatch.setenv("DELTATUNE_BGMV_PHASES", bad)
+        with pytest.raises(ValueError, match="DELTATUNE_BGMV_PHASES must be 1"):
+            decode_phases(True)
+    monkeypatch.delenv("DELTATUNE_BGMV_PHASES")
+    for bad in (0, 3, True, "2"):
+        with pytest.raises(ValueError, match="phases must be 1"):
+            decode_phases(False, bad)
+    with tempfile.TemporaryDirectory() as root:
+        base, pool = _pool("cpu", torch.float32, root)
+        with pytest.raises(ValueError, match="phases must be 1"):
+            with pool.routed(base, ["a"], phases=3):
+                pass
+        assert pool.resident() == []
+
+
+def test_bgmv_refuses_bad_phases_and_splits():
+    """``Bgmv`` refuses a split that is not a positive integer at construction, and a ``phases`` other than 1 or 2
+    at the first call of a shape, before any launch."""
+    from deltatune.kernels import sgmv
+
+    A, B, scales = torch.zeros(2, 8, 32), torch.zeros(2, 16, 8), torch.ones(2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="split must be a positive integer"):
+            sgmv.Bgmv(A, B, scales, split=bad)
+    layer = sgmv.Bgmv(A, B, scales)
+    for bad in (0, 3, True):
+        with pytest.raises(ValueError, match="phases must be 1"):
+            layer(torch.zeros(2, 32), torch.zeros(2, 16), torch.zeros(2, dtype=torch.int32), 1, bad)
+    assert not layer._launches
+
+
+def test_decode_split_and_grids_follow_their_rules():
+    """``decode_split``: a power of two up to 16, every K range at least 2 blocks, of K alone. On the 1B shape of
+    issue 18 (rank 64, 64 decode rows, an H200's 132 multiprocessors): K 2048 in 8 ranges, K 8192 in 16, so the
+    shrink has >= 2 programs a multiprocessor; the expand's output runs from ``expand_tiles`` (>= 3 programs a
+    multiprocessor where the outputs allow); the partials buffer (SPLIT, T, R)."""
+    from deltatune.kernels import sgmv
+    from deltatune.kernels.bgmv_split import decode_split
+
+    for k_blocks in range(1, 200):
+        split = decode_split(k_blocks)
+        assert split & (split - 1) == 0 and 1 <= split <= 16, (k_blocks, split)
+        assert split == 1 or k_blocks >= 2 * split, (k_blocks, split)
+        assert split == 16 or k_blocks < 4 * split, (k_blocks, split)  # the largest
+    with pytest.raises(ValueError, match="k_blocks must be at least 1"):
+        decode_split(0)
+    meta = torch.device("meta")
+    for K, N, want in ((2048, 8192, 8), (2048, 2048, 8), (2048, 512, 8), (8192, 2048, 16)):
+        A = torch.empty(2, 64, K, device=meta, dtype=torch.bfloat16)
+        B = torch.empty(2, N, 64, device=meta, dtype=torch.bfloat16)
+        layer = sgmv.Bgmv(A, B, torch.empty(2, device=meta), torch.empty(2, device=meta, dtype=torch.int32))
+        layer._sms = 132
+        assert layer.split == want, (K, N, layer.split)
+        T = 64
+        x, y = torch.empty(T, K, device=meta), torch.empty(T, N, device=meta)
+        (shrink_grid, _), (expand_grid, expand), h = layer._launch(x, y, torch.empty(T, device=meta,
+                                                                                     dtype=torch.int32), 1, 2)
+        assert shrink_grid == (T, want) and T * want >= 2 * 132
+        blocks = N // 128
+        assert expand["N_TILES"] == sgmv.expand_tiles(T, blocks, 132)
+        assert expand_grid == (T, -(-blocks // expand["N_TILES"]))
+        assert expand_grid[1] * T >= 3 * 132 or expand["N_TILES"] == 1
+        assert tuple(h.shape) == (want, T, 64) and h.dtype == torch.float32
+    assert decode_split(5) == 2  # what check_bgmv_phases's heuristic case (K 600: 5 blocks of 128) runs
 
 
 def test_reference_catches_a_wrong_answer():

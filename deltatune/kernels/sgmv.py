@@ -21,7 +21,10 @@ Two shapes of work:
   sorting, no buffer, no host work per call beyond the launch (``Bgmv`` checks shapes once per layer), and
   a grid fixed by the token count: what a CUDA graph of a decode step needs. Tokens of slot -1, and slots
   of rank 0 on this layer (``ranks``, on the device), have every load and store masked off; a slot reads
-  only its own rank, not the padding. For decode: one token per sequence, many distinct adapters.
+  only its own rank, not the padding. For decode: one token per sequence, many distinct adapters. Eager
+  decode runs this one launch (a launch costs host time there); a graphed decode step runs the same
+  arithmetic in two phases, a split-K shrink into an fp32 buffer and an expand (``Bgmv(...)(...,
+  phases=2)``, ``kernels.bgmv_split``: why, and how both give the same bits).
 
 Slots are rank-padded (zeros beyond an adapter's rank), so R is one number per layer. Tokens with no
 adapter are not in ``order``: the kernels never touch them. Operands in A's / B's dtype with fp32
@@ -39,6 +42,7 @@ import triton
 import triton.language as tl
 
 from deltatune.kernels.backend import interpreted
+from deltatune.kernels.bgmv_split import bgmv_expand, bgmv_shrink, decode_split, expand_block, shrink_block, slot_rank
 from deltatune.kernels.triton_bits import dot as _dot
 
 __all__ = ["sgmv", "shrink_split", "expand_tiles", "bgmv", "Bgmv"]
@@ -109,41 +113,26 @@ def _sgmv_expand(H, stride_hs, B, stride_bs, stride_bn, SCALES, Y, stride_y, ORD
 @triton.jit
 def _bgmv(X, A, B, SCALES, RANKS, Y, SLOTS, ROWS_PER_SLOT, R: tl.constexpr, K: tl.constexpr, N_OUT: tl.constexpr,
           HAS_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-          N_TILES: tl.constexpr):
+          N_TILES: tl.constexpr, SPLIT: tl.constexpr, K_TILES: tl.constexpr):
     """y[t, n] += scale_s * sum_r B[s, n, r] h[r], h = round(A[s] x[t]), s = slots[t // ROWS_PER_SLOT]: one token
     and N_TILES blocks of BLOCK_N outputs per program, shrink and expand in one launch (each program of a token
-    recomputes its rank-R shrink). No slot (-1) or rank 0 on this layer: every load and the store masked off."""
+    recomputes its rank-R shrink). No slot (-1) or rank 0 on this layer: every load and the store masked off.
+    The shrink sums SPLIT K ranges of K_TILES blocks, each accumulated apart from zero, into ``acc`` in range
+    order: the two-phase kernels' arithmetic (``kernels.bgmv_split``), so both give the same bits."""
     t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(SLOTS + t // ROWS_PER_SLOT)
-    s = tl.maximum(slot, 0).to(tl.int64)
-    if HAS_RANKS:
-        rank = tl.load(RANKS + s)
-    else:
-        rank = R
-    rank = tl.where(slot >= 0, rank, 0)
-    k_end = tl.where(rank > 0, K, 0)  # bounds, not a scalar "and" into the masks (the interpreter's masks are bool)
-    n_end = tl.where(rank > 0, N_OUT, 0)
-    r = tl.arange(0, BLOCK_R)
-    rmask = r < rank  # a padded rank is neither read nor multiplied
+    s, rank = slot_rank(SLOTS, RANKS, t, ROWS_PER_SLOT, R, HAS_RANKS)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for i in range(0, (K + BLOCK_K - 1) // BLOCK_K):  # constexpr trip count (the interpreter needs one)
-        k = i * BLOCK_K + tl.arange(0, BLOCK_K)
-        kmask = k < k_end
-        x = tl.load(X + t * K + k, mask=kmask, other=0.0).to(A.dtype.element_ty).to(tl.float32)  # (BK,)
-        a = tl.load(A + s * (R * K) + r[:, None] * K + k[None, :], mask=rmask[:, None] & kmask[None, :],
-                    other=0.0).to(tl.float32)  # (BR, BK)
-        acc += tl.sum(a * x[None, :], axis=1)
+    part = tl.zeros((BLOCK_R,), dtype=tl.float32)  # the current K range's sum
+    for i in range(0, SPLIT * K_TILES):  # constexpr trip count (the interpreter needs one), one loop: pipelined
+        part += shrink_block(X, A, t, s, rank, i * BLOCK_K + tl.arange(0, BLOCK_K), R, K, BLOCK_R)
+        last = (i % K_TILES) == K_TILES - 1  # a range ends: into acc, in range order (the two-phase expand's)
+        acc = tl.where(last, acc + part, acc)
+        part = tl.where(last, 0.0, part)
     h = acc.to(B.dtype.element_ty).to(tl.float32)  # the rounding of h an unfused B(A x) in B's dtype has
     scale = tl.load(SCALES + s)
     for j in range(0, N_TILES):
         n = (tl.program_id(1) * N_TILES + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < n_end
-        b = tl.load(B + s * (N_OUT * R) + n[:, None] * R + r[None, :], mask=nmask[:, None] & rmask[None, :],
-                    other=0.0).to(tl.float32)  # (BN, BR)
-        d = tl.sum(b * h[None, :], axis=1) * scale
-        out = Y + t * N_OUT + n
-        y = tl.load(out, mask=nmask, other=0.0)
-        tl.store(out, (y.to(tl.float32) + d).to(Y.dtype.element_ty), mask=nmask)
+        expand_block(B, Y, t, s, rank, h, scale, n, R, N_OUT, BLOCK_R)
 
 
 def _check(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor):
@@ -249,14 +238,22 @@ def _sm_count(device: torch.device) -> int:
 
 
 class Bgmv:
-    """The gathered (per-token) launch for one layer's slots: shapes checked and launch constants chosen once,
-    so a call is one kernel launch and no other host work (no allocation, no host read of a device tensor).
+    """The gathered (per-token) launches for one layer's slots: shapes checked and launch constants chosen once,
+    so a call is one kernel launch (or two) and no other host work (no allocation after the first call of a
+    shape, no host read of a device tensor).
 
     A (S, R, in), B (S, out, R) contiguous, in one dtype; scales (S,) fp32; ranks (S,) int32 or None (every slot
     uses all R). The tensors are held, not copied: slots loaded into them later are seen by the next call.
+    ``split``: how many K ranges the shrink sums apart (None: ``decode_split``; at most one per BLOCK_K of
+    K), the same in both variants. ``workspace``: a dict, token count -> fp32 buffer, shared by layers whose
+    calls run one after another on one stream (a pool's layers: one buffer per token count, not one per
+    layer); None: this object's own. It holds the two-phase variant's partials, allocated on the first call
+    of a token count and reused by every later one (a CUDA graph captures its address); a layer needing more
+    than the shared buffer holds replaces it with a larger one, and layers that took the old one keep it.
     """
 
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor | None = None):
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor | None = None,
+                 split: int | None = None, workspace: dict[int, torch.Tensor] | None = None):
         if A.dim() != 3 or B.dim() != 3 or B.shape[0] != A.shape[0] or B.shape[2] != A.shape[1]:
             raise ValueError(f"mixed LoRA slots: A {tuple(A.shape)} (S, R, in), B {tuple(B.shape)} (S, out, R)")
         S, R, K = A.shape
@@ -270,19 +267,27 @@ class Bgmv:
         if any(t.device != A.device for t in (B, scales) + ((ranks,) if ranks is not None else ())):
             raise ValueError(f"mixed LoRA slots on different devices: A {A.device}, B {B.device}, "
                              f"scales {scales.device}" + (f", ranks {ranks.device}" if ranks is not None else ""))
+        if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
+            raise ValueError(f"Bgmv: split must be a positive integer, got {split!r}")
         self.A, self.B, self.scales = A, B, scales
         self.ranks = ranks if ranks is not None else scales  # a pointer the kernel never reads (HAS_RANKS off)
         N = B.shape[1]
         block_r = max(16, _pow2(R))
-        self.K, self.N = K, N
-        self._const = dict(R=R, K=K, N_OUT=N, HAS_RANKS=ranks is not None, BLOCK_R=block_r,
-                           BLOCK_K=min(max(16, _pow2(K)), max(32, 8192 // block_r)),
-                           BLOCK_N=min(max(16, _pow2(N)), max(32, 8192 // block_r)), num_warps=4)
+        block_k = min(max(16, _pow2(K)), max(32, 8192 // block_r))
+        k_blocks = _cdiv(K, block_k)
+        k_tiles = _cdiv(k_blocks, min(decode_split(k_blocks) if split is None else split, k_blocks))  # blocks a range
+        self.split = _cdiv(k_blocks, k_tiles)  # no empty range
+        self.K, self.N, self.R = K, N, R
+        self._const = dict(R=R, K=K, N_OUT=N, HAS_RANKS=ranks is not None, BLOCK_R=block_r, BLOCK_K=block_k,
+                           BLOCK_N=min(max(16, _pow2(N)), max(32, 8192 // block_r)), SPLIT=self.split,
+                           K_TILES=k_tiles, num_warps=4)
         self._sms = _sm_count(A.device)
-        self._launches: dict[tuple, tuple] = {}  # (x shape, y shape, slots, rows per slot) -> (grid, constants)
+        self._workspace = {} if workspace is None else workspace
+        self._launches: dict[tuple, tuple] = {}  # (x shape, y shape, slots, rows per slot, phases) -> launch
 
-    def _launch(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, rows_per_slot: int) -> tuple:
-        """The grid and constexprs for these shapes (checked here, once per shape)."""
+    def _launch(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, rows_per_slot: int, phases: int) -> tuple:
+        """What a call of these shapes launches (checked here, once per shape): (grid, constants) for one launch;
+        for two, the shrink's and the expand's (grid, constants) and the partials buffer (SPLIT, T, R)."""
         if x.shape[-1] != self.K or y.shape[-1] != self.N or x.shape[:-1] != y.shape[:-1]:
             raise ValueError(f"mixed LoRA: x {tuple(x.shape)} and y {tuple(y.shape)} do not fit slots of in={self.K}, "
                              f"out={self.N}")
@@ -293,39 +298,70 @@ class Bgmv:
         if not (x.device == y.device == slots.device == self.A.device):
             raise ValueError(f"mixed LoRA on different devices: x {x.device}, y {y.device}, slots {slots.device}, "
                              f"slots' factors {self.A.device}")
+        if isinstance(phases, bool) or phases not in (1, 2):
+            raise ValueError(f"Bgmv: phases must be 1 (one launch) or 2 (shrink, then expand), got {phases!r}")
+        c = self._const
+        blocks = _cdiv(self.N, c["BLOCK_N"])
+        if phases == 2:  # as many output blocks a program as leave >= 3 programs a multiprocessor
+            n_tiles = expand_tiles(max(tokens, 1), blocks, self._sms)
+            shrink = dict((k, c[k]) for k in ("R", "K", "HAS_RANKS", "BLOCK_R", "BLOCK_K", "K_TILES", "num_warps"))
+            expand = dict((k, c[k]) for k in ("R", "N_OUT", "HAS_RANKS", "SPLIT", "BLOCK_R", "BLOCK_N", "num_warps"))
+            return ((tokens, self.split), shrink), ((tokens, _cdiv(blocks, n_tiles)), dict(expand, N_TILES=n_tiles)), \
+                self._partials(tokens, x.device)
         # programs along the output: enough of them to fill the GPU (~4 a multiprocessor), but at most ~2 shrinks
         # (R x in, re-read from cache) per expand (out x R) of a token
-        blocks = _cdiv(self.N, self._const["BLOCK_N"])
         split = max(1, min(blocks, _cdiv(4 * self._sms, max(tokens, 1)), _cdiv(2 * self.N, self.K)))
         n_tiles = _cdiv(blocks, split)
-        return (tokens, _cdiv(blocks, n_tiles)), dict(self._const, N_TILES=n_tiles)
+        return (tokens, _cdiv(blocks, n_tiles)), dict(c, N_TILES=n_tiles)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, rows_per_slot: int = 1) -> torch.Tensor:
+    def _partials(self, tokens: int, device: torch.device) -> torch.Tensor:
+        """The two-phase partials (SPLIT, tokens, R) fp32: a view of the workspace's buffer for ``tokens``,
+        replaced by a larger one when it is too small (whoever holds the old one keeps it)."""
+        need = self.split * tokens * self.R
+        buf = self._workspace.get(tokens)
+        if buf is None or buf.numel() < need:
+            buf = self._workspace[tokens] = torch.empty(max(need, 1), dtype=torch.float32, device=device)
+        return buf[:need].view(self.split, tokens, self.R)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, rows_per_slot: int = 1,
+                 phases: int = 1) -> torch.Tensor:
         """``y`` (.., out) plus ``scale_s · B_s A_s x[t]`` for each token ``t`` of ``x`` (.., in), ``s`` =
-        ``slots[t // rows_per_slot]`` (int32 on the device; -1: none). Updates ``y`` in place and returns it (a
-        contiguous copy first if ``y`` is not contiguous)."""
+        ``slots[t // rows_per_slot]`` (int32 on the device; -1: none). ``phases``: 1, one launch (each program
+        of a token recomputes its shrink: eager decode, where a launch costs host time); 2, a shrink over
+        (token, K range) then an expand through the partials buffer (a graphed decode step, where launches are
+        free); the same bits either way. Updates ``y`` in place and returns it (a contiguous copy first if
+        ``y`` is not contiguous)."""
         if not x.is_contiguous():
             x = x.contiguous()
         if not y.is_contiguous():
             y = y.contiguous()
-        key = (x.shape, y.shape, slots.shape, rows_per_slot)
+        key = (x.shape, y.shape, slots.shape, rows_per_slot, phases)
         launch = self._launches.get(key)
         if launch is None:
-            launch = self._launches[key] = self._launch(x, y, slots, rows_per_slot)
-        grid, const = launch
-        if grid[0]:
-            _bgmv[grid](x, self.A, self.B, self.scales, self.ranks, y, slots, rows_per_slot, **const)
+            launch = self._launches[key] = self._launch(x, y, slots, rows_per_slot, phases)
+        if phases == 1:
+            grid, const = launch
+            if grid[0]:
+                _bgmv[grid](x, self.A, self.B, self.scales, self.ranks, y, slots, rows_per_slot, **const)
+            return y
+        (shrink_grid, shrink), (expand_grid, expand), h = launch
+        if shrink_grid[0]:
+            tokens = shrink_grid[0]
+            bgmv_shrink[shrink_grid](x, self.A, self.ranks, slots, h, rows_per_slot, tokens, **shrink)
+            bgmv_expand[expand_grid](h, self.B, self.scales, self.ranks, y, slots, rows_per_slot, tokens, **expand)
         return y
 
 
 def bgmv(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
-         slots: torch.Tensor, ranks: torch.Tensor | None = None, rows_per_slot: int = 1) -> torch.Tensor:
-    """Gathered mixed LoRA, token by token, in one launch: ``y[t] += scale_s · B_s A_s x[t]`` with
-    ``s = slots[t // rows_per_slot]`` (int32, -1: no adapter). x (T, in); y (T, out), updated in place; A, B,
-    scales as ``sgmv``; ``ranks`` (S,) int32 on the device lets a slot skip its padded rank (0: the slot adds
-    nothing here). Returns ``y``. A layer called many times holds a ``Bgmv`` instead (checks done once)."""
+         slots: torch.Tensor, ranks: torch.Tensor | None = None, rows_per_slot: int = 1, phases: int = 1,
+         split: int | None = None) -> torch.Tensor:
+    """Gathered mixed LoRA, token by token: ``y[t] += scale_s · B_s A_s x[t]`` with ``s = slots[t // rows_per_slot]``
+    (int32, -1: no adapter). x (T, in); y (T, out), updated in place; A, B, scales as ``sgmv``; ``ranks`` (S,)
+    int32 on the device lets a slot skip its padded rank (0: the slot adds nothing here); ``phases`` and
+    ``split`` as ``Bgmv``. Returns ``y``. A layer called many times holds a ``Bgmv`` instead (checks done once,
+    buffers kept)."""
     x, y, A, B, scales = _check(x, y, A, B, scales)
-    return Bgmv(A.contiguous(), B.contiguous(), scales, ranks)(x, y, slots, rows_per_slot)
+    return Bgmv(A.contiguous(), B.contiguous(), scales, ranks, split)(x, y, slots, rows_per_slot, phases)
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -24,8 +24,11 @@ itself (routed by the PyTorch reference, whose shapes follow the rows), a device
 (``capture=False`` runs the same static path eagerly: what the CPU tests compare), or after a capture
 failed (turned off, with a warning). A graph reads the pool's stacked slots in place; loading another
 adapter into a slot copies into them, so graphs stay valid while adapters come and go. The pool's decode
-kernel is one gathered launch per projection for any mix of rows (``PoolCall`` forced to it), so a
-replay never meets a layout it was not captured with.
+kernel is the gathered one for any mix of rows (``PoolCall`` forced to it), so a replay never meets a
+layout it was not captured with; forced gathered, it runs in two phases per projection (a split-K shrink
+into a buffer the pool keeps per row count, then the expand: ``kernels.bgmv_split``), where eager decode
+runs the one-launch kernel that saves host time; the same bits either way. ``DELTATUNE_BGMV_PHASES=1|2``
+overrides the choice (``serve.pool_call.decode_phases``), for A/B runs.
 
 Memory (``planned_bytes``, set aside in the engine's plan before the KV cache is sized): the shared
 logits buffer, every bucket's static inputs, and the graphs' private memory pool, estimated as the sum
@@ -223,8 +226,8 @@ class DecodeGraphs:
         g.ints[:, : 1 + used].copy_(ints, non_blocking=True)
 
     def _routing(self, names: list[str | None], pooled: bool):
-        """The step's routing context: the pool's (its one gathered launch per projection for any rows; the
-        rows' slots uploaded on entry, outside any capture), or none."""
+        """The step's routing context: the pool's (its gathered kernel for any rows, in two phases unless
+        ``DELTATUNE_BGMV_PHASES=1``; the rows' slots uploaded on entry, outside any capture), or none."""
         return self.pool.routed(self.runner.model, names, gathered=True) if pooled else _no_routing()
 
     def _compute(self, g: _Graph) -> torch.Tensor:

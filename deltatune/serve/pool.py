@@ -21,7 +21,8 @@ model's target layers compute with them inside ``pool.routed(model, rows)``:
   Everything derived from ``rows`` is made once a call and shared by every layer. Decode (each adapter's
   tokens few): the rows' slots go to the device in one copy, into a buffer kept per row count (a CUDA
   graph of the step reads the next step's slots there), and each projection is one launch of the
-  gathered kernel (``kernels.sgmv.Bgmv``, held per layer) and no other host work: no index arrays, no
+  gathered kernel (``kernels.sgmv.Bgmv``, held per layer; two, a shrink and an expand, in a step captured
+  as a CUDA graph: ``routed(..., gathered=True)``) and no other host work: no index arrays, no
   allocation, no host read of the device. Otherwise (prefill) the sorted index arrays of SGMV, built
   once per input layout (and set of slots present on a layer); base tokens are left out of them, so
   they cost nothing beyond the base layer. Names of adapters added to the
@@ -52,7 +53,7 @@ from deltatune.formats import peft
 from deltatune.formats.files import CONFIG_NAME, AdapterFileError, read_adapter_files
 from deltatune.methods.lora import LORA, LoraConfig
 from deltatune.kernels import backend
-from deltatune.serve.pool_call import PoolCall, submodule
+from deltatune.serve.pool_call import PoolCall, decode_phases, submodule
 
 __all__ = ["AdapterPool", "PoolError"]
 
@@ -89,7 +90,8 @@ class _LayerSlots:
     rank, 0 where the slot's adapter does not target this layer: on the host (``ranks``, the reference)
     and on the device (``rank_table``, int32, the gathered kernel's)."""
 
-    def __init__(self, S: int, R: int, fan_in: int, fan_out: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, S: int, R: int, fan_in: int, fan_out: int, device: torch.device, dtype: torch.dtype,
+                 workspace: dict[int, torch.Tensor] | None = None):
         self.A = torch.zeros(S, R, fan_in, device=device, dtype=dtype)
         self.B = torch.zeros(S, fan_out, R, device=device, dtype=dtype)
         self.scales = torch.zeros(S, device=device, dtype=torch.float32)
@@ -97,6 +99,7 @@ class _LayerSlots:
         self.ranks = [0] * S
         self._present = frozenset()
         self._gathered = None  # kernels.sgmv.Bgmv over these tensors, made on first use
+        self._workspace = workspace  # the two-phase kernel's partials by token count, shared by the pool's layers
 
     def load(self, slot: int, factors: _Factors | None) -> None:
         """Put ``factors`` into ``slot`` (zero-padded to R), or mark the slot absent here (None)."""
@@ -117,9 +120,10 @@ class _LayerSlots:
         self._present = self._present | {slot}
 
     def gathered(self):
-        """This layer's one-launch gathered kernel (``kernels.sgmv.Bgmv``), its checks done once."""
+        """This layer's gathered kernel (``kernels.sgmv.Bgmv``), its checks done once."""
         if self._gathered is None:
-            self._gathered = backend.load("deltatune.kernels.sgmv").Bgmv(self.A, self.B, self.scales, self.rank_table)
+            self._gathered = backend.load("deltatune.kernels.sgmv").Bgmv(self.A, self.B, self.scales, self.rank_table,
+                                                                         workspace=self._workspace)
         return self._gathered
 
     def present(self) -> frozenset[int]:
@@ -325,7 +329,8 @@ class AdapterPool:
     def _ensure_slots(self) -> dict[str, _LayerSlots]:
         if self._slots is None:
             S = self.capacity
-            self._slots = {m: _LayerSlots(S, R, fan_in, fan_out, self.device, self.dtype)
+            workspace = {}  # the layers run one after another on one stream: one partials buffer per token count
+            self._slots = {m: _LayerSlots(S, R, fan_in, fan_out, self.device, self.dtype, workspace)
                            for m, (R, fan_in, fan_out) in self._shapes.items()}
         return self._slots
 
@@ -361,16 +366,19 @@ class AdapterPool:
 
     # -- serving --------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def routed(self, model: nn.Module, rows: list[str | None], gathered: bool = False):
+    def routed(self, model: nn.Module, rows: list[str | None], gathered: bool = False, phases: int | None = None):
         """Context in which ``model``'s calls apply adapter ``rows[i]`` to row (or token) ``i``.
 
         ``rows`` holds names of pooled adapters, of adapters on the model itself, or None for the base.
         Raises KeyError for a name neither has, PoolError for more distinct pooled adapters than slots.
         Whether the Triton kernels run (``kernels.backend``) is decided here, once for the context.
-        ``gathered``: every projection takes the one-launch gathered kernel whatever the rows (what a
+        ``gathered``: every projection takes the gathered kernel whatever the rows (what a
         captured decode step needs: ``serve.decode_graphs``), not SGMV where an adapter has many tokens.
-        Yields ``model``.
+        ``phases``: the gathered kernel's variant, 1 (one launch) or 2 (shrink, then expand); None: 2 when
+        ``gathered`` (launches are free in a graph), else 1, unless ``DELTATUNE_BGMV_PHASES`` says
+        (``serve.pool_call.decode_phases``). Yields ``model``.
         """
+        phases = decode_phases(gathered, phases)  # ValueError before anything is loaded
         rows = list(rows)
         own = list_adapters(model)
         pooled = [n for n in dict.fromkeys(rows) if n is not None and n in self._adapters]
@@ -384,7 +392,7 @@ class AdapterPool:
         token_slots = [slot_of.get(n, -1) if n is not None else -1 for n in rows]
         model_rows = None if not own else Routing(tuple(n if n in own else None for n in rows))
         table = self._slot_table(token_slots) if pooled else None
-        call = PoolCall(token_slots, model_rows, table, gathered)
+        call = PoolCall(token_slots, model_rows, table, gathered, phases)
         handles = []
         slots = self._slots if pooled else {}
         try:

@@ -1,15 +1,22 @@
 """One ``AdapterPool.routed`` call: what it derives from the rows once, and the hooks that add the pooled terms.
 
 ``PoolCall`` holds the rows' slots (host list; device table, int32, when the kernels run) and, per input
-layout seen by a layer, whether the gathered one-launch kernel runs (decode: every adapter's tokens few)
-or else the slot batches of SGMV / the PyTorch reference (``serve.lora_mixed``). A layer's hook then does
-no more than look its layout up and launch. A layer here is the pool's per-layer slots: ``A``, ``B``,
-``scales``, host ``ranks``, ``present()`` and ``gathered()`` (its ``kernels.sgmv.Bgmv``).
+layout seen by a layer, whether the gathered kernel runs (decode: every adapter's tokens few) or else the
+slot batches of SGMV / the PyTorch reference (``serve.lora_mixed``). A layer's hook then does no more than
+look its layout up and launch. A layer here is the pool's per-layer slots: ``A``, ``B``, ``scales``, host
+``ranks``, ``present()`` and ``gathered()`` (its ``kernels.sgmv.Bgmv``).
+
+The gathered kernel runs in one launch or in two phases (``decode_phases``): one launch in eager decode,
+where each launch costs ~20 us of host time and the one-launch kernel saves one a projection at the price
+of recomputing a token's shrink in each of its programs; two phases (a split-K shrink, then an expand)
+when the call is forced gathered, i.e. a decode step being captured as a CUDA graph, where a launch costs
+nothing on replay and the GPU time is all that counts. The same bits either way (``kernels.bgmv_split``).
 Imports torch only.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import torch
@@ -18,17 +25,40 @@ import torch.nn as nn
 from deltatune.adapters import DeltaLayer, Routing
 from deltatune.serve.lora_mixed import GATHERED_MAX_SEGMENT, SlotBatch, mixed_lora, slot_batch
 
-__all__ = ["PoolCall", "LayerRouting", "submodule"]
+__all__ = ["PoolCall", "LayerRouting", "submodule", "decode_phases"]
+
+PHASES_ENV = "DELTATUNE_BGMV_PHASES"
+"""Environment variable forcing the gathered kernel's variant, 1 or 2, over the default (for A/B runs)."""
+
+
+def decode_phases(gathered: bool, phases: int | None = None) -> int:
+    """Which variant of the gathered kernel a routed call runs: ``phases`` when given (1 or 2), else
+    ``DELTATUNE_BGMV_PHASES`` when set (1 or 2), else 2 for a call forced gathered (a decode step captured as a
+    CUDA graph) and 1 otherwise (eager decode). ValueError for any other value, naming where it came from."""
+    if phases is None:
+        value = os.environ.get(PHASES_ENV, "").strip()
+        if not value:
+            return 2 if gathered else 1
+        if value not in ("1", "2"):
+            raise ValueError(f"{PHASES_ENV} must be 1 (the one-launch gathered kernel) or 2 (shrink, then expand), "
+                             f"got {value!r}")
+        return int(value)
+    if isinstance(phases, bool) or phases not in (1, 2):
+        raise ValueError(f"phases must be 1 (the one-launch gathered kernel) or 2 (shrink, then expand), "
+                         f"got {phases!r}")
+    return phases
 
 
 class PoolCall:
     """One ``routed`` context: the token slots, and what is derived from them once and shared by every
     layer: per input layout, whether the gathered kernel runs (then a projection is one launch reading
-    ``table``) or else the slot batches (per layout and per set of slots present on a layer)."""
+    ``table``, or two with ``phases`` 2) or else the slot batches (per layout and per set of slots present
+    on a layer)."""
 
     def __init__(self, token_slots: list[int], model_rows: Routing | None, table: torch.Tensor | None,
-                 gathered: bool = False):
+                 gathered: bool = False, phases: int = 1):
         self.token_slots, self.model_rows, self.table, self.gathered = token_slots, model_rows, table, gathered
+        self.phases = phases
         self.used = frozenset(s for s in token_slots if s >= 0)
         self._gathered: dict[torch.Size, int | None] = {}  # x's shape -> tokens per row when BGMV runs, else None
         self._batches: dict[tuple, SlotBatch] = {}
@@ -77,8 +107,8 @@ class PoolCall:
         per_row = self._gathered.get(x.shape, _UNSEEN)
         if per_row is _UNSEEN:
             per_row = self._gathered[x.shape] = self._layout(x)
-        if per_row is not None and not y.requires_grad:  # decode: one launch, nothing else (the kernel has no backward)
-            return layer.gathered()(x, y, self.table, per_row)
+        if per_row is not None and not y.requires_grad:  # decode: the launch(es), nothing else (no backward)
+            return layer.gathered()(x, y, self.table, per_row, self.phases)
         batch = self.batch(x, layer.present())
         if not batch.segments:
             return y
