@@ -269,6 +269,30 @@ def test_bad_files_refused_pool_keeps_serving(llama, tmp_path):
     assert (out - expected).abs().max() <= TOL
 
 
+def test_finite_check_refuses_any_nan_or_infinity_and_accepts_values_whose_sum_overflows(llama, tmp_path):
+    """register's check sums each tensor in float32 first (one fast reduction) and looks element by element
+    only when the sum is not finite: an infinity, a NaN or +inf beside -inf are refused; finite values whose
+    sum overflows float32 are accepted."""
+    from deltatune.serve.pool import _all_finite
+
+    base = llama[0]
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    pool = AdapterPool(base)
+    for name, values in {"inf": [float("inf")], "nan": [float("nan")], "both": [float("inf"), float("-inf")]}.items():
+        path = _ours(base, tmp_path / name, 7, r=4, targets=["q_proj"])
+        _rewrite(path, lambda t: t[key].view(-1)[: len(values)].copy_(torch.tensor(values)))
+        with pytest.raises(dt.AdapterFileError, match=f"key '{key}' holds non-finite"):
+            pool.register(name, path)
+    huge = _ours(base, tmp_path / "huge", 7, r=4, targets=["q_proj"])
+    _rewrite(huge, lambda t: t[key].view(-1)[:2].fill_(3e38))  # finite; their float32 sum is inf
+    pool.register("huge", huge)
+    assert pool.names() == ["huge"]
+    top = torch.finfo(torch.bfloat16).max
+    assert _all_finite(torch.tensor([top, top, 1.0], dtype=torch.bfloat16))
+    assert not _all_finite(torch.tensor([top, top, float("nan")], dtype=torch.bfloat16))
+    assert not _all_finite(torch.tensor([1.0, float("-inf")], dtype=torch.bfloat16))
+
+
 def test_memory_accounting_and_budget(llama):
     from safetensors.torch import load_file
 

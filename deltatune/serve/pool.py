@@ -255,7 +255,7 @@ class AdapterPool:
                 rank, alpha = LORA.rank_alpha(cfg, target)
                 raise AdapterFileError(f"{weights_path}: key {key!r} has shape {tuple(value.shape)}, but module "
                                        f"{target!r} with rank {rank} needs {shape}")
-            if not value.is_floating_point() or not torch.isfinite(value).all():
+            if not value.is_floating_point() or not _all_finite(value):
                 raise AdapterFileError(f"{weights_path}: key {key!r} holds non-finite or non-float values")
             parts.setdefault(target, {})[role] = value
         pin = self.device.type == "cuda"
@@ -447,3 +447,12 @@ class AdapterPool:
         host = torch.tensor(token_slots, dtype=torch.int32)
         table.copy_(host.pin_memory() if table.is_cuda else host, non_blocking=True)
         return table
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite. A NaN or an infinity anywhere makes the float32 sum NaN or
+    infinite, so a finite sum settles it in one reduction: 3-10x faster on a CPU than ``isfinite(t).all()``,
+    which checks bfloat16 at ~0.1 GiB/s on 2 cores (minutes for the 39 GiB of 1,000 adapters of a 1B
+    Llama at ranks 8-64). The elementwise check runs only when the sum is not finite, which finite values
+    that overflow float32 cause too."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
