@@ -17,6 +17,8 @@ time is start to next start: the step itself plus the loop's work between steps 
   which spins);
 - host overhead: wall - GPU busy (the time the GPU waits for the host; on the CPU the whole step is
   host time);
+- ``--count-ops N``: aten ops a step over N more steps (those not views launch about one kernel each on a
+  GPU), the most frequent, and each place where the host reads a tensor's value (on CUDA: a sync);
 - steps at a new width: how many timed steps had a padded width (tokens a row) that no earlier step had,
   and the median wall time of those and of the others (a GPU sets up some work per shape; on CUDA the
   loop pads rows of one example to a multiple of ``objective.WIDTH_MULTIPLE`` tokens, which
@@ -41,6 +43,7 @@ N most expensive functions (by own time).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -52,7 +55,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+THIS = os.path.abspath(__file__)
+HERE = os.path.dirname(THIS)
 ROOT = os.path.dirname(HERE)
 DEFAULT_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "sst2", "train.tsv"))
 GLUE_FLAGS = ["--schedule", "linear", "--warmup-steps", "30", "--save-every", "0"]  # bench/glue.py's run_one
@@ -129,18 +133,74 @@ def new_widths(widths: list) -> list[bool]:
     return out
 
 
+VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice", "select",
+            "alias", "detach", "as_strided", "reshape", "split", "split_with_sizes", "unbind", "lift_fresh"}
+"""aten ops that make a view or alias (no kernel); the others launch about one kernel each on a GPU."""
+HOST_READS = {"_local_scalar_dense", "nonzero", "is_nonzero"}
+"""aten ops whose result the host reads: on CUDA tensors each waits for the GPU (``.item()``, ``bool()``, ...)."""
+
+
+def op_counter():
+    """A context counting the aten ops dispatched under it (``.ops``: name -> count) and the host's reads of
+    tensor values (``.reads``: (device type, call site) -> count; the site is the innermost frame outside
+    torch): the aten ops of ``HOST_READS`` and ``Tensor.tolist`` (which reads without an aten op)."""
+    import traceback
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops, reads = {}, {}
+
+    def read(tensor):
+        device = tensor.device.type if isinstance(tensor, torch.Tensor) else "?"
+        frames = [f for f in traceback.extract_stack()
+                  if os.sep + "torch" + os.sep not in f.filename and os.path.abspath(f.filename) != THIS]
+        site = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
+        reads[(device, site)] = reads.get((device, site), 0) + 1
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            ops[name] = ops.get(name, 0) + 1
+            if name in HOST_READS:
+                read(args[0] if args else None)
+            return func(*args, **(kwargs or {}))
+
+    class Lists(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.tolist:
+                read(args[0])
+            return func(*args, **(kwargs or {}))
+
+    class Counter(contextlib.ExitStack):
+        def __enter__(self):
+            super().__enter__()
+            self.enter_context(Lists())
+            self.enter_context(Ops())
+            return self
+
+    counter = Counter()
+    counter.ops, counter.reads = ops, reads
+    return counter
+
+
 class StepClock:
     """Wraps ``loop.step``: the clock at each step's start and end; runs the profilers over their windows.
 
     Windows, by 0-based step index: [0, warmup) warm-up, then ``timed`` steps, then ``profiled`` steps
-    under torch.profiler (CUDA only), then ``cprofiled`` steps under cProfile, then one last step (so the
+    under torch.profiler (CUDA only), then ``cprofiled`` steps under cProfile, then ``counted`` steps under an
+    aten op counter (``op_counter``), then one last step (so the
     last window's last step has a next start)."""
 
-    def __init__(self, step, warmup: int, timed: int, profiled: int, cprofiled: int, trace_dir: str):
+    def __init__(self, step, warmup: int, timed: int, profiled: int, cprofiled: int, trace_dir: str,
+                 counted: int = 0):
         self.step, self.trace_dir = step, trace_dir
         self.gpu_window = (warmup + timed, warmup + timed + profiled)
         self.cpu_window = (self.gpu_window[1], self.gpu_window[1] + cprofiled)
-        self.total = self.cpu_window[1] + 1
+        self.count_window = (self.cpu_window[1], self.cpu_window[1] + counted)
+        self.total = self.count_window[1] + 1
+        self.counter = None
         self.starts, self.ends, self.cpu, self.widths = [], [], [], []
         self.torch_prof = self.gpu_seconds = self.gpu_busy_us = None
         self.cprof = None
@@ -185,6 +245,11 @@ class StepClock:
             self.cprof.enable()
         if index == self.cpu_window[1] and self.cprof is not None:
             self.cprof.disable()
+        if index == self.count_window[0] < self.count_window[1]:
+            self.counter = op_counter()
+            self.counter.__enter__()
+        if index == self.count_window[1] and self.counter is not None:
+            self.counter.__exit__(None, None, None)
 
 
 def run(args) -> dict:
@@ -201,7 +266,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny(args.model, os.path.join(tmp, "tiny")) if args.tiny else args.model
         clock = StepClock(loop.step, args.warmup, args.steps, profiled, args.cprofile_steps if args.cprofile else 0,
-                          tmp)
+                          tmp, args.count_ops)
         argv = ["train", "--model", model, "--task", args.task, "--data", args.data,
                 "--output", os.path.join(tmp, "run"), "--lr", str(args.lr), "--max-steps", str(clock.total), "--seed", "0",
                 "--micro-batch", str(args.micro_batch), "--max-length", str(args.max_length), *GLUE_FLAGS,
@@ -258,6 +323,14 @@ def run(args) -> dict:
                    profiled_wall_ms=round(clock.gpu_seconds * 1e3 / profiled, 3))
     elif not gpu:
         row["host_overhead_ms"] = row["wall_ms"]  # no device: every millisecond is the host's
+    if clock.counter is not None:
+        n = args.count_ops
+        ops = clock.counter.ops
+        row["ops_per_step"] = round(sum(ops.values()) / n, 1)
+        row["kernel_ops_per_step"] = round(sum(v for k, v in ops.items() if k not in VIEW_OPS) / n, 1)
+        row["top_ops"] = {k: round(v / n, 1) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:20]}
+        row["host_reads_per_step"] = {f"{device} {site}": round(v / n, 2) for (device, site), v in
+                                      sorted(clock.counter.reads.items(), key=lambda kv: -kv[1])}
     if clock.cprof is not None:
         text = io.StringIO()
         stats = pstats.Stats(clock.cprof, stream=text)
@@ -303,6 +376,9 @@ def main(argv=None):
     ap.add_argument("--profile-steps", type=int, default=20, help="steps under torch.profiler for the GPU's time")
     ap.add_argument("--cprofile", type=int, default=0, metavar="N", help="print the N costliest functions")
     ap.add_argument("--cprofile-steps", type=int, default=50)
+    ap.add_argument("--count-ops", type=int, default=0, metavar="N",
+                    help="count the aten ops of N more steps (all, and those not views: about one kernel each on a "
+                    "GPU) and the host's reads of tensor values (syncs on CUDA), with their call sites")
     ap.add_argument("--tiny", action="store_true", help="MiniLM's layout at width 32: the host's work alone")
     ap.add_argument("--loop-only", action="store_true", help="no model forward: the loop's own work a step")
     ap.add_argument("--progress", action="store_true", help="with the progress bar (glue.py runs without)")
@@ -333,11 +409,16 @@ def main(argv=None):
         ap.error(f"--data {args.data}: no such file")
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be at least 1 and --warmup at least 0")
+    if args.count_ops < 0:
+        ap.error(f"--count-ops must be at least 0, got {args.count_ops}")
     if args.width_multiple is not None and args.width_multiple < 1:
         ap.error(f"--width-multiple must be at least 1, got {args.width_multiple}")
     row = run(args)
     if "cprofile" in row:
         print(row["cprofile"], file=sys.stderr)
+    if "ops_per_step" in row:
+        print(f"aten ops a step: {row['ops_per_step']} ({row['kernel_ops_per_step']} not views); top: {row['top_ops']}; "
+              f"host reads of tensor values a step: {row['host_reads_per_step']}", file=sys.stderr)
     print(table(row))
     if args.json:
         from deltatune.formats.atomic import atomic_write

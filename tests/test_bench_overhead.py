@@ -40,6 +40,24 @@ def test_new_widths_marks_the_first_step_of_each_width():
     assert bench.new_widths([]) == []
 
 
+def test_op_counter_counts_aten_ops_and_the_hosts_reads_by_call_site():
+    import torch
+
+    bench = load_bench()
+    x = torch.arange(6.0).reshape(2, 3)
+    with bench.op_counter() as counter:
+        y = (x * 2).t().sum(0)  # mul, t (a view), sum
+        first = float(y[0])  # _local_scalar_dense (select is a view)
+        values = y.tolist()  # reads without an aten op
+    assert counter.ops["mul"] == 1 and counter.ops["t"] == 1 and counter.ops["sum"] == 1
+    assert "t" in bench.VIEW_OPS and "mul" not in bench.VIEW_OPS
+    assert first == 6.0 and values == [6.0, 24.0]
+    assert sorted(counter.reads.values()) == [1, 1] and all(device == "cpu" for device, _ in counter.reads)
+    for _, site in counter.reads:  # float(...) and .tolist() above, each at its own line of this test
+        assert site.startswith("test_bench_overhead.py:") and site.endswith(" test_op_counter_counts_aten_ops_and_"
+                                                                            "the_hosts_reads_by_call_site")
+
+
 @pytest.mark.slow  # 10-30 s on 2 shared cores, most of it importing transformers and writing the outputs
 def test_cpu_smoke_run_reports_wall_time_and_no_gpu_time(shared_data, tmp_path, capsys):
     """A few steps of the real command line on the tiny MiniLM layout (SST-2's dev set); on the CPU the
@@ -73,3 +91,6 @@ def test_unknown_method_and_missing_data_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--model", str(tmp_path), "--data", str(BENCH), "--width-multiple", "0"])
     assert "--width-multiple must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--model", str(tmp_path), "--data", str(BENCH), "--count-ops", "-1"])
+    assert "--count-ops must be at least 0, got -1" in capsys.readouterr().err
