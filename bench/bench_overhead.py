@@ -417,8 +417,9 @@ def main(argv=None):
     if "cprofile" in row:
         print(row["cprofile"], file=sys.stderr)
     if "ops_per_step" in row:
-        print(f"aten ops a step: {row['ops_per_step']} ({row['kernel_ops_per_step']} not views); top: {row['top_ops']}; "
-              f"host reads of tensor values a step: {row['host_reads_per_step']}", file=sys.stderr)
+        print(f"aten ops a step: {row['ops_per_step']} ({row['kernel_ops_per_step']} not views); "
+              f"top: {row['top_ops']}; host reads of tensor values a step: {row['host_reads_per_step']}",
+              file=sys.stderr)
     print(table(row))
     if args.json:
         from deltatune.formats.atomic import atomic_write
