@@ -258,3 +258,34 @@ def test_plain_lora_dropout_under_autocast_still_drops_an_fp32_copy():
     with copies, torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)
     assert (5, 16) in copies.shapes  # dropout's input is the fp32 copy, as before (same random stream)
+
+
+# -- the optimizer (session 12) ---------------------------------------------------------------------------------
+def test_adamw_is_torchs_fused_one_on_cuda_and_steps_like_the_default():
+    """One kernel a parameter group instead of the multi-tensor form's dozen launches (host time on CUDA)."""
+    import deltatune as dt
+    from deltatune.train import TrainArgs
+    from deltatune.train.prepare import make_optimizer
+
+    def adapted():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 4))
+        dt.add_adapter(model, dt.LoraConfig(r=4, init="random"), name="default")
+        return model
+
+    args = TrainArgs(lr=1e-2, weight_decay=0.1)
+    fused_model, plain_model = adapted(), adapted()
+    # the choice follows the run's device; these parameters stay on the CPU, where torch has the fused kernel too
+    fused, plain = make_optimizer(fused_model, args, torch.device("cuda")), make_optimizer(plain_model, args,
+                                                                                             torch.device("cpu"))
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    x = torch.randn(8, 16)
+    for _ in range(3):
+        for model, opt in ((fused_model, fused), (plain_model, plain)):
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for a, b in zip(dt.adapter_params(fused_model), dt.adapter_params(plain_model)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert make_optimizer(adapted(), TrainArgs(optimizer_states="cpu"), torch.device("cuda")).__class__ \
+        is not torch.optim.AdamW  # deltatune's AdamW where the states live elsewhere
