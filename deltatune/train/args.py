@@ -97,7 +97,7 @@ class TrainArgs:
     device: str = "auto"
     """"auto" (CUDA if present), "cpu", "cuda", "cuda:1", ..."""
     fast: Optional[bool] = None
-    """Fused LoRA kernels (deltatune.fast); default on with CUDA, off on CPU."""
+    """Fused LoRA kernels (deltatune.fast). Unset: on with CUDA where it fuses more than the projections (a causal LM's loss, Llama-style blocks, --cuda-graphs; not a BERT classifier), off on CPU."""
     cuda_graphs: Optional[bool] = None
     """With the fast path: replay the decoder layers that are not checkpointed from CUDA graphs (faster when the host limits the step; packed rows take one static shape). Unset: on for LoRA/DoRA on packed rows on a GPU (train.prepare.graphs_setting), off elsewhere."""
     sharding: Literal["auto", "fsdp", "ddp", "none"] = "auto"
