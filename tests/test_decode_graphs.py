@@ -157,3 +157,25 @@ def test_gpu_graphed_decode_equals_the_plain_engine(tmp_path):
     want = plain.generate(ps2, adapters=names2, max_new_tokens=30, temperature=0.0, ignore_eos=True)
     got = graphed.generate(ps2, adapters=names2, max_new_tokens=30, temperature=0.0, ignore_eos=True)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
+def test_the_scratch_block_is_no_requests(tmp_path):
+    """With graphs the cache holds one block for padding rows for good: a request that fits the whole cache but
+    not the blocks left is refused at once, with the number a request can use, instead of waiting forever."""
+    from deltatune.serve.scheduler import RequestRefused
+
+    model = tiny()
+    for graphs in (False, True):
+        eng = Engine(model, None, num_blocks=4, block_size=16, max_model_len=256, cuda_graphs=graphs)
+        if graphs:
+            eng.graphs.capture = False
+        assert eng.cache.usable_blocks == (3 if graphs else 4) and eng.cache.held == (1 if graphs else 0)
+        prompt = list(range(1, 41))  # 40 prompt + 24 new tokens = 64 tokens: 4 blocks of 16
+        if graphs:
+            with pytest.raises(RequestRefused, match="the cache holds 3 blocks for requests"):
+                eng.generate([prompt], max_new_tokens=24, temperature=0.0, ignore_eos=True)
+        else:
+            out = eng.generate([prompt], max_new_tokens=24, temperature=0.0, ignore_eos=True)
+            assert len(out[0].token_ids) == 24
+        out = eng.generate([prompt], max_new_tokens=8, temperature=0.0, ignore_eos=True)  # 3 blocks: fits
+        assert len(out[0].token_ids) == 8

@@ -150,7 +150,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, bool], _Graph] = {}
         self.mempool = torch.cuda.graph_pool_handle() if self.capture else None
         self.off: str | None = None
-        cache.reserve(SCRATCH, 1)  # one block, never freed: where padding rows write
+        cache.hold(SCRATCH, 1)  # one block, never freed (nor usable by requests): where padding rows write
         self.scratch_block = cache.tables[SCRATCH][0]
         self.width = table_width(max_model_len, cache.block_size, cache.num_blocks)
         # (max_rows, vocab) float32: every graph writes its rows' logits here, so no logits stay in the pool

@@ -85,6 +85,7 @@ class PagedKVCache:
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the lowest block is handed out first
         self._refs = [0] * num_blocks  # sequences whose tables hold each block (beams share full blocks)
         self.tables: dict[int, list[int]] = {}
+        self.held = 0  # blocks taken for the cache's lifetime (``hold``): no request can ever use them
 
     # -- block accounting ------------------------------------------------------------------------------
     @property
@@ -92,9 +93,14 @@ class PagedKVCache:
         return len(self._free)
 
     @property
+    def usable_blocks(self) -> int:
+        """Blocks that sequences can ever have: all but the ``held`` ones."""
+        return self.num_blocks - self.held
+
+    @property
     def capacity_tokens(self) -> int:
-        """Tokens the whole cache holds (one sequence alone can use all of it)."""
-        return self.num_blocks * self.block_size
+        """Tokens the usable blocks hold (one sequence alone can use all of them)."""
+        return self.usable_blocks * self.block_size
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold ``num_tokens`` tokens."""
@@ -118,6 +124,14 @@ class PagedKVCache:
             block = self._free.pop()
             self._refs[block] = 1
             table.append(block)
+        return table
+
+    def hold(self, seq_id: int, num_blocks: int = 1) -> list[int]:
+        """Give ``seq_id`` ``num_blocks`` more blocks for the cache's lifetime (the decode graphs' scratch block):
+        they leave ``usable_blocks``, so the scheduler never admits a request that could only fit with them.
+        Raises CacheFullError (taking nothing) when too few are free."""
+        table = self.reserve(seq_id, (len(self.tables.get(seq_id, ())) + num_blocks) * self.block_size)
+        self.held += num_blocks
         return table
 
     def free(self, seq_id: int) -> int:

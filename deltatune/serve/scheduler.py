@@ -105,11 +105,12 @@ class Scheduler:
             raise RequestRefused(f"the prompt has {n} tokens; the model takes at most {self.max_model_len} "
                                  f"(max_model_len), with room for one generated token")
         need = self.cache.blocks_for(self.max_tokens(seq))
-        if need > self.cache.num_blocks:
+        if need > self.cache.usable_blocks:
             raise RequestRefused(
                 f"the request needs up to {self.max_tokens(seq)} tokens ({n} prompt + max_new_tokens "
                 f"{seq.params.max_new_tokens}) = {need} KV blocks of {self.cache.block_size}; the cache holds "
-                f"{self.cache.num_blocks} blocks ({self.cache.capacity_tokens} tokens): lower max_new_tokens, "
+                f"{self.cache.usable_blocks} blocks for requests ({self.cache.capacity_tokens} tokens): lower "
+                f"max_new_tokens, "
                 f"shorten the prompt or give the cache more memory (gpu_memory_fraction / num_blocks)")
         seq.status = "waiting"
         self.waiting.append(seq)
