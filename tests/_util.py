@@ -25,3 +25,11 @@ def run_interpreted(script: str) -> dict:
     proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_errors_within(name: str, errs: dict, tol: float, what: str = "error") -> None:
+    """A check's result ``errs``: every bool (a property the check tested) true, every number (an error) <= ``tol``."""
+    flags = {k: v for k, v in errs.items() if isinstance(v, bool)}
+    assert all(flags.values()), f"{name}: {flags}"
+    bad = {k: v for k, v in errs.items() if not isinstance(v, bool) and not v <= tol}
+    assert not bad, f"{name}: {what} over {tol}: {bad} (all: {errs})"

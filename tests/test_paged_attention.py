@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from _util import run_interpreted
+from _util import assert_errors_within, run_interpreted
 
 from deltatune.kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference
 
@@ -173,10 +173,7 @@ def run_checks(device):
 def _assert_within(name, errs):
     dtype = getattr(torch, name.split("/")[-1])
     tol = 1e-4 if name.startswith("runner") else TOL[dtype]  # runner: logits, as tests/test_serve_engine.py
-    flags = {k: v for k, v in errs.items() if isinstance(v, bool)}
-    assert all(flags.values()), f"{name}: {flags}"
-    bad = {k: v for k, v in errs.items() if not isinstance(v, bool) and not v <= tol}
-    assert not bad, f"{name}: error over {tol}: {bad} (all: {errs})"
+    assert_errors_within(name, errs, tol)
 
 
 @pytest.fixture(scope="module")

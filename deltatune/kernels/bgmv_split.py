@@ -24,7 +24,7 @@ loop over K there, so the compiler pipelines its loads as before), so the rounde
 are the same bits for the same SPLIT, whatever the token count; ``decode_split`` depends on K alone for that
 reason (a graph of a bucket of 64 rows and an eager step of 50 rows split alike). Compiled, this holds as
 long as the compiler lays out the shared reductions alike in both kernels (the same shapes and warps);
-the interpreter checks the arithmetic order bit for bit (tests/test_sgmv.py). Imports triton: load it only
+the interpreter checks the arithmetic order bit for bit (tests/test_bgmv.py). Imports triton: load it only
 through ``deltatune.kernels.backend.load`` (``kernels.sgmv`` does).
 """
 
