@@ -1,4 +1,4 @@
-"""CUDA graphs over a model's decoder layers for training: one graph launch per layer and direction.
+"""CUDA graphs over a model's decoder (or encoder) layers for training: one graph launch per layer and direction.
 
 A training step of the fast path launches about a hundred kernels per decoder layer from Python
 autograd functions. On a fast GPU the host cannot keep up (docs/speed_notes.md): the 1B step was
@@ -13,6 +13,10 @@ How (the scheme of ``torch.cuda.make_graphed_callables``, with the layers chaine
   static input, then every backward in reverse order with the next layer's static input gradient as
   its static output gradient. All graphs share one memory pool and replay in capture order, so the
   pool holds what one eager step would.
+* Captures are cached by their inputs' shapes and settings (at most ``max_cached``, least recently used
+  freed first), each in its own memory pool: rows padded to a few widths (an encoder's one-example rows,
+  ``train.objective.width_buckets``) replay the capture of their width without recapturing. A change of
+  the layers' state drops them all.
 * A call replays the layer's forward graph inside a ``torch.autograd.Function`` whose backward
   replays the backward graph. That graph adds the parameter gradients into buffers that serve as the
   parameters' ``.grad`` (one launch per layer where AccumulateGrad would copy each gradient): a
@@ -35,7 +39,9 @@ replacing a parameter's storage (``.to()``, ``.data =``) is noticed and triggers
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import inspect
 import warnings
 
 import torch
@@ -49,6 +55,10 @@ __all__ = ["GraphedStack", "graph_layers", "ungraph_layers"]
 # The layer at whose call a step's state check runs (``GraphedStack.call``): by then the GPU has
 # the first layers' replays to run while the host checks.
 VERIFY_AT = 2
+
+# Captures a stack keeps (``GraphedStack.max_cached``): one per input shape, so an encoder's rows padded
+# to up to this many widths replay without recapturing.
+MAX_CACHED = 8
 
 
 def _rng_states(device: torch.device) -> list:
@@ -132,20 +142,30 @@ class GraphedStack:
         max_recaptures: after this many captures for changed shapes or settings the stack stays
             eager (each capture costs a warm-up step; inputs whose length changes every step would
             recapture every step).
+        max_cached: captures kept for reuse (least recently used freed first).
+
+    ``check_every`` (attribute, default 1): the layers' state is checked on every this-many-th step only.
+    A caller that owns the model between steps (``deltatune train``) may raise it: a check costs about half
+    a millisecond of Python, a tenth of a small encoder's graphed step, and a change made between checks
+    is replayed stale until the next one (``torch.cuda.make_graphed_callables`` never checks).
     """
 
-    def __init__(self, layers, forwards, max_recaptures: int = 8):
+    def __init__(self, layers, forwards, max_recaptures: int = 16, max_cached: int = MAX_CACHED):
         self.layers, self.forwards = list(layers), list(forwards)
-        self.max_recaptures = max_recaptures
+        self.max_recaptures, self.max_cached = max_recaptures, max_cached
+        self.check_every = 1  # check the layers' state on every this-many-th step (1: every step)
+        self.unchecked = 0  # steps replayed since the last check
         self.captures = 0
-        self.caps: list[_Captured] | None = None
-        self.key = None  # the inputs' shapes and settings the graphs were captured for
-        self.signature = None  # and the layers' state (``_state``); None: check it before the next replay
+        self.cache: collections.OrderedDict = collections.OrderedDict()  # key -> (caps, static kwargs), LRU last
+        self.caps: list[_Captured] | None = None  # the graphs in use (the cache's entry for ``key``)
+        self.key = None  # the inputs' shapes and settings those graphs were captured for
+        self.signature = None  # the layers' state (``_state``) every cached capture saw; None: check it first
         self.pending = None  # (x, kwargs) of this step's first layer while its state check is pending
         self.storages = []  # the captured parameters' and buffers' storages, kept for stale replays
-        self.kwargs = None  # the static keyword arguments the graphs read
+        self.kwargs = None  # the static keyword arguments the graphs in use read
         self.sources = None  # the tensors the current step's first layer got, by path
         self.generation = 0
+        self.prepared = -1  # the generation whose gradient buffers the first backward made ready
         self.next = -1  # the layer expected next in this step (-1: none; eager until the first layer)
         self.off = None  # why the stack runs eagerly for good
         self.anchor = torch.empty(0, requires_grad=True)
@@ -183,27 +203,39 @@ class GraphedStack:
         if any(isinstance(v, torch.Tensor) and v.requires_grad for _, v in flat):
             return False
         key = self._key(x, flat)
-        if key == self.key and self.signature is not None and len(self.layers) > VERIFY_AT:
+        cached = self.cache.get(key) if self.signature is not None else None
+        if cached is not None and self.unchecked + 1 < self.check_every:  # trusted: no state check this step
+            self._use(key, cached)
+            self.unchecked += 1
+        elif cached is not None and len(self.layers) > VERIFY_AT:
             # Replay at once and check the layers' state (``_state``, milliseconds of Python) when layer
             # VERIFY_AT is called, while the GPU runs the first layers. A forward replay writes only the
             # graphs' own buffers, so if the state changed, ``_redo`` discards those and redoes them.
+            self._use(key, cached)
             self.pending = (x, kwargs)
+            self.unchecked = 0
         else:
             signature, hooked = _state(self.layers)
             if hooked:  # checked every step: hooks may come after a capture
                 return self._turn_off("a layer has hooks, which would not run in the replays")
-            if key != self.key or signature != self.signature:
+            if signature != self.signature:  # every cached capture read the old state
+                self._release()
+            cached = self.cache.get(key)
+            if cached is None:
                 if self.captures >= self.max_recaptures:
                     return self._turn_off(f"{self.captures} captures: shapes or settings change between steps "
-                                          "(pad inputs to a fixed length to graph them)")
+                                          "(pad inputs to a few fixed lengths to graph them)")
                 rng = _rng_states(x.device)
                 try:
-                    self._capture(x, kwargs)
+                    cached = self._capture(x, kwargs)
                 except Exception as e:  # an op that can't be captured: train eagerly, say why
                     self._release()
                     _restore_rng(rng)
                     return self._turn_off(f"capture failed: {type(e).__name__}: {str(e)[:200]}")
-                self.key, self.signature = key, signature
+                self._remember(key, cached)
+            self._use(key, cached)
+            self.signature = signature
+            self.unchecked = 0
         self.generation += 1
         self.sources = dict(flat)
         return True
@@ -232,11 +264,28 @@ class GraphedStack:
 
     # -- capture ----------------------------------------------------------------------------------------
     def _release(self):
-        if self.caps is not None:  # a replay of the graphs may still run (``_redo``)
-            torch.cuda.synchronize(self.caps[0].x.device)
+        """Forget every capture (the layers changed, or a capture failed)."""
+        if self.cache:  # a replay of the graphs may still run (``_redo``)
+            torch.cuda.synchronize(next(iter(self.cache.values()))[0][0].x.device)
+        self.cache.clear()
         self.caps = self.key = self.signature = self.kwargs = self.sources = self.pending = None
         self.storages = []
         self.next = -1
+
+    def _use(self, key, cached):
+        """Make the cached capture for ``key`` the one the step replays."""
+        self.caps, self.kwargs = cached
+        self.key = key
+        self.cache.move_to_end(key)
+
+    def _remember(self, key, cached):
+        """Cache a capture for ``key``; beyond ``max_cached`` the least recently used one is freed (inputs
+        padded to a few widths, one capture each, replay without recapturing)."""
+        self.cache[key] = cached
+        while len(self.cache) > self.max_cached:
+            old_key, (caps, _) = self.cache.popitem(last=False)
+            torch.cuda.synchronize(caps[0].x.device)  # its last replay may still run
+            del caps
 
     def _static_kwargs(self, kwargs):
         """Copies of the tensor arguments (the graphs' static inputs), in the structure of ``kwargs``."""
@@ -249,15 +298,15 @@ class GraphedStack:
         return out
 
     def _capture(self, x, kwargs):
-        """Warm up, then capture every layer's forward (in order) and backward (in reverse)."""
-        self._release()
+        """Warm up, then capture every layer's forward (in order) and backward (in reverse); returns the
+        layers' captures and the static keyword arguments they read. Each capture has its own memory pool."""
         self.captures += 1
         device = x.device
         stream = torch.cuda.Stream(device)
         pool = torch.cuda.graph_pool_handle()
         static_x = torch.empty_like(x)
         static_x.copy_(x)
-        self.kwargs = static = self._static_kwargs(kwargs)
+        static = self._static_kwargs(kwargs)
         # The captures differentiate fresh leaves over the parameters' storage: a parameter's own
         # AccumulateGrad node may belong to an older step on another stream, which breaks a capture.
         named = [[(n, p) for n, p in layer.named_parameters() if p.requires_grad] for layer in self.layers]
@@ -312,7 +361,7 @@ class GraphedStack:
                 cap.used, cap.grads = [cap.params[j] for j in used], [buffers[j] for j in used]
                 cap.out = cap.out.detach()  # the autograd graph is spent; keep the static output only
                 del grads, param_grads
-        self.caps = caps
+        return caps, static
 
     # -- replay -----------------------------------------------------------------------------------------
     def forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -336,8 +385,15 @@ class GraphedStack:
         if grad.data_ptr() != cap.grad_out.data_ptr():
             cap.grad_out.copy_(grad)
         # The graph adds into the buffers, which serve as .grad: zero one whose .grad was reset (set to
-        # None), take over one the caller assigned; zero_grad(set_to_none=False) zeroes them in place.
-        fresh = [(p, b) for p, b in zip(cap.used, cap.grads) if p.grad is not b]
+        # None), take over one the caller assigned; zero_grad(set_to_none=False) zeroes them in place. The
+        # step's first backward (its last replayed layer) does this for every layer replayed before it: one
+        # launch zeroes them all.
+        if self.prepared != generation:
+            self.prepared = generation
+            caps = self.caps[:i + 1]
+        else:
+            caps = (cap,)
+        fresh = [(p, b) for c in caps for p, b in zip(c.used, c.grads) if p.grad is not b]
         if fresh:
             reset = [b for p, b in fresh if p.grad is None]
             if reset:
@@ -387,17 +443,35 @@ class _Replay(torch.autograd.Function):
 
 
 def graph_layers(layers) -> GraphedStack:
-    """Route calls of ``layers`` (consecutive decoder layers) through CUDA graphs; ``ungraph_layers`` undoes it."""
+    """Route calls of ``layers`` (consecutive decoder or encoder layers) through CUDA graphs;
+    ``ungraph_layers`` undoes it."""
     layers = list(layers)
     stack = GraphedStack(layers, [layer.forward for layer in layers])
     stack.previous = [layer.__dict__.get("forward") for layer in layers]  # instance forwards (patched), or None
     for i, layer in enumerate(layers):
-        layer.forward = _bind(stack, i)
+        layer.forward = _bind(stack, i, _positional_names(layer.forward))
     return stack
 
 
-def _bind(stack: GraphedStack, i: int):
+def _positional_names(forward) -> tuple[str, ...]:
+    """The names of ``forward``'s parameters after the hidden states that a caller may pass by position
+    (BERT's encoder passes the attention mask so): the graphs take every other argument by keyword."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return ()
+    names = []
+    for p in params:
+        if p.kind is not p.POSITIONAL_OR_KEYWORD:
+            break
+        names.append(p.name)
+    return tuple(names)
+
+
+def _bind(stack: GraphedStack, i: int, names: tuple[str, ...]):
     def forward(hidden_states, *args, **kwargs):
+        if args and len(args) <= len(names) and not kwargs.keys() & set(names[:len(args)]):
+            kwargs, args = {**dict(zip(names, args)), **kwargs}, ()
         return stack.call(i, hidden_states, *args, **kwargs)
     return forward
 

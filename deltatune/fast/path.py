@@ -66,6 +66,23 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return []
 
 
+def _encoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of a transformers encoder (BERT's ``encoder.layer``): graphed where it has no decoder
+    layers."""
+    for m in model.modules():
+        layers = getattr(m, "layer", None)
+        if (type(m).__name__.endswith("Encoder") and isinstance(layers, nn.ModuleList) and len(layers)
+                and type(layers[0]).__name__.endswith("Layer")):
+            return list(layers)
+    return []
+
+
+def graphable_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers ``enable_fast_path(cuda_graphs=True)`` would graph when none is checkpointed: the
+    decoder layers, else an encoder's."""
+    return _decoder_layers(model) or _encoder_layers(model)
+
+
 def _set_forward(record: FastPath, module: nn.Module, forward) -> None:
     """Give ``module`` the instance ``forward`` (a function bound to it, or any callable), noting what it had."""
     record.forwards.append((module, module.__dict__.get("forward")))
@@ -120,12 +137,13 @@ def enable_fast_path(model: nn.Module, kernels: bool = True, checkpoint: bool | 
             ``checkpoint``).
         attention: "sdpa" (PyTorch's choice of fused attention, GQA native) or "cudnn" (cuDNN's fused
             attention, k and v repeated per query head).
-        cuda_graphs: replay the decoder layers that are not checkpointed from CUDA graphs in training
+        cuda_graphs: replay the decoder layers that are not checkpointed (an encoder's layers where the model
+            has no decoder layers) from CUDA graphs in training
             (``deltatune.fast.graphs``): one launch per layer and direction instead of ~100 from Python, for
             steps the host would otherwise hold back. Captured on the first step (and again when shapes
             or adapters change); call backward before the next forward.
     Raises ValueError if the fast path is already enabled on ``model``, or ``cuda_graphs`` finds no
-    decoder layers to graph.
+    decoder or encoder layers to graph.
     """
     if attention not in ("sdpa", "cudnn"):
         raise ValueError(f"attention must be 'sdpa' or 'cudnn', got {attention!r}")
@@ -135,8 +153,9 @@ def enable_fast_path(model: nn.Module, kernels: bool = True, checkpoint: bool | 
         raise ValueError("the fast path is already enabled on this model; disable_fast_path() it first")
     layers = _decoder_layers(model)
     recomputed = math.ceil(float(checkpoint) * len(layers)) if checkpoint else 0
-    if cuda_graphs and recomputed == len(layers):
-        raise ValueError("cuda_graphs applies to decoder layers without checkpointing; this model has "
+    graphed = layers[recomputed:] if layers else _encoder_layers(model)
+    if cuda_graphs and not graphed:
+        raise ValueError("cuda_graphs applies to decoder or encoder layers without checkpointing; this model has "
                          + ("none" if not layers else "all of them checkpointed (use a fraction below 1)"))
     record = FastPath()
     for m in model.modules():
@@ -162,7 +181,7 @@ def enable_fast_path(model: nn.Module, kernels: bool = True, checkpoint: bool | 
     if cuda_graphs:
         from deltatune.fast.graphs import graph_layers
 
-        record.graphs = graph_layers(layers[recomputed:])
+        record.graphs = graph_layers(graphed)
     model.__dict__[_RECORD] = record
     return model
 

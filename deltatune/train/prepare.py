@@ -100,9 +100,18 @@ def enable_fast(model, args: TrainArgs, device: torch.device, log, task: str = "
     try:
         enable_fast_path(model, checkpoint=args.checkpoint_fraction if args.gradient_checkpointing else False,
                          cuda_graphs=args.cuda_graphs)
-    except ValueError as e:  # --cuda-graphs with every layer checkpointed, or no decoder layers
+    except ValueError as e:  # --cuda-graphs with every layer checkpointed, or no decoder or encoder layers
         raise TrainError(f"--cuda-graphs: {e}") from None
+    if args.cuda_graphs:  # the loop alone touches the model between steps (fast.graphs.GraphedStack)
+        from deltatune.fast import fast_path_of
+
+        fast_path_of(model).graphs.check_every = GRAPH_CHECK_EVERY
     return True
+
+
+GRAPH_CHECK_EVERY = 16
+"""How often (in graphed steps) a training run checks that its graphed layers are as captured: nothing in
+the loop changes them between steps, and a check is a tenth of a small encoder's step (MiniLM-L6)."""
 
 
 GRAPHED_METHODS = ("lora",)
@@ -112,17 +121,34 @@ GRAPHED_METHODS = ("lora",)
 
 def graphs_setting(args: TrainArgs, model, device: torch.device, train_data, sharding: str) -> bool:
     """What --cuda-graphs means for this run: as given, or where unset (None) on when every condition for
-    one graph capture a run holds: the fast path on a CUDA device (bf16/fp16 by --precision), a method of
-    ``GRAPHED_METHODS``, packed rows (static shapes, ``objective.static_shape``), no token budget (it sets
-    the rows per step), decoder layers left uncheckpointed, no --teacher base (it toggles the adapters
-    every micro-batch), and no FSDP. On the H200 this doubled real tokens/s on short packed rows, where the
-    host's kernel launches otherwise set the pace (docs/benchmarks.md)."""
+    graph captures a run holds: the fast path on a CUDA device (bf16/fp16 by --precision), a method of
+    ``GRAPHED_METHODS``, no token budget (it sets the rows per step), no --teacher base (it toggles the
+    adapters every micro-batch), no FSDP, and static shapes: packed rows (``objective.static_shape``) with
+    decoder layers left uncheckpointed, or an encoder's one-example rows padded to at most
+    ``fast.graphs.MAX_CACHED`` widths (``objective.width_buckets``; one cached capture each). On the H200
+    this doubled real tokens/s on short packed rows, where the host's kernel launches otherwise set the
+    pace (docs/benchmarks.md)."""
     if args.cuda_graphs is not None:
         return args.cuda_graphs
-    return bool(device.type == "cuda" and args.fast is not False and args.method in GRAPHED_METHODS and train_data.packed
-                and args.precision in ("bf16", "fp16") and not args.tokens_per_step
-                and not (args.gradient_checkpointing and args.checkpoint_fraction >= 1.0)
-                and args.teacher != "base" and sharding != "fsdp" and not _input_adapters(model))
+    if not (device.type == "cuda" and args.fast is not False and args.method in GRAPHED_METHODS
+            and args.precision in ("bf16", "fp16") and not args.tokens_per_step and args.teacher != "base"
+            and sharding != "fsdp" and not _input_adapters(model)):
+        return False
+    if train_data.packed:
+        return not (args.gradient_checkpointing and args.checkpoint_fraction >= 1.0)
+    return not args.gradient_checkpointing and _few_encoder_widths(model, train_data)
+
+
+def _few_encoder_widths(model, train_data) -> bool:
+    """Whether ``model`` is an encoder (no decoder layers) whose bucketed row widths fit the graph cache."""
+    from deltatune.fast.graphs import MAX_CACHED
+    from deltatune.fast.path import _decoder_layers, graphable_layers
+    from deltatune.train.objective import WIDTH_MULTIPLE
+
+    if _decoder_layers(model) or not graphable_layers(model) or not train_data.examples:
+        return False
+    longest = max(len(ex["input_ids"]) for ex in train_data.examples)
+    return math.ceil(longest / WIDTH_MULTIPLE) <= MAX_CACHED
 
 
 def _input_adapters(model) -> list[str]:
