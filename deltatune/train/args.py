@@ -99,7 +99,7 @@ class TrainArgs:
     fast: Optional[bool] = None
     """Fused LoRA kernels (deltatune.fast). Unset: on with CUDA where it fuses more than the projections (a causal LM's loss, Llama-style blocks, --cuda-graphs; not a BERT classifier), off on CPU."""
     cuda_graphs: Optional[bool] = None
-    """With the fast path: replay the decoder layers that are not checkpointed from CUDA graphs (faster when the host limits the step; packed rows take one static shape). Unset: on for LoRA/DoRA on packed rows on a GPU (train.prepare.graphs_setting), off elsewhere."""
+    """With the fast path: replay the decoder layers that are not checkpointed (an encoder's layers) from CUDA graphs (faster when the host limits the step; packed rows take one static shape, an encoder's rows one capture per width). Unset: on a GPU, on for LoRA on packed rows and for encoders whose rows take at most 8 widths (train.prepare.graphs_setting), off elsewhere."""
     sharding: Literal["auto", "fsdp", "ddp", "none"] = "auto"
     """Under torchrun with several processes: "fsdp" (FSDP2, each decoder block's parameters sharded, the frozen base too), "ddp" (a whole copy per process, gradients all-reduced); "auto": fsdp with several processes, none with one. The global batch is micro_batch x grad_accum x processes."""
 
