@@ -63,3 +63,15 @@ def test_4bit_weights_count_by_their_logical_shape():
     dt.add_adapter(quantized, dt.LoraConfig(r=2, targets=["q_proj"]))
     dt.add_adapter(plain, dt.LoraConfig(r=2, targets=["q_proj"]))
     assert matmul_params(quantized) == matmul_params(plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the allocator's statistics)")
+def test_gpu_cuda_peaks_are_torchs_peaks():
+    """The meter's cheap read of the allocator's peaks equals torch.cuda's public (slower) calls."""
+    from deltatune.train.throughput import cuda_peaks
+
+    x = torch.empty(1 << 20, device="cuda")
+    device = x.device
+    del x
+    assert cuda_peaks(device) == (torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
