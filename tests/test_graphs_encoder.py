@@ -83,10 +83,14 @@ def run_args(**kw):
     return TrainArgs(model="m", precision="bf16", method="lora", **kw)
 
 
-def test_graphs_default_on_for_an_encoder_with_few_row_widths():
+def test_graphs_default_on_for_an_encoder_with_few_row_widths(monkeypatch):
     """Unset --cuda-graphs: on for BERT's one-example rows on a GPU when their widths (multiples of 16 up to
-    the longest example) fit the graph cache; off for longer rows, on the CPU, with checkpointing, and for
-    a decoder's unpacked rows (up to 64 widths)."""
+    the longest example) fit the graph cache and their captures a quarter of the GPU's memory; off for
+    longer rows, a small GPU, on the CPU, with checkpointing, and for a decoder's unpacked rows (up to 64
+    widths)."""
+    import deltatune.train.prepare as prepare
+
+    monkeypatch.setattr(prepare, "device_memory", lambda device: 80 << 30)
     model, gpu, cpu = tiny_bert(), torch.device("cuda"), torch.device("cpu")
     short = types.SimpleNamespace(packed=False, examples=[{"input_ids": [1] * n} for n in (5, 40, 66)])
     longest = MAX_CACHED * WIDTH_MULTIPLE + 1
@@ -97,6 +101,9 @@ def test_graphs_default_on_for_an_encoder_with_few_row_widths():
     assert not graphs_setting(run_args(gradient_checkpointing=True), model, gpu, short, "none")
     assert not graphs_setting(run_args(fast=False), model, gpu, short, "none")
     assert graphs_setting(run_args(cuda_graphs=True), model, gpu, long, "none")  # as given
+    monkeypatch.setattr(prepare, "device_memory", lambda device: 1 << 20)  # 5 captures, ~16 MiB: > 1/4 MiB
+    assert not graphs_setting(run_args(), model, gpu, short, "none")
+    monkeypatch.setattr(prepare, "device_memory", lambda device: 80 << 30)
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=100)
     llama = transformers.LlamaForCausalLM(cfg)

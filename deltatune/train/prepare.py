@@ -136,19 +136,36 @@ def graphs_setting(args: TrainArgs, model, device: torch.device, train_data, sha
         return False
     if train_data.packed:
         return not (args.gradient_checkpointing and args.checkpoint_fraction >= 1.0)
-    return not args.gradient_checkpointing and _few_encoder_widths(model, train_data)
+    return not args.gradient_checkpointing and _few_encoder_widths(model, args, device, train_data)
 
 
-def _few_encoder_widths(model, train_data) -> bool:
-    """Whether ``model`` is an encoder (no decoder layers) whose bucketed row widths fit the graph cache."""
+GRAPH_MEMORY_SHARE = 0.25
+"""The share of the GPU's memory that an encoder's cached graph captures may take by default (each width
+keeps one step's activations in its own pool)."""
+
+
+def _few_encoder_widths(model, args: TrainArgs, device: torch.device, train_data) -> bool:
+    """Whether ``model`` is an encoder (no decoder layers) whose bucketed row widths fit the graph cache, and
+    whose captures (one step's activations each, at most the longest row's) fit ``GRAPH_MEMORY_SHARE`` of the
+    device."""
     from deltatune.fast.graphs import MAX_CACHED
     from deltatune.fast.path import _decoder_layers, graphable_layers
     from deltatune.train.objective import WIDTH_MULTIPLE
+    from deltatune.train.report import estimate_memory
 
     if _decoder_layers(model) or not graphable_layers(model) or not train_data.examples:
         return False
     longest = max(len(ex["input_ids"]) for ex in train_data.examples)
-    return math.ceil(longest / WIDTH_MULTIPLE) <= MAX_CACHED
+    widths = math.ceil(longest / WIDTH_MULTIPLE)
+    if widths > MAX_CACHED:
+        return False
+    captures = widths * estimate_memory(model, args, widths * WIDTH_MULTIPLE, "classification")["activations"]
+    return captures <= GRAPH_MEMORY_SHARE * device_memory(device)
+
+
+def device_memory(device: torch.device) -> int:
+    """Total bytes of memory on the CUDA ``device``."""
+    return torch.cuda.get_device_properties(device).total_memory
 
 
 def _input_adapters(model) -> list[str]:
