@@ -27,6 +27,10 @@ adapters change the output). Prints a table and writes JSON:
 ``--profile`` also runs a few prefill and decode steps of the base and of the pool under ``torch.profiler``
 and prints each one's top GPU kernels by total time (the SGMV shrink and expand beside the base GEMMs; on a
 CPU, the top operators by self CPU time).
+
+The pool's prefill runs the epilogue path by default (terms written first, the base GEMM adding into them: no
+read-modify-write of the output); ``DELTATUNE_SGMV_EPILOGUE=0`` runs the forward hook instead. The header says
+which mode ran and how many projections took the epilogue (also under ``checks`` and in the JSON).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from deltatune.serve import AdapterPool  # noqa: E402
+from deltatune.serve import AdapterPool, pool_call  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, layers, q/o width, k/v width (Llama-3.2-1B, Llama-3.1-8B)
     "1b": (2048, 8192, 16, 2048, 512),
@@ -235,7 +239,20 @@ def main(argv=None):
         with pool.routed(base, rows):
             return base(x)
 
+    def epilogue_layers(x, rows) -> int:
+        """How many projections of one pool step took the prefill epilogue path (``serve.lora_mixed.
+        linear_mixed_lora``: terms first, the base GEMM adding into them; ``DELTATUNE_SGMV_EPILOGUE``)."""
+        real, count = pool_call.linear_mixed_lora, [0]
+        pool_call.linear_mixed_lora = lambda *a, **k: (count.__setitem__(0, count[0] + 1), real(*a, **k))[1]
+        try:
+            pool_step(x, rows)
+        finally:
+            pool_call.linear_mixed_lora = real
+        return count[0]
+
     results, checks, profiles = [], {}, []
+    projections = len(TARGETS) * SHAPES[args.shape][2]
+    checks["sgmv_epilogue"] = {"switch": pool_call.sgmv_epilogue(), "projections": projections}
     with torch.inference_mode():
         for case, x, rows in (("prefill", prefill_x, prefill_names), ("decode", decode_x, decode_names)):
             ms = {
@@ -263,6 +280,7 @@ def main(argv=None):
             if args.profile:
                 for row, fn in (("base", lambda: base(x)), ("deltatune pool", lambda: pool_step(x, rows))):
                     profiles.append((case, row) + profile_top(fn, cuda))
+            checks["sgmv_epilogue"][f"{case}_epilogue_layers"] = epilogue_layers(x, rows)
             ours, theirs, plain = pool_step(x, rows), peft_model(x, adapter_names=rows), base(x)
             checks[case] = {"pool_vs_peft": rel(ours, theirs), "peft_vs_base": rel(theirs, plain),
                             "pool_vs_base": rel(ours, plain), **checks.pop("decode_graph_phases", {})}
@@ -280,7 +298,12 @@ def main(argv=None):
 
     print(f"\n{args.shape} projections, {device} {str(dtype)[6:]}, ranks {ranks}; registered {len(pool.names())} "
           f"adapters in {register_s:.1f} s; pool slots {pool.resident_bytes() / 2**30:.2f} GiB "
-          f"({pool.capacity} x {pool.slot_bytes() / 2**20:.1f} MiB)\n")
+          f"({pool.capacity} x {pool.slot_bytes() / 2**20:.1f} MiB)")
+    mode = checks["sgmv_epilogue"]
+    how = "epilogue (terms first, the GEMM adds into them)" if mode["switch"] else "hook (terms added to the output)"
+    print(f"pool prefill mode: {how}, {pool_call.EPILOGUE_ENV}={int(mode['switch'])}: "
+          f"{mode['prefill_epilogue_layers']} of "
+          f"{projections} projections took the epilogue in prefill, {mode['decode_epilogue_layers']} in decode\n")
     print("| case | row | ms | tokens/s | x base |")
     print("|---|---|---|---|---|")
     for case, tokens, ms in results:
@@ -291,6 +314,7 @@ def main(argv=None):
         print_profile(case, row, top, total_ms, cuda)
     if args.json:
         out = {"shape": args.shape, "device": torch.cuda.get_device_name() if cuda else "cpu", "ranks": ranks,
+               "sgmv_epilogue": checks["sgmv_epilogue"]["switch"],
                "register_s": register_s, "resident_bytes": pool.resident_bytes(), "checks": checks,
                "rows": [{"case": c, "tokens": t, "ms": ms} for c, t, ms in results]}
         pathlib.Path(args.json).write_text(json.dumps(out, indent=2))

@@ -78,11 +78,12 @@ def _sgmv_shrink(X, stride_x, A, stride_as, stride_ar, H, stride_hs, ORDER, TILE
 
 
 @triton.jit
-def _sgmv_expand(H, stride_hs, B, stride_bs, stride_bn, SCALES, Y, stride_y, ORDER, TILES, R, N_OUT,
+def _sgmv_expand(H, stride_hs, B, stride_bs, stride_bn, SCALES, Y, stride_y, ORDER, TILES, BIAS, R, N_OUT,
                  SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_TILES: tl.constexpr,
-                 BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+                 BLOCK_R: tl.constexpr, IEEE: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """y[order[pos], n] += scale[slot] * sum_r h[pos, r] B[slot, n, r], h = round(sum_s h[s, pos, r]) (the SPLIT
-    partials summed in fp32 in split order, then rounded to B's dtype), for one tile and N_TILES blocks of n."""
+    partials summed in fp32 in split order, then rounded to B's dtype), for one tile and N_TILES blocks of n.
+    ACCUMULATE off: y[order[pos], n] = that term (a store, y never read); HAS_BIAS: bias[n] added too."""
     tile = tl.program_id(0)
     start = tl.load(TILES + tile * 3)
     end = tl.load(TILES + tile * 3 + 1)
@@ -106,8 +107,11 @@ def _sgmv_expand(H, stride_hs, B, stride_bs, stride_bn, SCALES, Y, stride_y, ORD
         acc = _dot(h, b, IEEE) * scale
         out = Y + rows[:, None] * stride_y + n[None, :]
         omask = pmask[:, None] & nmask[None, :]
-        y = tl.load(out, mask=omask, other=0.0)
-        tl.store(out, (y.to(tl.float32) + acc).to(Y.dtype.element_ty), mask=omask)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if ACCUMULATE:
+            acc += tl.load(out, mask=omask, other=0.0).to(tl.float32)
+        tl.store(out, acc.to(Y.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -150,15 +154,21 @@ def _check(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s
 
 
 def sgmv(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
-         order: torch.Tensor, tiles: torch.Tensor, block_m: int, split: int | None = None) -> torch.Tensor:
+         order: torch.Tensor, tiles: torch.Tensor, block_m: int, split: int | None = None, accumulate: bool = True,
+         bias: torch.Tensor | None = None) -> torch.Tensor:
     """Segmented mixed LoRA: ``y[order[p]] += scale_s · B_s A_s x[order[p]]`` for every tile's positions.
 
     x (T, in); y (T, out), updated in place; A (S, R, in); B (S, out, R); scales (S,); order (N,) int32
     token indices sorted by slot; tiles (num_tiles, 3) int32 (start, end, slot), at most ``block_m``
     positions each. ``split``: how many parts the shrink cuts K into (None: ``DELTATUNE_SGMV_SPLIT``, else
-    ``shrink_split``; at most one part per BLOCK_K of K). Returns ``y``.
+    ``shrink_split``; at most one part per BLOCK_K of K). ``accumulate`` False: ``y[order[p]] =`` the term,
+    a store that never reads y (rows not in ``order`` untouched); ``bias`` (out,): added to every row written.
+    Returns ``y``.
     """
     x, y, A, B, scales = _check(x, y, A, B, scales)
+    if bias is not None and (bias.shape != (y.shape[1],) or bias.device != y.device):
+        raise ValueError(f"sgmv: bias must be ({y.shape[1]},) on {y.device}, got {tuple(bias.shape)} on {bias.device}")
+    bias = bias.contiguous() if bias is not None else scales  # a pointer the kernel never reads (HAS_BIAS off)
     S, R, K = A.shape
     N, n_tiles = order.numel(), tiles.shape[0]
     if N == 0 or n_tiles == 0:
@@ -186,9 +196,10 @@ def sgmv(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sca
     n_blocks = _cdiv(n_out, block_n)
     n_tiles_out = expand_tiles(n_tiles, n_blocks, sms)
     _sgmv_expand[(n_tiles, _cdiv(n_blocks, n_tiles_out))](h, N * R, B, B.stride(0), B.stride(1), scales, y,
-                                                          y.stride(0), order, tiles, R, n_out, SPLIT=split,
+                                                          y.stride(0), order, tiles, bias, R, n_out, SPLIT=split,
                                                           BLOCK_M=block_m, BLOCK_N=block_n, N_TILES=n_tiles_out,
-                                                          BLOCK_R=block_r, IEEE=ieee, num_warps=warps,
+                                                          BLOCK_R=block_r, IEEE=ieee, ACCUMULATE=bool(accumulate),
+                                                          HAS_BIAS=bias is not scales, num_warps=warps,
                                                           num_stages=2)
     return y
 

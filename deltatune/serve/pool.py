@@ -408,7 +408,7 @@ class AdapterPool:
                     handles.append(module.register_forward_pre_hook(call.pass_routing(path, layer),
                                                                     with_kwargs=True))
                 elif layer is not None:
-                    handles.append(module.register_forward_hook(call.add_terms(path, layer)))
+                    handles.append(call.attach(path, module, layer))  # a forward hook, or the epilogue forward
             yield model
         finally:
             for handle in handles:

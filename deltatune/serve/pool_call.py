@@ -11,6 +11,12 @@ where each launch costs ~20 us of host time and the one-launch kernel saves one 
 of recomputing a token's shrink in each of its programs; two phases (a split-K shrink, then an expand)
 when the call is forced gathered, i.e. a decode step being captured as a CUDA graph, where a launch costs
 nothing on replay and the GPU time is all that counts. The same bits either way (``kernels.bgmv_split``).
+
+Prefill on a plain ``nn.Linear`` (issue 18): adding the terms to the finished output reads and writes it again in
+the memory-bound SGMV expand. So, for the call, such a layer's forward is replaced (``attach``): where more than
+half its tokens are adapted, the terms and the bias are written into a fresh buffer and the base GEMM adds into it
+in place (``lora_mixed.linear_mixed_lora``); decode, quantized or other layers keep the hook.
+``DELTATUNE_SGMV_EPILOGUE=0`` turns it off for A/B runs.
 Imports torch only.
 """
 
@@ -23,12 +29,26 @@ import torch
 import torch.nn as nn
 
 from deltatune.adapters import DeltaLayer, Routing
-from deltatune.serve.lora_mixed import GATHERED_MAX_SEGMENT, SlotBatch, mixed_lora, slot_batch
+from deltatune.serve.lora_mixed import GATHERED_MAX_SEGMENT, SlotBatch, linear_mixed_lora, mixed_lora, slot_batch
 
-__all__ = ["PoolCall", "LayerRouting", "submodule", "decode_phases"]
+__all__ = ["PoolCall", "LayerRouting", "submodule", "decode_phases", "sgmv_epilogue"]
 
 PHASES_ENV = "DELTATUNE_BGMV_PHASES"
 """Environment variable forcing the gathered kernel's variant, 1 or 2, over the default (for A/B runs)."""
+
+EPILOGUE_ENV = "DELTATUNE_SGMV_EPILOGUE"
+"""Environment variable: 0 turns the prefill epilogue path off (terms added to the base output by a forward
+hook, as before), 1 or unset leaves it on where it applies (for A/B runs)."""
+
+
+def sgmv_epilogue() -> bool:
+    """Whether prefill calls of plain ``nn.Linear`` layers take the epilogue path (``DELTATUNE_SGMV_EPILOGUE``:
+    0 no; 1 or unset yes). ValueError for any other value."""
+    value = os.environ.get(EPILOGUE_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{EPILOGUE_ENV} must be 0 (terms added to the base output) or 1 (terms first, the base "
+                         f"GEMM adds into them), got {value!r}")
+    return value != "0"
 
 
 def decode_phases(gathered: bool, phases: int | None = None) -> int:
@@ -59,6 +79,7 @@ class PoolCall:
                  gathered: bool = False, phases: int = 1):
         self.token_slots, self.model_rows, self.table, self.gathered = token_slots, model_rows, table, gathered
         self.phases = phases
+        self.epilogue = sgmv_epilogue()  # read once a call (ValueError before any layer changes)
         self.used = frozenset(s for s in token_slots if s >= 0)
         self._gathered: dict[torch.Size, int | None] = {}  # x's shape -> tokens per row when BGMV runs, else None
         self._batches: dict[tuple, SlotBatch] = {}
@@ -102,11 +123,16 @@ class PoolCall:
         batch = self._batches[key] = self._batches[shared]
         return batch
 
-    def terms(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y`` plus the pooled adapters' terms for ``x``'s tokens."""
+    def _per_row(self, x: torch.Tensor) -> int | None:
+        """``_layout(x)``, once per input shape."""
         per_row = self._gathered.get(x.shape, _UNSEEN)
         if per_row is _UNSEEN:
             per_row = self._gathered[x.shape] = self._layout(x)
+        return per_row
+
+    def terms(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` plus the pooled adapters' terms for ``x``'s tokens."""
+        per_row = self._per_row(x)
         if per_row is not None and not y.requires_grad:  # decode: the launch(es), nothing else (no backward)
             return layer.gathered()(x, y, self.table, per_row, self.phases)
         batch = self.batch(x, layer.present())
@@ -122,6 +148,40 @@ class PoolCall:
             return self.terms(layer, args[0], output)
         return hook
 
+    def attach(self, path: str, module: nn.Module, layer):
+        """Make the plain layer ``module`` add the pooled terms for this call; returns a handle whose
+        ``remove()`` undoes it. A plain ``nn.Linear`` (its own forward, a float weight, no forward set on it
+        already) gets its forward replaced (``epilogue_forward``) when ``sgmv_epilogue()``; any other layer
+        (quantized, GPT-2 ``Conv1D``), or with the switch off, a forward hook (``add_terms``)."""
+        if self.epilogue and _plain_linear(module):
+            return _ForwardOverride(module, self.epilogue_forward(module, layer))
+        return module.register_forward_hook(self.add_terms(path, layer))
+
+    def epilogue_forward(self, module: nn.Linear, layer):
+        """The forward of a plain ``nn.Linear`` inside this call. A prefill-shaped input (the SGMV path) whose
+        tokens are more than half adapted on this layer runs ``linear_mixed_lora``: the terms (and the bias)
+        written into a fresh buffer, which the base GEMM then adds into in its epilogue: no read-modify-write
+        of the output. Byte count of the memory-bound work: N stores of the terms plus T - N of the base rows'
+        bias, against 2N for the read-modify-write of the N adapted rows, so the epilogue pays off for
+        N > T / 2 (the GEMM's read of the buffer hides under its compute). Any other input (decode's
+        gathered kernel, few adapted tokens, gradients or autocast on) runs the base forward and ``terms``,
+        as the hook does; no adapted token here: the base forward alone."""
+        base_forward = module.forward  # the class's, bound
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if self._per_row(x) is None and not torch.is_autocast_enabled(x.device.type) and not (
+                    torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)):
+                batch = self.batch(x, layer.present())
+                if not batch.segments:
+                    return base_forward(x)
+                if 2 * batch.num_adapted > batch.num_tokens:
+                    flat = x.reshape(-1, x.shape[-1])
+                    y = linear_mixed_lora(flat, module.weight, module.bias, layer.A, layer.B, layer.scales, batch,
+                                          layer.ranks)
+                    return y.view(*x.shape[:-1], y.shape[-1])
+            return self.terms(layer, x, base_forward(x))
+        return forward
+
     def pass_routing(self, path: str, layer):
         """A forward pre-hook for a DeltaLayer: passes it a routing that does both parts."""
         routing = LayerRouting(self, layer)
@@ -132,6 +192,25 @@ class PoolCall:
 
 
 _UNSEEN = object()
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` computes exactly ``F.linear(x, weight, bias)`` with a float weight it holds (a
+    quantized subclass of ``nn.Linear`` overrides forward) and has no forward set on the instance (a nested
+    routed call's, kept)."""
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+            and "forward" not in module.__dict__ and module.weight.is_floating_point() and module.weight.dim() == 2)
+
+
+class _ForwardOverride:
+    """A forward set on one module for a routed call; ``remove()`` restores the class's."""
+
+    def __init__(self, module: nn.Module, forward):
+        self.module = module
+        module.forward = forward
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
 
 
 def submodule(model: nn.Module, path: str) -> nn.Module | None:
