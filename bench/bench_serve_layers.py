@@ -209,9 +209,14 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--skip", default="", help="comma-separated rows to leave out (quicker A/B runs): peft (its "
+                    "rows and checks; ~1.3 s a decode step at 1B), reload (the every-slot-reloaded row)")
     ap.add_argument("--profile", action="store_true",
                     help="print the top kernels of a few prefill and decode steps, base and pool (torch.profiler)")
     args = ap.parse_args(argv)
+    skip = {r for r in args.skip.split(",") if r}
+    if skip - {"peft", "reload"}:
+        ap.error(f"--skip takes peft and reload, got {sorted(skip - {'peft', 'reload'})}")
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     if cuda:
@@ -258,8 +263,9 @@ def main(argv=None):
             ms = {
                 "base": timed(lambda: base(x), args.iters, args.warmup, cuda),
                 "deltatune pool": timed(lambda: pool_step(x, rows), args.iters, args.warmup, cuda),
-                "PEFT adapter_names": timed(lambda: peft_model(x, adapter_names=rows), args.iters, args.warmup, cuda),
             }
+            if "peft" not in skip:
+                ms["PEFT adapter_names"] = timed(lambda: peft_model(x, adapter_names=rows), args.iters, args.warmup, cuda)
             if case == "decode":
                 ms["pool, base rows only"] = timed(lambda: pool_step(x, [None] * len(rows)), args.iters, args.warmup,
                                                    cuda)
@@ -281,20 +287,26 @@ def main(argv=None):
                 for row, fn in (("base", lambda: base(x)), ("deltatune pool", lambda: pool_step(x, rows))):
                     profiles.append((case, row) + profile_top(fn, cuda))
             checks["sgmv_epilogue"][f"{case}_epilogue_layers"] = epilogue_layers(x, rows)
-            ours, theirs, plain = pool_step(x, rows), peft_model(x, adapter_names=rows), base(x)
-            checks[case] = {"pool_vs_peft": rel(ours, theirs), "peft_vs_base": rel(theirs, plain),
-                            "pool_vs_base": rel(ours, plain), **checks.pop("decode_graph_phases", {})}
+            ours, plain = pool_step(x, rows), base(x)
+            checks[case] = {"pool_vs_base": rel(ours, plain), **checks.pop("decode_graph_phases", {})}
+            if "peft" not in skip:
+                theirs = peft_model(x, adapter_names=rows)
+                checks[case].update(pool_vs_peft=rel(ours, theirs), peft_vs_base=rel(theirs, plain))
         # reloads: every step names adapters that are not resident
+        if "reload" in skip:
+            args.registered = 0
         extra = {f"r{i}": paths[f"a{i % n}"] for i in range(args.registered)}
         t0 = time.perf_counter()
         for name, p in extra.items():
             pool.register(name, p)
         register_s += time.perf_counter() - t0
-        groups = [[f"r{(j * args.decode_rows + i) % args.registered}" for i in range(args.decode_rows)]
-                  for j in range(max(2, args.registered // args.decode_rows))]
-        step = iter(range(10 ** 9))
-        reload_ms = timed(lambda: pool_step(decode_x, groups[next(step) % len(groups)]), args.iters, args.warmup, cuda)
-        results[1][2]["pool, all slots reloaded each step"] = reload_ms
+        if "reload" not in skip:
+            groups = [[f"r{(j * args.decode_rows + i) % args.registered}" for i in range(args.decode_rows)]
+                      for j in range(max(2, args.registered // args.decode_rows))]
+            step = iter(range(10 ** 9))
+            reload_ms = timed(lambda: pool_step(decode_x, groups[next(step) % len(groups)]), args.iters, args.warmup,
+                              cuda)
+            results[1][2]["pool, all slots reloaded each step"] = reload_ms
 
     print(f"\n{args.shape} projections, {device} {str(dtype)[6:]}, ranks {ranks}; registered {len(pool.names())} "
           f"adapters in {register_s:.1f} s; pool slots {pool.resident_bytes() / 2**30:.2f} GiB "
