@@ -20,8 +20,10 @@ the steps. Adapters are routed per token by ``deltatune.adapters.routed``, or by
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -37,6 +39,20 @@ from deltatune.serve.scheduler import RequestRefused, Scheduler, Sequence
 __all__ = ["Engine", "GenerationOutput", "RequestRefused"]
 
 _PARAM_NAMES = {f.name for f in fields(SamplingParams)}
+
+
+def prompt_method(path) -> str | None:
+    """PEFT's ``peft_type`` of the adapter directory ``path`` when it is a prompt method served as virtual tokens
+    (``serve.virtual_prompts.PROMPT_METHODS``), else None (LoRA and the rest; a missing or unreadable config
+    is left to the adapter's own loader to report)."""
+    from deltatune.serve.virtual_prompts import PROMPT_METHODS
+
+    try:
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    kind = config.get("peft_type") if isinstance(config, dict) else None
+    return kind if kind in PROMPT_METHODS else None
 
 
 @dataclass
@@ -128,10 +144,15 @@ class Engine:
         # decode steps replayed from CUDA graphs (serve.decode_graphs); off by default until measured
         self.graphs = DecodeGraphs(r, self.cache, pool, max_num_seqs, max_len) if cuda_graphs else None
         capacity = (lambda: pool.capacity) if hasattr(pool, "capacity") else None  # a batch fits the pool's slots
-        self.scheduler = Scheduler(self.cache, max_num_batched_tokens, max_num_seqs, max_len, max_adapters=capacity)
+        # loads ahead of admission (AdapterPool.prefetch/ready): a request joins a step once its adapter is in
+        # its slot, so no step of the running requests waits for a host-to-device copy of another's adapter
+        self._prefetch = getattr(pool, "prefetch", None) if hasattr(pool, "ready") else None
+        self.scheduler = Scheduler(self.cache, max_num_batched_tokens, max_num_seqs, max_len, max_adapters=capacity,
+                                   adapter_ready=pool.ready if self._prefetch is not None else None)
         self.sampler = Sampler(seed)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._adapters: dict[str, str] = {}
+        self._virtual = None  # prompt-method adapters (serve.virtual_prompts.VirtualPrompts), once one is added
         self._seqs: dict[int, Sequence] = {}  # requests, by id
         self._groups: dict[int, BeamGroup] = {}  # beam-search requests' groups, by request id
         self._beam_of: dict[int, BeamGroup] = {}  # the group of each running beam, by its sequence id
@@ -158,7 +179,9 @@ class Engine:
         Raises ValueError for a name in use or too many adapters, AdapterFileError for a bad file."""
         if name in self._adapters:
             raise ValueError(f"an adapter named {name!r} is already added (from {self._adapters[name]})")
-        if self.pool is not None:
+        if prompt_method(path) is not None:  # prompt / P- / prefix tuning: virtual tokens, not weights
+            self._add_virtual(name, path)
+        elif self.pool is not None:
             self.pool.register(name, path)
         else:
             if len(self._adapters) >= self.max_resident_adapters:
@@ -169,14 +192,35 @@ class Engine:
             load_adapter(self.model, path, name)
         self._adapters[name] = str(path)
 
+    def _add_virtual(self, name: str, path) -> None:
+        """Serve the prompt-method adapter at ``path`` as ``name``: its virtual tokens computed once (a P-tuning
+        encoder runs here), prepended as virtual ids to each request that names it (``serve.virtual_prompts``)."""
+        from deltatune.adapters import virtual_tokens
+        from deltatune.adapters.surgery import remove_adapter
+        from deltatune.formats.files import load_adapter
+        from deltatune.serve.virtual_prompts import VirtualPrompts
+
+        r = self.runner
+        if self._virtual is None:
+            self._virtual = VirtualPrompts(r.head.weight.shape[0], self.model.config.hidden_size, r.num_layers,
+                                           r.num_kv_heads, r.head_dim, r.device, r.dtype)
+        load_adapter(self.model, path, name, activate=False)  # checks the files; the model gets the encoder
+        try:
+            self._virtual.add(name, virtual_tokens(self.model).encoders[name])
+        finally:
+            remove_adapter(self.model, name)  # the engine feeds the tokens itself; the model is left as it was
+        r.virtual = self._virtual
+
     def remove_adapter(self, name: str) -> None:
         """Stop serving adapter ``name``; raises KeyError if unknown, ValueError while requests use it."""
         if name not in self._adapters:
             raise KeyError(f"no adapter named {name!r} (added: {sorted(self._adapters)})")
-        busy = [s.seq_id for s in self._seqs.values() if s.adapter == name and s.status != "finished"]
+        busy = [s.seq_id for s in self._seqs.values() if name in (s.adapter, s.virtual) and s.status != "finished"]
         if busy:
             raise ValueError(f"adapter {name!r} is in use by requests {busy}; wait for them or abort them")
-        if self.pool is not None:
+        if self._virtual is not None and name in self._virtual:
+            self._virtual.remove(name)
+        elif self.pool is not None:
             (getattr(self.pool, "unregister", None) or self.pool.remove)(name)
         else:
             from deltatune.adapters.surgery import remove_adapter
@@ -199,7 +243,11 @@ class Engine:
         if unknown:
             raise TypeError(f"unknown sampling settings {sorted(unknown)}; known: {sorted(_PARAM_NAMES)}")
         params = params or SamplingParams(**sampling)
-        seq = Sequence(next(self._ids), self._encode(prompt), params, adapter)
+        if self._virtual is not None and adapter in self._virtual:  # its virtual tokens first; base weights
+            seq = Sequence(next(self._ids), self._virtual.ids(adapter) + self._encode(prompt), params, None,
+                           virtual=adapter)
+        else:
+            seq = Sequence(next(self._ids), self._encode(prompt), params, adapter)
         if params.use_beam_search:
             return self._add_beam_request(seq)
         seq.generator = self.sampler.generator(params, self.runner.device)
@@ -235,8 +283,25 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def _prefetch_waiting(self) -> None:
+        """Start loading the adapters of the requests next in the queue (as many as the pool's slots not held by
+        running requests; at most ``max_num_seqs`` requests looked at), keeping the running requests' adapters."""
+        sched = self.scheduler
+        running = {s.adapter for s in sched.running if s.adapter is not None}
+        room = getattr(self.pool, "capacity", sched.max_num_seqs) - len(running)
+        wanted = []
+        for seq in itertools.islice(sched.waiting, sched.max_num_seqs):
+            if len(wanted) >= room:
+                break
+            if seq.adapter is not None and seq.adapter not in running and seq.adapter not in wanted:
+                wanted.append(seq.adapter)
+        if wanted:
+            self._prefetch(wanted, keep=running)
+
     def step(self) -> list[Sequence]:
         """Run one batch; returns the sequences that got a token (finished ones included)."""
+        if self._prefetch is not None and self.scheduler.waiting:
+            self._prefetch_waiting()
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
@@ -338,8 +403,9 @@ class Engine:
         s = self._seqs[request_id]
         end = s.finish_time or s.arrival
         group = self._groups.get(request_id)
-        return GenerationOutput(s.seq_id, s.text, list(s.output_ids), list(s.prompt_ids), s.finish_reason or "",
-                                s.adapter, max(0.0, end - s.arrival),
+        vocab = self.runner.head.weight.shape[0]  # a prompt's virtual tokens are no token ids of the model
+        return GenerationOutput(s.seq_id, s.text, list(s.output_ids), [t for t in s.prompt_ids if t < vocab],
+                                s.finish_reason or "", s.adapter or s.virtual, max(0.0, end - s.arrival),
                                 max(0.0, (s.first_token_time or s.arrival) - s.arrival),
                                 [(list(t), score) for score, t in group.finished] if group is not None else [])
 

@@ -59,6 +59,9 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     preemptions: int = 0
+    virtual: str | None = None
+    """The prompt-method adapter whose virtual tokens start ``prompt_ids`` (``adapter`` is then None: the base
+    weights), or None."""
 
     @property
     def num_tokens(self) -> int:
@@ -76,7 +79,7 @@ class Scheduler:
     """Waiting and running sequences over one paged cache; ``schedule()`` plans a step."""
 
     def __init__(self, cache: PagedKVCache, max_num_batched_tokens: int = 512, max_num_seqs: int = 256,
-                 max_model_len: int | None = None, max_adapters=None):
+                 max_model_len: int | None = None, max_adapters=None, adapter_ready=None):
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         self.cache = cache
@@ -85,6 +88,10 @@ class Scheduler:
         # distinct adapters the running sequences may name (an adapter pool's slots): an int, a callable
         # giving it (the pool's capacity can change as adapters register), or None for no limit
         self.max_adapters = max_adapters
+        # adapter name -> whether its slot is loaded (an adapter pool's ``ready``), or None: always. A request
+        # whose adapter is still being copied is not admitted yet, so the step it would join does not wait
+        # for the copy and neither do the running sequences in that step
+        self.adapter_ready = adapter_ready
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -118,7 +125,9 @@ class Scheduler:
     def schedule(self) -> list[Chunk]:
         """The chunks of the next step (at most the token budget); blocks for them are reserved."""
         chunks = self._plan()
-        if not chunks and self.waiting:  # only held beams run and they block the queue: make room
+        head = self.waiting[0].adapter if self.waiting else None
+        loading = head is not None and self.adapter_ready is not None and not self.adapter_ready(head)
+        if not chunks and self.waiting and not loading:  # only held beams run and they block the queue: make room
             for seq in [s for s in self.running if s.num_computed >= s.num_tokens]:
                 self.park(seq)
             chunks = self._plan()
@@ -154,6 +163,8 @@ class Scheduler:
                 break  # first come, first served: later requests wait behind it
             if cap is not None and seq.adapter is not None and seq.adapter not in adapters and len(adapters) >= cap:
                 break  # its adapter needs a slot: it waits (and those behind it) until a running adapter's last sequence ends
+            if self.adapter_ready is not None and seq.adapter is not None and not self.adapter_ready(seq.adapter):
+                break  # its adapter's load is in flight: it joins a later step (first come, first served)
             if seq.adapter is not None:
                 adapters.add(seq.adapter)
             self.waiting.popleft()
