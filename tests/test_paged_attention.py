@@ -157,9 +157,67 @@ def check_padding_unread(device, dtype):
     return out
 
 
-CHECKS = {"kernel": check_kernel, "runner": check_runner, "padding": check_padding_unread}
+def _recorded_splits(kernels, *args, **kw):
+    """Run the dispatcher once, recording ``_decode_split``'s grid, its BALANCED flag, the lengths tensor it
+    was given and, per (sequence, query head), how many splits saw a position (a finite running max)."""
+    seen, kernel = {}, kernels._decode_split
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                seen.update(grid=tuple(grid), balanced=k["BALANCED"], lens=a[13], m=a[16])  # LENS, M
+                return kernel[grid](*a, **k)
+            return launch
+
+    kernels._decode_split = Recording()
+    try:
+        out = paged_decode_attention(*args, **kw)
+    finally:
+        kernels._decode_split = kernel
+    busy = torch.isfinite(seen["m"]).sum(-1).cpu() if seen["grid"][2] > 1 else None  # (B, Hq)
+    return out, seen, busy
+
+
+def check_balanced(device, dtype):
+    """Splits follow each row's length, not the table's width (decode graphs run every step at the longest
+    sequence's width): with the module's sizes scaled down (tiles and splits of 16 positions, 16 programs),
+    B=4 rows of 40, 100, 0 and 1 positions in a table of 256 get 2 splits each, and the rows of 40 and 100 use
+    both (fixed splits of 128 from the width left each in one program); under a window of 30 the rows spread
+    their last 30 positions over both too. DELTATUNE_PAGED_SPLITS=width restores the fixed splits. The
+    lengths are read in place from a strided column (no copy). Outputs against the float64 oracle."""
+    from deltatune.kernels import backend
+
+    if not backend.triton_enabled(torch.empty(0, device=device)):
+        return {"skipped_without_triton": True}
+    kernels = backend.load("deltatune.kernels.triton_paged_attention")
+    sizes = {"BLOCK_N": 16, "MIN_SPLIT_TOKENS": 16, "TARGET_PROGRAMS": 16}
+    saved = {k: getattr(kernels, k) for k in sizes}
+    q, keys, values, tables, lens = _case(device, dtype, lens=(40, 100, 0, 1), Hq=4, Hkv=2, D=16, width=64)
+    column = torch.stack([lens * 0 + 7, lens, lens * 0 - 3], 1)[:, 1]  # (B,) stride 3, between garbage
+    out = {}
+    try:
+        for k, v in sizes.items():
+            setattr(kernels, k, v)
+        for mode, window, want_busy in (("length", None, [2, 2, 0, 1]), ("length", 30, [2, 2, 0, 1]),
+                                        ("width", None, [1, 1, 0, 1])):
+            os.environ["DELTATUNE_PAGED_SPLITS"] = mode
+            got, seen, busy = _recorded_splits(kernels, q, keys, values, tables, column, 0.3, window)
+            name = f"{mode}/window={window}"
+            out[name] = _rel(got, _oracle(q, keys, values, tables, lens, 0.3, window))
+            out[name + "/grid"] = seen["grid"] == (4, 2, 2) and seen["balanced"] == (mode == "length")
+            out[name + "/busy_splits"] = busy is not None and busy.tolist() == [[n] * 4 for n in want_busy]
+            out[name + "/lens_in_place"] = seen["lens"].data_ptr() == column.data_ptr()
+    finally:
+        os.environ.pop("DELTATUNE_PAGED_SPLITS", None)
+        for k, v in saved.items():
+            setattr(kernels, k, v)
+    return out
+
+
+CHECKS = {"kernel": check_kernel, "runner": check_runner, "padding": check_padding_unread,
+          "balanced": check_balanced}
 DTYPES = {"kernel": (torch.float32, torch.float16, torch.bfloat16), "runner": (torch.float32,),
-          "padding": (torch.float32,)}
+          "padding": (torch.float32,), "balanced": (torch.float32,)}
 
 
 def run_checks(device):
@@ -220,6 +278,27 @@ def test_bad_inputs_raise_naming_what():
         paged_decode_attention(q.double(), keys, values, tables, lens, 0.3)
     with pytest.raises(ValueError, match="window"):
         paged_decode_attention(q, keys, values, tables, lens, 0.3, window=0)
+
+
+def test_launch_plan_at_the_1b_shape_follows_the_rows_not_the_width(monkeypatch):
+    """Decode graphs' one width at the 1B bench (8192 positions, 8 kv heads): the default splits come from the
+    rows alone, each at least 256 positions of a row's own length (balanced on the device); the width's fixed
+    splits (DELTATUNE_PAGED_SPLITS=width, the behaviour before) were 2048 positions at 16 rows, so a 600-token
+    row ran in one program. An explicit split_tokens stays fixed; a bad mode raises."""
+    pytest.importorskip("triton")
+    from deltatune.kernels import backend
+
+    kernels = backend.load("deltatune.kernels.triton_paged_attention")
+    rows = (1, 2, 4, 8, 16, 32, 64, 128)
+    assert [kernels.launch_plan(b, 8, 8192) for b in rows] == \
+        [(s, 256, True) for s in (32, 32, 16, 8, 4, 2, 1, 1)]
+    assert kernels.launch_plan(16, 8, 8192, split_tokens=100) == (82, 100, False)
+    monkeypatch.setenv("DELTATUNE_PAGED_SPLITS", "width")
+    assert [kernels.launch_plan(b, 8, 8192)[1:] for b in rows] == \
+        [(t, False) for t in (256, 256, 512, 1024, 2048, 4096, 8192, 8192)]
+    monkeypatch.setenv("DELTATUNE_PAGED_SPLITS", "rows")
+    with pytest.raises(ValueError, match="DELTATUNE_PAGED_SPLITS"):
+        kernels.launch_plan(16, 8, 8192)
 
 
 def test_blocks_bucket_is_the_next_power_of_two():

@@ -89,7 +89,8 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
                            window: int | None = None, split_tokens: int | None = None) -> torch.Tensor:
     """Decode attention of one query token per sequence over the paged cache (shapes in the module
     docstring); ``scale`` multiplies the scores, ``window`` is the sliding window or None,
-    ``split_tokens`` the context positions per split of the Triton kernel (default: from B and W).
+    ``split_tokens`` the context positions per fixed split of the Triton kernel (default: splits that follow
+    each row's length, ``triton_paged_attention.launch_plan``).
 
     Runs the Triton kernels where ``kernels.backend.triton_enabled(q)``, else the PyTorch reference.
     Returns (B, Hq, D) in q's dtype.
@@ -103,6 +104,6 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
         block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
         key_cache = key_cache if key_cache.stride(-1) == 1 else key_cache.contiguous()
         value_cache = value_cache if value_cache.stride(-1) == 1 else value_cache.contiguous()
-        return kernels.paged_decode_attention(q, key_cache, value_cache, block_tables, context_lens.contiguous(),
+        return kernels.paged_decode_attention(q, key_cache, value_cache, block_tables, context_lens,
                                               scale, window, split_tokens)
     return paged_decode_attention_reference(q, key_cache, value_cache, block_tables, context_lens, scale, window)

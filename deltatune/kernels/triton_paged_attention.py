@@ -10,7 +10,15 @@ split the first kernel writes the normalized output itself (one launch).
 The grid is (B, kv heads, splits), fixed by B and the block-table width alone: each program reads its
 sequence's length from device memory and loops only over the positions it holds (a split past the
 length, or before the sliding window, runs no iteration), so nothing on the host depends on the lengths
-(the launches can be captured in a CUDA graph per (B, width) bucket).
+(the launches can be captured in a CUDA graph).
+
+How long a split is (``launch_plan``): by default each row's own span (its length, from the window's
+start) is cut into ``splits`` parts of at least ``MIN_SPLIT_TOKENS`` positions, on the device. So the
+work follows the real lengths, not the table's width: decode graphs run every step at one width (8192
+positions at the 1B bench's max_model_len), where splits of width / splits positions put a whole 600-token
+context in one program (10 tiles in a row instead of 3 splits of 4 at B=16). An explicit
+``split_tokens`` cuts fixed splits from position 0 (what the tests force); ``DELTATUNE_PAGED_SPLITS=width``
+restores the fixed splits sized from the width by default (for A/B runs).
 
 Cache layout (``deltatune.serve.kv_cache``): keys and values (num_blocks, block_size, kv heads, head_dim),
 token ``p`` of a sequence in block ``table[p // block_size]`` at slot ``p % block_size``. Products in the
@@ -21,6 +29,7 @@ multiply exactly in fp32 ("ieee"). Imports triton: load it only through ``deltat
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -29,7 +38,7 @@ import triton.language as tl
 from deltatune.kernels.backend import interpreted
 from deltatune.kernels.triton_bits import dot as _dot
 
-__all__ = ["paged_decode_attention", "split_tokens_for"]
+__all__ = ["launch_plan", "paged_decode_attention", "split_tokens_for", "splits_for"]
 
 BLOCK_N = 64
 """Context positions per loop iteration (the keys and values of one tile: (BLOCK_N, head_dim))."""
@@ -41,33 +50,61 @@ MAX_SPLITS = 64
 """Splits at most (the combine holds all of a head's splits at once)."""
 
 
-def split_tokens_for(batch: int, kv_heads: int, max_ctx: int) -> int:
-    """Context positions per split for ``batch`` sequences of at most ``max_ctx`` positions: host values
-    only, so one (batch, block-table width) bucket always launches the same grid."""
+def splits_for(batch: int, kv_heads: int, max_ctx: int) -> int:
+    """Splits per (sequence, kv head) for ``batch`` sequences of at most ``max_ctx`` positions: enough for
+    ``TARGET_PROGRAMS`` programs, none shorter than ``MIN_SPLIT_TOKENS`` at ``max_ctx``, at most ``MAX_SPLITS``."""
     splits = min(triton.cdiv(TARGET_PROGRAMS, max(1, batch * kv_heads)), triton.cdiv(max_ctx, MIN_SPLIT_TOKENS),
                  MAX_SPLITS)
-    splits = max(1, splits)
-    return triton.cdiv(triton.cdiv(max_ctx, splits), BLOCK_N) * BLOCK_N
+    return max(1, splits)
+
+
+def split_tokens_for(batch: int, kv_heads: int, max_ctx: int) -> int:
+    """Context positions per fixed split (``splits_for``'s splits over ``max_ctx``, whole tiles): host values
+    only, so one (batch, block-table width) always launches the same grid."""
+    return triton.cdiv(triton.cdiv(max_ctx, splits_for(batch, kv_heads, max_ctx)), BLOCK_N) * BLOCK_N
+
+
+def launch_plan(batch: int, kv_heads: int, max_ctx: int, split_tokens: int | None = None) -> tuple[int, int, bool]:
+    """(splits, split_tokens, balanced) of a launch. Balanced (the default): ``splits_for`` splits, each row's
+    span cut on the device into that many parts of at least ``split_tokens = MIN_SPLIT_TOKENS`` positions.
+    Fixed (``split_tokens`` given, or ``DELTATUNE_PAGED_SPLITS=width``): splits of ``split_tokens`` (default
+    ``split_tokens_for``) positions from 0, as many as ``max_ctx`` needs. Raises ValueError on a bad mode."""
+    mode = os.environ.get("DELTATUNE_PAGED_SPLITS", "length")
+    if mode not in ("length", "width"):
+        raise ValueError(f"DELTATUNE_PAGED_SPLITS must be 'length' (splits follow each row's length) or 'width' "
+                         f"(fixed splits sized from the table's width), got {mode!r}")
+    if split_tokens is None and mode == "length":
+        return splits_for(batch, kv_heads, max_ctx), MIN_SPLIT_TOKENS, True
+    split_tokens = split_tokens or split_tokens_for(batch, kv_heads, max_ctx)
+    return max(1, triton.cdiv(max_ctx, split_tokens)), split_tokens, False
 
 
 @triton.jit
 def _decode_split(Q, stride_qb, stride_qh, K, V, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                  TABLES, stride_tb, LENS, ACC, M, L, OUT, stride_ob, stride_oh,
+                  TABLES, stride_tb, LENS, stride_lb, ACC, M, L, OUT, stride_ob, stride_oh,
                   scale_log2, window, max_ctx, split_tokens, num_splits, num_heads, GROUP, HEAD_DIM,
                   BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  ONE_SPLIT: tl.constexpr, IEEE: tl.constexpr):
+                  ONE_SPLIT: tl.constexpr, BALANCED: tl.constexpr, IEEE: tl.constexpr):
     """One (sequence, kv head, split): the query group's softmax-weighted values over the split's positions.
 
+    BALANCED: the row's span (from the window's start, rounded down to a tile) in ``num_splits`` parts of at
+    least ``split_tokens`` positions, whole tiles; else splits of ``split_tokens`` from position 0.
     ONE_SPLIT: OUT[b, h] = the normalized output. Else ACC[b, h, split] (unnormalized, fp32), M (running max,
     log2 units) and L (sum of exp2(score - max)) for ``_combine``.
     """
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    ctx = tl.minimum(tl.load(LENS + b), max_ctx)  # never past the block table's width
+    ctx = tl.minimum(tl.load(LENS + b.to(tl.int64) * stride_lb), max_ctx)  # never past the block table's width
     lo = tl.maximum(ctx - window, 0)  # the sliding window: positions > query position - window
-    start = tl.maximum(split * split_tokens, lo)
-    end = tl.minimum(split * split_tokens + split_tokens, ctx)
+    if BALANCED:
+        first = (lo // BLOCK_N) * BLOCK_N
+        size = tl.maximum(tl.cdiv(tl.cdiv(ctx - first, num_splits), BLOCK_N) * BLOCK_N, split_tokens)
+    else:
+        first = 0
+        size = split_tokens
+    start = tl.maximum(first + split * size, lo)
+    end = tl.minimum(first + split * size + size, ctx)
 
     g = tl.arange(0, BLOCK_G)
     gmask = g < GROUP
@@ -140,14 +177,14 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
 
     q (B, Hq, D) with a contiguous last dimension; caches (num_blocks, block_size, Hkv, D), contiguous
     last dimension; block_tables (B, W) int32, contiguous last dimension; context_lens (B,) int32;
-    ``split_tokens`` >= 1 context positions per split (default: ``split_tokens_for``).
+    ``split_tokens`` >= 1 context positions per fixed split (default: balanced splits, ``launch_plan``).
+    context_lens may be a strided view (read in place, no copy: decode graphs keep it beside the tables).
     """
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = key_cache.shape
     group = Hq // Hkv
     max_ctx = block_tables.shape[1] * block_size
-    split_tokens = split_tokens or split_tokens_for(B, Hkv, max_ctx)
-    num_splits = max(1, triton.cdiv(max_ctx, split_tokens))
+    num_splits, split_tokens, balanced = launch_plan(B, Hkv, max_ctx, split_tokens)
     out = torch.empty_like(q)
     if B == 0:
         return out
@@ -165,10 +202,10 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     _decode_split[(B, Hkv, num_splits)](
         q, q.stride(0), q.stride(1), key_cache, value_cache, key_cache.stride(0), key_cache.stride(1),
         key_cache.stride(2), value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        block_tables, block_tables.stride(0), context_lens, acc, m, l_sum, out, out.stride(0), out.stride(1),
-        scale * math.log2(math.e), window, max_ctx, split_tokens, num_splits, Hq, group, D,
-        BLOCK_SIZE=block_size, BLOCK_G=block_g, BLOCK_N=BLOCK_N, BLOCK_D=block_d, ONE_SPLIT=one, IEEE=ieee,
-        num_warps=4)
+        block_tables, block_tables.stride(0), context_lens, context_lens.stride(0), acc, m, l_sum, out,
+        out.stride(0), out.stride(1), scale * math.log2(math.e), window, max_ctx, split_tokens, num_splits, Hq,
+        group, D, BLOCK_SIZE=block_size, BLOCK_G=block_g, BLOCK_N=BLOCK_N, BLOCK_D=block_d, ONE_SPLIT=one,
+        BALANCED=balanced, IEEE=ieee, num_warps=4)
     if not one:
         _combine[(B, Hq)](acc, m, l_sum, out, out.stride(0), out.stride(1), Hq, num_splits, D,
                           BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=4)
