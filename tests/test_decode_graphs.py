@@ -2,7 +2,8 @@
 
 On the CPU the static path runs without capturing (``capture=False``): what a graph records is exactly this
 path, so these tests pin its inputs (padding rows, scratch block, one block-table width for every step, the
-pool's forced gathered routing). The GPU test captures and replays."""
+pool's forced gathered routing), and with DELTATUNE_DECODE_GRAPH_WIDTH=bucketed a graph per width bucket.
+The GPU test captures and replays."""
 
 import pytest
 import torch
@@ -68,9 +69,12 @@ def test_rows_bucket():
     assert [rows_bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
 
 
-def test_static_decode_steps_give_the_plain_engines_tokens(tmp_path):
+@pytest.mark.parametrize("mode", ["one", "bucketed"])
+def test_static_decode_steps_give_the_plain_engines_tokens(tmp_path, monkeypatch, mode):
     """Mixed adapters (more than the pool's slots over the run, so adapters are evicted and reloaded) and base
-    rows; rows that are not a power of two (padding); contexts over several blocks (width buckets)."""
+    rows; rows that are not a power of two (padding); contexts over several blocks; graphs at one table width
+    or (DELTATUNE_DECODE_GRAPH_WIDTH=bucketed) one per width bucket."""
+    monkeypatch.setenv("DELTATUNE_DECODE_GRAPH_WIDTH", mode)
     plain, static = engines(tmp_path)
     seen = widths_seen(static.graphs)
     ps = prompts(7)
@@ -80,11 +84,16 @@ def test_static_decode_steps_give_the_plain_engines_tokens(tmp_path):
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     keys = set(static.graphs.graphs)
     # the pool holds 2 of the 3 adapters, so at most 2 adapters' rows run together: buckets of 1 and 4 rows
-    # (3 rows padded to 4), steps with pooled adapters; tables of 1 to 5 blocks, all at the one width
-    assert {k[0] for k in keys} >= {4} and True in {k[1] for k in keys}
+    # (3 rows padded to 4), steps with pooled adapters; tables of 1 to 5 blocks
+    assert {k[0] for k in keys} >= {4} and True in {k[-1] for k in keys}
     assert len(set(seen)) >= 3 and max(seen) < static.graphs.width
     assert static.graphs.width == 256 // 16  # max_position_embeddings' blocks (fewer than the cache's 64)
-    assert all(g.ints.shape == (g.rows, 1 + static.graphs.width) for g in static.graphs.graphs.values())
+    if mode == "one":  # all at the one width
+        assert all(len(k) == 2 for k in keys)
+        assert all(g.ints.shape == (g.rows, 1 + static.graphs.width) for g in static.graphs.graphs.values())
+    else:  # a graph per width bucket, each as wide as its bucket
+        assert {k[1] for k in keys} == {1 << (w - 1).bit_length() for w in seen}
+        assert all(g.ints.shape == (k[0], 1 + k[1]) for k, g in static.graphs.graphs.items())
 
 
 def test_one_bucket_per_row_count_whatever_the_table_width(tmp_path):
@@ -100,6 +109,24 @@ def test_one_bucket_per_row_count_whatever_the_table_width(tmp_path):
     assert set(seen) == {1, 2, 3, 4, 5} and seen[-1] == 1
     g = static.graphs.graphs[(1, False)]
     assert int(g.ints[0, 0]) == 2 + 6 - 1 and int(g.ints[0, 5]) != static.graphs.scratch_block  # stale, unread
+
+
+def test_bucketed_graphs_per_width_and_a_bad_mode_raises(tmp_path, monkeypatch):
+    """DELTATUNE_DECODE_GRAPH_WIDTH=bucketed: one sequence decoding over 1 to 5 blocks runs graphs of widths 1,
+    2, 4 and 8 (the design before one width), with the plain engine's tokens; another value is refused."""
+    from deltatune.serve.decode_graphs import graph_widths
+
+    monkeypatch.setenv("DELTATUNE_DECODE_GRAPH_WIDTH", "bucketed")
+    plain, static = engines(tmp_path, pool=False)
+    want = plain.generate([[5, 6, 7]], max_new_tokens=70, temperature=0.0, ignore_eos=True)
+    got = static.generate([[5, 6, 7]], max_new_tokens=70, temperature=0.0, ignore_eos=True)
+    assert got[0].token_ids == want[0].token_ids
+    assert set(static.graphs.graphs) == {(1, w, False) for w in (1, 2, 4, 8)}
+    assert graph_widths(16, "bucketed") == [1, 2, 4, 8, 16] and graph_widths(17, "bucketed")[-1] == 32
+    assert graph_widths(17, "one") == [17]
+    monkeypatch.setenv("DELTATUNE_DECODE_GRAPH_WIDTH", "wide")
+    with pytest.raises(ValueError, match="DELTATUNE_DECODE_GRAPH_WIDTH"):
+        engines(tmp_path, pool=False)
 
 
 def test_table_width_is_the_longest_sequence_within_the_cache():
@@ -143,7 +170,9 @@ def test_a_model_with_its_own_adapters_is_not_graphed(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-def test_gpu_graphed_decode_equals_the_plain_engine(tmp_path):
+@pytest.mark.parametrize("mode", ["one", "bucketed"])
+def test_gpu_graphed_decode_equals_the_plain_engine(tmp_path, monkeypatch, mode):
+    monkeypatch.setenv("DELTATUNE_DECODE_GRAPH_WIDTH", mode)
     plain, graphed = engines(tmp_path, "cuda", torch.float32, capture=True)
     ps = prompts(11, seed=1)
     names = ["a0", None, "a1", "a2", None, "a0", "a1", "a2", "a2", None, "a0"]

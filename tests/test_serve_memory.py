@@ -87,23 +87,25 @@ def test_kv_blocks_drop_by_the_pool_bytes_under_a_cpu_budget(slots, rank):
         Engine(model, None, max_lora_rank=8, num_blocks=7)
 
 
-def _graphs_by_hand(cfg, rows, max_len, block_size=16, splits=None):
-    """decode_graphs.planned_bytes' formula for a float32 model on the CPU: R x V x 4 logits, static inputs of
-    2 (2R - 1) rows, and per row bucket r = 1, 2 .. R: activations, the head's output and attention (the
-    reference's gather at full width, or with ``splits(r)`` the kernel's split partials)."""
+def _graphs_by_hand(cfg, rows, max_len, block_size=16, splits=None, widths=None):
+    """decode_graphs.planned_bytes' formula for a float32 model on the CPU: R x V x 4 logits, then per table
+    width W (``widths``; default the one width of ``max_len``) static inputs of 2 (2R - 1) rows, and per row
+    bucket r = 1, 2 .. R: activations, the head's output and attention (the reference's gather at full width,
+    or with ``splits(r, C)`` the kernel's split partials)."""
     H, inter, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     D = H // Hq
     R = 1 << (rows - 1).bit_length()
-    W = -(-max_len // block_size)
-    C = W * block_size
-    total = R * V * 4 + 2 * (2 * R - 1) * (3 * 8 + (1 + W) * 4)
-    for r in (1 << i for i in range(R.bit_length())):
-        if splits is None:
-            attention = r * C * (2 * (Hkv + Hq) * D * 4 + 8 * Hq + 5)
-        else:
-            attention = r * Hq * splits(r, C) * (D + 2) * 4 if splits(r, C) > 1 else 0
-        total += r * 4 * (6 * H + 3 * inter) + r * V * 4 + attention
+    total = R * V * 4
+    for W in widths or [-(-max_len // block_size)]:
+        C = W * block_size
+        total += 2 * (2 * R - 1) * (3 * 8 + (1 + W) * 4)
+        for r in (1 << i for i in range(R.bit_length())):
+            if splits is None:
+                attention = r * C * (2 * (Hkv + Hq) * D * 4 + 8 * Hq + 5)
+            else:
+                attention = r * Hq * splits(r, C) * (D + 2) * 4 if splits(r, C) > 1 else 0
+            total += r * 4 * (6 * H + 3 * inter) + r * V * 4 + attention
     return total
 
 
@@ -140,13 +142,32 @@ def test_graphs_estimate_where_the_triton_kernel_runs(monkeypatch):
 
     runner = ModelRunner(_llama(), None)
     kernels = backend.load("deltatune.kernels.triton_paged_attention")
-    splits = lambda r, C: -(-C // kernels.split_tokens_for(r, 2, C))  # noqa: E731
+    splits = lambda r, C: kernels.splits_for(r, 2, C)  # noqa: E731  (balanced: splits from r alone)
     reference = planned_bytes(runner, 4, 128, 16)
     assert reference == _graphs_by_hand(runner.config, 4, 128 * 16)
     monkeypatch.setattr(backend, "triton_enabled", lambda t: True)
     kernel = planned_bytes(runner, 4, 128, 16)
     assert kernel == _graphs_by_hand(runner.config, 4, 128 * 16, splits=splits) < reference
     assert splits(1, 128 * 16) > 1  # the partials are counted at all
+    # the bucketed A/B setting: a graph per width bucket 1, 2, 4 .. 128, each counted
+    monkeypatch.setenv("DELTATUNE_DECODE_GRAPH_WIDTH", "bucketed")
+    widths = [1 << i for i in range(8)]
+    assert planned_bytes(runner, 4, 128, 16) == _graphs_by_hand(runner.config, 4, 0, splits=splits, widths=widths)
+
+
+@pytest.mark.parametrize("width, widths", [(128, [1, 2, 4, 8, 16, 32, 64, 128]), (63, [1, 2, 4, 8, 16, 32, 64])])
+def test_bucketed_graphs_plan_every_width_bucket(monkeypatch, width, widths):
+    """DELTATUNE_DECODE_GRAPH_WIDTH=bucketed: the reference's estimate sums every width bucket a table of at
+    most ``width`` blocks can take (63 blocks: up to the bucket of 64), more than the one width alone."""
+    from deltatune.serve.decode_graphs import planned_bytes
+    from deltatune.serve.model_runner import ModelRunner
+
+    runner = ModelRunner(_llama(), None)
+    one = planned_bytes(runner, 8, width, 16)
+    monkeypatch.setenv("DELTATUNE_DECODE_GRAPH_WIDTH", "bucketed")
+    bucketed = planned_bytes(runner, 8, width, 16)
+    assert bucketed == _graphs_by_hand(runner.config, 8, 0, widths=widths) > one
+    assert one == _graphs_by_hand(runner.config, 8, width * 16)
 
 
 def test_gpu_plan_subtracts_the_pool_from_the_memory_fraction(monkeypatch):

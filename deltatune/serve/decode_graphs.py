@@ -30,22 +30,30 @@ into a buffer the pool keeps per row count, then the expand: ``kernels.bgmv_spli
 runs the one-launch kernel that saves host time; the same bits either way. ``DELTATUNE_BGMV_PHASES=1|2``
 overrides the choice (``serve.pool_call.decode_phases``), for A/B runs.
 
+One width costs the attention nothing where its splits follow each row's length (the kernel's default,
+``kernels.triton_paged_attention.launch_plan``); with splits sized from the width (8192 positions at the
+1B bench's max_model_len) a step of 8 to 48 rows ran each ~600-token context in one program, 10 tiles in a
+row instead of 4-5. ``DELTATUNE_DECODE_GRAPH_WIDTH=bucketed`` keys the graphs by the step's width bucket
+too (``model_runner.blocks_bucket``, the design before one width), for A/B runs; default ``one``.
+
 Memory (``planned_bytes``, set aside in the engine's plan before the KV cache is sized): the shared
 logits buffer, every bucket's static inputs, and the graphs' private memory pool, estimated as the sum
-of each row bucket's step peak (formula in ``planned_bytes``).
+of each bucket's step peak (formula in ``planned_bytes``).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
+from array import array
 from dataclasses import dataclass
 
 import torch
 
 from deltatune.serve.kv_cache import PagedKVCache
-from deltatune.serve.model_runner import Chunk, ModelRunner
+from deltatune.serve.model_runner import Chunk, ModelRunner, blocks_bucket
 
-__all__ = ["DecodeGraphs", "planned_bytes", "rows_bucket", "table_width"]
+__all__ = ["DecodeGraphs", "graph_widths", "planned_bytes", "rows_bucket", "table_width", "width_mode"]
 
 SCRATCH = -1
 """The cache's sequence id of the scratch block that padding rows write to."""
@@ -68,6 +76,23 @@ def table_width(max_model_len: int | None, block_size: int, num_blocks: int | No
     return max(1, min(bounds))
 
 
+def width_mode() -> str:
+    """``DELTATUNE_DECODE_GRAPH_WIDTH``: 'one' (default; every graph at ``table_width``) or 'bucketed' (a graph
+    per step's width bucket as well). Raises ValueError on another value."""
+    mode = os.environ.get("DELTATUNE_DECODE_GRAPH_WIDTH", "one")
+    if mode not in ("one", "bucketed"):
+        raise ValueError(f"DELTATUNE_DECODE_GRAPH_WIDTH must be 'one' or 'bucketed', got {mode!r}")
+    return mode
+
+
+def graph_widths(width: int, mode: str) -> list[int]:
+    """The block-table widths graphs may be captured at for tables of at most ``width`` blocks: ``[width]``
+    ('one'), or every ``blocks_bucket`` of 1 .. width blocks (1, 2, 4 .. the bucket of ``width``)."""
+    if mode == "one":
+        return [width]
+    return [1 << i for i in range(blocks_bucket(width).bit_length())]
+
+
 SEGMENTS = (2 << 20) + (20 << 20)
 """Bytes a captured bucket may leave partly used in CUDA's caching allocator: one 2 MiB segment (allocations
 under 1 MiB) and one 20 MiB segment (under 10 MiB)."""
@@ -75,20 +100,22 @@ under 1 MiB) and one 20 MiB segment (under 10 MiB)."""
 
 def planned_bytes(runner: ModelRunner, max_rows: int, width: int, block_size: int) -> int:
     """Bytes to set aside for the decode graphs of ``runner``, for steps of up to ``max_rows`` rows and block
-    tables ``width`` wide: an estimate meant as an upper bound, not yet checked on a GPU. With R = ``rows_bucket(max_rows)``, V the
-    vocabulary, H the hidden size, I the MLP's, s the model dtype's bytes, C = width x block_size:
+    tables of at most ``width`` blocks: an estimate meant as an upper bound. With R = ``rows_bucket(max_rows)``,
+    V the vocabulary, H the hidden size, I the MLP's, s the model dtype's bytes, and w over the widths graphs
+    are captured at (``graph_widths(width, width_mode())``: ``width`` alone, or 1, 2, 4 .. bucketed),
+    C = w x block_size:
 
     * logits: R x V x 4 (float32), one buffer all graphs write into;
-    * static inputs: 3 x 8 + (1 + width) x 4 bytes a row, per bucket of r = 1, 2, 4 .. R rows, with and
-      without the pool: 2 x (2R - 1) rows;
-    * the graphs' private pool: the sum over r = 1, 2, 4 .. R of a step's peak at r rows, r x 4 x (6H + 3I)
-      (the engine's per-token activation count) + r x V x s (the head's output before the float32 copy) +
-      attention (the Triton kernel's split partials, r x Hq x splits x (D + 2) x 4; or, where the PyTorch
-      reference runs, its gather at full width, r x C x (2 (Hkv + Hq) D s + 8 Hq + 5)), plus on CUDA the
-      allocator's ``SEGMENTS`` per bucket. Summed, not the largest alone: a bucket captured after a smaller
-      one cannot always reuse the smaller one's blocks. Captures with and without the pool at one row count
-      allocate the same sizes and reuse each other's (the logits are outside the pool, so nothing a capture
-      allocated stays live after it).
+    * static inputs: 3 x 8 + (1 + w) x 4 bytes a row, per bucket of r = 1, 2, 4 .. R rows and width w, with
+      and without the pool: 2 x (2R - 1) rows a width;
+    * the graphs' private pool: the sum over r = 1, 2, 4 .. R and every w of a step's peak at r rows,
+      r x 4 x (6H + 3I) (the engine's per-token activation count) + r x V x s (the head's output before the
+      float32 copy) + attention (the Triton kernel's split partials, r x Hq x splits x (D + 2) x 4, splits
+      from its ``launch_plan``; or, where the PyTorch reference runs, its gather at full width,
+      r x C x (2 (Hkv + Hq) D s + 8 Hq + 5)), plus on CUDA the allocator's ``SEGMENTS`` per bucket. Summed,
+      not the largest alone: a bucket captured after a smaller one cannot always reuse the smaller one's
+      blocks. Captures with and without the pool at one bucket allocate the same sizes and reuse each
+      other's (the logits are outside the pool, so nothing a capture allocated stays live after it).
     """
     from deltatune.kernels import backend
 
@@ -97,21 +124,24 @@ def planned_bytes(runner: ModelRunner, max_rows: int, width: int, block_size: in
     inter = getattr(config, "intermediate_size", 4 * H)
     V, s = runner.head.weight.shape[0], torch.empty((), dtype=runner.dtype).element_size()
     Hq, Hkv, D = runner.num_heads, runner.num_kv_heads, runner.head_dim
-    R, C = rows_bucket(max_rows), width * block_size
+    R = rows_bucket(max_rows)
     kernel = backend.triton_enabled(torch.empty(0, device=runner.device))
     if kernel:
         kernels = backend.load("deltatune.kernels.triton_paged_attention")
-    total = R * V * 4 + 2 * (2 * R - 1) * (3 * 8 + (1 + width) * 4)
-    r = 1
-    while r <= R:
-        if kernel:
-            splits = -(-C // kernels.split_tokens_for(r, Hkv, C))
-            attention = r * Hq * splits * (D + 2) * 4 if splits > 1 else 0
-        else:
-            attention = r * C * (2 * (Hkv + Hq) * D * s + 8 * Hq + 5)
-        total += r * 4 * (6 * H + 3 * inter) + r * V * s + attention
-        total += SEGMENTS if runner.device.type == "cuda" else 0
-        r *= 2
+    total = R * V * 4
+    for w in graph_widths(width, width_mode()):
+        C = w * block_size
+        total += 2 * (2 * R - 1) * (3 * 8 + (1 + w) * 4)
+        r = 1
+        while r <= R:
+            if kernel:
+                splits = kernels.launch_plan(r, Hkv, C)[0]
+                attention = r * Hq * splits * (D + 2) * 4 if splits > 1 else 0
+            else:
+                attention = r * C * (2 * (Hkv + Hq) * D * s + 8 * Hq + 5)
+            total += r * 4 * (6 * H + 3 * inter) + r * V * s + attention
+            total += SEGMENTS if runner.device.type == "cuda" else 0
+            r *= 2
     return total
 
 
@@ -136,8 +166,9 @@ class _Graph:
 
 
 class DecodeGraphs:
-    """Runs decode steps of ``runner`` through graphs per (rows bucket, pooled or not) at one table width;
-    other steps through ``runner.forward``. ``pool``: the engine's adapter pool (None: base model and no
+    """Runs decode steps of ``runner`` through graphs per (rows bucket, pooled or not) at one table width
+    (``DELTATUNE_DECODE_GRAPH_WIDTH=bucketed``: per (rows bucket, width bucket, pooled)); other steps through
+    ``runner.forward``. ``pool``: the engine's adapter pool (None: base model and no
     adapters); ``max_rows``: the largest batch the scheduler makes; ``max_model_len``: the most tokens a
     sequence may reach (None: as many as the cache holds), which sets the width; ``capture``: False runs
     the static path without graphs."""
@@ -147,7 +178,8 @@ class DecodeGraphs:
         self.runner, self.cache, self.pool = runner, cache, pool
         self.max_rows = rows_bucket(max_rows)
         self.capture = runner.device.type == "cuda" if capture is None else capture
-        self.graphs: dict[tuple[int, bool], _Graph] = {}
+        self.mode = width_mode()
+        self.graphs: dict[tuple, _Graph] = {}  # (rows, pooled), or (rows, width, pooled) bucketed
         self.mempool = torch.cuda.graph_pool_handle() if self.capture else None
         self.off: str | None = None
         cache.hold(SCRATCH, 1)  # one block, never freed (nor usable by requests): where padding rows write
@@ -178,10 +210,15 @@ class DecodeGraphs:
         rows = rows_bucket(len(chunks))
         names = [c.adapter for c in chunks] + [None] * (rows - len(chunks))
         pooled = self.pool is not None and any(n is not None for n in names)
-        key = (rows, pooled)  # a step without adapters is captured without the pool's launches
+        # a step without adapters is captured without the pool's launches
+        if self.mode == "one":
+            width, key = self.width, (rows, pooled)
+        else:
+            width = blocks_bucket(max(len(cache.tables[c.seq_id]) for c in chunks))
+            key = (rows, width, pooled)
         g = self.graphs.get(key)
         if g is None:
-            g = _Graph(rows, self.width, self.runner.device)
+            g = _Graph(rows, width, self.runner.device)
             self._fill(g, chunks, cache)
             if not self.capture:
                 self.graphs[key] = g
@@ -208,18 +245,24 @@ class DecodeGraphs:
         length and the first ``used`` columns of its table (the longest table's blocks; a shorter table
         padded with the scratch block). Later columns keep an earlier step's block ids, never read."""
         pad = g.rows - len(chunks)
-        size = cache.block_size
-        ids = [c.token_ids[0] for c in chunks] + [0] * pad
-        positions = [c.start for c in chunks] + [0] * pad
-        slots = [cache.slots(c.seq_id, c.start, 1)[0] for c in chunks] + [self.scratch_block * size] * pad
+        size, scratch = cache.block_size, self.scratch_block
         tables = [cache.tables[c.seq_id] for c in chunks]
         used = max(map(len, tables))
-        ints = []
+        longs = array("q", [c.token_ids[0] for c in chunks])  # ids, positions, KV slots (cache.slots' rule)
+        longs.extend([0] * pad)
+        longs.extend([c.start for c in chunks])
+        longs.extend([0] * pad)
+        longs.extend([t[c.start // size] * size + c.start % size for c, t in zip(chunks, tables)])
+        longs.extend([scratch * size] * pad)
+        ints = array("i")
         for c, t in zip(chunks, tables):
-            ints += [c.start + 1] + t + [self.scratch_block] * (used - len(t))
-        ints += ([1] + [self.scratch_block] * used) * pad  # padding rows: length 1, the scratch block
-        longs = torch.tensor([ids, positions, slots], dtype=torch.long)
-        ints = torch.tensor(ints, dtype=torch.int32).view(g.rows, 1 + used)
+            ints.append(c.start + 1)
+            ints.extend(t)
+            ints.extend([scratch] * (used - len(t)))
+        ints.extend(([1] + [scratch] * used) * pad)  # padding rows: length 1, the scratch block
+        # arrays, not lists: torch.tensor of a list of B x (1 + used) ints took ~0.2 ms of a step's host time
+        longs = torch.frombuffer(longs, dtype=torch.long).view(3, g.rows)
+        ints = torch.frombuffer(ints, dtype=torch.int32).view(g.rows, 1 + used)
         if g.longs.is_cuda:
             longs, ints = longs.pin_memory(), ints.pin_memory()
         g.longs.copy_(longs, non_blocking=True)
