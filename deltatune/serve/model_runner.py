@@ -138,6 +138,7 @@ class ModelRunner:
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = attn.head_dim
         self.windows = [self._window(i) for i in range(self.num_layers)]
+        self.virtual = None  # the engine's prompt-method adapters (``serve.virtual_prompts``), once it has one
 
     def _window(self, i: int) -> int | None:
         """Layer ``i``'s sliding window (transformers' rule: keys with position > query - window)."""
@@ -179,8 +180,9 @@ class ModelRunner:
         many = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
         decode = _Decode([chunks[i] for i in one], [offsets[i] for i in one], cache, device) if one else None
         prefill = _Group([chunks[i] for i in many], [offsets[i] for i in many], cache, device) if many else None
+        virtual = self.virtual is not None and any(t >= self.virtual.vocab_size for c in chunks for t in c.token_ids)
         with self.routed(self.model, rows):
-            h = self.hidden(ids, positions, slots, decode, prefill, cache)
+            h = self.hidden(ids, positions, slots, decode, prefill, cache, virtual=virtual)
         last = [offsets[i] + len(c.token_ids) - 1 for i, c in enumerate(chunks) if c.want_logits]
         if not last:
             return torch.empty(0, self.head.weight.shape[0], device=device)
@@ -188,28 +190,34 @@ class ModelRunner:
             return self.head(h[torch.tensor(last, device=device)]).float()
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, decode, prefill,
-               cache: PagedKVCache) -> torch.Tensor:
+               cache: PagedKVCache, virtual: bool = False) -> torch.Tensor:
         """The final hidden states (T, hidden) of the step's tokens ``ids`` at ``positions``, their keys and
         values written to ``slots``; called inside the step's ``routed`` context. ``decode`` (rows, lengths
-        and tables of one-token rows) and ``prefill`` (a ``_Group``) say how each token attends."""
-        h = self.body.embed_tokens(ids)  # (T, hidden)
+        and tables of one-token rows) and ``prefill`` (a ``_Group``) say how each token attends. ``virtual``:
+        some ids are a prompt-method adapter's virtual tokens (``self.virtual``)."""
+        prefix_ids = ids if virtual and self.virtual.has_prefix else None
+        h = self.virtual.embed(ids, self.body.embed_tokens) if virtual else self.body.embed_tokens(ids)  # (T, hidden)
         cos, sin = self.body.rotary_emb(h, positions[None])  # (1, T, head_dim)
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]
         for i, layer in enumerate(self.body.layers):
             x = layer.input_layernorm(h)
-            h = h + self._attention(i, layer.self_attn, x, cos, sin, slots, decode, prefill, cache)
+            h = h + self._attention(i, layer.self_attn, x, cos, sin, slots, decode, prefill, cache, prefix_ids)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.body.norm(h)
 
     def _attention(self, i: int, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                   decode: _Decode | None, prefill: _Group | None, cache: PagedKVCache) -> torch.Tensor:
-        """Layer ``i``'s self-attention of the step's tokens ``x`` (T, hidden) over the paged cache."""
+                   decode: _Decode | None, prefill: _Group | None, cache: PagedKVCache,
+                   prefix_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer ``i``'s self-attention of the step's tokens ``x`` (T, hidden) over the paged cache; a prefix
+        adapter's keys and values replace those computed at its virtual ids (``prefix_ids``: the step's ids)."""
         T, d = x.shape[0], self.head_dim
         q = attn.q_proj(x).view(T, self.num_heads, d)
         k = attn.k_proj(x).view(T, self.num_kv_heads, d)
         v = attn.v_proj(x).view(T, self.num_kv_heads, d)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        if prefix_ids is not None:
+            k, v = self.virtual.prefix_kv(i, prefix_ids, k, v)
         cache.write(i, slots, k, v)
         out = torch.empty_like(q)
         if decode is not None:

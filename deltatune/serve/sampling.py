@@ -110,9 +110,11 @@ class Sampler:
 
 
 def penalize(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
-    """``logits`` (vocab,) after the repetition, frequency and presence penalties of ``p``."""
+    """``logits`` (vocab,) after the repetition, frequency and presence penalties of ``p`` (a prompt's virtual
+    tokens, ids past the vocabulary, are not tokens to penalize)."""
     if p.repetition_penalty != 1.0 and (prompt or output):
-        seen = torch.tensor(sorted(set(prompt) | set(output)), device=logits.device)
+        seen = torch.tensor(sorted(t for t in set(prompt) | set(output) if t < logits.shape[0]), device=logits.device,
+                            dtype=torch.long)
         picked = logits[seen]
         logits = logits.index_copy(0, seen, torch.where(picked > 0, picked / p.repetition_penalty,
                                                         picked * p.repetition_penalty))
