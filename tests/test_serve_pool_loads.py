@@ -121,7 +121,8 @@ def test_adapters_are_packed_one_buffer_each_in_shared_host_blocks(files, tmp_pa
 
 
 def test_scheduler_admits_a_request_only_once_its_adapter_has_landed():
-    """``adapter_ready`` False for an adapter: its request waits (and those behind it), the running ones go on."""
+    """``adapter_ready`` False for an adapter: its request waits, keeping its place at the head of the queue,
+    while later requests whose adapters are ready go ahead of it; it joins once the adapter has landed."""
     from deltatune.serve.kv_cache import PagedKVCache
 
     cache = PagedKVCache(1, 1, 4, num_blocks=16, block_size=4)
@@ -131,12 +132,18 @@ def test_scheduler_admits_a_request_only_once_its_adapter_has_landed():
     sched.add(Sequence(0, [1, 2, 3], params, "a"))
     sched.add(Sequence(1, [1, 2], params, "b"))
     sched.add(Sequence(2, [4, 5], params, "a"))
-    first = sched.schedule()
-    assert [c.seq_id for c in first] == [0] and [s.seq_id for s in sched.waiting] == [1, 2]
-    for c in first:
-        next(s for s in sched.running if s.seq_id == c.seq_id).num_computed += len(c.token_ids)
+    def step():
+        chunks = sched.schedule()
+        for c in chunks:  # what the engine does after the forward: the chunk is in the cache, a token sampled
+            seq = next(s for s in sched.running if s.seq_id == c.seq_id)
+            seq.num_computed += len(c.token_ids)
+            seq.output_ids.append(7)
+        return [(c.seq_id, len(c.token_ids)) for c in chunks]
+
+    assert step() == [(0, 3), (2, 2)] and [s.seq_id for s in sched.waiting] == [1]
+    assert step() == [(0, 1), (2, 1)]  # decode tokens; "b" still loading
     landed.add("b")
-    assert [c.seq_id for c in sched.schedule()] == [1, 2]  # the running one has nothing to compute (no token yet)
+    assert step() == [(0, 1), (2, 1), (1, 2)] and not sched.waiting
 
 
 def test_engine_loads_before_admission_never_inside_a_step(files):

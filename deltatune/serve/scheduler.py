@@ -2,7 +2,9 @@
 
 Every step the scheduler fills a token budget (``max_num_batched_tokens``): first the running
 sequences, oldest first (a decode token each, or the next chunk of a prompt still prefilling), then
-waiting requests in arrival order while blocks, budget and ``max_num_seqs`` allow. A long prompt is
+waiting requests in arrival order while blocks, budget and ``max_num_seqs`` allow; a request whose
+adapter cannot run yet (an adapter pool's slots all held by the running requests' adapters, or its load
+still in flight: ``adapter_ready``) is passed by later ones and keeps its place. A long prompt is
 thus prefilled in chunks beside other sequences' decode steps (chunked prefill, as in Sarathi and
 vLLM V1), and requests join and leave between any two steps (Orca's iteration-level scheduling).
 
@@ -156,15 +158,17 @@ class Scheduler:
             budget -= n
         cap = self.max_adapters() if callable(self.max_adapters) else self.max_adapters
         adapters = {s.adapter for s in self.running if s.adapter is not None}
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        passed = []  # requests whose adapter cannot run yet: later ones go ahead of them, they keep their place
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and len(passed) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.cache.can_hold(seq.seq_id, seq.num_computed + n):
                 break  # first come, first served: later requests wait behind it
-            if cap is not None and seq.adapter is not None and seq.adapter not in adapters and len(adapters) >= cap:
-                break  # its adapter needs a slot: it waits (and those behind it) until a running adapter's last sequence ends
-            if self.adapter_ready is not None and seq.adapter is not None and not self.adapter_ready(seq.adapter):
-                break  # its adapter's load is in flight: it joins a later step (first come, first served)
+            if seq.adapter is not None and seq.adapter not in adapters and (
+                    (cap is not None and len(adapters) >= cap)  # its adapter needs a slot the running ones hold
+                    or (self.adapter_ready is not None and not self.adapter_ready(seq.adapter))):  # still loading
+                passed.append(self.waiting.popleft())  # as vLLM does with LoRA requests over max_loras
+                continue
             if seq.adapter is not None:
                 adapters.add(seq.adapter)
             self.waiting.popleft()
@@ -172,6 +176,7 @@ class Scheduler:
             self.running.append(seq)
             chunks.append(self._chunk(seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(passed))
         return chunks
 
     def _chunk(self, seq: Sequence, n: int) -> Chunk:
