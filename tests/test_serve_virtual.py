@@ -111,3 +111,14 @@ def test_a_peft_prompt_tuning_adapter_serves_as_peft_computes(tmp_path):
             logits = wrapped(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -len(got):]
         assert logits.argmax(-1).tolist() == got
         assert got != plain.token_ids
+
+
+def test_a_block_expansion_adapter_is_refused_with_a_reason(tmp_path):
+    """Block expansion adds decoder layers: the engine refuses it by name (it raised an IndexError mid-step)."""
+    model = tiny_llama()
+    dt.add_adapter(model, dt.BlockExpansionConfig(num_blocks=1), name="b")
+    dt.save_adapter(model, tmp_path / "b", "b")
+    eng = Engine(tiny_llama(), None)
+    with pytest.raises(ValueError, match="adds decoder layers.*merge"):
+        eng.add_adapter("b", str(tmp_path / "b"))
+    assert eng.adapters() == []

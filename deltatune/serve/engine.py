@@ -41,17 +41,22 @@ __all__ = ["Engine", "GenerationOutput", "RequestRefused"]
 _PARAM_NAMES = {f.name for f in fields(SamplingParams)}
 
 
-def prompt_method(path) -> str | None:
-    """PEFT's ``peft_type`` of the adapter directory ``path`` when it is a prompt method served as virtual tokens
-    (``serve.virtual_prompts.PROMPT_METHODS``), else None (LoRA and the rest; a missing or unreadable config
-    is left to the adapter's own loader to report)."""
-    from deltatune.serve.virtual_prompts import PROMPT_METHODS
-
+def _adapter_config(path) -> dict:
+    """The adapter directory's ``adapter_config.json`` as a dict, or {} (a missing or unreadable config is left to
+    the adapter's own loader to report)."""
     try:
         config = json.loads((Path(path) / "adapter_config.json").read_text())
     except (OSError, ValueError):
-        return None
-    kind = config.get("peft_type") if isinstance(config, dict) else None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def prompt_method(path) -> str | None:
+    """PEFT's ``peft_type`` of the adapter directory ``path`` when it is a prompt method served as virtual tokens
+    (``serve.virtual_prompts.PROMPT_METHODS``), else None (LoRA and the rest)."""
+    from deltatune.serve.virtual_prompts import PROMPT_METHODS
+
+    kind = _adapter_config(path).get("peft_type")
     return kind if kind in PROMPT_METHODS else None
 
 
@@ -179,6 +184,9 @@ class Engine:
         Raises ValueError for a name in use or too many adapters, AdapterFileError for a bad file."""
         if name in self._adapters:
             raise ValueError(f"an adapter named {name!r} is already added (from {self._adapters[name]})")
+        if _adapter_config(path).get("deltatune_method") == "block_expansion":
+            raise ValueError(f"{path}: a block-expansion adapter adds decoder layers, which the engine's KV cache and "
+                             f"runner were built without; merge it (deltatune merge) and serve the merged model")
         if prompt_method(path) is not None:  # prompt / P- / prefix tuning: virtual tokens, not weights
             self._add_virtual(name, path)
         elif self.pool is not None:
