@@ -17,7 +17,7 @@ saturating load that measures the engine's throughput whatever the arrival rate 
 engine that keeps up reports rate x tokens, which hides differences). Reported per mode: requests/s and
 generated tokens/s over the makespan, latency (arrival to last token) and time to first token, p50
 and p99 (at ``--rate inf`` both include the wait in the queue), the ratio to the base row, and for the
-pool modes the registration (seconds, adapters/s, host GiB). Prints a table and one JSON line (``--json
+pool modes the registration (seconds, adapters/s, host GiB) and the loads into slots (``pool_loads``). Prints a table and one JSON line (``--json
 FILE`` too).
 
 Many adapters (issue 18: 1,000 registered, 128 resident): ``--adapter-files`` distinct files are written
@@ -309,6 +309,8 @@ def main(argv=None) -> dict:
         rows[mode] = serve(engine, requests, names, args.max_new_tokens)
         rows[mode].update(registration)
         rows[mode]["distinct_adapters"] = len({n for n in names if n})
+        if pool is not None:  # adapters loaded into slots (warm-up included; reloads after eviction counted again)
+            rows[mode]["pool_loads"] = pool.loads
         rows[mode]["kv_blocks"] = engine.memory_plan["num_blocks"]
         rows[mode]["adapter_pool_bytes"] = engine.memory_plan["adapter_pool_bytes"]
         rows[mode]["decode_graph_bytes"] = engine.memory_plan["decode_graph_bytes"]  # the estimate set aside

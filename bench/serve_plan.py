@@ -6,9 +6,8 @@ adapter per unit of rank, ``Geometry.rank_elements``):
 
 * disk: one PEFT directory per distinct file, E x r x s bytes of safetensors each (plus a small header);
 * host: every registered adapter's factors, E x r x s each (``AdapterPool.register`` keeps one host copy
-  per name, also for names registered from the same file); pinned on a GPU, where torch's caching host
-  allocator rounds every block up to a power of two (each A and B its own block: no loss where the
-  sizes are powers of two, as at 1b; at 8b the 14,336-wide MLP factors round up to 16,384);
+  per name, also for names registered from the same file); pinned on a GPU, packed into blocks of 1 GiB
+  (the pool's host arena; what a block's end cannot hold of the next adapter is lost);
 * device: S slots of E x R x s + 8 bytes a layer each (R the largest rank: the pool pads every slot to
   it; ``AdapterPool.slot_bytes``), beside the weights, a step's activations (``Engine``'s reserve) and
   the KV cache, all within ``gpu_memory_fraction`` of the GPU.
@@ -26,6 +25,7 @@ from pathlib import Path
 GiB = 2**30
 HOST_HEADROOM = 4 * GiB  # the process itself: torch, the CUDA context, Python; not counted elsewhere
 DISK_HEADROOM = 1 * GiB
+ARENA_BLOCK = 1 * GiB  # deltatune.serve.pool_host.BLOCK_BYTES: pinned host blocks the pool packs adapters into
 
 __all__ = ["Geometry", "Plan", "PlanError", "check_fit", "host_available_bytes", "disk_free_bytes", "GiB"]
 
@@ -116,18 +116,22 @@ class Plan:
         return sum(self.adapter_bytes(self.file_rank(self.adapter_file(a))) for a in range(self.adapters))
 
     def host_memory_bytes(self) -> int:
-        """Host memory the registered adapters take: ``host_bytes``, with each pinned factor's block rounded
-        up to a power of two; 0 when no mode registers adapters (``pool`` False)."""
+        """Host memory the registered adapters take: ``host_bytes``, or pinned, the blocks of the pool's host
+        arena (``deltatune.serve.pool_host.HostArena``): adapters packed in registration order into blocks of
+        ``ARENA_BLOCK`` bytes (a power of two, which the pinned allocator does not round further), one that
+        does not fit a block's rest starting the next; 0 when no mode registers adapters (``pool`` False)."""
         if not self.pool:
             return 0
         if not self.pinned:
             return self.host_bytes()
-        s, layers = self.element_size, self.geometry.layers
-        pow2 = lambda n: 1 << (n - 1).bit_length()  # noqa: E731
-        per_rank = {r: layers * sum(pow2(r * fan_in * s) + pow2(fan_out * r * s)
-                                    for fan_in, fan_out in self.geometry.projections().values())
-                    for r in set(self.ranks)}
-        return sum(per_rank[self.file_rank(self.adapter_file(a))] for a in range(self.adapters))
+        total = used = size = 0
+        for a in range(self.adapters):
+            n = self.adapter_bytes(self.file_rank(self.adapter_file(a)))
+            if not size or used + n > size:
+                size = max(ARENA_BLOCK, 1 << (n - 1).bit_length())
+                total, used = total + size, 0
+            used += n
+        return total
 
     def slot_bytes(self) -> int:
         """Device bytes of one pool slot: every projection padded to the largest rank, + scale and rank."""
@@ -178,7 +182,7 @@ class Plan:
                f"elements): {per}",
                f"  disk: {self.files} adapter files, {self.file_bytes() / GiB:.2f} GiB{shared}",
                f"  host: {self.adapters} registered adapters, {self.host_bytes() / GiB:.2f} GiB"
-               + (f" ({self.host_memory_bytes() / GiB:.2f} GiB pinned in power-of-two blocks)" if self.pinned else "")]
+               + (f" ({self.host_memory_bytes() / GiB:.2f} GiB pinned in blocks of 1 GiB)" if self.pinned else "")]
         out.append(f"  device: {self.resident} slots x {self.slot_bytes() / 2**20:.1f} MiB (padded to rank "
                    f"{max(self.ranks)}) = {self.slots_bytes() / GiB:.2f} GiB")
         out.append(f"  device: weights {self.weights_bytes() / GiB:.2f} GiB, a step's activations "

@@ -66,17 +66,22 @@ def test_fit_refuses_what_the_machine_lacks_and_says_what_and_by_how_much():
         sp.Plan(plan.geometry, 2, 10, 20, (8,), 4, 8, 256, 100)
 
 
-def test_pinned_host_memory_rounds_each_factor_up_to_a_power_of_two(bench):
-    """torch's caching host allocator gives a pinned block of the next power of two: the 1b shape's factors are
-    powers of two already; the 8b shape's 14,336-wide MLP factors take 16,384's worth."""
+def test_pinned_host_memory_is_the_pools_arena_blocks(bench):
+    """Pinned, the adapters are packed in registration order into the pool's 1 GiB host blocks: the plan's
+    bytes are the blocks a ``HostArena`` makes for the same adapters (1b: 1,000 adapters of ranks 8-64)."""
+    from deltatune.serve.pool_host import BLOCK_BYTES, HostArena
+
     sp = load("serve_plan")
-    one_b = sp.Plan(sp.Geometry(*bench.SHAPES["1b"]), 2, 10, 4, (8, 16, 32, 64), 4, 8, 256, 100, pinned=True)
-    assert one_b.host_memory_bytes() == one_b.host_bytes()
-    eight_b = sp.Plan(sp.Geometry(*bench.SHAPES["8b"]), 2, 1, 1, (8,), 1, 8, 256, 100, pinned=True)
-    assert eight_b.host_bytes() == 40 * 2**20  # 40 MiB: 2,621,440 elements a rank x 8 x 2 bytes
-    # a layer, KiB: q 64+64, k 64+16, v 64+16, o 64+64, gate and up 64+256 (224 -> 256), down 256+64
-    assert eight_b.host_memory_bytes() == 32 * (128 + 80 + 80 + 128 + 3 * 320) * 2**10
-    assert dataclasses.replace(eight_b, pinned=False).host_memory_bytes() == eight_b.host_bytes()
+    assert sp.ARENA_BLOCK == BLOCK_BYTES
+    one_b = sp.Plan(sp.Geometry(*bench.SHAPES["1b"]), 2, 1000, 100, (8, 16, 32, 64), 128, 8, 256, 100, pinned=True)
+    arena = HostArena(torch.bfloat16, pin=False)  # unpinned on a CPU: the same packing, blocks left untouched
+    for a in range(one_b.adapters):
+        arena.allocate(one_b.adapter_bytes(one_b.file_rank(one_b.adapter_file(a))) // 2)
+    assert one_b.host_memory_bytes() == arena.blocks_made * 2**30
+    assert one_b.host_bytes() < one_b.host_memory_bytes() < 1.1 * one_b.host_bytes()  # 42 blocks for 39.4 GiB
+    small = sp.Plan(sp.Geometry(*bench.SHAPES["8b"]), 2, 1, 1, (8,), 1, 8, 256, 100, pinned=True)
+    assert small.host_bytes() == 40 * 2**20 and small.host_memory_bytes() == 2**30  # one block
+    assert dataclasses.replace(small, pinned=False).host_memory_bytes() == small.host_bytes()
 
 
 def test_cli_refuses_a_run_that_cannot_fit_before_building_anything(tmp_path):
