@@ -276,12 +276,8 @@ class AdapterPool:
         if zeros:
             torch._foreach_zero_(zeros)
         if copies:
-            dst, src = [d for d, _ in copies], [h for _, h in copies]
-            try:
-                torch._foreach_copy_(dst, src, non_blocking=True)
-            except (RuntimeError, TypeError):  # a build whose foreach copy refuses host sources: one call a factor
-                for d, h in copies:
-                    d.copy_(h, non_blocking=True)
+            # host to device: torch's per-tensor path inside one call (asynchronous from pinned memory)
+            torch._foreach_copy_([d for d, _ in copies], [h for _, h in copies], non_blocking=True)
         pin = self.device.type == "cuda"
         for table, values, dtype in ((self._scales, scales, torch.float32), (self._ranks, ranks, torch.int32)):
             host = torch.tensor(values, dtype=dtype)
