@@ -89,16 +89,21 @@ def test_a_load_is_a_few_batched_calls_whatever_the_layers_and_stays_exact(files
     assert pool.loads == 2
 
 
-def test_adapters_are_packed_one_buffer_each_in_shared_host_blocks(files, tmp_path):
+def test_adapters_are_packed_one_buffer_each_in_shared_host_blocks(files, tmp_path, monkeypatch):
     """Every factor of an adapter is a view of one flat buffer; 30 adapters share one host block (one pinned
-    allocation on a GPU, where each factor used to be its own: 28 here, 224 for a 1B Llama); a bad file
-    refused after packing gives its space back."""
+    allocation on a GPU, where each factor used to be its own: 28 here, 224 for a 1B Llama); targets are
+    resolved once per distinct config (3 here, not 30); a bad file refused after packing gives its space back."""
     from deltatune.formats.files import AdapterFileError
+    from deltatune.serve import pool_host
 
     base, paths = files
     pool = AdapterPool(base, max_resident=2)
+    resolved = []
+    select = pool_host.select_targets
+    monkeypatch.setattr(pool_host, "select_targets", lambda *a, **k: resolved.append(1) or select(*a, **k))
     for i in range(30):
         pool.register(f"a{i}", paths[(4, 8, 16)[i % 3]])
+    assert len(resolved) == 3
     flats = [pool._adapters[f"a{i}"].flat for i in range(30)]
     for i, flat in enumerate(flats):
         inside = [t for f in pool._adapters[f"a{i}"].layers.values() for t in (f.A, f.B)]

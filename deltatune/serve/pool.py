@@ -135,6 +135,7 @@ class AdapterPool:
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._slot_tables: dict[int, torch.Tensor] = {}  # rows -> the device buffer of a step's row slots
         self._tables_in_use: set[int] = set()
+        self._plans: dict[str, dict] = {}  # config -> the file keys and shapes it calls for (read_adapter)
         self._arena = HostArena(self.dtype, pin=self.device.type == "cuda")  # the adapters' packed host copies
         self._pending: dict[str, torch.cuda.Event] = {}  # name -> the event of its load still in flight
         self._stream = None  # the copy stream of prefetch (CUDA), made on first use
@@ -164,7 +165,7 @@ class AdapterPool:
         if name in list_adapters(self.model):
             raise ValueError(f"adapter {name!r} is already an adapter of the model (add_adapter/load_adapter); "
                              f"a batch could not tell the two apart: pick another name")
-        adapter = read_adapter(self.model, name, Path(path), self.dtype, self._arena)
+        adapter = read_adapter(self.model, name, Path(path), self.dtype, self._arena, self._plans)
         shapes = dict(self._shapes)
         try:
             for module, f in adapter.layers.items():
