@@ -219,3 +219,27 @@ def test_host_work_of_a_step_does_not_grow_with_the_adapters_registered(files):
         return count[0]
 
     assert calls(8) == calls(200)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy stream of prefetch needs a CUDA GPU")
+def test_prefetch_on_a_gpu_lands_on_its_stream_and_equals_a_load_in_the_step(files):
+    """On a GPU: adapters prefetched on the pool's copy stream (evicting others, one of them a larger rank in
+    the same slot) give the same outputs as loads made inside the routed call; ``ready`` turns true."""
+    base, paths = files
+    model = copy.deepcopy(base).cuda()
+    ids = torch.randint(3, _models.VOCAB, (3, 6), generator=torch.Generator().manual_seed(1)).cuda()
+    rows = ["r4", "r8", None]
+    outs = []
+    for prefetch in (False, True):
+        pool = AdapterPool(model, max_resident=2)
+        for r, path in paths.items():
+            pool.register(f"r{r}", path)
+        pool.make_resident(["r16"])  # a rank-16 occupant first: the rank-8 adapter takes its slot
+        if prefetch:
+            assert pool.prefetch(["r4", "r8"]) == ["r4", "r8"]
+            torch.cuda.synchronize()
+            assert pool.ready("r4") and pool.ready("r8") and not pool.ready("r16")
+        with pool.routed(model, rows):
+            outs.append(_models.output(model, {"input_ids": ids}))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
