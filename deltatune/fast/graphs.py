@@ -283,9 +283,8 @@ class GraphedStack:
         padded to a few widths, one capture each, replay without recapturing)."""
         self.cache[key] = cached
         while len(self.cache) > self.max_cached:
-            old_key, (caps, _) = self.cache.popitem(last=False)
+            _, (caps, _) = self.cache.popitem(last=False)
             torch.cuda.synchronize(caps[0].x.device)  # its last replay may still run
-            del caps
 
     def _static_kwargs(self, kwargs):
         """Copies of the tensor arguments (the graphs' static inputs), in the structure of ``kwargs``."""

@@ -77,12 +77,6 @@ def _encoder_layers(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-def graphable_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers ``enable_fast_path(cuda_graphs=True)`` would graph when none is checkpointed: the
-    decoder layers, else an encoder's."""
-    return _decoder_layers(model) or _encoder_layers(model)
-
-
 def _set_forward(record: FastPath, module: nn.Module, forward) -> None:
     """Give ``module`` the instance ``forward`` (a function bound to it, or any callable), noting what it had."""
     record.forwards.append((module, module.__dict__.get("forward")))

@@ -51,15 +51,6 @@ def _adapter_config(path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def prompt_method(path) -> str | None:
-    """PEFT's ``peft_type`` of the adapter directory ``path`` when it is a prompt method served as virtual tokens
-    (``serve.virtual_prompts.PROMPT_METHODS``), else None (LoRA and the rest)."""
-    from deltatune.serve.virtual_prompts import PROMPT_METHODS
-
-    kind = _adapter_config(path).get("peft_type")
-    return kind if kind in PROMPT_METHODS else None
-
-
 @dataclass
 class GenerationOutput:
     """A finished request."""
@@ -184,10 +175,13 @@ class Engine:
         Raises ValueError for a name in use or too many adapters, AdapterFileError for a bad file."""
         if name in self._adapters:
             raise ValueError(f"an adapter named {name!r} is already added (from {self._adapters[name]})")
-        if _adapter_config(path).get("deltatune_method") == "block_expansion":
+        from deltatune.serve.virtual_prompts import PROMPT_METHODS
+
+        config = _adapter_config(path)
+        if config.get("deltatune_method") == "block_expansion":
             raise ValueError(f"{path}: a block-expansion adapter adds decoder layers, which the engine's KV cache and "
                              f"runner were built without; merge it (deltatune merge) and serve the merged model")
-        if prompt_method(path) is not None:  # prompt / P- / prefix tuning: virtual tokens, not weights
+        if config.get("peft_type") in PROMPT_METHODS:  # prompt / P- / prefix tuning: virtual tokens, not weights
             self._add_virtual(name, path)
         elif self.pool is not None:
             self.pool.register(name, path)

@@ -166,7 +166,8 @@ class ModelRunner:
         """Compute ``chunks`` (their blocks reserved in ``cache``), store their keys and values, and
         return the logits (R, vocab), float32, of the last token of each chunk that wants them."""
         device = self.device
-        ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=device)
+        flat = [t for c in chunks for t in c.token_ids]
+        ids = torch.tensor(flat, dtype=torch.long, device=device)
         positions = torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks]).to(device)
         rows = [c.adapter for c in chunks for _ in c.token_ids]
         slots = torch.tensor([s for c in chunks for s in cache.slots(c.seq_id, c.start, len(c.token_ids))],
@@ -180,7 +181,7 @@ class ModelRunner:
         many = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
         decode = _Decode([chunks[i] for i in one], [offsets[i] for i in one], cache, device) if one else None
         prefill = _Group([chunks[i] for i in many], [offsets[i] for i in many], cache, device) if many else None
-        virtual = self.virtual is not None and any(t >= self.virtual.vocab_size for c in chunks for t in c.token_ids)
+        virtual = self.virtual is not None and max(flat, default=0) >= self.virtual.vocab_size
         with self.routed(self.model, rows):
             h = self.hidden(ids, positions, slots, decode, prefill, cache, virtual=virtual)
         last = [offsets[i] + len(c.token_ids) - 1 for i, c in enumerate(chunks) if c.want_logits]

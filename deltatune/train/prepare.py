@@ -149,11 +149,11 @@ def _few_encoder_widths(model, args: TrainArgs, device: torch.device, train_data
     whose captures (one step's activations each, at most the longest row's) fit ``GRAPH_MEMORY_SHARE`` of the
     device."""
     from deltatune.fast.graphs import MAX_CACHED
-    from deltatune.fast.path import _decoder_layers, graphable_layers
+    from deltatune.fast.path import _decoder_layers, _encoder_layers
     from deltatune.train.objective import WIDTH_MULTIPLE
     from deltatune.train.report import estimate_memory
 
-    if _decoder_layers(model) or not graphable_layers(model) or not train_data.examples:
+    if _decoder_layers(model) or not _encoder_layers(model) or not train_data.examples:
         return False
     longest = max(len(ex["input_ids"]) for ex in train_data.examples)
     widths = math.ceil(longest / WIDTH_MULTIPLE)
