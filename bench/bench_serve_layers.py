@@ -28,8 +28,8 @@ adapters change the output). Prints a table and writes JSON:
 and prints each one's top GPU kernels by total time (the SGMV shrink and expand beside the base GEMMs; on a
 CPU, the top operators by self CPU time).
 
-The pool's prefill runs the epilogue path by default (terms written first, the base GEMM adding into them: no
-read-modify-write of the output); ``DELTATUNE_SGMV_EPILOGUE=0`` runs the forward hook instead. The header says
+The pool's prefill adds the terms to the base output in a forward hook by default; ``DELTATUNE_SGMV_EPILOGUE=1``
+runs the epilogue path instead (terms written first, the base GEMM adding into them; slower on an H200). The header says
 which mode ran and how many projections took the epilogue (also under ``checks`` and in the JSON).
 """
 
@@ -108,6 +108,27 @@ def timed(fn, iters: int, warmup: int, cuda: bool) -> float:
     for _ in range(iters):
         fn()
     return (time.perf_counter() - t0) * 1e3 / iters
+
+
+START = time.perf_counter()
+
+
+def progress(what: str) -> None:
+    """One line on stderr as the bench goes (seconds since start): a run cut short by a time limit still says
+    how far it got and what each phase took."""
+    print(f"[{time.perf_counter() - START:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+
+class Rows(dict):
+    """A case's timed rows (row -> ms), each reported by ``progress`` as it is set."""
+
+    def __init__(self, case: str):
+        super().__init__()
+        self.case = case
+
+    def __setitem__(self, row: str, ms: float) -> None:
+        super().__setitem__(row, ms)
+        progress(f"{self.case}: {row}: {ms:.3f} ms")
 
 
 def graphed(fn):
@@ -226,13 +247,16 @@ def main(argv=None):
 
     torch.manual_seed(0)
     base = Projections(args.shape).to(device, dtype).eval()
+    progress(f"{args.shape} projections built")
     tmp = tempfile.TemporaryDirectory()
     peft_model, paths = make_adapters(copy.deepcopy(base), n, ranks, pathlib.Path(tmp.name))
+    progress(f"{n} adapters made and saved (PEFT)")
     t0 = time.perf_counter()
     pool = AdapterPool(base, max_resident=args.decode_rows, device=device, dtype=dtype)
     for name, p in paths.items():
         pool.register(name, p)
     register_s = time.perf_counter() - t0
+    progress(f"{n} adapters registered in the pool")
 
     g = torch.Generator(device="cpu").manual_seed(1)
     prefill_x = torch.randn(args.prefill_rows, args.prefill_len, base.hidden, generator=g).to(device, dtype)
@@ -260,10 +284,9 @@ def main(argv=None):
     checks["sgmv_epilogue"] = {"switch": pool_call.sgmv_epilogue(), "projections": projections}
     with torch.inference_mode():
         for case, x, rows in (("prefill", prefill_x, prefill_names), ("decode", decode_x, decode_names)):
-            ms = {
-                "base": timed(lambda: base(x), args.iters, args.warmup, cuda),
-                "deltatune pool": timed(lambda: pool_step(x, rows), args.iters, args.warmup, cuda),
-            }
+            ms = Rows(case)
+            ms["base"] = timed(lambda: base(x), args.iters, args.warmup, cuda)
+            ms["deltatune pool"] = timed(lambda: pool_step(x, rows), args.iters, args.warmup, cuda)
             if "peft" not in skip:
                 ms["PEFT adapter_names"] = timed(lambda: peft_model(x, adapter_names=rows), args.iters, args.warmup, cuda)
             if case == "decode":

@@ -140,6 +140,26 @@ def test_table_width_is_the_longest_sequence_within_the_cache():
         table_width(None, 16)
 
 
+def test_graphs_are_on_by_default_on_cuda_only():
+    """Engine(cuda_graphs=None): graphs where the model is on a CUDA device and the graphs' width is known."""
+    from deltatune.serve.decode_graphs import default_on
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert default_on(cuda, 2048) and default_on(cuda, None, num_blocks=64)
+    assert not default_on(cuda, None) and not default_on(cpu, 2048)
+    model = tiny()
+    assert Engine(model, None, num_blocks=32).graphs is None  # CPU: the plain path
+    assert Engine(model, None, num_blocks=32, cuda_graphs=True).graphs is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_engine_graphs_decode_by_default():
+    eng = Engine(tiny("cuda"), None, num_blocks=32)
+    assert eng.graphs is not None and eng.memory_plan["decode_graph_bytes"] == 0  # num_blocks given: no plan
+    assert Engine(tiny("cuda"), None, num_blocks=32, cuda_graphs=False).graphs is None
+
+
 def test_steps_that_are_not_decode_only_run_the_plain_path(tmp_path):
     _, static = engines(tmp_path)
     calls = []

@@ -83,3 +83,21 @@ def test_generate_and_chat_errors_are_short(tiny, tmp_path, capsys, monkeypatch)
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
     assert main(["chat", "--model", str(plain)]) == 2
     assert "has no chat template" in capsys.readouterr().err
+
+
+def test_cuda_graphs_flag_reaches_the_engine(tiny, capsys, monkeypatch):
+    """--cuda-graphs / --no-cuda-graphs go to the engine; unset, the engine decides (on with CUDA)."""
+    path, _ = tiny
+    seen = []
+    real = Engine.from_pretrained.__func__
+
+    def spy(cls, *a, **k):
+        seen.append(k.get("cuda_graphs", "absent"))
+        return real(cls, *a, **k)
+
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(spy))
+    flags = ["--model", str(path), "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"]
+    for extra in ([], ["--no-cuda-graphs"], ["--cuda-graphs"]):
+        assert main(["generate", *flags, *extra]) == 0
+    assert seen == [None, False, True]
+    assert capsys.readouterr().out

@@ -1,7 +1,7 @@
 """The prefill epilogue path of the adapter pool (issue 18): a plain ``nn.Linear``'s forward, inside
 ``pool.routed``, writes the adapters' terms (and its bias) into a fresh buffer and lets the base GEMM add into it
 (``serve.lora_mixed.linear_mixed_lora``), instead of adding the terms to the finished output in a hook.
-``DELTATUNE_SGMV_EPILOGUE=0`` restores the hook. On CPU the PyTorch reference computes the terms; the kernel's
+``DELTATUNE_SGMV_EPILOGUE=1`` turns it on (off by default: slower on an H200, docs/benchmarks.md session 14). On CPU the PyTorch reference computes the terms; the kernel's
 store mode (``sgmv(..., accumulate=False, bias=...)``) runs under ``TRITON_INTERPRET=1`` in a subprocess.
 """
 
@@ -16,7 +16,7 @@ from _mixed_lora import mixed_case, mixed_reference
 from _util import assert_errors_within, run_interpreted
 
 import deltatune as dt
-from deltatune.serve import AdapterPool
+from deltatune.serve import AdapterPool, pool_call
 from deltatune.serve import pool_call
 from deltatune.serve.lora_mixed import linear_mixed_lora, mixed_lora_reference, slot_batch
 
@@ -88,7 +88,9 @@ def test_all_base_and_decode_rows_keep_the_plain_paths(qwen_pool, calls, monkeyp
     """No adapted row: the base forward alone (bit for bit); one token a row (decode, CPU: the reference): at
     least half adapted, so the epilogue, equal to the hook; gradients on: the hook."""
     base, pool = qwen_pool
-    monkeypatch.delenv("DELTATUNE_SGMV_EPILOGUE", raising=False)  # on by default
+    monkeypatch.delenv("DELTATUNE_SGMV_EPILOGUE", raising=False)
+    assert not pool_call.sgmv_epilogue()  # off by default
+    monkeypatch.setenv("DELTATUNE_SGMV_EPILOGUE", "1")
     ids = torch.randint(0, _models.VOCAB, (3, 5), generator=torch.Generator().manual_seed(2))
     assert torch.equal(_logits(base, pool, [None, None, None], ids), base(input_ids=ids).logits)
     assert not calls

@@ -40,6 +40,8 @@ class _EngineFlags:
     """"auto" (CUDA if present), "cpu", "cuda", ..."""
     dtype: str = "auto"
     """"auto" (bfloat16 on a GPU that has it, else float32), "float32", "bfloat16", "float16"."""
+    cuda_graphs: Optional[bool] = None
+    """Replay decode steps from CUDA graphs (unset: on with a CUDA device; --no-cuda-graphs: eager steps)."""
 
     def sampling(self) -> dict:
         """The SamplingParams fields these flags set."""
@@ -81,7 +83,8 @@ def _engine(args: _EngineFlags, prog: str):
     try:
         if args.adapter:
             read_adapter_files(args.adapter)  # a broken adapter is reported before the model loads
-        engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+        engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device,
+                                        cuda_graphs=args.cuda_graphs)
         if args.adapter:
             engine.add_adapter("adapter", args.adapter)
     except (ModelLoadError, ValueError, OSError, KeyError) as e:  # AdapterFileError, UnsupportedModelError

@@ -53,10 +53,18 @@ import torch
 from deltatune.serve.kv_cache import PagedKVCache
 from deltatune.serve.model_runner import Chunk, ModelRunner, blocks_bucket
 
-__all__ = ["DecodeGraphs", "graph_widths", "planned_bytes", "rows_bucket", "table_width", "width_mode"]
+__all__ = ["DecodeGraphs", "default_on", "graph_widths", "planned_bytes", "rows_bucket", "table_width", "width_mode"]
 
 SCRATCH = -1
 """The cache's sequence id of the scratch block that padding rows write to."""
+
+
+def default_on(device: torch.device, max_model_len: int | None, num_blocks: int | None = None) -> bool:
+    """Whether an engine replays decode steps from graphs when not told (``Engine(cuda_graphs=None)``): on a
+    CUDA device where the graphs' block-table width is known (``table_width``). On an H200 (docs/benchmarks.md,
+    sessions 12 and 14) graphed decode served the 1B Poisson stream at 1.17x the eager base's tokens/s and the
+    adapter pool at 1.37x its eager self, with the same tokens (tests/test_decode_graphs.py)."""
+    return device.type == "cuda" and (max_model_len is not None or num_blocks is not None)
 
 
 def rows_bucket(rows: int) -> int:

@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 
 from deltatune.serve.beam import BeamGroup
-from deltatune.serve.decode_graphs import DecodeGraphs, table_width
+from deltatune.serve.decode_graphs import DecodeGraphs, default_on, table_width
 from deltatune.serve.decode_graphs import planned_bytes as planned_graph_bytes
 from deltatune.serve.kv_cache import bytes_per_block, plan_num_blocks
 from deltatune.serve.model_runner import ModelRunner
@@ -93,13 +93,14 @@ class Engine:
         max_model_len: tokens a sequence may reach; default: the config's max_position_embeddings.
         seed: seeds the generators of sampled requests that give no seed.
         cuda_graphs: replay decode-only steps from CUDA graphs per batch-size bucket, at one block-table
-            width (``max_model_len``'s blocks; ``serve.decode_graphs``); off by default until measured on a GPU.
+            width (``max_model_len``'s blocks; ``serve.decode_graphs``); None (default): on when the model is
+            on a CUDA device (``decode_graphs.default_on``), off elsewhere.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, max_resident_adapters: int = 64, pool=None,
                  max_lora_rank: int | None = None, num_blocks: int | None = None, gpu_memory_fraction: float = 0.9, cpu_cache_bytes: int = 1 << 30,
                  block_size: int = 16, max_num_batched_tokens: int = 512, max_num_seqs: int = 256,
-                 max_model_len: int | None = None, seed: int | None = None, cuda_graphs: bool = False):
+                 max_model_len: int | None = None, seed: int | None = None, cuda_graphs: bool | None = None):
         from deltatune.adapters.routing import routed
 
         if max_lora_rank is not None and pool is not True:
@@ -113,6 +114,8 @@ class Engine:
         self.max_resident_adapters = max_resident_adapters
         self.runner = ModelRunner(model, pool.routed if pool is not None else routed)
         r = self.runner
+        max_len = max_model_len or getattr(model.config, "max_position_embeddings", None)
+        cuda_graphs = default_on(r.device, max_len, num_blocks) if cuda_graphs is None else cuda_graphs
         per_block = bytes_per_block(r.num_layers, r.num_kv_heads, r.head_dim, block_size, r.dtype)
         hidden = model.config.hidden_size
         # a step's activations: projections of max_num_batched_tokens tokens, logits of max_num_seqs rows
@@ -124,7 +127,6 @@ class Engine:
         if adapters and r.device.type == "cuda":
             adapters = max(0, adapters - pool.resident_bytes())
         # decode graphs: their logits, static inputs and private pool (decode_graphs.planned_bytes: an estimate)
-        max_len = max_model_len or getattr(model.config, "max_position_embeddings", None)
         graphs = 0
         if cuda_graphs and num_blocks is None:
             graphs = planned_graph_bytes(r, max_num_seqs, table_width(max_len, block_size), block_size)
@@ -137,7 +139,7 @@ class Engine:
                             "adapter_pool_bytes": adapters, "decode_graph_bytes": graphs,
                             "cache_bytes": blocks * per_block}
         self.cache = r.new_cache(blocks, block_size)
-        # decode steps replayed from CUDA graphs (serve.decode_graphs); off by default until measured
+        # decode steps replayed from CUDA graphs (serve.decode_graphs)
         self.graphs = DecodeGraphs(r, self.cache, pool, max_num_seqs, max_len) if cuda_graphs else None
         capacity = (lambda: pool.capacity) if hasattr(pool, "capacity") else None  # a batch fits the pool's slots
         # loads ahead of admission (AdapterPool.prefetch/ready): a request joins a step once its adapter is in

@@ -57,6 +57,8 @@ class ServeArgs:
     """"auto" (bfloat16 on a GPU that has it, else float32), "float32", "bfloat16", "float16"."""
     device: str = "auto"
     """"auto" (CUDA if present), "cpu", "cuda", ..."""
+    cuda_graphs: Optional[bool] = None
+    """Replay decode steps from CUDA graphs (unset: on with a CUDA device; --no-cuda-graphs: eager steps)."""
 
 
 def adapter_specs(specs: list[str]) -> dict[str, str]:
@@ -118,7 +120,7 @@ def run_serve(args: ServeArgs) -> int:
             read_adapter_files(path)  # a broken adapter is reported before the model loads
         engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device,
                                         max_resident_adapters=args.max_resident_adapters, pool=args.pool or None,
-                                        max_lora_rank=args.max_lora_rank)
+                                        max_lora_rank=args.max_lora_rank, cuda_graphs=args.cuda_graphs)
         for name, path in adapters.items():
             engine.add_adapter(name, path)
         name = args.served_model_name or Path(args.model.rstrip("/")).stem
