@@ -246,7 +246,8 @@ def main(argv=None):
     n = max(args.prefill_rows, args.decode_rows)
 
     torch.manual_seed(0)
-    base = Projections(args.shape).to(device, dtype).eval()
+    with torch.device(device):  # initialised where it runs: an 8B shape's 7B weights take a minute on a CPU
+        base = Projections(args.shape).to(dtype).eval()
     progress(f"{args.shape} projections built")
     tmp = tempfile.TemporaryDirectory()
     peft_model, paths = make_adapters(copy.deepcopy(base), n, ranks, pathlib.Path(tmp.name))
