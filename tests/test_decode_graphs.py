@@ -130,6 +130,44 @@ def test_bucketed_graphs_per_width_and_a_bad_mode_raises(tmp_path, monkeypatch):
         engines(tmp_path, pool=False)
 
 
+def _larger_rank_after_capture(tmp_path, device="cpu", capture=False):
+    """Steps with pooled adapters, then an adapter of a larger rank registered: the pool drops its slots for
+    larger ones (``generation``), so the pooled graphs, which read the old slots' addresses, are captured again;
+    the tokens stay the plain engine's."""
+    plain, graphed = engines(tmp_path, device, torch.float32, capture=capture)
+    ps, names = prompts(3, seed=3), ["a0", None, "a1"]
+    for eng in (plain, graphed):
+        eng.generate(ps, adapters=names, max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    before = {k: g for k, g in graphed.graphs.graphs.items() if k[-1]}
+    assert before
+    model = tiny(device)
+    torch.manual_seed(42)
+    dt.add_adapter(model, dt.LoraConfig(r=12, alpha=8, targets=TARGETS, init="random"))
+    dt.save_adapter(model, tmp_path / "big")
+    generation = graphed.pool.generation
+    for eng in (plain, graphed):
+        eng.add_adapter("big", str(tmp_path / "big"))
+    assert graphed.pool.generation == generation + 1
+    names = ["big", "a0", None]
+    want = plain.generate(ps, adapters=names, max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    got = graphed.generate(ps, adapters=names, max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    after = {k: g for k, g in graphed.graphs.graphs.items() if k[-1]}
+    assert after and all(after[k] is not before.get(k) for k in after)  # captured anew
+    return graphed
+
+
+def test_pooled_graphs_are_captured_again_after_the_pool_reallocates(tmp_path):
+    _larger_rank_after_capture(tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_gpu_pooled_graphs_are_captured_again_after_the_pool_reallocates(tmp_path):
+    graphed = _larger_rank_after_capture(tmp_path, "cuda", capture=True)
+    assert graphed.graphs.off is None
+
+
 def test_table_width_is_the_longest_sequence_within_the_cache():
     from deltatune.serve.decode_graphs import table_width
 

@@ -9,7 +9,8 @@ blocks), so buckets do not grow with the contexts. The step's ids, positions and
 context lengths and the used columns of its block tables, are copied into the graph's static inputs (two
 host-to-device copies), the
 adapter pool writes the rows' slots into the table its kernels read (``AdapterPool.prepare``, the same
-buffer the capture saw), and the graph replays into one logits buffer that all graphs share. Rows beyond
+buffer the capture saw; after the pool drops its slots for larger ones, ``AdapterPool.generation``, the
+graphs with its launches are captured again), and the graph replays into one logits buffer that all graphs share. Rows beyond
 ``B`` are padding: token 0 at position 0, its key and value written to a scratch block the cache keeps
 for them, attending to that one key; their logits are dropped.
 
@@ -188,6 +189,7 @@ class DecodeGraphs:
         self.capture = runner.device.type == "cuda" if capture is None else capture
         self.mode = width_mode()
         self.graphs: dict[tuple, _Graph] = {}  # (rows, pooled), or (rows, width, pooled) bucketed
+        self._generation = getattr(pool, "generation", 0)  # of the pool's slots the pooled graphs read
         self.mempool = torch.cuda.graph_pool_handle() if self.capture else None
         self.off: str | None = None
         cache.hold(SCRATCH, 1)  # one block, never freed (nor usable by requests): where padding rows write
@@ -218,6 +220,8 @@ class DecodeGraphs:
         rows = rows_bucket(len(chunks))
         names = [c.adapter for c in chunks] + [None] * (rows - len(chunks))
         pooled = self.pool is not None and any(n is not None for n in names)
+        if pooled and getattr(self.pool, "generation", 0) != self._generation:
+            self._drop_pooled()  # the pool reallocated its slots: the graphs over the old ones are stale
         # a step without adapters is captured without the pool's launches
         if self.mode == "one":
             width, key = self.width, (rows, pooled)
@@ -247,6 +251,13 @@ class DecodeGraphs:
             self.pool.prepare(names)  # the rows' slots into the table the captured kernels read
         g.graph.replay()
         return self.logits[: len(chunks)]
+
+    def _drop_pooled(self) -> None:
+        """Forget the graphs captured with the pool's launches (they read the addresses of slots the pool has
+        since dropped for larger ones); they are captured again on their next step. Their private memory stays
+        in the graphs' pool for the new captures."""
+        self.graphs = {k: g for k, g in self.graphs.items() if not k[-1]}
+        self._generation = self.pool.generation
 
     def _fill(self, g: _Graph, chunks: list[Chunk], cache: PagedKVCache) -> None:
         """Copy the step's inputs into ``g``'s static tensors, padding rows after the real ones: every row's

@@ -141,6 +141,9 @@ class AdapterPool:
         self._stream = None  # the copy stream of prefetch (CUDA), made on first use
         self.loads = 0
         """Adapters loaded into slots so far (by a step or by ``prefetch``): reloads included."""
+        self.generation = 0
+        """Bumped whenever the slots are dropped for new ones (a new layer or a larger rank registered): a CUDA
+        graph captured over the old slots' addresses must not be replayed after it (``serve.decode_graphs``)."""
 
     # -- registration ---------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -182,6 +185,7 @@ class AdapterPool:
             self._await(list(self._pending))  # no copy in flight into the slots dropped
             self._shapes, self._slots = shapes, None
             self._resident.clear()
+            self.generation += 1
         self._adapters[name] = adapter
 
     def unregister(self, name: str) -> None:
