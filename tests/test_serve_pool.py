@@ -236,8 +236,6 @@ def _bad_files(base, root):
     pickled = _ours(base, root / "pickled", 7, r=4, targets=["q_proj"])
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
     cases.append((pickled, "adapter_model.bin: pickle files are never loaded"))
-    dora = _ours(base, root / "dora", 7, r=4, targets=["q_proj"], use_dora=True)
-    cases.append((dora, "use_dora"))
     embed = _ours(base, root / "embed", 7, r=4, targets=["embed_tokens"])
     cases.append((embed, "linear layers only"))
     ia3 = root / "ia3"

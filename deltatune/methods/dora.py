@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DoraDelta", "magnitude_shape"]
+__all__ = ["DoraDelta", "magnitude_shape", "update_norm"]
 
 
 def magnitude_shape(family: str, b_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -48,6 +48,15 @@ def magnitude_shape(family: str, b_shape: tuple[int, ...]) -> tuple[int, ...]:
     if family == "conv":
         return (1, b_shape[0], *b_shape[2:])
     return (b_shape[0],)
+
+
+def update_norm(weight_rows: torch.Tensor, weight_norm_sq: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """``||W + s·BA||`` per output row (out,) without the (out, in) matrix, from ``weight_rows`` = ``W Aᵀ``
+    (out, r), ``weight_norm_sq`` = ``||W_i||²`` (out,), A (r, in) and B (out, r), all in one float dtype:
+    ``n² = ||W_i||² + Σ_k B_ik C_ik`` with ``C = 2s·W Aᵀ + s²·B (A Aᵀ)`` (out, r), one addmm."""
+    inner = torch.addmm(weight_rows, B, A @ A.T, beta=2 * scale, alpha=scale * scale)  # (out, r)
+    return torch.linalg.vecdot(B, inner).add_(weight_norm_sq).clamp_min_(0).sqrt_()
 
 
 class DoraDelta(nn.Module):
@@ -101,15 +110,12 @@ class DoraDelta(nn.Module):
 
     @torch.no_grad()
     def fused_norm(self, layer: nn.Module) -> torch.Tensor:
-        """``||W + s·BA||`` per output row (out,) from ``||W_i||²``, ``W Aᵀ`` and ``A Aᵀ`` (no (out, in) temporary).
-
-        A handful of launches a layer (the fast path's step is partly bound by the host's launches):
-        ``n² = ||W_i||² + Σ_k B_ik C_ik`` with ``C = 2s·W Aᵀ + s²·B (A Aᵀ)`` (out, r) in one addmm."""
+        """``||W + s·BA||`` per output row (out,) from ``||W_i||²``, ``W Aᵀ`` and ``A Aᵀ`` (no (out, in) temporary;
+        ``update_norm``): a handful of launches a layer (the fast path's step is partly bound by the host's)."""
         exact = self._exact()
-        A, B, s = self.lora.A.to(exact), self.lora.B.to(exact), self.lora.scale
         wa = self._base_rows(layer, self.lora.A).T.to(exact)  # (out, r): W Aᵀ
-        inner = torch.addmm(wa, B, A @ A.T, beta=2 * s, alpha=s * s)  # (out, r)
-        return torch.linalg.vecdot(B, inner).add_(self._weight_norm_sq(layer)).clamp_min_(0).sqrt_()
+        return update_norm(wa, self._weight_norm_sq(layer), self.lora.A.to(exact), self.lora.B.to(exact),
+                           self.lora.scale)
 
     @staticmethod
     def _base_rows(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:

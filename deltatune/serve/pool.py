@@ -35,7 +35,11 @@ model's target layers compute with them inside ``pool.routed(model, rows)``:
 Target layers are found by path: plain ``nn.Linear``-family modules get a forward hook adding the
 terms; ``DeltaLayer``s get a routing object (their own unmerged adapters still apply only to the rows
 that name them). Only LoRA on linear layers (incl. GPT-2 ``Conv1D`` and quantized linear layers) is
-pooled; DoRA, embeddings, convolutions and ``modules_to_save`` are refused at ``register``.
+pooled, DoRA included (``use_dora``): its magnitude is held as the output scale ``f = m / ||W + s·BA||_c``
+computed at ``register`` over the model's base weights, and a layer scales the outputs of its DoRA slots'
+tokens, ``f ⊙ y + (1 - f) ⊙ b`` (``PoolCall.scaled``; the slots get an (S + 1, out) table of scales per
+layer once a DoRA adapter is registered, 1 for every other slot). Embeddings, convolutions and
+``modules_to_save`` are refused at ``register``.
 Imports torch only (triton on the first kernel launch).
 """
 
@@ -69,10 +73,15 @@ class _LayerSlots:
     of the pool's (layers, S) tables, so a load writes every layer's in one copy each (``AdapterPool._load``)."""
 
     def __init__(self, S: int, R: int, fan_in: int, fan_out: int, device: torch.device, dtype: torch.dtype,
-                 scales: torch.Tensor, rank_table: torch.Tensor, workspace: dict[int, torch.Tensor] | None = None):
+                 scales: torch.Tensor, rank_table: torch.Tensor, workspace: dict[int, torch.Tensor] | None = None,
+                 out_scale: torch.Tensor | None = None):
         self.A = torch.zeros(S, R, fan_in, device=device, dtype=dtype)
         self.B = torch.zeros(S, fan_out, R, device=device, dtype=dtype)
         self.scales, self.rank_table = scales, rank_table
+        # DoRA (a pool holding a DoRA adapter): (S + 1, out) output scales, 1 for a LoRA slot, an empty one, a slot
+        # whose adapter skips this layer and the last row (base tokens); a view of the pool's one buffer
+        self.out_scale = out_scale
+        self.dora_slots: set[int] = set()  # slots whose output this layer scales
         self.ranks = [0] * S
         self.filled = [0] * S  # per slot: rows of A (columns of B) that may hold nonzeros (a past occupant's rank)
         self._present = frozenset()
@@ -88,6 +97,10 @@ class _LayerSlots:
             zeros += [self.A[slot, r:self.filled[slot]], self.B[slot, :, r:self.filled[slot]]]
         if factors is not None:
             copies += [(self.A[slot, :r], factors.A), (self.B[slot, :, :r], factors.B)]
+        self.dora_slots.discard(slot)
+        if factors is not None and factors.out_scale is not None:  # the row was set to ones by the load
+            copies.append((self.out_scale[slot], factors.out_scale))
+            self.dora_slots.add(slot)
         self.filled[slot] = r
         self.ranks[slot] = r
         self._present = self._present | {slot} if r else self._present - {slot}
@@ -104,7 +117,8 @@ class _LayerSlots:
         return self._present
 
     def nbytes(self) -> int:
-        return self.A.nbytes + self.B.nbytes + self.scales.nbytes + self.rank_table.nbytes
+        scaled = self.out_scale.nbytes if self.out_scale is not None else 0
+        return self.A.nbytes + self.B.nbytes + self.scales.nbytes + self.rank_table.nbytes + scaled
 
 
 class AdapterPool:
@@ -136,6 +150,9 @@ class AdapterPool:
         self._slot_tables: dict[int, torch.Tensor] = {}  # rows -> the device buffer of a step's row slots
         self._tables_in_use: set[int] = set()
         self._plans: dict[str, dict] = {}  # config -> the file keys and shapes it calls for (read_adapter)
+        self._norms: dict[str, torch.Tensor] = {}  # layer -> ||W_i||² of its base weight (DoRA's output scale)
+        self._dora = False  # whether the slots carry output scales (once a DoRA adapter is registered)
+        self._out_scale: torch.Tensor | None = None  # (S + 1, sum of the layers' out) of the slots, with DoRA
         self._arena = HostArena(self.dtype, pin=self.device.type == "cuda")  # the adapters' packed host copies
         self._pending: dict[str, torch.cuda.Event] = {}  # name -> the event of its load still in flight
         self._stream = None  # the copy stream of prefetch (CUDA), made on first use
@@ -168,7 +185,7 @@ class AdapterPool:
         if name in list_adapters(self.model):
             raise ValueError(f"adapter {name!r} is already an adapter of the model (add_adapter/load_adapter); "
                              f"a batch could not tell the two apart: pick another name")
-        adapter = read_adapter(self.model, name, Path(path), self.dtype, self._arena, self._plans)
+        adapter = read_adapter(self.model, name, Path(path), self.dtype, self._arena, self._plans, self._norms)
         shapes = dict(self._shapes)
         try:
             for module, f in adapter.layers.items():
@@ -181,9 +198,10 @@ class AdapterPool:
         except PoolError:
             self._arena.give_back(adapter.flat)
             raise
-        if shapes != self._shapes:  # a new layer or a larger rank: new slots, filled again on demand
-            self._await(list(self._pending))  # no copy in flight into the slots dropped
-            self._shapes, self._slots = shapes, None
+        dora = self._dora or adapter.dora
+        if shapes != self._shapes or dora != self._dora:  # a new layer, a larger rank or DoRA's first output
+            self._await(list(self._pending))  # scales: new slots, filled again on demand; no copy in flight into
+            self._shapes, self._slots, self._dora = shapes, None, dora  # the slots dropped
             self._resident.clear()
             self.generation += 1
         self._adapters[name] = adapter
@@ -200,9 +218,11 @@ class AdapterPool:
 
     # -- memory ---------------------------------------------------------------------------------------
     def slot_bytes(self, shapes: dict[str, tuple[int, int, int]] | None = None) -> int:
-        """Device bytes one slot takes over all target layers (A, B, scale, rank)."""
+        """Device bytes one slot takes over all target layers (A, B, scale, rank; DoRA's output scales once a
+        DoRA adapter is registered)."""
         size = torch.empty((), dtype=self.dtype).element_size()
-        return sum(R * (fan_in + fan_out) * size + 8 for R, fan_in, fan_out in (shapes or self._shapes).values())
+        return sum((R * (fan_in + fan_out) + self._dora * fan_out) * size + 8
+                   for R, fan_in, fan_out in (shapes or self._shapes).values())
 
     def _slot_count(self, shapes: dict[str, tuple[int, int, int]]) -> int:
         """S: ``max_resident``, lowered to what ``max_bytes`` allows; PoolError if not one slot fits."""
@@ -263,8 +283,12 @@ class AdapterPool:
             self._scales = torch.zeros(L, S, device=self.device, dtype=torch.float32)  # (layers, S): one copy a load
             self._ranks = torch.zeros(L, S, device=self.device, dtype=torch.int32)
             workspace = {}  # the layers run one after another on one stream: one partials buffer per token count
+            outs = [fan_out for _, _, fan_out in self._shapes.values()]
+            self._out_scale = torch.ones(S + 1, sum(outs), device=self.device, dtype=self.dtype) if self._dora else None
+            ends = [sum(outs[:i + 1]) for i in range(len(outs))]
             self._slots = {m: _LayerSlots(S, R, fan_in, fan_out, self.device, self.dtype, self._scales[i],
-                                          self._ranks[i], workspace)
+                                          self._ranks[i], workspace,
+                                          None if self._out_scale is None else self._out_scale[:, ends[i] - fan_out:ends[i]])
                            for i, (m, (R, fan_in, fan_out)) in enumerate(self._shapes.items())}
         return self._slots
 
@@ -273,6 +297,8 @@ class AdapterPool:
         one batched host-to-device copy, every layer's scale and rank in one copy each, and a past occupant's
         rows beyond the new ranks cleared in one call: a handful of host calls a load, not ~6 a layer."""
         copies, zeros, scales, ranks = [], [], [], []
+        if self._out_scale is not None:
+            self._out_scale[slot].fill_(1.0)  # every layer's output scale of the slot; DoRA's layers copied below
         for module, layer in self._slots.items():
             f = adapter.layers.get(module) if adapter is not None else None
             layer.place(slot, f, copies, zeros)

@@ -84,6 +84,7 @@ class PoolCall:
         self.used = frozenset(s for s in token_slots if s >= 0)
         self._gathered: dict[torch.Size, int | None] = {}  # x's shape -> tokens per row when BGMV runs, else None
         self._batches: dict[tuple, SlotBatch] = {}
+        self._scale_rows: dict[torch.Size, torch.Tensor] = {}  # x's shape -> each token's row of DoRA's scales
 
     def _tokens_per_row(self, x: torch.Tensor) -> int:
         """How many of ``x``'s tokens each entry of the rows covers: a dim-0 row's, or one token each."""
@@ -131,22 +132,46 @@ class PoolCall:
             per_row = self._gathered[x.shape] = self._layout(x)
         return per_row
 
-    def terms(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y`` plus the pooled adapters' terms for ``x``'s tokens."""
+    def terms(self, layer, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``y`` (the base layer's output, ``bias`` included) plus the pooled adapters' terms for ``x``'s tokens,
+        scaled per token where the layer holds DoRA adapters (``scaled``)."""
         per_row = self._per_row(x)
         if per_row is not None and not y.requires_grad:  # decode: the launch(es), nothing else (no backward)
-            return layer.gathered()(x, y, self.table, per_row, self.phases)
+            return self.scaled(layer, x, layer.gathered()(x, y, self.table, per_row, self.phases), bias)
         batch = self.batch(x, layer.present())
         if not batch.segments:
             return y
         out = mixed_lora(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), layer.A, layer.B, layer.scales,
                          batch, layer.ranks)
-        return out.view(y.shape)
+        return self.scaled(layer, x, out.view(y.shape), bias)
+
+    def scaled(self, layer, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """DoRA's output of each token whose slot holds a DoRA adapter on this layer: ``f ⊙ (W x + s·B A x) + b``
+        from ``y`` = ``W x + b + s·B A x``, as ``f ⊙ y + (1 - f) ⊙ b`` (PEFT's DoRA forward at inference, f =
+        m / ||W + s·BA||_c per slot, ``pool_host.dora_output_scale``); f is 1 for every other token, which keeps
+        its y bit for bit. A call forced gathered (a decode step captured as a CUDA graph) scales always, where
+        the layer has output scales at all: a replay may meet DoRA rows its capture did not."""
+        if layer.out_scale is None or not (self.gathered or layer.dora_slots & self.used):
+            return y
+        rows = self._scale_rows.get(x.shape)
+        if rows is None:
+            base = layer.out_scale.shape[0] - 1  # the row of ones for base tokens
+            per_row = self._tokens_per_row(x)
+            if self.table is not None:  # the step's slots on the device (what a captured graph reads)
+                rows = torch.where(self.table < 0, base, self.table).long()
+                rows = rows.repeat_interleave(per_row) if per_row > 1 else rows
+            else:
+                rows = torch.tensor([s if s >= 0 else base for s in self.token_slots for _ in range(per_row)],
+                                    device=y.device)
+            self._scale_rows[x.shape] = rows
+        f = layer.out_scale.index_select(0, rows).view(y.shape)
+        out = y * f
+        return out if bias is None else out.addcmul_(bias, 1 - f)
 
     def add_terms(self, path: str, layer):
         """A forward hook for a plain layer: its output plus the pooled terms."""
         def hook(module, args, output):
-            return self.terms(layer, args[0], output)
+            return self.terms(layer, args[0], output, getattr(module, "bias", None))
         return hook
 
     def attach(self, path: str, module: nn.Module, layer):
@@ -179,8 +204,8 @@ class PoolCall:
                     flat = x.reshape(-1, x.shape[-1])
                     y = linear_mixed_lora(flat, module.weight, module.bias, layer.A, layer.B, layer.scales, batch,
                                           layer.ranks)
-                    return y.view(*x.shape[:-1], y.shape[-1])
-            return self.terms(layer, x, base_forward(x))
+                    return self.scaled(layer, x, y.view(*x.shape[:-1], y.shape[-1]), module.bias)
+            return self.terms(layer, x, base_forward(x), module.bias)
         return forward
 
     def pass_routing(self, path: str, layer):
@@ -239,4 +264,4 @@ class LayerRouting:
             if module.merged:
                 raise ValueError(f"per-row routing needs unmerged adapters; {module.merged} are merged into this layer")
             y = module.geometry.base_forward(module, x)
-        return y if self.layer is None else self.call.terms(self.layer, x, y)
+        return y if self.layer is None else self.call.terms(self.layer, x, y, getattr(module, "bias", None))

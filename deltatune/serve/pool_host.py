@@ -28,9 +28,10 @@ import torch.nn as nn
 from deltatune.adapters import DeltaLayer, geometry_for, select_targets
 from deltatune.formats import peft
 from deltatune.formats.files import CONFIG_NAME, AdapterFileError, read_adapter_files
+from deltatune.methods.dora import update_norm
 from deltatune.methods.lora import LORA, LoraConfig
 
-__all__ = ["Adapter", "Factors", "HostArena", "all_finite", "read_adapter"]
+__all__ = ["Adapter", "Factors", "HostArena", "all_finite", "dora_output_scale", "read_adapter"]
 
 BLOCK_BYTES = 1 << 30
 """Bytes of one host block (a power of two: the pinned allocator's rounding loses nothing)."""
@@ -46,11 +47,13 @@ _CHUNK = 1 << 22  # elements checked at a time (a scratch buffer of at most 32 M
 
 @dataclass(frozen=True)
 class Factors:
-    """One adapter on one layer, on the host: A (r, in), B (out, r), its scale."""
+    """One adapter on one layer, on the host: A (r, in), B (out, r), its scale, and for DoRA its output scale
+    ``f = m / ||W + s·BA||_c`` (out,) over this model's base weight W (None for LoRA)."""
 
     A: torch.Tensor
     B: torch.Tensor
     scale: float
+    out_scale: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -65,7 +68,13 @@ class Adapter:
     flat: torch.Tensor | None = None  # the one host buffer every factor is a view of
 
     def nbytes(self) -> int:
-        return sum(f.A.nbytes + f.B.nbytes for f in self.layers.values())
+        return sum(f.A.nbytes + f.B.nbytes + (f.out_scale.nbytes if f.out_scale is not None else 0)
+                   for f in self.layers.values())
+
+    @property
+    def dora(self) -> bool:
+        """Whether any layer scales its output (DoRA)."""
+        return any(f.out_scale is not None for f in self.layers.values())
 
 
 class HostArena:
@@ -137,19 +146,40 @@ def _expected(model: nn.Module, cfg: LoraConfig, config_path: Path) -> dict[str,
     return expected
 
 
+@torch.no_grad()
+def dora_output_scale(module: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float, magnitude: torch.Tensor,
+                      norms: dict | None = None, key: str = "") -> torch.Tensor:
+    """DoRA's output scale ``f = m / ||W + s·BA||_c`` (out,) float32 on the host, for the linear layer ``module``
+    (plain, wrapped or 4-bit: its base weight W dense, ``Geometry.base_weight``), computed on W's device without
+    the (out, in) matrix (``methods.dora.update_norm``). ``norms``: a cache of ``||W_i||²`` by ``key`` (the
+    layer's path; the pool's base weights do not change while it serves)."""
+    W = geometry_for(module).base_weight(module)
+    device, exact = W.device, torch.float32
+    A, B = A.to(device, exact), B.to(device, exact)
+    if W.is_cuda and W.dtype in (torch.bfloat16, torch.float16):  # fp32 out: W Aᵀ unrounded, W not copied
+        wa = torch.mm(A.to(W.dtype), W.T, out_dtype=exact).T
+    else:
+        wa = (A @ W.to(exact).T).T  # (out, r)
+    wsq = norms.get(key) if norms is not None else None
+    if wsq is None:
+        wsq = torch.cat([W[i:i + 1024].to(exact).square().sum(1) for i in range(0, W.shape[0], 1024)])
+        if norms is not None:
+            norms[key] = wsq
+    return (magnitude.to(device, exact).reshape(-1) / update_norm(wa, wsq, A, B, scale)).cpu()
+
+
 def read_adapter(model: nn.Module, name: str, root: Path, dtype: torch.dtype, arena: HostArena,
-                 plans: dict | None = None) -> Adapter:
+                 plans: dict | None = None, norms: dict | None = None) -> Adapter:
     """The checked host copy of the LoRA adapter directory ``root`` for ``model``, packed in ``arena`` in ``dtype``
     (``AdapterPool.register``'s rules; AdapterFileError names the file and key of what is wrong). ``plans``: a
-    dict caching the keys and shapes each config calls for (resolving targets on a 1B Llama is ~10 ms)."""
+    dict caching the keys and shapes each config calls for (resolving targets on a 1B Llama is ~10 ms). DoRA
+    (``use_dora``): each layer's magnitude m is held as its output scale ``f = m / ||W + s·BA||_c`` over this
+    model's weights (``dora_output_scale``; ``norms`` caches ``||W_i||²`` by layer)."""
     cfg, tensors, weights_path = read_adapter_files(root)
     config_path = root / CONFIG_NAME
     if not isinstance(cfg, LoraConfig):
         raise AdapterFileError(f"{config_path}: the adapter pool serves LoRA adapters; this is a "
                                f"{type(cfg).method} adapter (load it into the model with load_adapter instead)")
-    if cfg.use_dora:
-        raise AdapterFileError(f"{config_path}: use_dora is set: DoRA's output scale depends on the adapter and "
-                               f"is not additive, so the pool does not batch it (use load_adapter + routed)")
     if cfg.modules_to_save:
         raise AdapterFileError(f"{config_path}: modules_to_save {cfg.modules_to_save} are full module copies, "
                                f"which the pool does not hold (load_adapter + routed serves them)")
@@ -196,5 +226,16 @@ def read_adapter(model: nn.Module, name: str, root: Path, dtype: torch.dtype, ar
     for target, roles in parts.items():
         rank, alpha = LORA.rank_alpha(cfg, target)
         scale = alpha / math.sqrt(rank) if cfg.use_rslora else alpha / rank
-        layers[target] = Factors(views[roles["A"]], views[roles["B"]], scale)
+        out_scale = None
+        if "magnitude" in roles:  # DoRA: m replaced by f in the packed copy, from the file's own precision
+            key = roles["magnitude"]
+            f = dora_output_scale(model.get_submodule(target), tensors[roles["A"]], tensors[roles["B"]], scale,
+                                  tensors[key], norms, target)
+            out_scale = views[key]
+            out_scale.copy_(f)
+            if not all_finite(out_scale):
+                arena.give_back(flat)
+                raise AdapterFileError(f"{weights_path}: key {key!r}: DoRA's output scale m / ||W + s·BA|| is not "
+                                       f"finite on module {target!r} (a zero norm, or beyond {dtype})")
+        layers[target] = Factors(views[roles["A"]], views[roles["B"]], scale, out_scale)
     return Adapter(name, str(root), layers, flat)
