@@ -198,6 +198,22 @@ def test_gpu_engine_graphs_decode_by_default():
     assert Engine(tiny("cuda"), None, num_blocks=32, cuda_graphs=False).graphs is None
 
 
+def test_a_step_with_a_virtual_token_is_not_graphed(tmp_path):
+    """A prompt-method adapter's virtual ids lie past the vocabulary: a one-token chunk holding one (a prompt of
+    virtual tokens alone, cut by chunked prefill) runs the plain path, which embeds it."""
+    from types import SimpleNamespace
+
+    from deltatune.serve.model_runner import Chunk
+
+    _, static = engines(tmp_path, pool=False)
+    static.cache.reserve(7, 1)
+    chunk = Chunk(seq_id=7, token_ids=[97 + 2], start=0)
+    assert static.graphs.applies([Chunk(seq_id=7, token_ids=[5], start=0)])
+    static.runner.virtual = SimpleNamespace(vocab_size=97)
+    assert not static.graphs.applies([chunk])
+    assert static.graphs.applies([Chunk(seq_id=7, token_ids=[5], start=0)])
+
+
 def test_steps_that_are_not_decode_only_run_the_plain_path(tmp_path):
     _, static = engines(tmp_path)
     calls = []

@@ -99,17 +99,23 @@ def test_beams_equal_transformers_in_one_continuous_batch(model, k, length_penal
     assert not eng._beam_of and not eng._groups
 
 
-def test_beams_exact_under_a_tiny_cache_with_preemption_and_repetition_penalty(model):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_beams_exact_under_a_tiny_cache_with_preemption_and_repetition_penalty(model, graphs):
+    """Also through the decode graphs' static path (on by default on a GPU; here run without capture)."""
     _EOS["id"] = model.generation_config.eos_token_id
     k = 4
     wants = [hf_beams(model, p, k, 1.0, 1.3) for p in PROMPTS]
     # 12 blocks of 4 tokens: not even one request's beams fit together, so beams are parked and recomputed
-    eng = Engine(model, None, num_blocks=12, block_size=4, max_num_batched_tokens=16, max_num_seqs=6)
+    # (13 with graphs: they keep one for their padding rows)
+    eng = Engine(model, None, num_blocks=12 + graphs, block_size=4, max_num_batched_tokens=16, max_num_seqs=6,
+                 cuda_graphs=graphs)
     outs = eng.generate(PROMPTS, params=SamplingParams(max_new_tokens=NEW, use_beam_search=True, beam_width=k,
                                                        repetition_penalty=1.3))
     _check(outs, wants)
     assert eng.scheduler.num_preemptions > 0
-    assert eng.cache.num_free_blocks == 12 and not eng.cache.tables
+    assert eng.cache.num_free_blocks == 12 and set(eng.cache.tables) <= {-1}  # the graphs' scratch block stays
+    if graphs:
+        assert eng.graphs.graphs  # decode steps ran the static path
 
 
 @pytest.mark.parametrize("routing", ["routing", "pool"])

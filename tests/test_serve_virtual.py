@@ -47,13 +47,14 @@ def greedy(model, prompt, n=8):
     return model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("pool", [None, True])
-def test_virtual_token_adapters_match_the_model_with_the_adapter(saved, pool):
+@pytest.mark.parametrize("pool, graphs", [(None, False), (True, False), (True, True)])
+def test_virtual_token_adapters_match_the_model_with_the_adapter(saved, pool, graphs):
     """One generate call mixing prompt tuning, P-tuning, prefix tuning, a LoRA (pooled or on the model) and the
     base model: every row's greedy tokens equal the model's own generate with that adapter active; chunked
-    prefill (4 tokens a step) cuts through the virtual tokens."""
+    prefill (4 tokens a step) cuts through the virtual tokens; with the pool, also through the decode graphs'
+    static path (on by default on a GPU; here run without capture)."""
     model, root, refs = saved
-    eng = Engine(model, None, pool=pool, max_num_batched_tokens=4, max_resident_adapters=4)
+    eng = Engine(model, None, pool=pool, max_num_batched_tokens=4, max_resident_adapters=4, cuda_graphs=graphs)
     for name in (*CONFIGS, "lora"):
         eng.add_adapter(name, str(root / name))
     names = [*CONFIGS, "lora", None]
@@ -63,6 +64,8 @@ def test_virtual_token_adapters_match_the_model_with_the_adapter(saved, pool):
     for (p, name), out in zip(jobs, outs):
         assert out.token_ids == refs[name][p], (name, p)
         assert out.prompt_token_ids == PROMPTS[p] and out.adapter == name
+    if graphs:
+        assert eng.graphs.graphs  # decode steps (of virtual-token rows among them) ran the static path
     assert virtual_tokens(model) is None or not virtual_tokens(model).encoders  # the model is left as it was
     for name in (*CONFIGS, "lora"):
         eng.remove_adapter(name)  # the LoRA was loaded onto the shared model without a pool

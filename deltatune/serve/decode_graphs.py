@@ -208,6 +208,9 @@ class DecodeGraphs:
             return False
         if any(len(self.cache.tables[c.seq_id]) > self.width for c in chunks):
             return False  # never under the engine's scheduler (max_model_len bounds every table)
+        virtual = self.runner.virtual
+        if virtual is not None and any(c.token_ids[0] >= virtual.vocab_size for c in chunks):
+            return False  # a prompt's last chunk of one virtual token: embedded (and a prefix's K/V) eagerly
         own = getattr(self.runner.model, "peft_config", None) or _own_adapters(self.runner.model)
         return not own and (self.pool is not None or all(c.adapter is None for c in chunks))
 
