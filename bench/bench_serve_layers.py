@@ -190,15 +190,16 @@ def print_profile(case: str, row: str, top: list[tuple[str, int, float]], total_
         print(f"| {name[:60]} | {calls} | {ms:.3f} | {ms / calls:.4f} |")
 
 
-def make_adapters(base: nn.Module, n: int, ranks: list[int], root: pathlib.Path):
-    """PEFT with ``n`` LoRA adapters a0..a{n-1} on ``base``'s projections, each saved under ``root/<name>``."""
+def make_adapters(base: nn.Module, n: int, ranks: list[int], root: pathlib.Path, dora: bool = False):
+    """PEFT with ``n`` LoRA adapters a0..a{n-1} on ``base``'s projections, each saved under ``root/<name>``;
+    ``dora``: DoRA adapters, their magnitudes moved off their initial norms (as training leaves them)."""
     import peft
 
     torch.manual_seed(0)
     model = None
     for i in range(n):
         r = ranks[i % len(ranks)]
-        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False)
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False, use_dora=dora)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if model is None:
@@ -207,8 +208,14 @@ def make_adapters(base: nn.Module, n: int, ranks: list[int], root: pathlib.Path)
                 model.add_adapter(f"a{i}", cfg)
     with torch.no_grad():  # factors of a trained adapter's size: outputs change by a few percent
         for name, p in model.named_parameters():
-            if "lora_" in name:
+            if "lora_" in name and "magnitude" not in name:
                 p.mul_(0.2)
+        for module in model.modules() if dora else ():  # m: the norm of the scaled update, off by up to 10%
+            for a, mag in getattr(module, "lora_magnitude_vector", {}).items():
+                W = module.get_base_layer().weight.float()
+                update = module.scaling[a] * module.lora_B[a].weight.float() @ module.lora_A[a].weight.float()
+                norm = torch.linalg.norm(W + update, dim=1)
+                mag.weight.copy_(norm * (0.9 + 0.2 * torch.rand_like(norm)))
     for i in range(n):
         model.save_pretrained(str(root), selected_adapters=[f"a{i}"])
     paths = {f"a{i}": (root / f"a{i}" if (root / f"a{i}").is_dir() else root) for i in range(n)}
@@ -232,12 +239,16 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip", default="", help="comma-separated rows to leave out (quicker A/B runs): peft (its "
                     "rows and checks; ~1.3 s a decode step at 1B), reload (the every-slot-reloaded row)")
+    ap.add_argument("--dora", action="store_true", help="DoRA adapters (each token's output scaled per slot; PEFT "
+                    "refuses adapter_names with DoRA, so its rows are left out)")
     ap.add_argument("--profile", action="store_true",
                     help="print the top kernels of a few prefill and decode steps, base and pool (torch.profiler)")
     args = ap.parse_args(argv)
     skip = {r for r in args.skip.split(",") if r}
     if skip - {"peft", "reload"}:
         ap.error(f"--skip takes peft and reload, got {sorted(skip - {'peft', 'reload'})}")
+    if args.dora:
+        skip.add("peft")
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     if cuda:
@@ -250,7 +261,7 @@ def main(argv=None):
         base = Projections(args.shape).to(dtype).eval()
     progress(f"{args.shape} projections built")
     tmp = tempfile.TemporaryDirectory()
-    peft_model, paths = make_adapters(copy.deepcopy(base), n, ranks, pathlib.Path(tmp.name))
+    peft_model, paths = make_adapters(copy.deepcopy(base), n, ranks, pathlib.Path(tmp.name), args.dora)
     progress(f"{n} adapters made and saved (PEFT)")
     t0 = time.perf_counter()
     pool = AdapterPool(base, max_resident=args.decode_rows, device=device, dtype=dtype)
@@ -313,6 +324,9 @@ def main(argv=None):
             checks["sgmv_epilogue"][f"{case}_epilogue_layers"] = epilogue_layers(x, rows)
             ours, plain = pool_step(x, rows), base(x)
             checks[case] = {"pool_vs_base": rel(ours, plain), **checks.pop("decode_graph_phases", {})}
+            if args.dora:  # PEFT's DoRA on one adapter at a time (its mixed batches refuse DoRA): rows of a0
+                peft_model.set_adapter("a0")
+                checks[case]["pool_vs_peft_a0"] = rel(pool_step(x, ["a0"] * len(rows)), peft_model(x))
             if "peft" not in skip:
                 theirs = peft_model(x, adapter_names=rows)
                 checks[case].update(pool_vs_peft=rel(ours, theirs), peft_vs_base=rel(theirs, plain))
@@ -332,7 +346,7 @@ def main(argv=None):
                               cuda)
             results[1][2]["pool, all slots reloaded each step"] = reload_ms
 
-    print(f"\n{args.shape} projections, {device} {str(dtype)[6:]}, ranks {ranks}; registered {len(pool.names())} "
+    print(f"\n{args.shape} projections, {device} {str(dtype)[6:]}, ranks {ranks}{', DoRA' if args.dora else ''}; registered {len(pool.names())} "
           f"adapters in {register_s:.1f} s; pool slots {pool.resident_bytes() / 2**30:.2f} GiB "
           f"({pool.capacity} x {pool.slot_bytes() / 2**20:.1f} MiB)")
     mode = checks["sgmv_epilogue"]
