@@ -346,7 +346,8 @@ def main(argv=None):
                               cuda)
             results[1][2]["pool, all slots reloaded each step"] = reload_ms
 
-    print(f"\n{args.shape} projections, {device} {str(dtype)[6:]}, ranks {ranks}{', DoRA' if args.dora else ''}; registered {len(pool.names())} "
+    dora = ", DoRA" if args.dora else ""
+    print(f"\n{args.shape} projections, {device} {str(dtype)[6:]}, ranks {ranks}{dora}; registered {len(pool.names())} "
           f"adapters in {register_s:.1f} s; pool slots {pool.resident_bytes() / 2**30:.2f} GiB "
           f"({pool.capacity} x {pool.slot_bytes() / 2**20:.1f} MiB)")
     mode = checks["sgmv_epilogue"]

@@ -1,8 +1,8 @@
 """The prefill epilogue path of the adapter pool (issue 18): a plain ``nn.Linear``'s forward, inside
 ``pool.routed``, writes the adapters' terms (and its bias) into a fresh buffer and lets the base GEMM add into it
 (``serve.lora_mixed.linear_mixed_lora``), instead of adding the terms to the finished output in a hook.
-``DELTATUNE_SGMV_EPILOGUE=1`` turns it on (off by default: slower on an H200, docs/benchmarks.md session 14). On CPU the PyTorch reference computes the terms; the kernel's
-store mode (``sgmv(..., accumulate=False, bias=...)``) runs under ``TRITON_INTERPRET=1`` in a subprocess.
+``DELTATUNE_SGMV_EPILOGUE=1`` turns it on (off by default: slower on an H200, docs/benchmarks.md session 14). On
+CPU the PyTorch reference computes the terms; the kernel's store mode (``sgmv(..., accumulate=False, bias=...)``) runs under ``TRITON_INTERPRET=1`` in a subprocess.
 """
 
 import copy

@@ -110,8 +110,8 @@ class DoraDelta(nn.Module):
 
     @torch.no_grad()
     def fused_norm(self, layer: nn.Module) -> torch.Tensor:
-        """``||W + s·BA||`` per output row (out,) from ``||W_i||²``, ``W Aᵀ`` and ``A Aᵀ`` (no (out, in) temporary;
-        ``update_norm``): a handful of launches a layer (the fast path's step is partly bound by the host's)."""
+        """``||W + s·BA||`` per output row (out,) from ``||W_i||²``, ``W Aᵀ`` and ``A Aᵀ`` (``update_norm``: no
+        (out, in) temporary): a handful of launches a layer (the fast path's step is partly bound by the host's)."""
         exact = self._exact()
         wa = self._base_rows(layer, self.lora.A).T.to(exact)  # (out, r): W Aᵀ
         return update_norm(wa, self._weight_norm_sq(layer), self.lora.A.to(exact), self.lora.B.to(exact),

@@ -10,9 +10,9 @@ context lengths and the used columns of its block tables, are copied into the gr
 host-to-device copies), the
 adapter pool writes the rows' slots into the table its kernels read (``AdapterPool.prepare``, the same
 buffer the capture saw; after the pool drops its slots for larger ones, ``AdapterPool.generation``, the
-graphs with its launches are captured again), and the graph replays into one logits buffer that all graphs share. Rows beyond
-``B`` are padding: token 0 at position 0, its key and value written to a scratch block the cache keeps
-for them, attending to that one key; their logits are dropped.
+graphs with its launches are captured again), and the graph replays into one logits buffer that all
+graphs share. Rows beyond ``B`` are padding: token 0 at position 0, its key and value written to a
+scratch block the cache keeps for them, attending to that one key; their logits are dropped.
 
 Table entries past a row's length are never read: the paged attention kernel loads only positions below
 each length, the PyTorch reference zeroes what its gather read past it (``kernels/paged_attention.py``).

@@ -285,10 +285,10 @@ class AdapterPool:
             workspace = {}  # the layers run one after another on one stream: one partials buffer per token count
             outs = [fan_out for _, _, fan_out in self._shapes.values()]
             self._out_scale = torch.ones(S + 1, sum(outs), device=self.device, dtype=self.dtype) if self._dora else None
-            ends = [sum(outs[:i + 1]) for i in range(len(outs))]
+            starts = [sum(outs[:i]) for i in range(len(outs))]
             self._slots = {m: _LayerSlots(S, R, fan_in, fan_out, self.device, self.dtype, self._scales[i],
-                                          self._ranks[i], workspace,
-                                          None if self._out_scale is None else self._out_scale[:, ends[i] - fan_out:ends[i]])
+                                          self._ranks[i], workspace, None if self._out_scale is None
+                                          else self._out_scale[:, starts[i]:starts[i] + fan_out])
                            for i, (m, (R, fan_in, fan_out)) in enumerate(self._shapes.items())}
         return self._slots
 
