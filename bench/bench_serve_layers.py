@@ -222,6 +222,27 @@ def make_adapters(base: nn.Module, n: int, ranks: list[int], root: pathlib.Path,
     return model.eval(), paths
 
 
+def write_adapters(base: nn.Module, n: int, ranks: list[int], root: pathlib.Path) -> dict[str, pathlib.Path]:
+    """The files of ``make_adapters`` (LoRA, PEFT's format; the same ranks, alpha and factor scale) written by
+    deltatune on a copy of ``base`` one adapter at a time, without a PEFT model of ``n`` adapters: what the
+    runs without PEFT rows use (an 8B shape's PEFT setup alone took minutes)."""
+    import deltatune as dt
+
+    model = copy.deepcopy(base)
+    torch.manual_seed(0)
+    paths = {}
+    for i in range(n):
+        r, name = ranks[i % len(ranks)], f"a{i}"
+        dt.add_adapter(model, dt.LoraConfig(r=r, alpha=2 * r, targets=TARGETS, init="random"), name=name)
+        with torch.no_grad():
+            for p in dt.adapter_params(model, name):
+                p.mul_(0.2)
+        paths[name] = root / name
+        dt.save_adapter(model, paths[name], name)
+        dt.remove_adapter(model, name)
+    return paths
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -261,8 +282,12 @@ def main(argv=None):
         base = Projections(args.shape).to(dtype).eval()
     progress(f"{args.shape} projections built")
     tmp = tempfile.TemporaryDirectory()
-    peft_model, paths = make_adapters(copy.deepcopy(base), n, ranks, pathlib.Path(tmp.name), args.dora)
-    progress(f"{n} adapters made and saved (PEFT)")
+    if "peft" in skip and not args.dora:  # no PEFT model needed (the DoRA check compares with PEFT's)
+        peft_model, paths = None, write_adapters(base, n, ranks, pathlib.Path(tmp.name))
+        progress(f"{n} adapters made and saved (deltatune)")
+    else:
+        peft_model, paths = make_adapters(copy.deepcopy(base), n, ranks, pathlib.Path(tmp.name), args.dora)
+        progress(f"{n} adapters made and saved (PEFT)")
     t0 = time.perf_counter()
     pool = AdapterPool(base, max_resident=args.decode_rows, device=device, dtype=dtype)
     for name, p in paths.items():
