@@ -231,3 +231,26 @@ def test_scale_rows_from_the_device_table_equal_the_host_rows():
         assert torch.equal(host[1], y[1])  # the base row, bit for bit
     y = torch.randn(4, out, generator=g)
     assert PoolCall([1, -1, 1, 1], None, None).scaled(layer, y, y, bias) is y  # slot 1 holds LoRA here
+
+
+def test_dora_on_gpt2_conv1d_and_a_4bit_base(tmp_path):
+    """DoRA's output scale over other linear geometries: GPT-2's transposed Conv1D (with biases) and the 4-bit
+    QuantLinear (W dequantized for the norm, as QDoRA), each against our DoRA forward on the same base."""
+    from deltatune.quant import quantize_model
+
+    torch.manual_seed(0)
+    gpt2 = _models.gpt2().eval()
+    llama = quantize_model(_models.llama().eval())
+    cases = [(gpt2, _ours(gpt2, tmp_path / "g", 1, r=4, targets=["c_attn", "c_proj", "c_fc"], use_dora=True),
+              _models.inputs("gpt2")),
+             (llama, _ours(llama, tmp_path / "q", 2, r=4, targets=["q_proj", "down_proj"], use_dora=True),
+              {"input_ids": _ids(2)})]
+    for base, path, batch in cases:
+        reference = dt.load_adapter(copy.deepcopy(base), path, "d")
+        with torch.no_grad(), dt.routed(reference, ["d", None]):
+            want = _models.output(reference, batch)
+        pool = _pool(base, {"d": path})
+        with torch.no_grad(), pool.routed(base, ["d", None]):
+            out = _models.output(base, batch)
+        assert (out - want).abs().max() <= TOL
+        assert (want[0] - _models.output(base, batch)[0]).abs().max() > 1e-2
