@@ -243,6 +243,18 @@ def write_adapters(base: nn.Module, n: int, ranks: list[int], root: pathlib.Path
     return paths
 
 
+def decode_floor(base: nn.Module, pool, names: list[str], ms: dict) -> dict:
+    """What a decode step of ``names``' adapters costs at least if memory bound: the base weights and each
+    distinct adapter's factors (their real ranks, no padding) read once, at the bandwidth the base step reached
+    (its CUDA-graph row where there is one: the GPU's own time). Issue 18's <= 1.2x is checked against this."""
+    row = "base, CUDA graph" if "base, CUDA graph" in ms else "base"
+    base_bytes = sum(p.nbytes for p in base.parameters())
+    adapter_bytes = sum(pool._adapters[n].nbytes() for n in dict.fromkeys(names))
+    floor_ms = ms[row] * (1 + adapter_bytes / base_bytes)
+    return {"base_row": row, "base_gb": base_bytes / 1e9, "adapter_gb": adapter_bytes / 1e9, "floor_ms": floor_ms,
+            "floor_x": floor_ms / ms[row]}
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -371,6 +383,7 @@ def main(argv=None):
                               cuda)
             results[1][2]["pool, all slots reloaded each step"] = reload_ms
 
+    checks["decode_floor"] = decode_floor(base, pool, decode_names, results[1][2])
     dora = ", DoRA" if args.dora else ""
     print(f"\n{args.shape} projections, {device} {str(dtype)[6:]}, ranks {ranks}{dora}; registered {len(pool.names())} "
           f"adapters in {register_s:.1f} s; pool slots {pool.resident_bytes() / 2**30:.2f} GiB "
@@ -385,6 +398,10 @@ def main(argv=None):
     for case, tokens, ms in results:
         for row, v in ms.items():
             print(f"| {case} ({tokens} tokens) | {row} | {v:.3f} | {tokens / v * 1e3:,.0f} | {v / ms['base']:.3f} |")
+    floor = checks["decode_floor"]
+    print(f"\ndecode floor: {floor['base_gb']:.2f} GB of base weights and {floor['adapter_gb']:.2f} GB of the "
+          f"{len(decode_names)} rows' adapter factors, read once a step at the bandwidth of the {floor['base_row']} "
+          f"row: {floor['floor_ms']:.3f} ms, {floor['floor_x']:.2f}x that row")
     print(f"\nchecks: {json.dumps(checks)}")
     for case, row, top, total_ms in profiles:
         print_profile(case, row, top, total_ms, cuda)

@@ -33,6 +33,11 @@ def test_rows_without_peft_from_deltatunes_files(bench, tmp_path, capsys):
     assert {("prefill", "base"), ("prefill", "deltatune pool"), ("decode", "pool, base rows only")} <= rows
     assert not any("PEFT" in name for _, name in rows)
     assert 1e-3 < result["checks"]["prefill"]["pool_vs_base"] < 0.5  # the adapters change the outputs, a little
+    floor = result["checks"]["decode_floor"]  # 8 adapters of ranks 8-64 over the 14 tiny projections
+    ranks, (hidden, inter, layers, q, kv) = [8, 16, 32, 64], bench.SHAPES["tiny"]
+    per_rank = layers * ((hidden + q) + 2 * (hidden + kv) + (q + hidden) + 3 * (hidden + inter)) * 4  # fp32
+    assert floor["adapter_gb"] * 1e9 == pytest.approx(sum(ranks) * 2 * per_rank)
+    assert floor["base_row"] == "base" and floor["floor_x"] == pytest.approx(1 + floor["adapter_gb"] / floor["base_gb"])
     err = capsys.readouterr().err
     assert "adapters made and saved (deltatune)" in err and "prefill: deltatune pool:" in err  # progress lines
 
