@@ -33,7 +33,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["bgmv_expand", "bgmv_shrink", "decode_split", "expand_block", "shrink_block", "shrink_part", "slot_rank"]
+__all__ = ["bgmv_expand", "bgmv_shrink", "bgmv_shrink_group", "decode_split", "expand_block", "shrink_block",
+           "shrink_into", "shrink_part", "slot_rank"]
 
 MAX_SPLIT = 16
 """The most K ranges a decode shrink is cut into (powers of two up to it bound the variants compiled)."""
@@ -109,16 +110,41 @@ def expand_block(B, Y, t, s, rank, h, scale, n, R: tl.constexpr, N_OUT: tl.const
 
 
 @triton.jit
-def bgmv_shrink(X, A, RANKS, SLOTS, H, ROWS_PER_SLOT, T, R: tl.constexpr, K: tl.constexpr, HAS_RANKS: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr):
-    """h[p, t, r] = the partial shrink of token t over K range p (``shrink_part``), r < its rank: program (t, p).
-    Nothing is written for a token without an adapter here (the expand reads nothing of it either)."""
-    t = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64)
+def shrink_into(X, A, RANKS, SLOTS, H, t, p, ROWS_PER_SLOT, T, R: tl.constexpr, K: tl.constexpr,
+                HAS_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr):
+    """h[p, t, r] = the partial shrink of token t over K range p (``shrink_part``), r < its rank. Nothing is
+    written for a token without an adapter here (the expand reads nothing of it either)."""
     s, rank = slot_rank(SLOTS, RANKS, t, ROWS_PER_SLOT, R, HAS_RANKS)
     part = shrink_part(X, A, t, s, rank, p * (K_TILES * BLOCK_K), R, K, K_TILES, BLOCK_R, BLOCK_K)
     r = tl.arange(0, BLOCK_R)
     tl.store(H + (p * T + t) * R + r, part, mask=r < rank)
+
+
+@triton.jit
+def bgmv_shrink(X, A, RANKS, SLOTS, H, ROWS_PER_SLOT, T, R: tl.constexpr, K: tl.constexpr, HAS_RANKS: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr):
+    """``shrink_into`` for program (t, p)."""
+    t = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1).to(tl.int64)
+    shrink_into(X, A, RANKS, SLOTS, H, t, p, ROWS_PER_SLOT, T, R, K, HAS_RANKS, BLOCK_R, BLOCK_K, K_TILES)
+
+
+@triton.jit
+def bgmv_shrink_group(X, A0, A1, A2, RANKS0, RANKS1, RANKS2, SLOTS, H0, H1, H2, ROWS_PER_SLOT, T, R: tl.constexpr,
+                      K: tl.constexpr, HAS_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                      K_TILES: tl.constexpr):
+    """The shrinks of up to three layers that read the same input (q, k and v; gate and up) in one launch:
+    program (t, p, g) is ``bgmv_shrink``'s (t, p) for layer g (A_g, its ranks, its partials H_g), with the same
+    constants, so the same bits as three launches. Unused layers' arguments repeat the last one's."""
+    t = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1).to(tl.int64)
+    g = tl.program_id(2)
+    if g == 0:
+        shrink_into(X, A0, RANKS0, SLOTS, H0, t, p, ROWS_PER_SLOT, T, R, K, HAS_RANKS, BLOCK_R, BLOCK_K, K_TILES)
+    elif g == 1:
+        shrink_into(X, A1, RANKS1, SLOTS, H1, t, p, ROWS_PER_SLOT, T, R, K, HAS_RANKS, BLOCK_R, BLOCK_K, K_TILES)
+    else:
+        shrink_into(X, A2, RANKS2, SLOTS, H2, t, p, ROWS_PER_SLOT, T, R, K, HAS_RANKS, BLOCK_R, BLOCK_K, K_TILES)
 
 
 @triton.jit

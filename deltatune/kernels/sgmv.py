@@ -42,7 +42,8 @@ import triton
 import triton.language as tl
 
 from deltatune.kernels.backend import interpreted
-from deltatune.kernels.bgmv_split import bgmv_expand, bgmv_shrink, decode_split, expand_block, shrink_block, slot_rank
+from deltatune.kernels.bgmv_split import (bgmv_expand, bgmv_shrink, bgmv_shrink_group, decode_split, expand_block,
+                                          shrink_block, slot_rank)
 from deltatune.kernels.triton_bits import dot as _dot
 
 __all__ = ["sgmv", "shrink_split", "expand_tiles", "bgmv", "Bgmv"]
@@ -325,14 +326,61 @@ class Bgmv:
         n_tiles = _cdiv(blocks, split)
         return (tokens, _cdiv(blocks, n_tiles)), dict(c, N_TILES=n_tiles)
 
-    def _partials(self, tokens: int, device: torch.device) -> torch.Tensor:
+    def _partials(self, tokens: int, device: torch.device, index: int = 0) -> torch.Tensor:
         """The two-phase partials (SPLIT, tokens, R) fp32: a view of the workspace's buffer for ``tokens``,
-        replaced by a larger one when it is too small (whoever holds the old one keeps it)."""
-        need = self.split * tokens * self.R
-        buf = self._workspace.get(tokens)
+        replaced by a larger one when it is too small (whoever holds the old one keeps it). ``index`` > 0: the
+        buffer of the index-th layer of a ``shrink_group`` (whose partials wait for that layer's expand)."""
+        need, key = self.split * tokens * self.R, tokens if index == 0 else (tokens, index)
+        buf = self._workspace.get(key)
         if buf is None or buf.numel() < need:
-            buf = self._workspace[tokens] = torch.empty(max(need, 1), dtype=torch.float32, device=device)
+            buf = self._workspace[key] = torch.empty(max(need, 1), dtype=torch.float32, device=device)
         return buf[:need].view(self.split, tokens, self.R)
+
+    def _shrink_constants(self) -> tuple:
+        c = self._const
+        return (self.R, self.K, self.split, self.A.dtype, self.A.device,
+                *(c[k] for k in ("HAS_RANKS", "BLOCK_R", "BLOCK_K", "K_TILES")))
+
+    def shrink_group(self, others: list["Bgmv"], x: torch.Tensor, slots: torch.Tensor,
+                     rows_per_slot: int = 1) -> list[torch.Tensor] | None:
+        """The two-phase shrinks of this layer and up to two ``others`` that read the same input ``x``, in one
+        launch (``bgmv_shrink_group``): their partials, this layer's first, each for ``expand``; the same bits
+        as each layer's own shrink. None where the layers' shrinks differ in a constant (rank padding, input
+        width, split, dtype): then each runs its own."""
+        members = [self, *others]
+        if len(members) > 3 or any(m._shrink_constants() != self._shrink_constants() for m in others):
+            return None
+        if not x.is_contiguous():
+            x = x.contiguous()
+        tokens = x.shape[:-1].numel()
+        if x.shape[-1] != self.K or slots.dim() != 1 or slots.shape[0] * rows_per_slot != tokens:
+            raise ValueError(f"mixed LoRA: x {tuple(x.shape)} and slots {tuple(slots.shape)} do not fit a shrink of "
+                             f"in={self.K} with {rows_per_slot} token(s) a slot")
+        hs = [m._partials(tokens, x.device, i) for i, m in enumerate(members)]
+        if tokens:
+            pad = 3 - len(members)
+            c = self._const
+            bgmv_shrink_group[(tokens, self.split, len(members))](
+                x, *[m.A for m in members], *[members[-1].A] * pad, *[m.ranks for m in members],
+                *[members[-1].ranks] * pad, slots, *hs, *[hs[-1]] * pad, rows_per_slot, tokens,
+                **{k: c[k] for k in ("R", "K", "HAS_RANKS", "BLOCK_R", "BLOCK_K", "K_TILES", "num_warps")})
+        return hs
+
+    def expand(self, h: torch.Tensor, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor,
+               rows_per_slot: int = 1) -> torch.Tensor:
+        """The second phase alone: ``y`` plus ``scale_s · B_s round(sum_p h[p, t])`` for the partials ``h`` that
+        ``shrink_group`` wrote for this layer from ``x``. Updates ``y`` in place and returns it."""
+        if not y.is_contiguous():
+            y = y.contiguous()
+        key = (x.shape, y.shape, slots.shape, rows_per_slot, 2)
+        launch = self._launches.get(key)
+        if launch is None:
+            launch = self._launches[key] = self._launch(x, y, slots, rows_per_slot, 2)
+        _, (expand_grid, expand), _ = launch
+        if expand_grid[0]:
+            bgmv_expand[expand_grid](h, self.B, self.scales, self.ranks, y, slots, rows_per_slot, expand_grid[0],
+                                     **expand)
+        return y
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, rows_per_slot: int = 1,
                  phases: int = 1) -> torch.Tensor:

@@ -56,10 +56,14 @@ import torch.nn as nn
 from deltatune.adapters import DeltaLayer, Routing, geometry_for, list_adapters, select_targets
 from deltatune.methods.lora import LORA, LoraConfig
 from deltatune.kernels import backend
-from deltatune.serve.pool_call import PoolCall, decode_phases, submodule
+from deltatune.serve.pool_call import PoolCall, decode_phases, shrink_groups_on, submodule
 from deltatune.serve.pool_host import Adapter, Factors, HostArena, all_finite, read_adapter
 
 __all__ = ["AdapterPool", "PoolError"]
+
+
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+"""Layers of one parent that a transformer block calls on one input, in the order it calls them."""
 
 
 class PoolError(RuntimeError):
@@ -153,6 +157,7 @@ class AdapterPool:
         self._norms: dict[str, torch.Tensor] = {}  # layer -> ||W_i||² of its base weight (DoRA's output scale)
         self._dora = False  # whether the slots carry output scales (once a DoRA adapter is registered)
         self._out_scale: torch.Tensor | None = None  # (S + 1, sum of the layers' out) of the slots, with DoRA
+        self._groups: tuple | None = None  # (the slots they were made for, shrink_groups())
         self._arena = HostArena(self.dtype, pin=self.device.type == "cuda")  # the adapters' packed host copies
         self._pending: dict[str, torch.cuda.Event] = {}  # name -> the event of its load still in flight
         self._stream = None  # the copy stream of prefetch (CUDA), made on first use
@@ -434,7 +439,8 @@ class AdapterPool:
         token_slots = [slot_of.get(n, -1) if n is not None else -1 for n in rows]
         model_rows = None if not own else Routing(tuple(n if n in own else None for n in rows))
         table = self._slot_table(token_slots) if pooled else None
-        call = PoolCall(token_slots, model_rows, table, gathered, phases)
+        groups = self.shrink_groups() if pooled and phases == 2 and shrink_groups_on() else None
+        call = PoolCall(token_slots, model_rows, table, gathered, phases, groups)
         handles = []
         slots = self._slots if pooled else {}
         try:
@@ -457,6 +463,27 @@ class AdapterPool:
                 handle.remove()
             if table is not None and table is self._slot_tables.get(len(token_slots)):
                 self._tables_in_use.discard(len(token_slots))
+
+    def shrink_groups(self) -> dict[int, list]:
+        """id(layer slots) -> the later layers of its group, for the decode shrinks that run as one launch
+        (``DELTATUNE_BGMV_GROUPS=1``): layers of one parent named as in ``SIBLINGS`` (q, k, v; gate, up), in call
+        order, whose slots share the padded rank and input width. Made once per set of slots."""
+        slots = self._ensure_slots()
+        if self._groups is not None and self._groups[0] is slots:
+            return self._groups[1]
+        groups = {}
+        for path, layer in slots.items():
+            parent, _, name = path.rpartition(".")
+            family = next((f for f in SIBLINGS if name in f), ())
+            paths = [f"{parent}.{n}" if parent else n for n in family]
+            present = [p for p in paths if p in slots]
+            if not present or present[0] != path:
+                continue  # not the first layer of its family here
+            later = [slots[p] for p in present[1:] if self._shapes[p][:2] == self._shapes[path][:2]]  # R, in
+            if later:
+                groups[id(layer)] = later
+        self._groups = (slots, groups)
+        return groups
 
     def prepare(self, rows: list[str | None]) -> None:
         """Before the replay of a step captured inside ``routed(model, rows', gathered=True)`` with as many

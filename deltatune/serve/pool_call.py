@@ -32,7 +32,7 @@ import torch.nn as nn
 from deltatune.adapters import DeltaLayer, Routing
 from deltatune.serve.lora_mixed import GATHERED_MAX_SEGMENT, SlotBatch, linear_mixed_lora, mixed_lora, slot_batch
 
-__all__ = ["PoolCall", "LayerRouting", "submodule", "decode_phases", "sgmv_epilogue"]
+__all__ = ["PoolCall", "LayerRouting", "submodule", "decode_phases", "sgmv_epilogue", "shrink_groups_on"]
 
 PHASES_ENV = "DELTATUNE_BGMV_PHASES"
 """Environment variable forcing the gathered kernel's variant, 1 or 2, over the default (for A/B runs)."""
@@ -49,6 +49,20 @@ def sgmv_epilogue() -> bool:
     if value not in ("", "0", "1"):
         raise ValueError(f"{EPILOGUE_ENV} must be 0 (terms added to the base output) or 1 (terms first, the base "
                          f"GEMM adds into them), got {value!r}")
+    return value == "1"
+
+
+GROUPS_ENV = "DELTATUNE_BGMV_GROUPS"
+"""Environment variable: 1 runs the two-phase decode shrinks of layers that read one input (q, k, v; gate, up) as
+one launch (``Bgmv.shrink_group``); 0 or unset, a launch a layer (the default until measured on a GPU)."""
+
+
+def shrink_groups_on() -> bool:
+    """``DELTATUNE_BGMV_GROUPS``: 1 yes; 0 or unset no. ValueError for any other value."""
+    value = os.environ.get(GROUPS_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{GROUPS_ENV} must be 0 (a shrink launch a layer) or 1 (one for the layers sharing an "
+                         f"input), got {value!r}")
     return value == "1"
 
 
@@ -77,9 +91,13 @@ class PoolCall:
     on a layer)."""
 
     def __init__(self, token_slots: list[int], model_rows: Routing | None, table: torch.Tensor | None,
-                 gathered: bool = False, phases: int = 1):
+                 gathered: bool = False, phases: int = 1, groups: dict | None = None):
         self.token_slots, self.model_rows, self.table, self.gathered = token_slots, model_rows, table, gathered
         self.phases = phases
+        # two-phase decode: layer -> the later layers reading the same input, shrunk with it in one launch
+        # (``AdapterPool.shrink_groups``; None: each layer its own), and the partials waiting for those layers
+        self.groups = groups if phases == 2 else None
+        self._waiting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.epilogue = sgmv_epilogue()  # read once a call (ValueError before any layer changes)
         self.used = frozenset(s for s in token_slots if s >= 0)
         self._gathered: dict[torch.Size, int | None] = {}  # x's shape -> tokens per row when BGMV runs, else None
@@ -137,6 +155,9 @@ class PoolCall:
         scaled per token where the layer holds DoRA adapters (``scaled``)."""
         per_row = self._per_row(x)
         if per_row is not None and not y.requires_grad:  # decode: the launch(es), nothing else (no backward)
+            h = self._group_partials(layer, x, per_row) if self.groups is not None else None
+            if h is not None:  # shrunk already, with the layers sharing its input: the expand alone
+                return self.scaled(layer, x, layer.gathered().expand(h, x, y, self.table, per_row), bias)
             return self.scaled(layer, x, layer.gathered()(x, y, self.table, per_row, self.phases), bias)
         batch = self.batch(x, layer.present())
         if not batch.segments:
@@ -144,6 +165,24 @@ class PoolCall:
         out = mixed_lora(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), layer.A, layer.B, layer.scales,
                          batch, layer.ranks)
         return self.scaled(layer, x, out.view(y.shape), bias)
+
+    def _group_partials(self, layer, x: torch.Tensor, per_row: int) -> torch.Tensor | None:
+        """This layer's shrink partials for ``x`` if one launch made them with its group's (``shrink_group``): an
+        earlier layer's launch, when ``x`` is the very tensor that layer read, or this layer's, which also makes
+        the later members' (each checks its input is ``x`` in turn; a member reading another input shrinks
+        alone). None: shrink as usual."""
+        waiting = self._waiting.pop(id(layer), None)
+        if waiting is not None and waiting[0] is x:
+            return waiting[1]
+        later = self.groups.get(id(layer))
+        if not later:
+            return None
+        hs = layer.gathered().shrink_group([m.gathered() for m in later], x, self.table, per_row)
+        if hs is None:
+            return None
+        for member, h in zip(later, hs[1:]):
+            self._waiting[id(member)] = (x, h)
+        return hs[0]
 
     def scaled(self, layer, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """DoRA's output of each token whose slot holds a DoRA adapter on this layer: ``f ⊙ (W x + s·B A x) + b``
