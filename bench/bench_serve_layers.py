@@ -331,6 +331,7 @@ def main(argv=None):
     results, checks, profiles = [], {}, []
     projections = len(TARGETS) * SHAPES[args.shape][2]
     checks["sgmv_epilogue"] = {"switch": pool_call.sgmv_epilogue(), "projections": projections}
+    checks["bgmv_groups"] = pool_call.shrink_groups_on()  # graphed decode: one shrink for q/k/v, one for gate/up
     with torch.inference_mode():
         for case, x, rows in (("prefill", prefill_x, prefill_names), ("decode", decode_x, decode_names)):
             ms = Rows(case)
@@ -392,7 +393,8 @@ def main(argv=None):
     how = "epilogue (terms first, the GEMM adds into them)" if mode["switch"] else "hook (terms added to the output)"
     print(f"pool prefill mode: {how}, {pool_call.EPILOGUE_ENV}={int(mode['switch'])}: "
           f"{mode['prefill_epilogue_layers']} of "
-          f"{projections} projections took the epilogue in prefill, {mode['decode_epilogue_layers']} in decode\n")
+          f"{projections} projections took the epilogue in prefill, {mode['decode_epilogue_layers']} in decode; "
+          f"{pool_call.GROUPS_ENV}={int(checks['bgmv_groups'])} (graphed decode: shared-input shrinks in one launch)\n")
     print("| case | row | ms | tokens/s | x base |")
     print("|---|---|---|---|---|")
     for case, tokens, ms in results:
