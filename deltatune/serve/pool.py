@@ -56,14 +56,10 @@ import torch.nn as nn
 from deltatune.adapters import DeltaLayer, Routing, geometry_for, list_adapters, select_targets
 from deltatune.methods.lora import LORA, LoraConfig
 from deltatune.kernels import backend
-from deltatune.serve.pool_call import PoolCall, decode_phases, shrink_groups_on, submodule
+from deltatune.serve.pool_call import PoolCall, decode_phases, shrink_groups, shrink_groups_on, submodule
 from deltatune.serve.pool_host import Adapter, Factors, HostArena, all_finite, read_adapter
 
 __all__ = ["AdapterPool", "PoolError"]
-
-
-SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
-"""Layers of one parent that a transformer block calls on one input, in the order it calls them."""
 
 
 class PoolError(RuntimeError):
@@ -465,25 +461,12 @@ class AdapterPool:
                 self._tables_in_use.discard(len(token_slots))
 
     def shrink_groups(self) -> dict[int, list]:
-        """id(layer slots) -> the later layers of its group, for the decode shrinks that run as one launch
-        (``DELTATUNE_BGMV_GROUPS=1``): layers of one parent named as in ``SIBLINGS`` (q, k, v; gate, up), in call
-        order, whose slots share the padded rank and input width. Made once per set of slots."""
+        """id(layer slots) -> the later layers of its group, whose decode shrinks run as one launch
+        (``DELTATUNE_BGMV_GROUPS=1``; ``pool_call.shrink_groups``). Made once per set of slots."""
         slots = self._ensure_slots()
-        if self._groups is not None and self._groups[0] is slots:
-            return self._groups[1]
-        groups = {}
-        for path, layer in slots.items():
-            parent, _, name = path.rpartition(".")
-            family = next((f for f in SIBLINGS if name in f), ())
-            paths = [f"{parent}.{n}" if parent else n for n in family]
-            present = [p for p in paths if p in slots]
-            if not present or present[0] != path:
-                continue  # not the first layer of its family here
-            later = [slots[p] for p in present[1:] if self._shapes[p][:2] == self._shapes[path][:2]]  # R, in
-            if later:
-                groups[id(layer)] = later
-        self._groups = (slots, groups)
-        return groups
+        if self._groups is None or self._groups[0] is not slots:
+            self._groups = (slots, shrink_groups(slots, self._shapes))
+        return self._groups[1]
 
     def prepare(self, rows: list[str | None]) -> None:
         """Before the replay of a step captured inside ``routed(model, rows', gathered=True)`` with as many

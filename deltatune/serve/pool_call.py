@@ -32,7 +32,8 @@ import torch.nn as nn
 from deltatune.adapters import DeltaLayer, Routing
 from deltatune.serve.lora_mixed import GATHERED_MAX_SEGMENT, SlotBatch, linear_mixed_lora, mixed_lora, slot_batch
 
-__all__ = ["PoolCall", "LayerRouting", "submodule", "decode_phases", "sgmv_epilogue", "shrink_groups_on"]
+__all__ = ["PoolCall", "LayerRouting", "SIBLINGS", "submodule", "decode_phases", "sgmv_epilogue", "shrink_groups",
+           "shrink_groups_on"]
 
 PHASES_ENV = "DELTATUNE_BGMV_PHASES"
 """Environment variable forcing the gathered kernel's variant, 1 or 2, over the default (for A/B runs)."""
@@ -64,6 +65,27 @@ def shrink_groups_on() -> bool:
         raise ValueError(f"{GROUPS_ENV} must be 0 (a shrink launch a layer) or 1 (one for the layers sharing an "
                          f"input), got {value!r}")
     return value == "1"
+
+
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+"""Layers of one parent that a transformer block calls on one input, in the order it calls them."""
+
+
+def shrink_groups(slots: dict, shapes: dict[str, tuple[int, int, int]]) -> dict[int, list]:
+    """id(layer slots) -> the later layers of its group: layers of one parent named as in ``SIBLINGS`` (q, k, v;
+    gate, up), in call order, whose ``shapes`` (R, in, out) share the padded rank and input width. Names, not
+    fan-in, pick them: o_proj has q_proj's fan-in and another input."""
+    groups = {}
+    for path, layer in slots.items():
+        parent, _, name = path.rpartition(".")
+        family = next((f for f in SIBLINGS if name in f), ())
+        present = [p for p in (f"{parent}.{n}" if parent else n for n in family) if p in slots]
+        if not present or present[0] != path:
+            continue  # not the first layer of its family here
+        later = [slots[p] for p in present[1:] if shapes[p][:2] == shapes[path][:2]]
+        if later:
+            groups[id(layer)] = later
+    return groups
 
 
 def decode_phases(gathered: bool, phases: int | None = None) -> int:
