@@ -26,20 +26,25 @@ TOL = 1e-4
 ROWS = ["a", None, "b", "c", "a", None, "d"]
 
 
-def _ours(base, path, seed, **cfg):
-    """Save a random LoRA adapter made by deltatune (B non-zero) for ``base`` to ``path``."""
+def _ours(base, path, seed, before_save=None, **cfg):
+    """Save a random LoRA adapter made by deltatune (B non-zero) for ``base`` to ``path``; ``before_save(model,
+    seed)`` may change its parameters first."""
     torch.manual_seed(seed)
     model = dt.add_adapter(copy.deepcopy(base), dt.LoraConfig(init="random", **cfg))
+    if before_save is not None:
+        before_save(model, seed)
     dt.save_adapter(model, path)
     return path
 
 
-def _peft(base, path, seed, **cfg):
-    """Save a random LoRA adapter made by PEFT for ``base`` to ``path``."""
+def _peft(base, path, seed, before_save=None, **cfg):
+    """Save a random LoRA adapter made by PEFT for ``base`` to ``path`` (``before_save`` as ``_ours``)."""
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **cfg))
+    if before_save is not None:
+        before_save(model, seed)
     model.save_pretrained(path)
     return path
 

@@ -18,6 +18,7 @@ from deltatune.serve import AdapterPool, Engine
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 import _models  # noqa: E402
+import test_serve_pool  # noqa: E402  (tests/ is on sys.path under pytest)
 
 TOL = 1e-4
 ROWS = ["dora", None, "peft_dora", "lora", "dora", None]
@@ -33,21 +34,11 @@ def _scramble_magnitudes(model, seed):
 
 
 def _ours(base, path, seed, **cfg):
-    torch.manual_seed(seed)
-    model = dt.add_adapter(copy.deepcopy(base), dt.LoraConfig(init="random", **cfg))
-    _scramble_magnitudes(model, seed)
-    dt.save_adapter(model, path)
-    return path
+    return test_serve_pool._ours(base, path, seed, before_save=_scramble_magnitudes, **cfg)
 
 
 def _peft(base, path, seed, **cfg):
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **cfg))
-    _scramble_magnitudes(model, seed)
-    model.save_pretrained(path)
-    return path
+    return test_serve_pool._peft(base, path, seed, before_save=_scramble_magnitudes, **cfg)
 
 
 def _adapters(base, root):

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DoraDelta", "magnitude_shape", "update_norm"]
+__all__ = ["DoraDelta", "magnitude_shape", "row_norms_sq", "update_norm"]
 
 
 def magnitude_shape(family: str, b_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -48,6 +48,11 @@ def magnitude_shape(family: str, b_shape: tuple[int, ...]) -> tuple[int, ...]:
     if family == "conv":
         return (1, b_shape[0], *b_shape[2:])
     return (b_shape[0],)
+
+
+def row_norms_sq(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``||W_i||²`` (out,) of the 2-D (out, in) ``W`` in ``dtype``, 1,024 rows at a time (no full-size copy)."""
+    return torch.cat([W[i:i + 1024].to(dtype).square().sum(1) for i in range(0, W.shape[0], 1024)])
 
 
 def update_norm(weight_rows: torch.Tensor, weight_norm_sq: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -139,7 +144,7 @@ class DoraDelta(nn.Module):
         if cached is not None and cached[0] == key:
             return cached[1]
         W = layer.geometry.base_weight(layer).flatten(1)  # (out, in); dequantized once for a 4-bit base
-        wsq = torch.cat([W[i:i + 1024].to(self._exact()).square().sum(1) for i in range(0, W.shape[0], 1024)])
+        wsq = row_norms_sq(W, self._exact())
         capturing = W.is_cuda and torch.cuda.is_current_stream_capturing()
         if not capturing and not torch.compiler.is_compiling():  # (a graph's memory is not for keeping)
             self.__dict__["_wsq"] = (key, wsq)

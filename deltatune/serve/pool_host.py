@@ -28,7 +28,7 @@ import torch.nn as nn
 from deltatune.adapters import DeltaLayer, geometry_for, select_targets
 from deltatune.formats import peft
 from deltatune.formats.files import CONFIG_NAME, AdapterFileError, read_adapter_files
-from deltatune.methods.dora import update_norm
+from deltatune.methods.dora import row_norms_sq, update_norm
 from deltatune.methods.lora import LORA, LoraConfig
 
 __all__ = ["Adapter", "Factors", "HostArena", "all_finite", "dora_output_scale", "read_adapter"]
@@ -162,7 +162,7 @@ def dora_output_scale(module: nn.Module, A: torch.Tensor, B: torch.Tensor, scale
         wa = (A @ W.to(exact).T).T  # (out, r)
     wsq = norms.get(key) if norms is not None else None
     if wsq is None:
-        wsq = torch.cat([W[i:i + 1024].to(exact).square().sum(1) for i in range(0, W.shape[0], 1024)])
+        wsq = row_norms_sq(W, exact)
         if norms is not None:
             norms[key] = wsq
     return (magnitude.to(device, exact).reshape(-1) / update_norm(wa, wsq, A, B, scale)).cpu()
